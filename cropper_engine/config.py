@@ -1,0 +1,241 @@
+"""One typed configuration tree, the one home of defaults.
+
+Precedence: defaults < config file (TOML) < environment (CROPPER_<SECTION>_<KEY>) < flags.
+Every section is a frozen dataclass; `load_config` validates types and names the bad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cropper_engine.errors import ConfigError
+
+ENV_PREFIX = "CROPPER_"
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    embedder: str = "auto"  # auto | classical | open_clip:MODEL[:TAG|:FILE] | hf-clip:ID|DIR
+    examples: int = 30  # S: examples shown per query
+    crops_free: int = 5  # T for the free-form task (highest MOS first)
+    crops_other: int = 1  # T for the subject and ratio tasks
+    exact_below: int = 20_000  # exact (brute force) search for indexes smaller than this
+    ef: int = 128  # hnswlib query-time ef
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    model: str = "auto"  # auto | none | a registry name | a hub id | a local folder
+    backend: str = "auto"  # auto | transformers | vllm | openai
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    candidates: int = 6  # R
+    rounds: int = 2  # L: refinement rounds after the first proposal
+    temperature: float = 0.05
+    top_p: float = 1.0
+    constrained: bool = True  # force the answer to the box grammar
+    parallel: bool = True  # R samples in parallel (n=R) rather than one list of R boxes
+    max_new_tokens: int = 24  # per sampled box when parallel, else for the whole list
+    seed: int = 0
+    batch_size: int = 8
+    base_url: str = "http://127.0.0.1:8001/v1"  # for the openai backend
+    api_key: str = ""
+    timeout_s: float = 120.0
+    template: str = ""  # a TOML file overriding the prompt templates
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    clip_weight: float = 1.0
+    aesthetic_weight: float = 1.0
+    area_weight: float = 1.0
+    classical_weight: float = 1.0  # composition features, used when no CLIP is present
+    aesthetic_head: str = ""  # a LAION aesthetic predictor file (.pth / .safetensors)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    select_free: str = "final"  # final | best (the paper's Table 8 per task)
+    select_subject: str = "final"
+    select_ratio: str = "best"
+    nms_iou: float = 0.9  # duplicate suppression among candidates
+    retries: int = 1  # extra VLM attempts before the non-VLM fallback
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""
+    max_upload_mb: float = 25.0
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    queue_size: int = 64
+    request_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    index: str = ""  # an example index directory; empty: the built-in table
+    max_pixels: int = 120_000_000
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a file/env/flag value to the field's declared type."""
+    tp = annotation
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        tp = args[0]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config {where}: {value!r} is not a valid {tp.__name__}") from None
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _merge(obj: Any, updates: Mapping[str, Any], where: str = "") -> Any:
+    ftypes = _field_types(type(obj))
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        k = key.replace("-", "_")
+        if k not in ftypes:
+            valid = ", ".join(sorted(ftypes))
+            raise ConfigError(f"unknown config key {where}{key!r}; valid keys here: {valid}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config {where}{k} is a section; give it as a table")
+            changes[k] = _merge(current, value, f"{where}{k}.")
+        else:
+            changes[k] = _coerce(value, ftypes[k], f"{where}{k}")
+    return dataclasses.replace(obj, **changes)
+
+
+def _env_updates(env: Mapping[str, str], base: Config) -> dict[str, Any]:
+    """CROPPER_VLM_MODEL=... -> {"vlm": {"model": ...}}; CROPPER_INDEX=... -> {"index": ...}."""
+    out: dict[str, Any] = {}
+    sections = {f.name for f in dataclasses.fields(base) if dataclasses.is_dataclass(getattr(base, f.name))}
+    top = {f.name for f in dataclasses.fields(base)} - sections
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if rest in top:
+            out[rest] = value
+            continue
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            sub = getattr(base, section)
+            if key in {f.name for f in dataclasses.fields(sub)}:
+                out.setdefault(section, {})[key] = value
+    return out
+
+
+def dotted_to_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"vlm.model": "x"} -> {"vlm": {"model": "x"}}; None values are skipped (flag not given)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < `file` < `env` (os.environ by default) < `overrides`.
+
+    `overrides` may be nested or dotted ({"vlm.model": "none"}).
+    """
+    cfg = Config()
+    if file is None:
+        file = (env if env is not None else os.environ).get("CROPPER_CONFIG") or None
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        cfg = _merge(cfg, data)
+    cfg = _merge(cfg, _env_updates(os.environ if env is None else env, cfg))
+    if overrides:
+        flat = any("." in k for k in overrides)
+        cfg = _merge(cfg, dotted_to_tree(overrides) if flat else dict(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def positive(name: str, v: float) -> None:
+        if v <= 0:
+            raise ConfigError(f"{name} must be positive, got {v}")
+
+    positive("vlm.candidates", cfg.vlm.candidates)
+    positive("vlm.max_new_tokens", cfg.vlm.max_new_tokens)
+    positive("vlm.batch_size", cfg.vlm.batch_size)
+    positive("max_pixels", cfg.max_pixels)
+    if cfg.vlm.rounds < 0:
+        raise ConfigError(f"vlm.rounds must be 0 or more, got {cfg.vlm.rounds}")
+    if cfg.retrieval.examples < 0:
+        raise ConfigError(f"retrieval.examples must be 0 or more, got {cfg.retrieval.examples}")
+    for task in ("free", "subject", "ratio"):
+        v = getattr(cfg.loop, f"select_{task}")
+        if v not in ("final", "best"):
+            raise ConfigError(f"loop.select_{task} must be 'final' or 'best', got {v!r}")
+    if cfg.vlm.backend not in ("auto", "transformers", "vllm", "openai"):
+        raise ConfigError(
+            f"vlm.backend {cfg.vlm.backend!r} is not one of: auto, transformers, vllm, openai"
+        )
+    if not 0.0 <= cfg.vlm.temperature <= 5.0:
+        raise ConfigError(f"vlm.temperature must be in 0..5, got {cfg.vlm.temperature}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

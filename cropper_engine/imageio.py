@@ -1,0 +1,209 @@
+"""Reading images safely: size limits before decoding, EXIF rotation, every mode to RGB.
+
+Every failure becomes an `ImageError` whose message names the file and the problem, so a
+batch can count and skip a bad image and go on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cropper_engine.errors import ImageError
+
+# Pillow's own bomb check warns at 89M pixels; we refuse above this many, before decoding.
+DEFAULT_MAX_PIXELS = 120_000_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class LoadedImage:
+    """An RGB image as the user sees it (EXIF orientation applied)."""
+
+    image: Any  # PIL.Image.Image in mode RGB
+    path: str
+    icc_profile: bytes | None = None
+    source_mode: str = "RGB"
+    rotated: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def array(self) -> np.ndarray:
+        return np.asarray(self.image, dtype=np.uint8)
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _to_rgb(im: Any) -> Any:
+    """Any Pillow mode -> RGB: 16-bit and float scaled, alpha composited on white."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            hi = float(arr.max()) if arr.size else 0.0
+            lo = float(arr.min()) if arr.size else 0.0
+            if hi > 255 or lo < 0:
+                arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        gray = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Open a path, bytes, PIL image or uint8 array as an upright RGB image.
+
+    Raises ImageError for a missing, unreadable, truncated or oversized image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(source, LoadedImage):
+        return source
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise ImageError(f"an image array must be H x W x 3 (RGB), got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            raise ImageError(f"an image array must be uint8, got {arr.dtype}")
+        return LoadedImage(_to_rgb(Image.fromarray(arr)), "<array>")
+    if isinstance(source, Image.Image):
+        return LoadedImage(_to_rgb(ImageOps.exif_transpose(source) or source), "<image>",
+                           source.info.get("icc_profile"), source.mode)
+
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if isinstance(source, (bytes, bytearray)):
+        import io
+
+        fp: Any = io.BytesIO(source)
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise ImageError(f"{name}: no such file")
+        if p.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file")
+        fp = str(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+            if w * h > max_pixels:
+                raise ImageError(
+                    f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP is more than the limit of "
+                    f"{max_pixels / 1e6:.0f} MP (a decompression bomb?); raise --max-pixels "
+                    "if the image is genuine"
+                )
+            source_mode = im.mode
+            icc = im.info.get("icc_profile")
+            im.load()
+            rotated = _orientation(im) not in (None, 1)
+            if rotated:
+                im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: too many pixels (a decompression bomb?)") from None
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg:
+            raise ImageError(f"{name}: truncated file ({msg})") from None
+        raise ImageError(f"{name}: cannot read image ({msg})") from None
+    except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these on broken headers
+        raise ImageError(f"{name}: corrupt image ({exc})") from None
+    return LoadedImage(rgb, name, icc, source_mode, rotated)
+
+
+def _orientation(im: Any) -> int | None:
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - broken EXIF is not our problem here
+        return None
+
+
+def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The upright (EXIF-rotated) size of an image, read from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if _orientation(im) in (5, 6, 7, 8):
+                w, h = h, w
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read image ({exc})") from None
+    if w * h > max_pixels:
+        raise ImageError(f"{path}: {w}x{h} is more than the limit of {max_pixels / 1e6:.0f} MP")
+    return w, h
+
+
+def load_mask(source: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A binary subject mask (H x W bool) from a path, PIL image or array.
+
+    `size` (W, H) is the image's size: a mask of another size is refused, an empty one too.
+    """
+    from PIL import Image
+
+    if isinstance(source, np.ndarray):
+        arr = source
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                img = Image.open(source)
+                img.load()
+            except FileNotFoundError:
+                raise ImageError(f"mask {source}: no such file") from None
+            except OSError as exc:
+                raise ImageError(f"mask {source}: cannot read ({exc})") from None
+        else:
+            img = source
+        if img.mode in ("RGBA", "LA"):
+            arr = np.asarray(img)[..., -1]
+        else:
+            arr = np.asarray(img.convert("L"))
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    if arr.ndim != 2:
+        raise ImageError(f"a mask must be a 2-D image, got shape {arr.shape}")
+    mask = arr > (0.5 if arr.dtype == bool or arr.max(initial=0) <= 1 else 127)
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise ImageError(
+            f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}; "
+            "a subject mask must have the image's size"
+        )
+    if not mask.any():
+        raise ImageError("the subject mask is empty (no foreground pixels)")
+    return mask

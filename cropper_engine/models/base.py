@@ -1,0 +1,130 @@
+"""The small protocols every backend implements, and the registry that finds them by name.
+
+- Embedder: images -> [N, D] float32, L2-normalised rows; `id` names the model and its
+  weights exactly (an index built with one embedder refuses another).
+- VLM: a batch of multi-image conversations -> n sampled texts each.
+- Scorer: prepare (CPU) / forward (device) / finish (CPU), so preprocessing can overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from cropper_engine.errors import InputError
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    id: str
+    dim: int
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """PIL images (RGB) -> float32 [N, dim], each row of unit length."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What an index manifest records: id, dim, and the preprocessing."""
+        ...
+
+
+@runtime_checkable
+class TensorEmbedder(Embedder, Protocol):
+    """An embedder that also runs on device tensors, for fused crop scoring."""
+
+    input_size: int
+    device: str
+
+    def encode_pixels(self, pixels: Any) -> Any:
+        """torch float [N, 3, input_size, input_size] in 0..1 -> torch [N, dim], unit rows."""
+        ...
+
+
+@dataclass
+class ImagePart:
+    """An image inside a conversation; `uuid` is stable for images that recur (examples)."""
+
+    image: Any  # PIL.Image.Image
+    uuid: str | None = None
+
+
+@dataclass
+class Message:
+    role: str  # "user" | "assistant" | "system"
+    content: list[str | ImagePart] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+
+Conversation = list[Message]
+
+
+@dataclass
+class GenerationParams:
+    n: int = 6
+    max_new_tokens: int = 64
+    temperature: float = 0.05
+    top_p: float = 1.0
+    seed: int | None = 0
+    grammar: Any = None  # a cropper_engine.engine.grammar.BoxGrammar, or None for free text
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """n sampled texts for one conversation, with token counts for the benchmarks."""
+
+    texts: list[str]
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int | None = None
+
+
+@runtime_checkable
+class VLM(Protocol):
+    id: str
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:
+        ...
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+@dataclass
+class Registry:
+    """Factories found by name; error messages list what is registered."""
+
+    kind: str
+    factories: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    help: dict[str, str] = field(default_factory=dict)
+
+    def register(self, name: str, help: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.factories[name] = fn
+            self.help[name] = help
+            return fn
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self.factories)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self.factories[name]
+        except KeyError:
+            raise InputError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -1,0 +1,280 @@
+"""Pure data types: boxes, aspect ratios, tasks, requests, candidates and results.
+
+Boxes live in pixel space (floats, half-open: x2 and y2 are the right and bottom edges).
+The paper's prompt convention normalises each axis to integers 1..1000, where 1 is the
+left / top edge and 1000 the right / bottom edge; `Box.to_norm` and `Box.from_norm` convert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+NORM_LO = 1
+NORM_HI = 1000
+
+
+class Task(str, Enum):
+    FREE = "free"
+    SUBJECT = "subject"
+    RATIO = "ratio"
+
+    @classmethod
+    def parse(cls, value: str | Task) -> Task:
+        if isinstance(value, Task):
+            return value
+        key = str(value).strip().lower()
+        aliases = {"free-form": "free", "freeform": "free", "subject-aware": "subject",
+                   "aspect": "ratio", "aspect-ratio": "ratio"}
+        key = aliases.get(key, key)
+        try:
+            return cls(key)
+        except ValueError:
+            from cropper_engine.errors import InputError
+
+            raise InputError(
+                f"unknown task {value!r}; choose one of: free, subject, ratio"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """An aspect ratio W:H with positive integer or decimal terms."""
+
+    w: float
+    h: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.w) and math.isfinite(self.h)) or self.w <= 0 or self.h <= 0:
+            from cropper_engine.errors import InputError
+
+            raise InputError(f"aspect ratio {self.w}:{self.h} must have two positive terms, e.g. 4:3")
+
+    @property
+    def value(self) -> float:
+        return self.w / self.h
+
+    def __str__(self) -> str:
+        def fmt(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        return f"{fmt(self.w)}:{fmt(self.h)}"
+
+    @classmethod
+    def parse(cls, text: str | Ratio) -> Ratio:
+        """Parse 'W:H' (also 'WxH' or 'W/H'); raise InputError naming the problem."""
+        if isinstance(text, Ratio):
+            return text
+        from cropper_engine.errors import InputError
+
+        raw = str(text).strip()
+        for sep in (":", "x", "X", "/"):
+            if sep in raw:
+                a, _, b = raw.partition(sep)
+                break
+        else:
+            raise InputError(f"bad aspect ratio {raw!r}: write it as W:H, e.g. 16:9 or 1:1")
+        try:
+            w, h = float(a), float(b)
+        except ValueError:
+            raise InputError(f"bad aspect ratio {raw!r}: write it as W:H with numbers, e.g. 4:3") from None
+        if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+            raise InputError(f"bad aspect ratio {raw!r}: both terms must be positive, e.g. 3:2")
+        if max(w / h, h / w) > 20:
+            raise InputError(f"bad aspect ratio {raw!r}: more extreme than 20:1")
+        return cls(w, h)
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in pixels: (x1, y1) top-left, (x2, y2) bottom-right, x2 > x1."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    @property
+    def aspect(self) -> float:
+        """Width / height; inf for a zero-height box."""
+        return self.width / self.height if self.height > 0 else math.inf
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.x1 + self.x2) / 2, (self.y1 + self.y2) / 2)
+
+    def is_valid(self) -> bool:
+        vals = (self.x1, self.y1, self.x2, self.y2)
+        return all(math.isfinite(v) for v in vals) and self.x2 > self.x1 and self.y2 > self.y1
+
+    def as_list(self) -> list[float]:
+        return [self.x1, self.y1, self.x2, self.y2]
+
+    def rounded(self) -> Box:
+        return Box(*(float(round(v)) for v in self.as_list()))
+
+    def as_int(self) -> list[int]:
+        return [int(round(v)) for v in self.as_list()]
+
+    def clamp(self, width: float, height: float) -> Box:
+        """Clip to the image [0, width] x [0, height]; corners are ordered first."""
+        x1, x2 = sorted((self.x1, self.x2))
+        y1, y2 = sorted((self.y1, self.y2))
+        return Box(min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+                   min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+
+    def intersection(self, other: Box) -> float:
+        iw = min(self.x2, other.x2) - max(self.x1, other.x1)
+        ih = min(self.y2, other.y2) - max(self.y1, other.y1)
+        return max(0.0, iw) * max(0.0, ih)
+
+    def iou(self, other: Box) -> float:
+        inter = self.intersection(other)
+        union = self.area + other.area - inter
+        return inter / union if union > 0 else 0.0
+
+    def contains(self, other: Box, tol: float = 1e-6) -> bool:
+        return (self.x1 <= other.x1 + tol and self.y1 <= other.y1 + tol
+                and self.x2 >= other.x2 - tol and self.y2 >= other.y2 - tol)
+
+    def scale(self, sx: float, sy: float | None = None) -> Box:
+        sy = sx if sy is None else sy
+        return Box(self.x1 * sx, self.y1 * sy, self.x2 * sx, self.y2 * sy)
+
+    # --- the paper's 1..1000 convention -------------------------------------------------
+    def to_norm(self, width: float, height: float) -> tuple[int, int, int, int]:
+        """Pixels -> integers in 1..1000 (1 = left/top edge, 1000 = right/bottom edge)."""
+        def n(v: float, size: float) -> int:
+            t = min(max(v / size, 0.0), 1.0)
+            return int(round(NORM_LO + t * (NORM_HI - NORM_LO)))
+
+        return (n(self.x1, width), n(self.y1, height), n(self.x2, width), n(self.y2, height))
+
+    @classmethod
+    def from_norm(cls, values: tuple[float, float, float, float] | list[float],
+                  width: float, height: float) -> Box:
+        """Integers (or floats) in 1..1000 -> pixels; the inverse of `to_norm`."""
+        x1, y1, x2, y2 = (float(v) for v in values)
+
+        def p(v: float, size: float) -> float:
+            return (v - NORM_LO) / (NORM_HI - NORM_LO) * size
+
+        return cls(p(x1, width), p(y1, height), p(x2, width), p(y2, height))
+
+    def to_unit(self, width: float, height: float) -> tuple[float, float, float, float]:
+        """Pixels -> fractions of the image in 0..1."""
+        return (self.x1 / width, self.y1 / height, self.x2 / width, self.y2 / height)
+
+    @classmethod
+    def from_unit(cls, values: tuple[float, float, float, float] | list[float],
+                  width: float, height: float) -> Box:
+        x1, y1, x2, y2 = values
+        return cls(x1 * width, y1 * height, x2 * width, y2 * height)
+
+    @classmethod
+    def from_xywh(cls, x: float, y: float, w: float, h: float) -> Box:
+        return cls(x, y, x + w, y + h)
+
+    @classmethod
+    def full(cls, width: float, height: float) -> Box:
+        return cls(0.0, 0.0, float(width), float(height))
+
+
+@dataclass
+class CropRequest:
+    """What to crop and how.
+
+    image: a path, a PIL image or an RGB uint8 array (H, W, 3).
+    task: free-form, subject-aware (needs `mask`, a boolean H x W array) or ratio-aware
+    (needs one or more `ratios`; each gives its own result).
+    """
+
+    image: Any
+    task: Task = Task.FREE
+    ratios: list[Ratio] = field(default_factory=list)
+    mask: Any = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        from cropper_engine.errors import InputError
+
+        self.task = Task.parse(self.task)
+        self.ratios = [Ratio.parse(r) for r in self.ratios]
+        if self.task is Task.RATIO and not self.ratios:
+            raise InputError("the ratio task needs at least one aspect ratio, e.g. --ratio 4:3")
+        if self.task is Task.SUBJECT and self.mask is None:
+            raise InputError("the subject task needs a subject mask, e.g. --mask subject.png")
+
+
+@dataclass
+class Candidate:
+    """One proposed crop and what the scorers made of it."""
+
+    box: Box
+    score: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)
+    round: int = 0
+    source: str = "vlm"
+    vlm_score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "box": [round(v, 2) for v in self.box.as_list()],
+            "score": round(float(self.score), 5),
+            "scores": {k: round(float(v), 5) for k, v in self.scores.items()},
+            "round": self.round,
+            "source": self.source,
+        }
+        if self.vlm_score is not None:
+            out["vlm_score"] = self.vlm_score
+        return out
+
+
+@dataclass
+class CropResult:
+    """The chosen crop for one image (and one ratio, for the ratio task)."""
+
+    image: str
+    width: int
+    height: int
+    box: Box
+    score: float
+    task: Task
+    ratio: Ratio | None
+    pipeline: str
+    candidates: list[Candidate] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "image": self.image,
+            "width": self.width,
+            "height": self.height,
+            "box": self.box.as_int(),
+            "score": round(float(self.score), 5),
+            "task": self.task.value,
+            "ratio": str(self.ratio) if self.ratio else None,
+            "pipeline": self.pipeline,
+            "candidates": [c.to_json() for c in self.candidates],
+            "timings": {k: round(float(v), 5) for k, v in self.timings.items()},
+        }
+        if self.notes:
+            out["notes"] = list(self.notes)
+        out.update(self.extra)
+        return out
