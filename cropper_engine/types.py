@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 NORM_LO = 1
 NORM_HI = 1000
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     FREE = "free"
     SUBJECT = "subject"
     RATIO = "ratio"
@@ -260,6 +260,7 @@ class CropResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    loaded: Any = field(default=None, repr=False, compare=False)  # the decoded image, not serialised
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -1,0 +1,53 @@
+# cropper-engine: set-up, tests, benchmarks. `make install` needs only Python 3.11 and the
+# package registries; it never downloads model weights.
+PY ?= python3
+VENV := .venv
+VVENV := .venv-vllm
+BIN := $(VENV)/bin
+
+.PHONY: install install-main install-vllm samples demo test test-fast test-vllm lint bench clean
+
+install: install-main install-vllm samples
+
+install-main: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CUDA build of torch runs on the CPU too and is the one torchvision (open_clip) needs
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[clip,server,dev]'
+	touch $@
+
+install-vllm: $(VVENV)/.installed
+$(VVENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q torch==2.13.0
+	$(VVENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# public-domain / CC0 sample photos from scikit-image's package data (not committed here)
+samples: samples/.done
+samples/.done: $(VENV)/.installed
+	$(BIN)/python -m cropper_engine.samples samples
+	touch $@
+
+# the README's main job: crop the sample photos with the default pipeline
+demo: install
+	$(BIN)/cropper-engine crop samples --task ratio --ratio 1:1,16:9 --out out/demo --report
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install-main
+	$(BIN)/pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check .
+
+bench: install-main
+	$(BIN)/python bench/index_bench.py --quick
+	$(BIN)/python bench/loop_bench.py --quick
+
+clean:
+	rm -rf $(VENV) $(VVENV) samples out .pytest_cache
