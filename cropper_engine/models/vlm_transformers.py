@@ -1,0 +1,303 @@
+"""The transformers VLM backend: multi-image chat models (Idefics2 / Mantis) run in-process.
+
+Loads offline only: a local folder, or a hub id already in the local Hugging Face cache.
+Conversations are batched (left padding); each prompt is prefilled once and its KV cache copied
+to its `params.n` sample rows; `params.grammar` (a BoxGrammar) constrains decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cropper_engine.errors import InputError, ModelNotFoundError
+from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def hf_hub_cache() -> Path:
+    """The hub cache folder, from the environment as it is now (not as it was at import time)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "huggingface" / "hub"
+
+
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """A local folder, or the cached snapshot of a hub id; never goes online.
+
+    Raises ModelNotFoundError at once, saying how to get the weights, when neither exists.
+    """
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model folder {text!r} does not exist; pass a folder with config.json "
+                                     "(e.g. one made by `huggingface-cli download`) or a cached hub id")
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {text!r} has no config.json: it is not a saved "
+                                     "transformers model (point at the folder that holds config.json)")
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hf_hub_cache()
+    try:
+        found = try_to_load_from_cache(text, "config.json", cache_dir=cache)
+    except Exception:  # a malformed repo id, for one
+        found = None
+    if not isinstance(found, str):
+        raise ModelNotFoundError(
+            f"model {text!r} is neither a local folder nor in the Hugging Face cache at {cache}, and this "
+            f"engine never downloads. On a machine with internet run `huggingface-cli download {text}` "
+            f"(or `hf download {text}`), then copy its cache folder ({cache.name}/models--"
+            f"{text.replace('/', '--')}) into {cache} (or set HF_HOME / HF_HUB_CACHE to where it is), "
+            "or pass the downloaded model folder itself as the model path."
+        )
+    return Path(found).parent
+
+
+def _conversation_to_chat(conversation: Conversation) -> tuple[list[dict[str, Any]], list[Any]]:
+    messages, images = [], []
+    for msg in conversation:
+        content: list[dict[str, Any]] = []
+        for part in msg.content:
+            if isinstance(part, ImagePart):
+                content.append({"type": "image"})
+                images.append(part.image)
+            elif isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            else:
+                raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
+        if not content:
+            content.append({"type": "text", "text": ""})
+        messages.append({"role": msg.role, "content": content})
+    return messages, images
+
+
+class TransformersVLM:
+    """A VLM backend on transformers' AutoProcessor + AutoModelForImageTextToText."""
+
+    def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
+                 batch_size: int = 8, share_prefill: bool = True):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
+        path = resolve_model_dir(model)  # before importing torch: a missing model fails at once
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device)
+        self.dtype = self._torch_dtype(dtype)
+        self.batch_size = batch_size
+        self.share_prefill = share_prefill
+        self.path = path
+        self.id = f"transformers:{model}"
+
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "local_files_only": True}
+        if self.device.startswith("cuda"):
+            kwargs["device_map"] = self.device  # load straight onto the GPU
+        try:
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        except OSError as e:  # a partial download: config.json there, weights or tokenizer not
+            raise ModelNotFoundError(f"model {str(model)!r} in {path} is incomplete ({e}); download it "
+                                     "again with `huggingface-cli download` on a machine with internet") from e
+        if not self.device.startswith("cuda"):
+            self.model.to(self.device)
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - t0
+
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eou = self.tokenizer.get_vocab().get("<end_of_utterance>")
+        if eou is not None and eou not in eos_ids:
+            eos_ids.append(eou)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids: list[int] = [int(i) for i in eos_ids]
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = gen.pad_token_id if gen.pad_token_id is not None else self.eos_token_ids[0]
+            self.tokenizer.pad_token_id = pad
+        self.pad_token_id = int(pad)
+
+    def _torch_dtype(self, dtype: str | Any) -> Any:
+        import torch
+
+        if dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        name = _DTYPES.get(str(dtype).lower().removeprefix("torch."))
+        if name is None:
+            raise InputError(f"unknown dtype {dtype!r}; choose one of: auto, float32, bfloat16, float16")
+        return getattr(torch, name)
+
+    # --- prompts ----------------------------------------------------------------------
+    def render(self, conversation: Conversation) -> tuple[str, list[Any]]:
+        """The prompt text (chat template applied, generation prompt added) and its images in order."""
+        messages, images = _conversation_to_chat(conversation)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text, images
+
+    def _inputs(self, conversations: Sequence[Conversation]) -> Any:
+        texts, images = [], []
+        for conv in conversations:
+            text, imgs = self.render(conv)
+            texts.append(text)
+            images.append(imgs)
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "padding_side": "left",
+                                  "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+        return self.processor(**kwargs)
+
+    def count_prompt_tokens(self, conversation: Conversation) -> int:
+        return int(self._inputs([conversation])["attention_mask"].sum())
+
+    # --- generation -------------------------------------------------------------------
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:
+        if params.n < 1:
+            raise InputError(f"n must be at least 1, got {params.n}")
+        if params.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
+        results: list[Generation | None] = [None] * len(conversations)
+        # Conversations with and without images cannot share one processor call.
+        has_images = [any(isinstance(p, ImagePart) for m in c for p in m.content) for c in conversations]
+        for flag in (True, False):
+            group = [i for i, h in enumerate(has_images) if h is flag]
+            for start in range(0, len(group), self.batch_size):
+                part = group[start:start + self.batch_size]
+                gens = self._generate_batch([conversations[i] for i in part], params)
+                for i, gen in zip(part, gens, strict=True):
+                    results[i] = gen
+        return [g for g in results if g is not None]
+
+    def _generate_batch(self, conversations: Sequence[Conversation],
+                        params: GenerationParams) -> list[Generation]:
+        import torch
+
+        inputs = self._inputs(conversations).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        sample = params.temperature > 0
+        n_run = params.n if sample else 1  # greedy samples are all the same: decode once, copy
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_return_sequences": n_run,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.pad_token_id,
+            "do_sample": sample,
+        }
+        if sample:
+            kwargs.update(temperature=float(params.temperature), top_p=float(params.top_p), top_k=0)
+        if params.grammar is not None:
+            from cropper_engine.engine.grammar import TokenConstraint
+
+            kwargs["logits_processor"] = [TokenConstraint(self.tokenizer, params.grammar,
+                                                          eos_token_ids=self.eos_token_ids)]
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            sequences = None
+            if n_run > 1 and self.share_prefill and self._can_share_prefill(inputs):
+                try:
+                    sequences = self._generate_shared_prefill(inputs, n_run, kwargs)
+                except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
+                    # A transformers version without cache continuation: repeat the prompts instead.
+                    logger.warning("shared prefill failed (%s); repeating prompts for n samples", e)
+                    self.share_prefill = False
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    kwargs = self._fresh_kwargs(kwargs)
+            if sequences is None:
+                sequences = self.model.generate(**inputs, **kwargs)
+
+        prompt_len = inputs["input_ids"].shape[1]
+        new = sequences[:, prompt_len:].tolist()
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        eos = set(self.eos_token_ids)
+        results = []
+        for b in range(len(conversations)):
+            texts, generated = [], 0
+            for row in new[b * n_run:(b + 1) * n_run]:
+                end = next((k + 1 for k, t in enumerate(row) if t in eos), None)
+                if end is None:  # stopped by the token limit or a stop string: trailing pads are not output
+                    end = len(row)
+                    while end and row[end - 1] == self.pad_token_id:
+                        end -= 1
+                generated += end
+                text = self.tokenizer.decode(row[:end], skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
+                texts.append(_cut_at_stop(text, params.stop))
+            if n_run != params.n:
+                texts = texts * params.n
+            results.append(Generation(texts=texts, prompt_tokens=int(prompt_tokens[b]),
+                                      generated_tokens=generated))
+        return results
+
+    @staticmethod
+    def _fresh_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(kwargs)
+        for proc in out.get("logits_processor", []):
+            if hasattr(proc, "reset"):
+                proc.reset()
+        return out
+
+    def _can_share_prefill(self, inputs: Any) -> bool:
+        image_token = getattr(self.model.config, "image_token_id", None)
+        return image_token is None or not bool((inputs["input_ids"][:, -1] == image_token).any())
+
+    def _generate_shared_prefill(self, inputs: Any, n: int, kwargs: dict[str, Any]) -> Any:
+        """Prefill each prompt once, then copy its KV cache to its n sample rows.
+
+        `num_return_sequences` would repeat the prompts (and run the vision tower on every image) n
+        times. Here all but the last prompt token go through the model once, with images; the cache
+        is repeated n times, and generate continues from it: the last token (text, never an image)
+        starts the n samples.
+        """
+        import torch
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        # As generate makes them for left padding: positions count real tokens only.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                         use_cache=True, logits_to_keep=1, **extra)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        del out
+        rest = {k: v for k, v in kwargs.items() if k != "num_return_sequences"}
+        return self.model.generate(input_ids=torch.repeat_interleave(ids, n, dim=0),
+                                   attention_mask=torch.repeat_interleave(mask, n, dim=0),
+                                   past_key_values=cache, num_return_sequences=1, **rest)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
+                "batch_size": self.batch_size}
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Drop a stop string and what follows, as vLLM does (transformers keeps it)."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+__all__ = ["TransformersVLM", "hf_hub_cache", "resolve_model_dir"]

@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated environment for every test, tiny models built once per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    """No test sees the user's caches, config or CROPPER_* settings, and none can reach a hub."""
+    home = tmp_path_factory.getbasetemp() / "home"
+    home.mkdir(exist_ok=True)
+    for name in list(os.environ):
+        if name.startswith("CROPPER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """`cropper-engine models make-tiny` output: tiny/idefics2 and tiny/clip."""
+    from cropper_engine.models.tiny import make_tiny_clip
+    from cropper_engine.models.tiny_vlm import make_tiny_idefics2
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny_idefics2(out / "idefics2")
+    make_tiny_clip(out / "clip")
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[Path]:
+    """A few real photos (public domain / CC0, from scikit-image's data) as JPEGs."""
+    from cropper_engine.samples import write_samples
+
+    return write_samples(tmp_path_factory.mktemp("photos"))
+
+
+def fcdb_dir() -> Path | None:
+    d = SHARED_DATA / "fcdb"
+    return d if (d / "val.jsonl").exists() else None

@@ -1,0 +1,215 @@
+"""The transformers VLM backend on a tiny random Idefics2 built offline (seconds, about 12 MB)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cropper_engine.engine.grammar import BoxGrammar, parse_boxes
+from cropper_engine.errors import ModelNotFoundError
+from cropper_engine.models.base import GenerationParams, ImagePart, Message
+
+IMAGE_TOKENS = 10  # <fake> + 8 x <image> + <fake>: perceiver latents + 2
+
+
+@pytest.fixture(scope="session")
+def idefics2_dir(tiny_dir):
+    """The tiny Idefics2 that conftest's `tiny_dir` builds once per session (seed 0)."""
+    return tiny_dir / "idefics2"
+
+
+@pytest.fixture(scope="session")
+def vlm(idefics2_dir):
+    import torch
+
+    from cropper_engine.models.vlm_transformers import TransformersVLM
+
+    # Tiny models gain nothing from threads; on a busy machine spinning threads cost more.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield TransformersVLM(str(idefics2_dir), device="cpu", batch_size=8)
+    torch.set_num_threads(before)
+
+
+def _image(seed: int, w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _conversation(n_images: int, seed: int = 0) -> list[Message]:
+    rng = np.random.default_rng(seed)
+    parts: list = ["Localize the aesthetic part of the image."]
+    for j in range(n_images):
+        w, h = (int(v) for v in rng.integers(40, 300, size=2))  # sizes differ: pixel padding in batches
+        parts += [ImagePart(_image(seed * 100 + j, w, h)), f"\n(4.5, {j + 1}, 20, 300, 1000)\n"]
+    return [Message("user", parts)]
+
+
+def test_builder_folder_is_consistent(idefics2_dir):
+    from transformers import AutoProcessor
+
+    config = json.loads((idefics2_dir / "config.json").read_text())
+    processor = AutoProcessor.from_pretrained(idefics2_dir, local_files_only=True)
+    tok = processor.tokenizer
+    assert len(tok) == config["text_config"]["vocab_size"]
+    assert config["image_token_id"] == tok.convert_tokens_to_ids("<image>")
+    assert config["perceiver_config"]["resampler_n_latents"] == processor.image_seq_len == 8
+    gen = json.loads((idefics2_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.convert_tokens_to_ids("<end_of_utterance>"), tok.eos_token_id]
+    assert processor.image_processor.do_image_splitting is False
+    size_mb = sum(p.stat().st_size for p in idefics2_dir.iterdir()) / 1e6
+    assert 5 < size_mb < 20
+    # Numbers split into digit groups, SentencePiece spaces, newlines as byte tokens.
+    pieces = tok.convert_ids_to_tokens(tok("(4.5, 12, 870, 1000)\n", add_special_tokens=False).input_ids)
+    assert "<0x0A>" in pieces and any(p.startswith("▁") for p in pieces)
+
+
+def test_builder_is_deterministic(idefics2_dir, tmp_path):
+    from cropper_engine.models.tiny_vlm import make_tiny_idefics2
+
+    again = make_tiny_idefics2(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (idefics2_dir / name).read_bytes(), name
+
+
+def test_render_and_token_counts(vlm):
+    conv = [Message("user", ["Hello.", ImagePart(_image(1, 80, 60)), "\n(4.5, 1, 2, 3, 4)",
+                             ImagePart(_image(2, 60, 90)), "\nNow?"])]
+    text, images = vlm.render(conv)
+    assert text == ("User: Hello.<image>\n(4.5, 1, 2, 3, 4)<image>\nNow?<end_of_utterance>\nAssistant:")
+    assert len(images) == 2
+    assert vlm.render([Message("user", [ImagePart(_image(1, 80, 60)), "\nQ"])])[0].startswith("User:<image>")
+    # Each image adds 10 tokens (and its caption the same number each time).
+    counts = [vlm.count_prompt_tokens(_conversation(k)) for k in (1, 2, 3)]
+    text_only = vlm.count_prompt_tokens([Message("user", ["Localize the aesthetic part of the image."])])
+    assert counts[2] - counts[1] == counts[1] - counts[0] > IMAGE_TOKENS
+    assert counts[0] - text_only > IMAGE_TOKENS
+    ids = list(vlm.processor(text=[text], images=[images])["input_ids"][0])
+    assert ids.count(vlm.model.config.image_token_id) == 2 * 8
+    assert ids.count(vlm.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")) == 4
+    assert len(ids) == vlm.count_prompt_tokens(conv)
+
+
+def test_batched_equals_single_greedy(vlm):
+    """Left padding (text and pixels) must not change greedy tokens: attention masks are passed.
+
+    Exact equality holds in fp32 here; no tolerance is needed.
+    """
+    convs = [_conversation(k, seed=k) for k in (1, 2, 3)]
+    params = GenerationParams(n=1, max_new_tokens=16, temperature=0.0, seed=0)
+    batched = vlm.generate(convs, params)
+    alone = [vlm.generate([c], params)[0] for c in convs]
+    assert [g.texts for g in batched] == [g.texts for g in alone]
+    assert [g.generated_tokens for g in batched] == [g.generated_tokens for g in alone]
+    assert [g.prompt_tokens for g in batched] == [g.prompt_tokens for g in alone]
+    assert [g.prompt_tokens for g in batched] == [vlm.count_prompt_tokens(c) for c in convs]
+    # Greedy with n > 1: n copies of the one greedy text.
+    copies = vlm.generate(convs[:1], GenerationParams(n=3, max_new_tokens=16, temperature=0.0))[0]
+    assert copies.texts == batched[0].texts * 3
+
+
+def test_constrained_sampling_gives_boxes(vlm):
+    grammar = BoxGrammar(boxes=6)
+    convs = [_conversation(k, seed=10 + k) for k in (1, 2, 3)]
+    params = GenerationParams(n=6, max_new_tokens=200, temperature=1.0, top_p=1.0, seed=3, grammar=grammar)
+    gens = vlm.generate(convs, params)
+    assert len(gens) == 3
+    for gen, conv in zip(gens, convs, strict=True):
+        assert len(gen.texts) == 6
+        for text in gen.texts:
+            boxes = parse_boxes(text.strip(), grammar)
+            assert boxes is not None and len(boxes) == 6, text
+            assert all(1 <= v <= 1000 for box in boxes for v in box[1:])
+        assert len(set(gen.texts)) > 1, "samples at temperature 1 should differ"
+        assert gen.prompt_tokens == vlm.count_prompt_tokens(conv)
+        # Each sample has 6 boxes (>= 30 tokens here) and ends with EOS well before the limit.
+        assert 6 * 20 < gen.generated_tokens < 6 * 200
+
+
+def test_constrained_greedy_and_seed(vlm):
+    grammar = BoxGrammar(boxes=2)
+    conv = _conversation(1, seed=5)
+    greedy = vlm.generate([conv], GenerationParams(n=1, max_new_tokens=80, temperature=0.0, grammar=grammar))
+    assert parse_boxes(greedy[0].texts[0].strip(), grammar) is not None
+    params = GenerationParams(n=4, max_new_tokens=80, temperature=1.0, seed=7, grammar=grammar)
+    assert vlm.generate([conv], params)[0].texts == vlm.generate([conv], params)[0].texts
+
+
+def test_stop_strings_cut_the_text(vlm):
+    params = GenerationParams(n=2, max_new_tokens=40, temperature=1.0, seed=1, grammar=BoxGrammar(2),
+                              stop=[", "])
+    gen = vlm.generate([_conversation(1, seed=8)], params)[0]
+    for text in gen.texts:
+        assert ", " not in text and text.strip().startswith("(")
+    assert 2 * 2 <= gen.generated_tokens < 2 * 12  # "(4.5," is a few tokens, not 40
+
+
+def test_shared_prefill_matches_repeated_prompts(vlm):
+    """The KV cache of one prefill, copied to n rows, samples exactly what n prompt copies sample."""
+    convs = [_conversation(k, seed=20 + k) for k in (2, 1)]
+    params = GenerationParams(n=3, max_new_tokens=12, temperature=1.0, seed=11)
+    try:
+        vlm.share_prefill = True
+        shared = vlm.generate(convs, params)
+        vlm.share_prefill = False
+        repeated = vlm.generate(convs, params)
+    finally:
+        vlm.share_prefill = True
+    assert [g.texts for g in shared] == [g.texts for g in repeated]
+    assert [g.generated_tokens for g in shared] == [g.generated_tokens for g in repeated]
+    assert all(0 < g.generated_tokens <= 3 * 12 for g in shared)
+
+
+def test_text_only_and_mixed_batches(vlm):
+    convs = [[Message("user", ["Just text."])], _conversation(1, seed=3)]
+    gens = vlm.generate(convs, GenerationParams(n=2, max_new_tokens=5, temperature=0.7, seed=0))
+    assert [len(g.texts) for g in gens] == [2, 2]
+    assert gens[0].prompt_tokens < gens[1].prompt_tokens
+
+
+def test_folder_without_config(tmp_path):
+    from cropper_engine.models.vlm_transformers import TransformersVLM
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"config\.json") as err:
+        TransformersVLM(str(tmp_path / "empty"))
+    assert "empty" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        TransformersVLM(str(tmp_path / "missing"))
+
+
+def test_hub_id_not_cached_fails_at_once(tmp_path, monkeypatch):
+    from cropper_engine.models.vlm_transformers import TransformersVLM
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as err:
+        TransformersVLM("TIGER-Lab/Mantis-8B-Idefics2")
+    assert time.perf_counter() - t0 < 2.0
+    msg = str(err.value)
+    assert "huggingface-cli download TIGER-Lab/Mantis-8B-Idefics2" in msg
+    assert str(tmp_path / "hf") in msg
+
+
+def test_hub_id_in_cache_is_found(idefics2_dir, tmp_path, monkeypatch):
+    """A hub id resolves to its cached snapshot, offline (a hand-made cache layout)."""
+    import shutil
+
+    from cropper_engine.models.vlm_transformers import resolve_model_dir
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-idefics2"
+    commit = "0" * 40
+    shutil.copytree(idefics2_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_model_dir("acme/tiny-idefics2") == repo / "snapshots" / commit
