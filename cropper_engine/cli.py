@@ -1,12 +1,514 @@
-"""The `cropper-engine` command line (work in progress)."""
+"""The `cropper-engine` command line: a thin adapter over the library.
+
+It parses options, builds the config, calls the library and turns a CropperError into a
+one-line message (no traceback). Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
+DATASET_KINDS = ["fcdb", "gaicd", "sacd", "jsonl"]
 
-@click.group()
-def main() -> None:
-    """cropper-engine: crop images with an open VLM through in-context learning."""
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """CropperError (a user's mistake or a missing model) -> ClickException, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cropper_engine.errors import CropperError
+
+        try:
+            return fn(*args, **kwargs)
+        except CropperError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def load_cfg(ctx: click.Context, **flags: Any) -> Any:
+    from cropper_engine.config import load_config
+
+    return load_config(ctx.obj.get("config") if ctx.obj else None, overrides=flags)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A TOML config file (defaults < file < CROPPER_* environment < flags).")
+@click.version_option(package_name="cropper-engine")
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
+    """Crop images with an open vision-language model through in-context learning.
+
+    \b
+    Start here:
+      cropper-engine crop photo.jpg --out crops/        crop with the best pipeline available
+      cropper-engine crop DIR --task ratio --ratio 1:1,16:9 --out crops/ --report
+      cropper-engine index build --dataset fcdb --annotations train.jsonl --out idx/
+      cropper-engine eval --dataset fcdb --annotations val.jsonl --method center --ratio-from-gt
+      cropper-engine models list                        which VLMs are known and present here
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_file
+
+
+# --- eval -------------------------------------------------------------------------------
+
+
+def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--dataset", "kind", type=click.Choice(DATASET_KINDS), required=True,
+                     help="Annotation format (jsonl: our own format, see the README)."),
+        click.option("--annotations", type=click.Path(), required=True,
+                     help="Annotation file (or, for gaicd text files / sacd, a directory)."),
+        click.option("--images", type=click.Path(), default=None,
+                     help="Image directory [default: 'images' next to the annotations]."),
+        click.option("--split", default=None, help="GAICD split (train|test) from original_data_split.json."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N examples."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def read_examples(kind: str, annotations: str, images: str | None, split: str | None,
+                  limit: int | None, require_images: bool = True) -> Any:
+    from cropper_engine.data.readers import read_dataset
+
+    ds = read_dataset(kind, annotations, images, split=split, limit=limit, require_images=require_images)
+    for msg in ds.skipped[:20]:
+        click.echo(f"skipped: {msg}", err=True)
+    if len(ds.skipped) > 20:
+        click.echo(f"... and {len(ds.skipped) - 20} more skipped", err=True)
+    return ds
+
+
+@main.command("eval")
+@dataset_options
+@click.option("--method", default="center", show_default=True,
+              help="center | full | cropper (the whole pipeline).")
+@click.option("--ratio-from-gt", is_flag=True, help="Give the method the ground truth's aspect ratio.")
+@click.option("--index", "index_dir", type=click.Path(), default=None,
+              help="Example index for the cropper method [default: the built-in table].")
+@click.option("--vlm", default=None, help="auto | none | a model name or folder (cropper method).")
+@click.option("--backend", default=None, help="auto | transformers | vllm | openai (cropper method).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@click.option("--rows", type=click.Path(dir_okay=False), default=None,
+              help="Write one JSON line per image (its box, IoU, Disp) to this file.")
+@click.pass_context
+@friendly_errors
+def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None, split: str | None,
+             limit: int | None, method: str, ratio_from_gt: bool, index_dir: str | None,
+             vlm: str | None, backend: str | None, as_json: bool, rows: str | None) -> None:
+    """Run a cropping method over an annotated dataset; print IoU / Disp (and Acc, SRCC, PCC
+    where the set has scored candidates, as GAICD does).
+
+    \b
+    Example (the literature's protocol on FCDB, the ratio given):
+      cropper-engine eval --dataset fcdb --annotations ../shared/data/fcdb/val.jsonl \\
+          --method center --ratio-from-gt
+    """
+    from tqdm import tqdm
+
+    from cropper_engine.evaluate import METHODS, evaluate
+
+    cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend})
+    ds = read_examples(kind, annotations, images, split, limit)
+    if not ds.examples:
+        raise click.ClickException("no usable examples in the dataset (see the messages above)")
+    factory = METHODS.get(method)
+    m = factory(cfg) if _wants_config(factory) else factory()
+    with tqdm(total=len(ds.examples), desc=f"eval {method}", unit="img", file=sys.stderr,
+              disable=None) as bar:
+        report = evaluate(ds.examples, m, ratio_from_gt=ratio_from_gt,
+                          on_progress=bar.update,
+                          on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr))
+    m.close()
+    s = report.summary
+    s["skipped"] = len(ds.skipped)
+    if rows:
+        with open(rows, "w") as fh:
+            for r in report.rows:
+                fh.write(json.dumps(r) + "\n")
+    click.echo(format_summary(s))
+    if as_json:
+        click.echo(json.dumps(s))
+    if report.errors:
+        sys.exit(1)
+
+
+def _wants_config(factory: Any) -> bool:
+    import inspect
+
+    try:
+        return bool(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"method {s.get('method')}  ratio from gt: {'yes' if s.get('ratio_from_gt') else 'no'}  "
+             f"images: {s.get('n')}  skipped: {s.get('skipped', 0)}  errors: {s.get('errors', 0)}  "
+             f"time: {s.get('seconds')} s"]
+    if s.get("n"):
+        lines.append(f"IoU {s['iou']:.4f}   Disp {s['disp']:.4f}   alpha-recall(0.75) "
+                     f"{s['alpha_recall']:.4f}")
+    if s.get("n_ranked"):
+        lines.append(f"Acc5 {100 * s['acc5']:.1f}   Acc10 {100 * s['acc10']:.1f}   "
+                     f"SRCC {s['srcc']:.3f}   PCC {s['pcc']:.3f}   (over {s['n_ranked']} images)")
+    if s.get("pipelines"):
+        lines.append("pipelines: " + ", ".join(f"{k or '-'} {v}" for k, v in s["pipelines"].items()))
+    return "\n".join(lines)
+
+
+# --- crop -------------------------------------------------------------------------------
+
+
+def parse_ratios(text: str | None) -> list[Any]:
+    from cropper_engine.types import Ratio
+
+    if not text:
+        return []
+    return [Ratio.parse(part) for part in text.split(",") if part.strip()] or [Ratio.parse(text)]
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    from cropper_engine.errors import InputError
+
+    if not text:
+        return None
+    a, sep, b = text.lower().partition("x")
+    try:
+        w, h = int(a), int(b)
+    except ValueError:
+        raise InputError(f"bad --size {text!r}: write it as WxH in pixels, e.g. 1080x1080") from None
+    if not sep or w <= 0 or h <= 0:
+        raise InputError(f"bad --size {text!r}: write it as WxH in pixels, e.g. 1080x1080")
+    return w, h
+
+
+def precheck_mask(mask: str, sources: tuple[str, ...]) -> None:
+    """Refuse a mask that does not fit the explicit images, before any work starts."""
+    from pathlib import Path
+
+    from cropper_engine.imageio import image_size, is_image_path, load_mask
+
+    m = load_mask(mask)
+    for src in sources:
+        if Path(src).is_file() and is_image_path(src):
+            w, h = image_size(src)
+            if (m.shape[1], m.shape[0]) != (w, h):
+                from cropper_engine.errors import InputError
+
+                raise InputError(f"the mask {mask} is {m.shape[1]}x{m.shape[0]} but {src} is {w}x{h}; "
+                                 "a subject mask must have its image's size")
+
+
+@main.command("crop")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--task", type=click.Choice(["free", "subject", "ratio"]), default=None,
+              help="free-form [default], subject-aware (needs --mask) or aspect-ratio-aware (needs --ratio).")
+@click.option("--ratio", "ratio_text", default=None,
+              help="Aspect ratio(s) W:H, comma-separated: one crop per ratio (implies --task ratio).")
+@click.option("--mask", type=click.Path(), default=None,
+              help="Subject mask image (white = subject, the image's size; implies --task subject).")
+@click.option("--index", "index_dir", type=click.Path(), default=None,
+              help="Example index directory (see `index build`) [default: the built-in table].")
+@click.option("--vlm", default=None,
+              help="auto [default]: use the default VLM if its weights are here and a GPU can run it; "
+                   "none; a model name (see `models list`); or a local model folder.")
+@click.option("--backend", default=None, help="VLM backend: auto | transformers | vllm | openai.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write crops/ and results.jsonl here [default: only print the results].")
+@click.option("--size", "size_text", default=None, help="Resize each crop to fit WxH (never upscales).")
+@click.option("--json", "as_json", is_flag=True, help="Print each results.jsonl line to stdout.")
+@click.option("--report", is_flag=True, help="Write an HTML contact sheet to OUT/report/index.html.")
+@click.option("--resume", is_flag=True, help="Skip images already in OUT/results.jsonl.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=None, help="Images per engine batch.")
+@click.option("--candidates", "-R", type=click.IntRange(1, 64), default=None, help="VLM candidates R.")
+@click.option("--rounds", "-L", type=click.IntRange(0, 10), default=None, help="Refinement rounds L.")
+@click.option("--examples", "-S", type=click.IntRange(0, 200), default=None, help="Retrieved examples S.")
+@click.pass_context
+@friendly_errors
+def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, ratio_text: str | None,
+             mask: str | None, index_dir: str | None, vlm: str | None, backend: str | None,
+             out_dir: str | None, size_text: str | None, as_json: bool, report: bool, resume: bool,
+             batch_size: int | None, candidates: int | None, rounds: int | None,
+             examples: int | None) -> None:
+    """Crop images (files, directories, or .txt / .jsonl manifests).
+
+    \b
+    Examples:
+      cropper-engine crop photo.jpg                          print the best crop
+      cropper-engine crop shoot/ --out crops/ --report       crop a folder, with a contact sheet
+      cropper-engine crop shoot/ --ratio 1:1,4:5 --size 1080x1080 --out crops/
+      cropper-engine crop portrait.jpg --mask subject.png --out crops/
+    Writes OUT/crops/..., OUT/results.jsonl (one line per image and ratio) and, for images that
+    could not be read, OUT/errors.jsonl; the exit status is 1 if any image failed.
+    """
+    from tqdm import tqdm
+
+    from cropper_engine.batch import count_inputs, run_batch
+    from cropper_engine.engine.loop import Cropper
+    from cropper_engine.errors import InputError
+    from cropper_engine.types import Task
+
+    ratios = parse_ratios(ratio_text)
+    size = parse_size(size_text)
+    t = Task.parse(task) if task else (Task.RATIO if ratios else Task.SUBJECT if mask else Task.FREE)
+    if t is Task.RATIO and not ratios:
+        raise InputError("--task ratio needs --ratio W:H (e.g. --ratio 4:3 or --ratio 1:1,16:9)")
+    if t is not Task.RATIO and ratios:
+        raise InputError(f"--ratio only applies to --task ratio (not {t.value})")
+    if t is Task.SUBJECT and not mask:
+        raise InputError("--task subject needs --mask PATH (a white-on-black subject mask)")
+    if mask:
+        precheck_mask(mask, inputs)
+    if report and not out_dir:
+        raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
+    if resume and not out_dir:
+        raise InputError("--resume needs --out DIR (it reads DIR/results.jsonl)")
+    cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
+                           "vlm.batch_size": batch_size, "vlm.candidates": candidates,
+                           "vlm.rounds": rounds, "retrieval.examples": examples})
+    cropper = Cropper.from_config(cfg)
+    info = cropper.describe()
+    click.echo(f"pipeline: {info['reasons'].get('pipeline', info['pipeline'])}", err=True)
+    for key in ("embedder", "index", "scorer", "zero_shot"):
+        if key in info["reasons"]:
+            click.echo(f"{key}: {info['reasons'][key]}", err=True)
+    rep = None
+    if report:
+        from pathlib import Path
+
+        from cropper_engine.report import HtmlReport
+
+        rep = HtmlReport(Path(out_dir) / "report")  # type: ignore[arg-type]
+
+    def emit(row: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(row))
+        elif not out_dir:
+            click.echo(f"{row['image']}\t{row['ratio'] or row['task']}\t{row['box']}\t"
+                       f"score {row['score']:.3f}\t{row['pipeline']}")
+
+    total = count_inputs(inputs)
+    with tqdm(total=total, desc="crop", unit="img", file=sys.stderr, disable=None) as bar:
+        summary = run_batch(
+            cropper, inputs, task=t, ratios=ratios, mask=mask, out_dir=out_dir, size=size,
+            resume=resume, batch_size=cfg.vlm.batch_size, emit=emit,
+            on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
+            on_progress=bar.update, report=rep,
+        )
+    cropper.close()
+    if rep is not None:
+        page = rep.close()
+        click.echo(f"report: {page}", err=True)
+    pipes = ", ".join(f"{k} {v}" for k, v in summary.pipelines.items()) or "-"
+    click.echo(f"{summary.images} images, {summary.results} crops ({pipes}), {summary.skipped} skipped "
+               f"(already done), {len(summary.errors)} errors"
+               + (f"; results in {out_dir}/results.jsonl" if out_dir else ""), err=True)
+    if summary.errors:
+        sys.exit(1)
+
+
+# --- index ------------------------------------------------------------------------------
+
+
+@main.group()
+def index() -> None:
+    """Build, extend and inspect an on-disk example index (CLIP or classical embeddings)."""
+
+
+def embedder_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--embedder", default=None,
+        help="auto | classical | open_clip:MODEL[:TAG|:FILE] | open_clip-dir:DIR | hf-clip:ID|DIR "
+             "[default: auto = open_clip ViT-B-32 if its weights are here, else classical].",
+    )(fn)
+
+
+def get_embedder(cfg: Any, spec: str | None, quiet: bool = False) -> Any:
+    from cropper_engine.models.embedders import resolve_embedder
+
+    emb, reason = resolve_embedder(spec or cfg.retrieval.embedder)
+    if not quiet:
+        click.echo(f"embedder: {emb.id} ({reason})", err=True)
+    return emb
+
+
+@index.command("build")
+@dataset_options
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Index directory to write.")
+@embedder_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
+@click.option("--m", "M", type=click.IntRange(4, 128), default=None, help="HNSW graph degree M.")
+@click.option("--ef-construction", type=click.IntRange(8, 2000), default=None)
+@click.pass_context
+@friendly_errors
+def index_build(ctx: click.Context, kind: str, annotations: str, images: str | None, split: str | None,
+                limit: int | None, out_dir: str, embedder: str | None, overwrite: bool,
+                M: int | None, ef_construction: int | None) -> None:
+    """Embed a dataset's images and write an example index (atomically) to --out."""
+    from pathlib import Path
+
+    from cropper_engine.errors import ExampleIndexError
+    from cropper_engine.index.store import ExampleIndex
+
+    cfg = load_cfg(ctx)
+    if Path(out_dir).exists() and not overwrite:
+        raise ExampleIndexError(f"{out_dir} already exists; pass --overwrite to replace it")
+    ds = read_examples(kind, annotations, images, split, limit)
+    if not ds.examples:
+        raise click.ClickException("no usable examples in the dataset (see the messages above)")
+    emb = get_embedder(cfg, embedder)
+    kw: dict[str, Any] = {}
+    if M:
+        kw["M"] = M
+    if ef_construction:
+        kw["ef_construction"] = ef_construction
+    report = ExampleIndex.build(
+        ds.examples, emb, out_dir, overwrite=overwrite, progress=True,
+        source={"dataset": kind, "annotations": str(Path(annotations).resolve()),
+                "images": str(Path(images).resolve()) if images else None, "split": split},
+        **kw,
+    )
+    for msg in report.skipped[:20]:
+        click.echo(f"skipped: {msg}", err=True)
+    click.echo(f"wrote {out_dir}: {report.count} examples, {len(report.skipped)} skipped, "
+               f"{report.seconds:.1f} s")
+
+
+@index.command("add")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@dataset_options
+@embedder_option
+@click.pass_context
+@friendly_errors
+def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, images: str | None,
+              split: str | None, limit: int | None, embedder: str | None) -> None:
+    """Append a dataset's examples to an existing index (same embedder)."""
+    from cropper_engine.index.store import ExampleIndex
+
+    cfg = load_cfg(ctx)
+    idx = ExampleIndex.load(index_dir)
+    spec = embedder or idx.embedder_spec() or cfg.retrieval.embedder
+    emb = get_embedder(cfg, spec)
+    ds = read_examples(kind, annotations, images, split, limit)
+    idx = ExampleIndex.load(index_dir, embedder=emb)
+    report = idx.add(ds.examples, emb, progress=True)
+    for msg in report.skipped[:20]:
+        click.echo(f"skipped: {msg}", err=True)
+    click.echo(f"added {report.count} examples to {index_dir} ({len(report.skipped)} skipped)")
+
+
+@index.command("info")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def index_info(index_dir: str, as_json: bool) -> None:
+    """Describe an index: embedder, size, graph parameters, source."""
+    from cropper_engine.index.store import ExampleIndex
+
+    info = ExampleIndex.load(index_dir).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:>16}: {value}")
+
+
+@index.command("query")
+@click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("image", type=click.Path())
+@click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--exact", is_flag=True, help="Brute-force search instead of the HNSW graph.")
+@embedder_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@friendly_errors
+def index_query(ctx: click.Context, index_dir: str, image: str, k: int, exact: bool,
+                embedder: str | None, as_json: bool) -> None:
+    """Print an image's k nearest examples with their cosine similarities."""
+    from cropper_engine.imageio import open_image
+    from cropper_engine.index.store import ExampleIndex
+
+    cfg = load_cfg(ctx)
+    idx = ExampleIndex.load(index_dir)
+    emb = get_embedder(cfg, embedder or idx.embedder_spec(), quiet=as_json)
+    idx = ExampleIndex.load(index_dir, embedder=emb)
+    vec = emb.embed([open_image(image, cfg.max_pixels).image])
+    hits = idx.query(vec, k, exact=True if exact else None)[0]
+    if as_json:
+        click.echo(json.dumps([{"row": h.row, "id": h.id, "similarity": round(h.similarity, 5)}
+                               for h in hits]))
+        return
+    for rank, h in enumerate(hits, 1):
+        click.echo(f"{rank:>4}  {h.similarity:.4f}  {h.id}")
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """Known VLMs, and tiny random models for tests and CPU benchmarks."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    """The model registry, and whether each model's weights are in the local HF cache."""
+    from cropper_engine.models.registry import hf_cache_dir, list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<20} {'hub id':<34} {'params':>6} {'img tok':>7}  {'local':<5}  backends")
+    for r in rows:
+        star = "*" if r["default"] else " "
+        click.echo(f"{star}{r['name']:<19} {r['hub_id']:<34} {r['params_b']:>5}B {r['image_tokens']:>7}  "
+                   f"{'yes' if r['local'] else 'no':<5}  {', '.join(r['backends'])}")
+    click.echo(f"(* default; weights looked up in {hf_cache_dir()}; any local model folder works "
+               "with --vlm PATH)")
+
+
+@models.command("make-tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@friendly_errors
+def models_make_tiny(out_dir: str) -> None:
+    """Build tiny random models offline (seconds): OUT/idefics2 (a VLM) and OUT/clip (CLIP).
+
+    They crop nothing well: they exercise the real code paths in tests and CPU benchmarks.
+    """
+    from pathlib import Path
+
+    from cropper_engine.models.tiny import make_tiny_clip
+    from cropper_engine.models.tiny_vlm import make_tiny_idefics2
+
+    out = Path(out_dir)
+    vlm = make_tiny_idefics2(out / "idefics2")
+    clip = make_tiny_clip(out / "clip")
+    click.echo(f"tiny VLM:  {vlm}   (use: --vlm {vlm} --backend transformers)")
+    for kind, path in clip.items():
+        click.echo(f"tiny CLIP: {path}   ({kind})")
+
+
+def run() -> None:
+    main(prog_name="cropper-engine")
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -38,8 +38,8 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigError",
     "CropperError",
-    "ImageError",
     "ExampleIndexError",
+    "ImageError",
     "InputError",
     "ModelNotFoundError",
 ]

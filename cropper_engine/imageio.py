@@ -146,7 +146,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage
 def _orientation(im: Any) -> int | None:
     try:
         return im.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - broken EXIF is not our problem here
+    except Exception:
         return None
 
 

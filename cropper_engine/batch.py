@@ -1,0 +1,287 @@
+"""Offline batch cropping: stream inputs, crop in batches, write crops + results.jsonl, resume.
+
+Inputs are image files, directories (walked lazily, one directory listing at a time) and
+manifests (.txt: one path per line; .jsonl: {"image", "ratio"?, "mask"?, "task"?}). Nothing
+holds more than one batch of decoded images. Outputs never overwrite an input and never
+collide; `resume` skips what results.jsonl already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cropper_engine.errors import CropperError, ImageError, InputError
+from cropper_engine.imageio import IMAGE_SUFFIXES, is_image_path
+from cropper_engine.types import CropRequest, CropResult, Ratio, Task
+
+RESULTS = "results.jsonl"
+ERRORS = "errors.jsonl"
+
+
+@dataclass
+class InputItem:
+    path: str
+    rel: str  # path relative to its input root, for output naming
+    ratios: list[Ratio] | None = None
+    mask: str | None = None
+    task: Task | None = None
+
+
+def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None]) -> Iterator[InputItem]:
+    """Images from files, directories (recursive, sorted per directory) and manifests."""
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            yield from _walk(p, p)
+        elif p.suffix.lower() in (".txt", ".jsonl") and p.is_file():
+            yield from _manifest(p, on_error)
+        elif p.exists() or is_image_path(p):
+            yield InputItem(str(p), p.name)
+        else:
+            on_error(f"{src}: no such file or directory")
+
+
+def _walk(root: Path, d: Path) -> Iterator[InputItem]:
+    try:
+        entries = sorted(os.scandir(d), key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk(root, Path(e.path))
+        elif Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
+            yield InputItem(e.path, os.path.relpath(e.path, root))
+
+
+def _manifest(p: Path, on_error: Callable[[str], None]) -> Iterator[InputItem]:
+    base = p.parent
+    with p.open() as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if p.suffix.lower() == ".txt":
+                path = line if os.path.isabs(line) else str(base / line)
+                yield InputItem(path, line.lstrip("/"))
+                continue
+            try:
+                d = json.loads(line)
+                img = str(d["image"])
+                ratios = None
+                if d.get("ratio"):
+                    r = d["ratio"]
+                    ratios = [Ratio.parse(x) for x in (r if isinstance(r, list) else str(r).split(","))]
+                task = Task.parse(d["task"]) if d.get("task") else None
+                mask = d.get("mask")
+                if mask and not os.path.isabs(mask):
+                    mask = str(base / mask)
+            except (json.JSONDecodeError, KeyError, TypeError, InputError) as exc:
+                on_error(f"{p}:{n}: bad manifest line ({exc})")
+                continue
+            path = img if os.path.isabs(img) else str(base / img)
+            yield InputItem(path, img.lstrip("/"), ratios, mask, task)
+
+
+def count_inputs(sources: Sequence[str]) -> int | None:
+    """A quick count for the progress bar (names only); None for manifests' bad lines."""
+    n = 0
+    for item in iter_inputs(sources, lambda _m: None):
+        del item
+        n += 1
+    return n
+
+
+def ratio_tag(r: Ratio | None) -> str:
+    return "" if r is None else "_" + str(r).replace(":", "x").replace(".", "p")
+
+
+@dataclass
+class OutputWriter:
+    out_dir: Path
+    size: tuple[int, int] | None = None
+    inputs: set[str] = field(default_factory=set)
+    used: set[str] = field(default_factory=set)
+    quality: int = 95
+
+    def path_for(self, item: InputItem, ratio: Ratio | None) -> Path:
+        rel = Path(item.rel)
+        suffix = rel.suffix.lower() if rel.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".tif",
+                                                              ".tiff") else ".png"
+        stem = rel.with_suffix("")
+        base = self.out_dir / "crops" / f"{stem}{ratio_tag(ratio)}"
+        cand = base.with_suffix(suffix)
+        k = 1
+        while str(cand.resolve()) in self.used or str(cand.resolve()) in self.inputs:
+            cand = Path(f"{base}-{k}{suffix}")
+            k += 1
+        self.used.add(str(cand.resolve()))
+        return cand
+
+    def write(self, item: InputItem, result: CropResult, image: Any, icc: bytes | None) -> Path:
+        from PIL import Image
+
+        out = self.path_for(item, result.ratio)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        crop = image.crop(tuple(result.box.as_int()))
+        if self.size:
+            w, h = self.size
+            if crop.width > w or crop.height > h:  # never upscale
+                crop.thumbnail((w, h), Image.Resampling.LANCZOS)
+        kw: dict[str, Any] = {}
+        if icc:
+            kw["icc_profile"] = icc
+        ext = out.suffix.lower()
+        if ext in (".jpg", ".jpeg"):
+            kw.update(quality=self.quality, subsampling=0)
+        tmp = out.with_name(out.name + ".part")
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF",
+               ".tiff": "TIFF"}[ext]
+        crop.save(tmp, format=fmt, **kw)
+        os.replace(tmp, out)
+        return out
+
+
+def load_done(results_path: Path) -> set[tuple[str, str | None]]:
+    """(image path, ratio) pairs already in a results.jsonl (a torn last line is ignored)."""
+    done: set[tuple[str, str | None]] = set()
+    if not results_path.exists():
+        return done
+    with results_path.open() as fh:
+        for line in fh:
+            try:
+                d = json.loads(line)
+                done.add((str(Path(d["image"]).resolve()), d.get("ratio")))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+@dataclass
+class BatchSummary:
+    images: int = 0
+    results: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+    pipelines: dict[str, int] = field(default_factory=dict)
+
+
+def run_batch(
+    cropper: Any,
+    sources: Sequence[str],
+    *,
+    task: Task,
+    ratios: list[Ratio],
+    mask: str | None,
+    out_dir: str | None,
+    size: tuple[int, int] | None = None,
+    resume: bool = False,
+    batch_size: int = 8,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    report: Any | None = None,
+) -> BatchSummary:
+    """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given)."""
+    summary = BatchSummary()
+
+    def err(msg: str) -> None:
+        summary.errors.append(msg)
+        if on_error:
+            on_error(msg)
+        if errors_fh:
+            errors_fh.write(json.dumps({"error": msg}) + "\n")
+            errors_fh.flush()
+
+    writer = None
+    results_fh = errors_fh = None
+    done: set[tuple[str, str | None]] = set()
+    if out_dir:
+        out = Path(out_dir)
+        results_path = out / RESULTS
+        if results_path.exists() and not resume:
+            raise InputError(f"{results_path} exists from an earlier run: pass --resume to continue it, "
+                             "or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        done = load_done(results_path) if resume else set()
+        writer = OutputWriter(out, size)
+        results_fh = results_path.open("a")
+        errors_fh = (out / ERRORS).open("a")
+    try:
+        batch: list[tuple[InputItem, CropRequest]] = []
+        for item in iter_inputs(sources, err):
+            if writer is not None:
+                writer.inputs.add(str(Path(item.path).resolve()))
+            it_task = item.task or task
+            it_ratios = item.ratios or ratios
+            if it_task is Task.RATIO:
+                todo = [r for r in it_ratios if (str(Path(item.path).resolve()), str(r)) not in done]
+                if not todo:
+                    summary.skipped += 1
+                    if on_progress:
+                        on_progress(1)
+                    continue
+                it_ratios = todo
+            elif (str(Path(item.path).resolve()), None) in done:
+                summary.skipped += 1
+                if on_progress:
+                    on_progress(1)
+                continue
+            try:
+                req = CropRequest(item.path, it_task, it_ratios if it_task is Task.RATIO else [],
+                                  item.mask or mask, id=Path(item.path).name)
+            except CropperError as exc:
+                err(f"{item.path}: {exc}")
+                if on_progress:
+                    on_progress(1)
+                continue
+            batch.append((item, req))
+            if len(batch) >= batch_size:
+                _flush(cropper, batch, summary, writer, results_fh, emit, err, on_progress, report)
+        if batch:
+            _flush(cropper, batch, summary, writer, results_fh, emit, err, on_progress, report)
+    finally:
+        if results_fh:
+            results_fh.close()
+        if errors_fh:
+            errors_fh.close()
+    return summary
+
+
+def _flush(cropper: Any, batch: list[tuple[InputItem, CropRequest]], summary: BatchSummary,
+           writer: OutputWriter | None, results_fh: Any, emit: Callable[[dict[str, Any]], None] | None,
+           err: Callable[[str], None], on_progress: Callable[[int], None] | None, report: Any) -> None:
+    outs = cropper.crop_batch([r for _, r in batch])
+    for (item, _req), res in zip(batch, outs, strict=True):
+        summary.images += 1
+        if isinstance(res, CropperError):
+            err(f"{item.path}: {res}" if str(item.path) not in str(res) else str(res))
+            continue
+        for r in res:
+            loaded = r.loaded
+            row = r.to_json()
+            row["image"] = str(Path(item.path).resolve())
+            if writer is not None:
+                try:
+                    row["output"] = str(writer.write(item, r, loaded.image, loaded.icc_profile))
+                except (ImageError, OSError) as exc:
+                    err(f"{item.path}: cannot write the crop ({exc})")
+                    continue
+            if results_fh:
+                results_fh.write(json.dumps(row) + "\n")
+                results_fh.flush()
+            if emit:
+                emit(row)
+            if report is not None:
+                report.add(row, loaded.image)
+            summary.results += 1
+            summary.pipelines[r.pipeline] = summary.pipelines.get(r.pipeline, 0) + 1
+        if on_progress:
+            on_progress(1)
+    batch.clear()

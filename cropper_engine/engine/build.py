@@ -1,0 +1,134 @@
+"""Turn a Config into the engine's parts (embedder, index, scorer, VLM) and say why each."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from cropper_engine.config import Config
+from cropper_engine.errors import BackendUnavailableError, ConfigError, ModelNotFoundError
+
+
+def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
+    reasons: dict[str, str] = dict(given.pop("reasons", {}) or {})
+    index = given.get("index")
+    embedder = given.get("embedder")
+
+    if index is None and cfg.index:
+        from cropper_engine.index.store import ExampleIndex
+
+        raw = ExampleIndex.load(cfg.index)
+        if embedder is None:
+            spec = cfg.retrieval.embedder
+            if spec == "auto":
+                spec = raw.embedder_spec() or spec
+            embedder = _embedder(spec, reasons)
+        index = ExampleIndex.load(cfg.index, embedder=embedder, ef=cfg.retrieval.ef,
+                                  exact_below=cfg.retrieval.exact_below)
+        reasons["index"] = f"{cfg.index} ({len(index)} examples)"
+    if embedder is None:
+        embedder = _embedder(cfg.retrieval.embedder, reasons)
+    if index is None:
+        from cropper_engine.index.builtin import builtin_index
+
+        index = builtin_index(embedder)
+        if index is not None:
+            reasons["index"] = f"built-in table ({len(index)} examples, {index.describe()['source']})"
+        else:
+            reasons["index"] = "none: no --index and no built-in table for this embedder"
+
+    scorer = given.get("scorer")
+    if scorer is None:
+        scorer = _scorer(cfg, embedder, reasons)
+
+    vlm = given["vlm"] if "vlm" in given else _vlm(cfg, reasons)
+    if vlm is None:
+        reasons.setdefault("pipeline", "no-vlm")
+    return {"embedder": embedder, "index": index, "scorer": scorer, "vlm": vlm, "reasons": reasons}
+
+
+def _embedder(spec: str, reasons: dict[str, str]) -> Any:
+    from cropper_engine.models.embedders import resolve_embedder
+
+    emb, why = resolve_embedder(spec)
+    reasons["embedder"] = f"{emb.id} ({why})"
+    return emb
+
+
+def _scorer(cfg: Config, embedder: Any, reasons: dict[str, str]) -> Any:
+    from cropper_engine.models.scorers import AestheticHead, FusedScorer
+
+    sc = cfg.scoring
+    tensor = embedder if hasattr(embedder, "encode_pixels") else None
+    head = None
+    if sc.aesthetic_head:
+        if tensor is None:
+            raise ConfigError("scoring.aesthetic_head needs a CLIP embedder (--embedder open_clip:...)")
+        head = AestheticHead(sc.aesthetic_head, device=getattr(tensor, "device", "cpu"))
+        if head.dim != tensor.dim:
+            raise ConfigError(f"the aesthetic head expects {head.dim}-d embeddings but {tensor.id} "
+                              f"gives {tensor.dim}-d: use the head trained for this CLIP model")
+    scorer = FusedScorer(tensor, head, clip_weight=sc.clip_weight, aesthetic_weight=sc.aesthetic_weight,
+                         area_weight=sc.area_weight, classical_weight=sc.classical_weight)
+    reasons["scorer"] = scorer.describe() + ("" if tensor else " (no CLIP weights: classical features)")
+    return scorer
+
+
+def backend_available(name: str) -> bool:
+    if name == "vllm":
+        return importlib.util.find_spec("vllm") is not None
+    if name == "transformers":
+        return importlib.util.find_spec("transformers") is not None
+    return name == "openai"
+
+
+def _vlm(cfg: Config, reasons: dict[str, str]) -> Any:
+    from cropper_engine.models.registry import DEFAULT_MODEL, gpu_memory_gb, resolve_model
+
+    name = cfg.vlm.model.strip()
+    if name.lower() in ("none", "", "off"):
+        reasons["pipeline"] = "no-vlm (--vlm none)"
+        return None
+    if cfg.vlm.backend == "openai":
+        return load_vlm(cfg, None, reasons)
+    if name.lower() == "auto":
+        try:
+            resolved = resolve_model(DEFAULT_MODEL.name)
+        except ModelNotFoundError:
+            reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.hub_id} is not in the local Hugging Face cache "
+                                   f"(pass --vlm NAME|FOLDER to use another model)")
+            return None
+        need = DEFAULT_MODEL.gpu_memory_gb
+        have = gpu_memory_gb()
+        if have < need:
+            reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.name} is here but needs a GPU with ~{need:.0f} GB "
+                                   f"free ({have:.0f} GB found); pass --vlm {DEFAULT_MODEL.name} to run it anyway")
+            return None
+        return load_vlm(cfg, resolved, reasons)
+    return load_vlm(cfg, resolve_model(name), reasons)
+
+
+def load_vlm(cfg: Config, resolved: Any, reasons: dict[str, str]) -> Any:
+    backend = cfg.vlm.backend
+    if backend == "auto":
+        backend = "vllm" if backend_available("vllm") else "transformers"
+    if backend == "transformers":
+        from cropper_engine.models.vlm_transformers import TransformersVLM
+
+        vlm = TransformersVLM(str(resolved.path), device=cfg.vlm.device, dtype=cfg.vlm.dtype,
+                              batch_size=cfg.vlm.batch_size)
+    elif backend == "vllm":
+        if not backend_available("vllm"):
+            raise BackendUnavailableError("the vllm backend needs vLLM: pip install 'cropper-engine[vllm]' "
+                                          "(or use --backend transformers)")
+        from cropper_engine.models.vlm_vllm import VLLMBackend
+
+        vlm = VLLMBackend.from_config(cfg, resolved)
+    elif backend == "openai":
+        from cropper_engine.models.vlm_openai import OpenAIBackend
+
+        vlm = OpenAIBackend.from_config(cfg)
+    else:  # validated by config, kept for safety
+        raise ConfigError(f"unknown backend {backend!r}")
+    reasons["pipeline"] = f"vlm: {vlm.id} on {backend}"
+    return vlm

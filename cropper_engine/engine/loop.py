@@ -1,0 +1,413 @@
+"""The in-context cropping loop: decode -> embed -> retrieve -> propose -> score -> refine -> select.
+
+One `Cropper` owns the models (embedder, optional VLM, scorer) and an example index. It crops
+a batch of requests at a time: every image is embedded and retrieved once, however many
+ratios it is cropped to; every round asks the VLM for all jobs of the batch in one call and
+scores all their candidates in one fused pass. Model output never crashes the loop: an
+answer that cannot be used is retried once, then the job falls back to the non-VLM proposer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cropper_engine.config import Config
+from cropper_engine.engine.geometry import dedupe, expand_to_contain, fit_ratio, mask_bbox, mask_center
+from cropper_engine.engine.parse import parse_boxes
+from cropper_engine.engine.prompt import (
+    PromptExample,
+    PromptSpec,
+    PromptTemplates,
+    build_messages,
+    load_templates,
+)
+from cropper_engine.engine.proposers import propose
+from cropper_engine.errors import CropperError, ImageError
+from cropper_engine.imageio import LoadedImage, load_mask, open_image
+from cropper_engine.models.base import GenerationParams
+from cropper_engine.types import Box, Candidate, CropRequest, CropResult, Ratio, Task
+
+PIPELINE_VLM = "vlm"
+PIPELINE_FALLBACK = "vlm-fallback"
+PIPELINE_NO_VLM = "no-vlm"
+
+
+@dataclass
+class Job:
+    """One (image, ratio) to crop."""
+
+    req: int
+    image: LoadedImage
+    task: Task
+    ratio: Ratio | None
+    mask: np.ndarray | None
+    subject: Box | None
+    spec: PromptSpec | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    pipeline: str = PIPELINE_VLM
+    notes: list[str] = field(default_factory=list)
+    neighbours_unit: list[list[float]] = field(default_factory=list)
+    neighbour_weights: list[float] = field(default_factory=list)
+    examples: list[PromptExample] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def round_candidates(self, r: int) -> list[Candidate]:
+        return [c for c in self.candidates if c.round == r]
+
+
+class ImageCache:
+    """A small LRU of decoded example images: retrieved examples recur across queries."""
+
+    def __init__(self, capacity: int = 256, max_side: int = 1024) -> None:
+        self.capacity, self.max_side = capacity, max_side
+        self._d: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, path: str) -> Any:
+        if path in self._d:
+            self._d.move_to_end(path)
+            return self._d[path]
+        img = open_image(path).image
+        if max(img.size) > self.max_side:
+            img = img.copy()
+            img.thumbnail((self.max_side, self.max_side))
+        self._d[path] = img
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return img
+
+
+def _uuid(path: str) -> str:
+    return "ex-" + hashlib.sha1(path.encode()).hexdigest()[:16]
+
+
+class Cropper:
+    """The engine. Build with `Cropper.from_config(cfg)` (resolves models) or pass parts."""
+
+    def __init__(self, cfg: Config, *, embedder: Any, scorer: Any, index: Any | None = None,
+                 vlm: Any | None = None, templates: PromptTemplates | None = None,
+                 reasons: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.embedder = embedder
+        self.scorer = scorer
+        self.index = index
+        self.vlm = vlm
+        self.templates = templates or load_templates(cfg.vlm.template or None)
+        self.reasons = reasons or {}
+        self.example_images = ImageCache()
+        self.zero_shot = vlm is not None and (index is None or not index.has_images())
+        if self.zero_shot:
+            self.reasons.setdefault("zero_shot", "no example index with images: the VLM runs zero-shot (S=0)")
+
+    @classmethod
+    def from_config(cls, cfg: Config, **parts: Any) -> Cropper:
+        from cropper_engine.engine.build import build_parts
+
+        built = build_parts(cfg, **parts)
+        return cls(cfg, **built)
+
+    @property
+    def pipeline(self) -> str:
+        return PIPELINE_VLM if self.vlm is not None else PIPELINE_NO_VLM
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "vlm": getattr(self.vlm, "id", None),
+            "embedder": getattr(self.embedder, "id", None),
+            "index": self.index.describe() if self.index is not None else None,
+            "scorer": self.scorer.describe(),
+            "reasons": dict(self.reasons),
+        }
+
+    def close(self) -> None:
+        close = getattr(self.vlm, "close", None)
+        if close:
+            close()
+
+    # ----------------------------------------------------------------------------------
+    def crop(self, request: CropRequest) -> list[CropResult]:
+        out = self.crop_batch([request])[0]
+        if isinstance(out, CropperError):
+            raise out
+        return out
+
+    def crop_batch(self, requests: Sequence[CropRequest],
+                   exclude_ids: Sequence[set[str] | None] | None = None) -> list[list[CropResult] | CropperError]:
+        """Crop each request; a request that fails (unreadable image, bad mask) gets its error
+        in its slot and the others go on."""
+        timings: dict[str, float] = {}
+        results: list[list[CropResult] | CropperError] = [[] for _ in requests]
+
+        def tick(stage: str, t0: float) -> float:
+            t1 = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + (t1 - t0)
+            return t1
+
+        t = time.perf_counter()
+        jobs: list[Job] = []
+        images: list[LoadedImage | None] = []
+        for i, req in enumerate(requests):
+            try:
+                img = open_image(req.image, self.cfg.max_pixels)
+                mask = subject = None
+                if req.task is Task.SUBJECT:
+                    mask = load_mask(req.mask, img.size)
+                    subject = mask_bbox(mask)
+                images.append(img)
+                ratios: list[Ratio | None] = list(req.ratios) if req.task is Task.RATIO else [None]
+                jobs.extend(Job(i, img, req.task, r, mask, subject) for r in ratios)
+            except CropperError as exc:
+                results[i] = exc
+                images.append(None)
+        t = tick("decode", t)
+        live = [i for i, im in enumerate(images) if im is not None]
+        if not jobs:
+            return results
+
+        # embed and retrieve once per image, whatever the number of ratios
+        neighbours: dict[int, list[Any]] = {}
+        if self.index is not None and len(self.index) > 0:
+            vecs = self.embedder.embed([images[i].image for i in live])  # type: ignore[union-attr]
+            t = tick("embed", t)
+            k = max(self.cfg.retrieval.examples, 1) if not self.zero_shot else 0
+            k_fetch = max(k, 30)
+            excl = exclude_ids or [None] * len(requests)
+            for row, i in enumerate(live):
+                ids = excl[i] or set()
+                if requests[i].id:
+                    ids = set(ids) | {requests[i].id}
+                neighbours[i] = self.index.query(vecs[row:row + 1], k_fetch, exclude=ids or None)[0]
+            t = tick("retrieve", t)
+
+        from cropper_engine.models.saliency import spectral_residual_saliency
+
+        sal_cache: dict[int, np.ndarray] = {}
+        for i in live:
+            im = images[i].image  # type: ignore[union-attr]
+            w, h = im.size
+            s = 160 / max(w, h)
+            small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
+            sal_cache[i] = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
+        t = tick("saliency", t)
+
+        for job in jobs:
+            self._attach_neighbours(job, neighbours.get(job.req, []))
+        t = tick("retrieve", t)
+
+        if self.vlm is None:
+            for job in jobs:
+                job.pipeline = PIPELINE_NO_VLM
+                self._propose_classical(job, sal_cache[job.req])
+            t = tick("propose", t)
+            self._score(jobs, [sal_cache[j.req] for j in jobs])
+            t = tick("score", t)
+        else:
+            t = self._run_vlm(jobs, sal_cache, timings, t)
+
+        for job in jobs:
+            res = self._select(job)
+            res.timings = {k: v / len(jobs) for k, v in timings.items()}
+            res.timings["total"] = sum(res.timings.values())
+            results[job.req].append(res)  # type: ignore[union-attr]
+        return results
+
+    # ----------------------------------------------------------------------------------
+    def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
+        from cropper_engine.index.select import select_crops
+
+        if not hits:
+            return
+        w, h = job.size
+        center_unit = None
+        if job.mask is not None:
+            cx, cy = mask_center(job.mask)
+            center_unit = (cx / w, cy / h)
+        t_crops = self.cfg.retrieval.crops_free if job.task is Task.FREE else self.cfg.retrieval.crops_other
+        examples: list[PromptExample] = []
+        for n_i, hit in enumerate(hits):
+            ex = self.index.example(hit.row)
+            sel = select_crops(ex, job.task, t_crops, ratio=job.ratio, mask_center_unit=center_unit)
+            for b, _ in sel[:1]:
+                job.neighbours_unit.append(list(b.to_unit(ex.width, ex.height)))
+                job.neighbour_weights.append(max(hit.similarity, 0.0))
+            if self.vlm is None or self.zero_shot or n_i >= self.cfg.retrieval.examples:
+                continue
+            try:
+                img = self.example_images.get(ex.image_path)
+            except ImageError as exc:
+                job.notes.append(f"example {ex.id} skipped: {exc}")
+                continue
+            sc = None
+            if ex.mask_box is not None:
+                sc = ex.mask_box.to_norm(ex.width, ex.height)
+                sc = ((sc[0] + sc[2]) // 2, (sc[1] + sc[3]) // 2)
+            examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), sc))
+        job.examples = examples
+
+    def _propose_classical(self, job: Job, saliency: np.ndarray) -> None:
+        w, h = job.size
+        ratio = job.ratio.value if job.ratio else None
+        for box, src in propose(w, h, ratio, saliency, job.neighbours_unit, job.neighbour_weights):
+            box = self._constrain(job, box)
+            if box is not None:
+                job.candidates.append(Candidate(box, round=0, source=src))
+
+    def _constrain(self, job: Job, box: Box) -> Box | None:
+        """Apply the task's hard constraints: exact ratio, subject inside."""
+        w, h = job.size
+        box = box.clamp(w, h)
+        if not box.is_valid() or box.width < 2 or box.height < 2:
+            return None
+        ratio = job.ratio.value if job.ratio else None
+        if ratio:
+            box = fit_ratio(box, ratio, w, h)
+        if job.subject is not None and not box.contains(job.subject, tol=0.5):
+            box = expand_to_contain(box, job.subject, w, h, ratio)
+        return box if box.is_valid() else None
+
+    def _score(self, jobs: Sequence[Job], saliency: Sequence[np.ndarray], only_round: int | None = None) -> None:
+        """Score the (unscored) candidates of all jobs in one fused batch."""
+        todo = [[c for c in j.candidates if (only_round is None or c.round == only_round)] for j in jobs]
+        out = self.scorer.score([j.image.image for j in jobs], [[c.box for c in cs] for cs in todo], saliency)
+        for cs, total, comps in zip(todo, out.total, out.components, strict=True):
+            for k, c in enumerate(cs):
+                c.score = float(total[k])
+                c.scores = {name: float(v[k]) for name, v in comps.items()}
+
+    # ----------------------------------------------------------------------------------
+    def _run_vlm(self, jobs: list[Job], sal: dict[int, np.ndarray], timings: dict[str, float], t: float) -> float:
+        from cropper_engine.engine.grammar import BoxGrammar
+
+        cfg = self.cfg.vlm
+        n_boxes = 1 if cfg.parallel else cfg.candidates
+        params = GenerationParams(
+            n=cfg.candidates if cfg.parallel else 1,
+            max_new_tokens=cfg.max_new_tokens * n_boxes,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+            grammar=BoxGrammar(boxes=n_boxes) if cfg.constrained else None,
+        )
+
+        def tick(stage: str, t0: float) -> float:
+            t1 = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + (t1 - t0)
+            return t1
+
+        for job in jobs:
+            w, h = job.size
+            sc = None
+            if job.mask is not None:
+                cx, cy = mask_center(job.mask)
+                sc = Box(cx, cy, cx, cy).to_norm(w, h)[:2]
+            job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples,
+                                  n_boxes, job.ratio, sc)
+        t = tick("prompt", t)
+
+        # round 0 with one retry, then the classical fallback for jobs still without boxes
+        pending = list(jobs)
+        for attempt in range(1 + max(self.cfg.loop.retries, 0)):
+            if not pending:
+                break
+            convs = [build_messages(j.spec, self.templates) for j in pending]  # type: ignore[arg-type]
+            t = tick("prompt", t)
+            gens = self._generate(convs, params, attempt, pending)
+            t = tick("generate", t)
+            still = []
+            for job, gen in zip(pending, gens, strict=True):
+                added = self._add_vlm_boxes(job, gen, 0, n_boxes)
+                if not added:
+                    job.notes.append(f"round 0 attempt {attempt + 1}: no usable box")
+                    still.append(job)
+            pending = still
+        for job in pending:
+            job.pipeline = PIPELINE_FALLBACK
+            self._propose_classical(job, sal[job.req])
+        self._score(jobs, [sal[j.req] for j in jobs], only_round=0)
+        t = tick("score", t)
+
+        active = [j for j in jobs if j.pipeline == PIPELINE_VLM]
+        for r in range(1, cfg.rounds + 1):
+            if not active:
+                break
+            convs = []
+            for job in active:
+                prev = sorted(job.round_candidates(r - 1), key=lambda c: -c.score)[: cfg.candidates]
+                refine = [(job.image.image.crop(tuple(c.box.as_int())), c.box, c.score, c.vlm_score) for c in prev]
+                convs.append(build_messages(job.spec, self.templates, refine))  # type: ignore[arg-type]
+            t = tick("prompt", t)
+            gens = self._generate(convs, params, r + 10, active)
+            t = tick("generate", t)
+            for job, gen in zip(active, gens, strict=True):
+                if not self._add_vlm_boxes(job, gen, r, n_boxes):
+                    job.notes.append(f"round {r}: no usable box; kept round {r - 1}")
+                    for c in job.round_candidates(r - 1):  # carry the previous round forward
+                        job.candidates.append(Candidate(c.box, c.score, dict(c.scores), r, "carried",
+                                                        c.vlm_score))
+            self._score(active, [sal[j.req] for j in active], only_round=r)
+            t = tick("score", t)
+        return t
+
+    def _generate(self, convs: list[Any], params: GenerationParams, salt: int, jobs: list[Job]) -> list[Any]:
+        from cropper_engine.models.base import Generation
+
+        p = GenerationParams(**{**params.__dict__, "seed": (params.seed or 0) + salt})
+        try:
+            gens = self.vlm.generate(convs, p)  # type: ignore[union-attr]
+        except Exception as exc:
+            for job in jobs:
+                job.notes.append(f"VLM error: {type(exc).__name__}: {exc}")
+            return [Generation([]) for _ in convs]
+        for job, g in zip(jobs, gens, strict=True):
+            job.tokens["prompt"] += g.prompt_tokens
+            job.tokens["generated"] += g.generated_tokens
+            job.tokens["cached"] += g.cached_tokens or 0
+        return gens
+
+    def _add_vlm_boxes(self, job: Job, gen: Any, r: int, n_boxes: int) -> int:
+        w, h = job.size
+        boxes: list[Candidate] = []
+        for text in gen.texts:
+            parsed = parse_boxes(text, n_boxes)
+            for pb in parsed.boxes:
+                box = self._constrain(job, Box.from_norm(pb.as_tuple(), w, h))
+                if box is not None:
+                    boxes.append(Candidate(box, round=r, source="vlm", vlm_score=pb.s))
+            if parsed.repairs and parsed.repairs != [f"0 of {n_boxes} boxes"]:
+                job.notes.append(f"round {r} parse: {'; '.join(parsed.repairs)}")
+        keep = dedupe([c.box for c in boxes], self.cfg.loop.nms_iou)
+        job.candidates.extend(boxes[i] for i in keep)
+        return len(keep)
+
+    def _select(self, job: Job) -> CropResult:
+        w, h = job.size
+        mode = getattr(self.cfg.loop, f"select_{job.task.value}")
+        pool = job.candidates
+        if job.pipeline == PIPELINE_VLM and mode == "final" and pool:
+            last = max(c.round for c in pool)
+            pool = [c for c in pool if c.round == last]
+        if not pool:  # nothing at all: the whole image (or the largest box of the ratio)
+            from cropper_engine.engine.geometry import largest_centered
+
+            box = largest_centered(w, h, job.ratio.value if job.ratio else None)
+            best = Candidate(box, 0.0, {}, 0, "default")
+            job.notes.append("no candidate: returned the largest centred crop")
+        else:
+            best = max(pool, key=lambda c: c.score)
+        extra: dict[str, Any] = {"selected": {"round": best.round, "source": best.source, "mode": mode}}
+        if job.pipeline != PIPELINE_NO_VLM:
+            extra["tokens"] = dict(job.tokens)
+        if job.subject is not None:
+            extra["subject_box"] = job.subject.as_int()
+        return CropResult(job.image.path, w, h, best.box.rounded(), best.score, job.task, job.ratio,
+                          job.pipeline, list(job.candidates), {}, list(dict.fromkeys(job.notes)), extra,
+                          loaded=job.image)

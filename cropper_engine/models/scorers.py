@@ -1,0 +1,267 @@
+"""Scoring candidate crops: CLIP similarity, aesthetics, area, classical composition.
+
+`FusedScorer` scores all candidates of all images of a batch in ONE forward pass:
+- prepare (CPU): each image -> a uint8 tensor, boxes -> unit coordinates;
+- forward (device): every image is resized (antialiased) onto a square canvas, the canvases
+  sit side by side in one wide tensor, and one `grid_sample` cuts and resizes every crop and
+  every full image to the embedder's input size; one embedder pass embeds them all; the
+  aesthetic head reads the same embeddings;
+- finish (CPU): per-component scores in 0..1 and their weighted mean.
+Without a CLIP model, the classical composition score (saliency, layout) stands in; random
+weights are never used for scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cropper_engine.engine.features import FEATURE_NAMES, SaliencyTable, box_features
+from cropper_engine.errors import ModelNotFoundError
+from cropper_engine.types import Box
+
+CANVAS_FACTOR = 2  # canvas side = factor x embedder input size: crops >= half the image stay sharp
+
+
+def crop_grid(boxes_unit: Any, size: int, canvas_offsets: Any, total_width: float) -> Any:
+    """Sampling grid [1, M*size, size, 2] for `grid_sample` over canvases laid side by side.
+
+    boxes_unit: torch [M, 4] in 0..1 of each box's own canvas; canvas_offsets: torch [M]
+    index of the canvas each box belongs to; total_width: number of canvases.
+    """
+    import torch
+
+    m = boxes_unit.shape[0]
+    t = (torch.arange(size, device=boxes_unit.device, dtype=boxes_unit.dtype) + 0.5) / size  # [S]
+    x1, y1, x2, y2 = boxes_unit.unbind(1)
+    xs = x1[:, None] + (x2 - x1)[:, None] * t[None, :]  # [M, S] in the canvas' unit coords
+    ys = y1[:, None] + (y2 - y1)[:, None] * t[None, :]
+    xs = (xs + canvas_offsets[:, None]) / total_width  # into the wide tensor's unit coords
+    gx = xs * 2 - 1
+    gy = ys * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [M, S, S, 2]
+    return grid.reshape(1, m * size, size, 2)
+
+
+def cut_and_resize(canvases: Any, boxes_unit: Any, canvas_index: Any, size: int) -> Any:
+    """All crops from canvases [B, 3, C, C] -> [M, 3, size, size] with one grid_sample."""
+    import torch.nn.functional as F
+
+    b, c, hc, wc = canvases.shape
+    wide = canvases.permute(1, 2, 0, 3).reshape(1, c, hc, b * wc)  # canvases side by side
+    grid = crop_grid(boxes_unit, size, canvas_index.to(boxes_unit.dtype), float(b))
+    out = F.grid_sample(wide, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(c, boxes_unit.shape[0], size, size).permute(1, 0, 2, 3)
+
+
+class AestheticHead:
+    """The LAION aesthetic predictor on CLIP image embeddings (linear or MLP), from a local file.
+
+    Formats: the original linear head (state dict `weight` [1, D], `bias` [1]) and the
+    "improved aesthetic predictor" MLP (`layers.0.weight` ... `layers.7.weight`), as .pth or
+    .safetensors. Output ~1..10; `score` maps it to 0..1.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import torch
+
+        p = Path(path)
+        if not p.is_file():
+            raise ModelNotFoundError(
+                f"aesthetic head {p} not found; download the LAION aesthetic predictor "
+                "(e.g. sa_0_4_vit_b_32_linear.pth for ViT-B-32) and pass its path"
+            )
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        if "state_dict" in state:
+            state = state["state_dict"]
+        self.path = str(p)
+        layers: list[Any] = []
+        if "weight" in state and "bias" in state:
+            lin = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+            lin.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+            layers = [lin]
+        else:
+            keys = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")},
+                          key=lambda k: int(k.split(".")[-1]))
+            if not keys:
+                raise ModelNotFoundError(f"{p} is not a LAION aesthetic predictor state dict")
+            for k in keys:
+                w = state[f"{k}.weight"]
+                lin = torch.nn.Linear(w.shape[1], w.shape[0])
+                lin.load_state_dict({"weight": w, "bias": state[f"{k}.bias"]})
+                layers.append(lin)
+        self.net = torch.nn.Sequential(*layers).to(device).eval()
+        self.dim = layers[0].in_features
+
+    def __call__(self, emb: Any) -> Any:
+        return self.net(emb.to(next(self.net.parameters()).dtype)).squeeze(-1)
+
+    @staticmethod
+    def to_unit(raw: np.ndarray) -> np.ndarray:
+        return np.clip((raw - 1.0) / 9.0, 0.0, 1.0)
+
+
+# hand-set composition weights over FEATURE_NAMES; a fitted model replaces them when present
+DEFAULT_CLASSICAL_WEIGHTS = {
+    "mass": 1.0, "density": 0.15, "border": -0.25, "outside_peak": -0.5, "com_dx": -0.6,
+    "com_dy": -0.6, "area": 0.5, "log_aspect_change": -0.2,
+}
+
+
+@dataclass
+class ClassicalScorer:
+    """Composition score from saliency features: a linear model, 0..1 through a logistic."""
+
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CLASSICAL_WEIGHTS))
+    bias: float = 0.0
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        w = np.array([self.weights.get(n, 0.0) for n in FEATURE_NAMES])
+        f = feats.copy()
+        i_dx, i_dy = FEATURE_NAMES.index("com_dx"), FEATURE_NAMES.index("com_dy")
+        f[:, i_dx] = np.abs(f[:, i_dx])
+        f[:, i_dy] = np.abs(f[:, i_dy])
+        z = f @ w + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass
+class Prepared:
+    images: list[Any]  # uint8 tensors [3, H, W] (CPU)
+    boxes_unit: list[np.ndarray]  # per image [M_i, 4]
+    sizes: list[tuple[int, int]]
+    features: list[np.ndarray]  # classical features per image [M_i, F]
+
+
+@dataclass
+class ScoreOutput:
+    """Per image: total scores [M_i] and component scores name -> [M_i], all in 0..1."""
+
+    total: list[np.ndarray]
+    components: list[dict[str, np.ndarray]]
+
+
+class FusedScorer:
+    """Weighted mean of the components present: clip, aesthetic, area, classical."""
+
+    def __init__(self, embedder: Any | None = None, aesthetic: AestheticHead | None = None,
+                 *, clip_weight: float = 1.0, aesthetic_weight: float = 1.0, area_weight: float = 1.0,
+                 classical_weight: float = 1.0, classical: ClassicalScorer | None = None,
+                 saliency_size: int = 64) -> None:
+        self.embedder = embedder if embedder is not None and hasattr(embedder, "encode_pixels") else None
+        self.aesthetic = aesthetic if self.embedder is not None else None
+        self.classical = classical or ClassicalScorer()
+        self.saliency_size = saliency_size
+        self.weights = {"area": area_weight, "classical": classical_weight}
+        if self.embedder is not None:
+            self.weights["clip"] = clip_weight
+        if self.aesthetic is not None:
+            self.weights["aesthetic"] = aesthetic_weight
+        self.weights = {k: v for k, v in self.weights.items() if v > 0}
+
+    @property
+    def components(self) -> list[str]:
+        return sorted(self.weights)
+
+    def describe(self) -> str:
+        return " + ".join(f"{w:g}*{k}" for k, w in sorted(self.weights.items()))
+
+    # -- the three stages ----------------------------------------------------------------
+    def prepare(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
+                saliency: Sequence[np.ndarray] | None = None) -> Prepared:
+        from cropper_engine.models.saliency import spectral_residual_saliency
+
+        tens, units, sizes, feats = [], [], [], []
+        for i, (img, bxs) in enumerate(zip(images, boxes, strict=True)):
+            w, h = img.size
+            sizes.append((w, h))
+            u = np.array([b.to_unit(w, h) for b in bxs], dtype=np.float64).reshape(-1, 4)
+            units.append(u)
+            if "classical" in self.weights:
+                sal = saliency[i] if saliency is not None else spectral_residual_saliency(
+                    np.asarray(img.convert("L").resize(_small(w, h)), dtype=np.float32), self.saliency_size)
+                feats.append(box_features(SaliencyTable.from_map(sal), u, w / h))
+            else:
+                feats.append(np.zeros((len(u), len(FEATURE_NAMES))))
+            if self.embedder is not None:
+                import torch
+
+                side = CANVAS_FACTOR * self.embedder.input_size
+                canvas = img.resize((side, side), _bilinear()) if max(w, h) > 4 * side else img
+                tens.append(torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return Prepared(tens, units, sizes, feats)
+
+    def forward(self, prep: Prepared) -> dict[str, Any]:
+        if self.embedder is None or not any(len(u) for u in prep.boxes_unit):
+            return {}
+        import torch
+
+        emb = self.embedder
+        dev = emb.device
+        side = CANVAS_FACTOR * emb.input_size
+        with torch.inference_mode():
+            canvases = torch.stack([
+                torch.nn.functional.interpolate(t.to(dev)[None].float() / 255.0, size=(side, side),
+                                                mode="bilinear", antialias=True, align_corners=False)[0]
+                for t in prep.images
+            ])
+            boxes, index = [], []
+            for i, u in enumerate(prep.boxes_unit):
+                boxes.append(torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32))  # full image
+                boxes.append(torch.as_tensor(u, dtype=torch.float32))
+                index.extend([i] * (len(u) + 1))
+            bt = torch.cat(boxes).to(dev)
+            it = torch.tensor(index, device=dev)
+            pixels = cut_and_resize(canvases, bt, it, emb.input_size)
+            vecs = emb.encode_pixels(pixels)
+            out = {"emb": vecs, "index": it}
+            if self.aesthetic is not None:
+                out["aesthetic_raw"] = self.aesthetic(vecs)
+        return out
+
+    def finish(self, prep: Prepared, out: dict[str, Any]) -> ScoreOutput:
+        totals, comps = [], []
+        emb = out["emb"].float().cpu().numpy() if out else None
+        aes = out["aesthetic_raw"].float().cpu().numpy() if out and "aesthetic_raw" in out else None
+        pos = 0
+        for u, f in zip(prep.boxes_unit, prep.features, strict=True):
+            m = len(u)
+            c: dict[str, np.ndarray] = {"area": (u[:, 2] - u[:, 0]) * (u[:, 3] - u[:, 1])}
+            if "classical" in self.weights:
+                c["classical"] = self.classical.score(f) if m else np.zeros(0)
+            if emb is not None:
+                full, crops = emb[pos], emb[pos + 1:pos + 1 + m]
+                c["clip"] = np.clip(crops @ full, 0.0, 1.0)
+                if aes is not None:
+                    c["aesthetic"] = AestheticHead.to_unit(aes[pos + 1:pos + 1 + m])
+                pos += m + 1
+            wsum = sum(self.weights.values()) or 1.0
+            total = sum(self.weights[k] * c[k] for k in self.weights if k in c) / wsum
+            totals.append(np.asarray(total, dtype=np.float64).reshape(m))
+            comps.append(c)
+        return ScoreOutput(totals, comps)
+
+    def score(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
+              saliency: Sequence[np.ndarray] | None = None) -> ScoreOutput:
+        prep = self.prepare(images, boxes, saliency)
+        return self.finish(prep, self.forward(prep))
+
+
+def _small(w: int, h: int, side: int = 160) -> tuple[int, int]:
+    s = side / max(w, h)
+    return max(8, round(w * s)), max(8, round(h * s))
+
+
+def _bilinear() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.BILINEAR

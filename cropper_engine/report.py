@@ -1,0 +1,110 @@
+"""An HTML contact sheet: each original with its candidates per round and the chosen crop.
+
+Thumbnails are written next to the page; boxes are drawn as SVG over them, so the page is
+light and needs no script. Pages hold `per_page` images each.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+ROUND_COLOURS = ["#3b82f6", "#f59e0b", "#a855f7", "#14b8a6", "#ec4899"]
+CHOSEN = "#ef4444"
+SUBJECT = "#22c55e"
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;background:#111;color:#eee}
+h1{font-weight:600;font-size:20px} .legend span{margin-right:14px}
+.grid{display:flex;flex-wrap:wrap;gap:18px}
+.card{background:#1c1c1c;border-radius:8px;padding:10px;width:min(100%%,%(w)spx)}
+.pair{display:flex;gap:8px;align-items:flex-start}
+.orig{position:relative;line-height:0} .orig svg{position:absolute;left:0;top:0}
+.crop img{max-width:%(cw)spx;max-height:%(ch)spx;border:2px solid %(chosen)s}
+.meta{font-size:12px;color:#bbb;margin-top:6px;line-height:1.4;word-break:break-all}
+.sw{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
+"""
+
+
+class HtmlReport:
+    def __init__(self, out_dir: str | Path, title: str = "cropper-engine report", thumb: int = 420,
+                 per_page: int = 200) -> None:
+        self.dir = Path(out_dir)
+        (self.dir / "thumbs").mkdir(parents=True, exist_ok=True)
+        self.title, self.thumb, self.per_page = title, thumb, per_page
+        self.cards: list[str] = []
+        self.pages: list[Path] = []
+        self.n = 0
+
+    def add(self, row: dict[str, Any], image: Any) -> None:
+        """One result row (a results.jsonl line) and its original image (PIL)."""
+        self.n += 1
+        w, h = image.size
+        s = min(1.0, self.thumb / max(w, h))
+        tw, th = max(1, round(w * s)), max(1, round(h * s))
+        name = f"{self.n:06d}"
+        thumb = image.copy()
+        thumb.thumbnail((tw, th))
+        thumb.save(self.dir / "thumbs" / f"{name}.jpg", quality=85)
+        x1, y1, x2, y2 = row["box"]
+        crop = image.crop((x1, y1, x2, y2))
+        crop.thumbnail((self.thumb // 2, self.thumb // 2))
+        crop.save(self.dir / "thumbs" / f"{name}-crop.jpg", quality=85)
+
+        shapes = []
+        for c in row.get("candidates", []):
+            cx1, cy1, cx2, cy2 = c["box"]
+            col = ROUND_COLOURS[c.get("round", 0) % len(ROUND_COLOURS)]
+            shapes.append(f'<rect x="{cx1 * s:.1f}" y="{cy1 * s:.1f}" width="{(cx2 - cx1) * s:.1f}" '
+                          f'height="{(cy2 - cy1) * s:.1f}" fill="none" stroke="{col}" stroke-width="1" '
+                          f'stroke-opacity="0.7"><title>round {c.get("round", 0)} {c.get("source", "")} '
+                          f'score {c.get("score", 0):.3f}</title></rect>')
+        subj = row.get("subject_box")
+        if subj:
+            sx1, sy1, sx2, sy2 = subj
+            shapes.append(f'<rect x="{sx1 * s:.1f}" y="{sy1 * s:.1f}" width="{(sx2 - sx1) * s:.1f}" '
+                          f'height="{(sy2 - sy1) * s:.1f}" fill="{SUBJECT}" fill-opacity="0.15" '
+                          f'stroke="{SUBJECT}" stroke-dasharray="4 3" stroke-width="1.5"/>')
+        for px, py in row.get("focal_points", []) or []:
+            shapes.append(f'<circle cx="{px * s:.1f}" cy="{py * s:.1f}" r="5" fill="{SUBJECT}"/>')
+        shapes.append(f'<rect x="{x1 * s:.1f}" y="{y1 * s:.1f}" width="{(x2 - x1) * s:.1f}" '
+                      f'height="{(y2 - y1) * s:.1f}" fill="none" stroke="{CHOSEN}" stroke-width="3"/>')
+        meta = (f'{html.escape(Path(row["image"]).name)} · {row["task"]}'
+                f'{" " + html.escape(str(row["ratio"])) if row.get("ratio") else ""} · '
+                f'pipeline <b>{html.escape(row["pipeline"])}</b> · score {row["score"]:.3f} · '
+                f'box {row["box"]} · {len(row.get("candidates", []))} candidates')
+        if row.get("notes"):
+            meta += "<br>" + "<br>".join(html.escape(n) for n in row["notes"][:4])
+        self.cards.append(
+            f'<div class="card"><div class="pair"><div class="orig"><img src="thumbs/{name}.jpg" '
+            f'width="{tw}" height="{th}"><svg width="{tw}" height="{th}">{"".join(shapes)}</svg></div>'
+            f'<div class="crop"><img src="thumbs/{name}-crop.jpg"></div></div>'
+            f'<div class="meta">{meta}</div></div>')
+        if len(self.cards) >= self.per_page:
+            self._write_page()
+
+    def _write_page(self) -> None:
+        page = self.dir / ("index.html" if not self.pages else f"page{len(self.pages) + 1}.html")
+        self.pages.append(page)
+        legend = "".join(f'<span><i class="sw" style="background:{c}"></i>round {i}</span>'
+                         for i, c in enumerate(ROUND_COLOURS[:3]))
+        legend += (f'<span><i class="sw" style="background:{CHOSEN}"></i>chosen</span>'
+                   f'<span><i class="sw" style="background:{SUBJECT}"></i>subject</span>')
+        css = _CSS % {"w": self.thumb * 3 // 2 + 40, "cw": self.thumb // 2, "ch": self.thumb // 2,
+                      "chosen": CHOSEN}
+        nxt = f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>'
+        page.write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{css}</style></head><body><h1>{html.escape(self.title)}</h1>"
+            f"<div class='legend'>{legend}</div><div class='grid'>{''.join(self.cards)}</div>"
+            f"{{NEXT}}</body></html>".replace("{NEXT}", nxt))
+        self.cards = []
+
+    def close(self) -> Path:
+        if self.cards or not self.pages:
+            self._write_page()
+        last = self.pages[-1]
+        text = last.read_text()
+        last.write_text(text.replace(f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>', ""))
+        return self.pages[0]
