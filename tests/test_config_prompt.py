@@ -25,13 +25,13 @@ def test_precedence_defaults_file_env_flags(tmp_path):
 def test_bad_config_values_named(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[vlm]\ncandidatez = 4\n")
-    with pytest.raises(ConfigError, match="candidatez.*valid keys"):
+    with pytest.raises(ConfigError, match=r"candidatez.*valid keys"):
         load_config(f, env={})
     with pytest.raises(ConfigError, match="not a valid int"):
         load_config(env={"CROPPER_VLM_CANDIDATES": "six"})
     with pytest.raises(ConfigError, match="must be positive"):
         load_config(env={}, overrides={"vlm.candidates": 0})
-    with pytest.raises(ConfigError, match="final.*best"):
+    with pytest.raises(ConfigError, match=r"final.*best"):
         load_config(env={}, overrides={"loop.select_free": "worst"})
     f.write_text("[vlm\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

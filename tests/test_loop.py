@@ -73,7 +73,7 @@ def test_three_tasks_on_tiny_vlm_every_row_vlm(photos, tiny_clip, example_index,
     assert len(rows) == 4
     assert all(r.pipeline == "vlm" for r in rows), [(r.pipeline, r.notes) for r in rows]
     for r in rows:
-        assert r.box.is_valid() and 0 <= r.box.x1 and r.box.x2 <= r.width and r.box.y2 <= r.height
+        assert r.box.is_valid() and r.box.x1 >= 0 and r.box.x2 <= r.width and r.box.y2 <= r.height
         assert {c.round for c in r.candidates} == {0, 1, 2}  # L=2 refinement rounds ran
         assert r.extra["tokens"]["generated"] > 0 and r.extra["tokens"]["prompt"] > 0
         assert set(r.timings) >= {"decode", "embed", "retrieve", "generate", "score", "total"}
