@@ -68,6 +68,7 @@ class LoopConfig:
     select_subject: str = "final"
     select_ratio: str = "best"
     nms_iou: float = 0.9  # duplicate suppression among candidates
+    min_side: float = 0.1  # candidates narrower or shorter than this share of the image are dropped
     retries: int = 1  # extra VLM attempts before the non-VLM fallback
 
 

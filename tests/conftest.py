@@ -45,6 +45,10 @@ def photos(tmp_path_factory) -> list[Path]:
     return write_samples(tmp_path_factory.mktemp("photos"))
 
 
-def fcdb_dir() -> Path | None:
+@pytest.fixture
+def fcdb() -> Path:
+    """../shared/data/fcdb (the tests that read real data skip without it)."""
     d = SHARED_DATA / "fcdb"
-    return d if (d / "val.jsonl").exists() else None
+    if not (d / "val.jsonl").exists():
+        pytest.skip("FCDB data not present")
+    return d

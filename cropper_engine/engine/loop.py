@@ -267,7 +267,8 @@ class Cropper:
         """Apply the task's hard constraints: exact ratio, subject inside."""
         w, h = job.size
         box = box.clamp(w, h)
-        if not box.is_valid() or box.width < 2 or box.height < 2:
+        min_side = self.cfg.loop.min_side
+        if not box.is_valid() or box.width < max(2.0, min_side * w) or box.height < max(2.0, min_side * h):
             return None
         ratio = job.ratio.value if job.ratio else None
         if ratio:

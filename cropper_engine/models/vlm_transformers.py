@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,15 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
     return Path(found).parent
 
 
-def _conversation_to_chat(conversation: Conversation) -> tuple[list[dict[str, Any]], list[Any]]:
+def _conversation_to_chat(conversation: Conversation,
+                          fit: Any = None) -> tuple[list[dict[str, Any]], list[Any]]:
     messages, images = [], []
     for msg in conversation:
         content: list[dict[str, Any]] = []
         for part in msg.content:
             if isinstance(part, ImagePart):
                 content.append({"type": "image"})
-                images.append(part.image)
+                images.append(fit(part) if fit else part.image)
             elif isinstance(part, str):
                 content.append({"type": "text", "text": part})
             else:
@@ -135,6 +137,29 @@ class TransformersVLM:
             pad = gen.pad_token_id if gen.pad_token_id is not None else self.eos_token_ids[0]
             self.tokenizer.pad_token_id = pad
         self.pad_token_id = int(pad)
+        self.longest_edge = _longest_edge(self.processor)
+        self._fitted: OrderedDict[str, Any] = OrderedDict()
+
+    def _fit(self, part: ImagePart) -> Any:
+        """The image shrunk (PIL, once per recurring uuid) to the processor's longest edge, so the
+        processor's own resize has nothing left to do on large photos."""
+        img = part.image
+        edge = self.longest_edge
+        if not edge or max(img.size) <= edge:
+            return img
+        if part.uuid and part.uuid in self._fitted:
+            self._fitted.move_to_end(part.uuid)
+            return self._fitted[part.uuid]
+        from PIL import Image
+
+        s = edge / max(img.size)
+        out = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
+                         Image.Resampling.BILINEAR, reducing_gap=2.0)
+        if part.uuid:
+            self._fitted[part.uuid] = out
+            if len(self._fitted) > 512:
+                self._fitted.popitem(last=False)
+        return out
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -151,7 +176,7 @@ class TransformersVLM:
     # --- prompts ----------------------------------------------------------------------
     def render(self, conversation: Conversation) -> tuple[str, list[Any]]:
         """The prompt text (chat template applied, generation prompt added) and its images in order."""
-        messages, images = _conversation_to_chat(conversation)
+        messages, images = _conversation_to_chat(conversation, self._fit)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, images
 
@@ -292,6 +317,15 @@ class TransformersVLM:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size}
+
+
+def _longest_edge(processor: Any) -> int | None:
+    size = getattr(getattr(processor, "image_processor", None), "size", None)
+    if isinstance(size, dict):
+        edge = size.get("longest_edge")
+    else:
+        edge = getattr(size, "longest_edge", None)
+    return int(edge) if edge else None
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -1,0 +1,183 @@
+"""The command line as users drive it: crop, eval, index, models; bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cropper_engine.cli import main
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_help_is_instant_and_light():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import sys; from cropper_engine.cli import main; "
+                          "main(['--help'], standalone_mode=False); "
+                          "print('HEAVY', [m for m in ('torch', 'transformers', 'open_clip', 'vllm', 'hnswlib') "
+                          "if m in sys.modules])"], capture_output=True, text=True, check=True)
+    assert time.perf_counter() - t0 < 5  # the import itself is checked by the module list below
+    assert "HEAVY []" in out.stdout
+    assert "crop" in out.stdout and "index" in out.stdout and "eval" in out.stdout
+
+
+def test_crop_default_pipeline_writes_everything(photos, tmp_path):
+    out = tmp_path / "out"
+    res = run("crop", *photos[:2], "--ratio", "1:1,16:9", "--out", out, "--size", "200x200", "--report")
+    assert "no-vlm" in res.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["ratio"] for r in rows} == {"1:1", "16:9"}
+    for r in rows:
+        assert r["pipeline"] == "no-vlm" and r["task"] == "ratio"
+        assert set(r) >= {"image", "box", "score", "task", "ratio", "pipeline", "candidates", "timings"}
+        img = Image.open(r["output"])
+        assert max(img.size) <= 200  # --size fits, never upscales
+        assert abs(img.width / img.height - (1 if r["ratio"] == "1:1" else 16 / 9)) < 0.03
+    assert len({r["output"] for r in rows}) == 4
+    html = (out / "report" / "index.html").read_text()
+    assert html.count('class="card"') == 4 and "<svg" in html
+
+
+def test_crop_json_stdout_and_resume(photos, tmp_path):
+    out = tmp_path / "o"
+    res = run("crop", photos[0], "--json", "--out", out)
+    line = [ln for ln in res.output.splitlines() if ln.startswith("{")][0]
+    assert json.loads(line)["pipeline"] == "no-vlm"
+    again = run("crop", photos[0], "--out", out, ok=False)
+    assert again.exit_code != 0 and "--resume" in again.output
+    res = run("crop", photos[0], photos[1], "--out", out, "--resume")
+    assert "1 skipped" in res.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_crop_bad_files_do_not_stop_the_others(photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(photos[0]).read_bytes()[:300])  # truncated
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    res = run("crop", photos[1], broken, text, tmp_path / "missing.jpg", "--out", tmp_path / "o", ok=False)
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    assert "broken.jpg" in res.output and "notes.png" in res.output and "missing.jpg" in res.output
+    rows = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and Path(photos[1]).name in rows[0]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--ratio", "0:5"], "positive"),
+    (["--ratio", "abc"], "W:H"),
+    (["--task", "ratio"], "--ratio"),
+    (["--task", "subject"], "--mask"),
+    (["--size", "big"], "WxH"),
+    (["--report"], "--out"),
+])
+def test_crop_refuses_bad_options_before_work(photos, args, msg):
+    res = run("crop", photos[0], *args, ok=False)
+    assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output
+
+
+def test_crop_subject_mask_checked_before_work(photos, tmp_path):
+    w, h = Image.open(photos[0]).size
+    small = tmp_path / "small.png"
+    Image.new("L", (10, 10), 255).save(small)
+    res = run("crop", photos[0], "--mask", small, ok=False)
+    assert "10x10" in res.output and f"{w}x{h}" in res.output
+    empty = tmp_path / "empty.png"
+    Image.new("L", (w, h), 0).save(empty)
+    assert "empty" in run("crop", photos[0], "--mask", empty, ok=False).output
+    good = tmp_path / "good.png"
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4: h // 2, w // 4: w // 2] = 255
+    Image.fromarray(m).save(good)
+    res = run("crop", photos[0], "--mask", good, "--json")
+    row = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][0])
+    x1, y1, x2, y2 = row["box"]
+    assert row["task"] == "subject" and x1 <= w // 4 and y1 <= h // 4 and x2 >= w // 2 and y2 >= h // 2
+
+
+def test_crop_never_overwrites_inputs_or_collides(tmp_path, photos):
+    a = tmp_path / "in" / "a"
+    b = tmp_path / "in" / "b"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    Image.open(photos[0]).save(a / "x.jpg")
+    Image.open(photos[1]).save(b / "x.jpg")
+    run("crop", a / "x.jpg", b / "x.jpg", "--out", tmp_path / "in")
+    outs = [json.loads(x)["output"] for x in (tmp_path / "in" / "results.jsonl").read_text().splitlines()]
+    assert len(set(outs)) == 2
+    assert Image.open(a / "x.jpg").size == Image.open(photos[0]).size
+
+
+def test_crop_with_tiny_vlm(photos, tiny_dir, tmp_path):
+    res = run("crop", photos[0], "--vlm", tiny_dir / "idefics2", "--backend", "transformers",
+              "-R", "2", "-L", "1", "--json")
+    row = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][0])
+    assert row["pipeline"] == "vlm"
+    assert "zero-shot" in res.output
+
+
+def test_missing_vlm_explains_how_to_get_it(photos):
+    res = run("crop", photos[0], "--vlm", "mantis-8b-idefics2", ok=False)
+    assert "huggingface-cli download TIGER-Lab/Mantis-8B-Idefics2" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_models_list_and_make_tiny(tmp_path):
+    res = run("models", "list")
+    assert "mantis-8b-idefics2" in res.output and "qwen2.5-vl-7b" in res.output
+    rows = json.loads(run("models", "list", "--json").output)
+    assert any(r["default"] for r in rows) and not any(r["local"] for r in rows)
+    res = run("models", "make-tiny", tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "idefics2" / "config.json").exists()
+    assert (tmp_path / "tiny" / "clip" / "open_clip" / "open_clip_config.json").exists()
+
+
+def test_index_commands_round_trip(photos, tmp_path, tiny_dir):
+    ann = tmp_path / "ann.jsonl"
+    with ann.open("w") as fh:
+        for p in photos:
+            w, h = Image.open(p).size
+            fh.write(json.dumps({"image": str(p), "crops": [[0, 0, w // 2, h // 2]], "scores": [4.0]}) + "\n")
+    emb = f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}"
+    idx = tmp_path / "idx"
+    run("index", "build", "--dataset", "jsonl", "--annotations", ann, "--out", idx, "--embedder", emb)
+    res = run("index", "build", "--dataset", "jsonl", "--annotations", ann, "--out", idx, ok=False)
+    assert "--overwrite" in res.output
+    info = json.loads(run("index", "info", idx, "--json").output)
+    assert info["count"] == len(photos) and info["embedder"]["spec"] == emb
+    hits = json.loads(run("index", "query", idx, photos[0], "-k", "2", "--json").output)
+    assert hits[0]["id"] in (str(photos[0]), photos[0].name) and hits[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    res = run("index", "query", idx, photos[0], "--embedder", "classical", ok=False)
+    assert "classical" in res.output and "open_clip-dir" in res.output
+    # crop with this index: retrieval transfers neighbours' crops
+    out = run("crop", photos[1], "--index", idx, "--json").output
+    row = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][0])
+    assert any(c["source"].startswith("neighbour") for c in row["candidates"])
+
+
+def test_eval_center_on_fcdb_reproduces_literature(fcdb):
+    d = fcdb
+    res = run("eval", "--dataset", "fcdb", "--annotations", d / "val.jsonl", "--method", "center",
+              "--ratio-from-gt", "--json")
+    s = json.loads(res.output.strip().splitlines()[-1])
+    assert s["n"] == 200 and round(s["iou"], 3) == 0.717 and round(s["disp"], 3) == 0.066
+
+
+def test_eval_bad_inputs():
+    res = run("eval", "--dataset", "fcdb", "--annotations", "/nonexistent.jsonl", ok=False)
+    assert "nonexistent" in res.output and "Traceback" not in res.output
+    res = run("eval", "--dataset", "fcdb", "--annotations", "x", "--method", "magic", ok=False)
+    assert res.exit_code != 0
