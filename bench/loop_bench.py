@@ -121,7 +121,8 @@ class NaiveLoop:
             ex = self.index.example(h.row)
             img = open_image(ex.image_path).image  # no cache: a plain loop reloads
             img.thumbnail((1024, 1024))
-            examples.append(PromptExample(img, ex.width, ex.height, select_crops(ex, Task.FREE, cfg.retrieval.crops_free)))
+            sel = select_crops(ex, Task.FREE, cfg.retrieval.crops_free)
+            examples.append(PromptExample(img, ex.width, ex.height, sel))
         t = self._t("retrieve", t)
         w, h = image.size
         spec = PromptSpec(Task.FREE, image, w, h, examples, 1)

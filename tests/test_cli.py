@@ -54,7 +54,7 @@ def test_crop_default_pipeline_writes_everything(photos, tmp_path):
 def test_crop_json_stdout_and_resume(photos, tmp_path):
     out = tmp_path / "o"
     res = run("crop", photos[0], "--json", "--out", out)
-    line = [ln for ln in res.output.splitlines() if ln.startswith("{")][0]
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("{"))
     assert json.loads(line)["pipeline"] == "no-vlm"
     again = run("crop", photos[0], "--out", out, ok=False)
     assert again.exit_code != 0 and "--resume" in again.output
@@ -103,7 +103,7 @@ def test_crop_subject_mask_checked_before_work(photos, tmp_path):
     m[h // 4: h // 2, w // 4: w // 2] = 255
     Image.fromarray(m).save(good)
     res = run("crop", photos[0], "--mask", good, "--json")
-    row = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][0])
+    row = json.loads(next(ln for ln in res.output.splitlines() if ln.startswith("{")))
     x1, y1, x2, y2 = row["box"]
     assert row["task"] == "subject" and x1 <= w // 4 and y1 <= h // 4 and x2 >= w // 2 and y2 >= h // 2
 
@@ -124,7 +124,7 @@ def test_crop_never_overwrites_inputs_or_collides(tmp_path, photos):
 def test_crop_with_tiny_vlm(photos, tiny_dir, tmp_path):
     res = run("crop", photos[0], "--vlm", tiny_dir / "idefics2", "--backend", "transformers",
               "-R", "2", "-L", "1", "--json")
-    row = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][0])
+    row = json.loads(next(ln for ln in res.output.splitlines() if ln.startswith("{")))
     assert row["pipeline"] == "vlm"
     assert "zero-shot" in res.output
 
@@ -164,7 +164,7 @@ def test_index_commands_round_trip(photos, tmp_path, tiny_dir):
     assert "classical" in res.output and "open_clip-dir" in res.output
     # crop with this index: retrieval transfers neighbours' crops
     out = run("crop", photos[1], "--index", idx, "--json").output
-    row = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][0])
+    row = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
     assert any(c["source"].startswith("neighbour") for c in row["candidates"])
 
 
