@@ -28,7 +28,7 @@ class RetrievalConfig:
     crops_free: int = 5  # T for the free-form task (highest MOS first)
     crops_other: int = 1  # T for the subject and ratio tasks
     exact_below: int = 20_000  # exact (brute force) search for indexes smaller than this
-    ef: int = 128  # hnswlib query-time ef
+    ef: int = 0  # hnswlib query-time ef; 0: the value the index was built with
 
 
 @dataclass(frozen=True)

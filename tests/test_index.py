@@ -82,6 +82,15 @@ def test_round_trip(built: tuple[Path, list[Example], FakeEmbedder]) -> None:
     sims = [n.similarity for n in res[0]]
     assert sims == sorted(sims, reverse=True) and len(res[0]) == 4
     assert idx.find("ex7") == 7 and idx.find("nope") is None
+    assert idx.embedder_spec() is None
+
+
+def test_embedder_spec_recorded(tmp_path: Path) -> None:
+    emb = FakeEmbedder()
+    emb.spec = "fake:v1"  # type: ignore[attr-defined]  # what models.embedders sets
+    ExampleIndex.build(_examples(tmp_path, 3), emb, tmp_path / "idx")
+    idx = ExampleIndex.load(tmp_path / "idx", emb)
+    assert idx.embedder_spec() == "fake:v1" and idx.info()["embedder"]["preprocessing"] == {"resize": 2}
 
 
 def test_exact_and_hnsw_agree(built: tuple[Path, list[Example], FakeEmbedder]) -> None:

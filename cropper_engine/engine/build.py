@@ -23,7 +23,7 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
             if spec == "auto":
                 spec = raw.embedder_spec() or spec
             embedder = _embedder(spec, reasons)
-        index = ExampleIndex.load(cfg.index, embedder=embedder, ef=cfg.retrieval.ef,
+        index = ExampleIndex.load(cfg.index, embedder=embedder, ef=cfg.retrieval.ef or None,
                                   exact_below=cfg.retrieval.exact_below)
         reasons["index"] = f"{cfg.index} ({len(index)} examples)"
     if embedder is None:

@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from cropper_engine.config import Config
-from cropper_engine.engine.geometry import dedupe, expand_to_contain, fit_ratio, mask_bbox, mask_center
+from cropper_engine.engine.geometry import (
+    dedupe,
+    expand_to_contain,
+    fit_ratio,
+    mask_bbox,
+    mask_center,
+    shift_inside,
+)
 from cropper_engine.engine.parse import parse_boxes
 from cropper_engine.engine.prompt import (
     PromptExample,
@@ -267,9 +274,13 @@ class Cropper:
         """Apply the task's hard constraints: exact ratio, subject inside."""
         w, h = job.size
         box = box.clamp(w, h)
-        min_side = self.cfg.loop.min_side
-        if not box.is_valid() or box.width < max(2.0, min_side * w) or box.height < max(2.0, min_side * h):
+        if not box.is_valid():
             return None
+        min_w, min_h = max(2.0, self.cfg.loop.min_side * w), max(2.0, self.cfg.loop.min_side * h)
+        if box.width < min_w or box.height < min_h:  # too small to be a crop: grow it about its centre
+            cx, cy = box.center
+            bw, bh = max(box.width, min_w), max(box.height, min_h)
+            box = shift_inside(Box(cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), w, h).clamp(w, h)
         ratio = job.ratio.value if job.ratio else None
         if ratio:
             box = fit_ratio(box, ratio, w, h)

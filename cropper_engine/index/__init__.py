@@ -1,1 +1,1 @@
-"""index subsystem."""
+"""The on-disk example index: hnswlib graph + row-aligned metadata + manifest."""
