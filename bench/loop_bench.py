@@ -215,7 +215,8 @@ def main() -> None:
     else:
         vlm = TransformersVLM(model_dir, device="cpu", batch_size=args.batch)
     engine = Cropper.from_config(cfg, embedder=emb, index=index, vlm=vlm)
-    naive_vlm = vlm if args.backend == "transformers" else TransformersVLM(model_dir, device="cpu")
+    # the naive loop runs transformers as it comes: stock attention, its own generate
+    naive_vlm = TransformersVLM(model_dir, device="cpu", attention="stock")
     naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
     reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]
 

@@ -7,8 +7,9 @@ batch can count and skip a bad image and go on.
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ class LoadedImage:
     icc_profile: bytes | None = None
     source_mode: str = "RGB"
     rotated: bool = False
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this decoded image in caches
 
     @property
     def size(self) -> tuple[int, int]:

@@ -153,15 +153,47 @@ def test_shared_prefill_matches_repeated_prompts(vlm):
     convs = [_conversation(k, seed=20 + k) for k in (2, 1)]
     params = GenerationParams(n=3, max_new_tokens=12, temperature=1.0, seed=11)
     try:
-        vlm.share_prefill = True
+        vlm.sampling = "shared-prefill"
         shared = vlm.generate(convs, params)
-        vlm.share_prefill = False
+        vlm.sampling = "hf"
         repeated = vlm.generate(convs, params)
     finally:
-        vlm.share_prefill = True
+        vlm.sampling = "grouped"
     assert [g.texts for g in shared] == [g.texts for g in repeated]
     assert [g.generated_tokens for g in shared] == [g.generated_tokens for g in repeated]
     assert all(0 < g.generated_tokens <= 3 * 12 for g in shared)
+
+
+def test_grouped_sampling_draws_from_the_model_distribution(vlm):
+    """Grouped sampling is exact: first tokens follow the model's own next-token probabilities."""
+    import torch
+
+    conv = _conversation(2, seed=31)
+    inputs = vlm._inputs([conv])
+    with torch.inference_mode():
+        probs = torch.softmax(vlm.model(**inputs).logits[0, -1].float(), -1).numpy()
+    n = 2000
+    gen = vlm.generate([conv], GenerationParams(n=n, max_new_tokens=1, temperature=1.0, seed=3))[0]
+    ids = [vlm.tokenizer.encode(t, add_special_tokens=False) for t in gen.texts]
+    assert len(gen.texts) == n
+    counts: dict[int, int] = {}
+    for t in ids:
+        if t:
+            counts[t[0]] = counts.get(t[0], 0) + 1
+    top = np.argsort(probs)[::-1][:5]
+    for tok in top:  # each of the 5 likeliest tokens within 4 standard errors of its probability
+        p = probs[tok]
+        assert abs(counts.get(int(tok), 0) / n - p) < 4 * np.sqrt(p * (1 - p) / n) + 2e-3
+
+
+def test_grouped_sampling_decodes_few_rows_at_low_temperature(vlm):
+    conv = _conversation(1, seed=41)
+    params = GenerationParams(n=6, max_new_tokens=40, temperature=0.05, seed=5, grammar=BoxGrammar(1))
+    gen = vlm.generate([conv], params)[0]
+    assert len(gen.texts) == 6 and all(parse_boxes(t.strip(), BoxGrammar(1)) for t in gen.texts)
+    # samples that agree on a prefix share its rows: fewer row-steps than sampled tokens
+    assert vlm.decode_row_steps < gen.generated_tokens
+    assert vlm.generate([conv], params)[0].texts == gen.texts  # seeded
 
 
 def test_text_only_and_mixed_batches(vlm):
@@ -213,3 +245,19 @@ def test_hub_id_in_cache_is_found(idefics2_dir, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     assert resolve_model_dir("acme/tiny-idefics2") == repo / "snapshots" / commit
+
+
+def test_gqa_attention_equals_stock_attention(vlm, idefics2_dir):
+    """The CPU attention that reads grouped K/V in place gives the stock logits exactly."""
+    import torch
+
+    from cropper_engine.models.vlm_transformers import TransformersVLM
+
+    stock = TransformersVLM(idefics2_dir, device="cpu", attention="stock")
+    assert vlm.attention == "cropper_sdpa_gqa" and stock.attention == "stock"
+    convs = [_conversation(k, seed=50 + k) for k in (1, 2, 3)]  # padded batch: masks at every step
+    inputs = vlm._inputs(convs)
+    with torch.inference_mode():
+        assert torch.equal(vlm.model(**inputs).logits, stock.model(**inputs).logits)
+    params = GenerationParams(n=3, max_new_tokens=16, temperature=1.0, seed=9)
+    assert [g.texts for g in vlm.generate(convs, params)] == [g.texts for g in stock.generate(convs, params)]

@@ -322,7 +322,7 @@ class Cropper:
                 cx, cy = mask_center(job.mask)
                 sc = Box(cx, cy, cx, cy).to_norm(w, h)[:2]
             job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples,
-                                  n_boxes, job.ratio, sc)
+                                  n_boxes, job.ratio, sc, query_uuid="q-" + job.image.uid)
         t = tick("prompt", t)
 
         # round 0 with one retry, then the classical fallback for jobs still without boxes

@@ -91,7 +91,7 @@ class TransformersVLM:
     """A VLM backend on transformers' AutoProcessor + AutoModelForImageTextToText."""
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
-                 batch_size: int = 8, share_prefill: bool = True):
+                 batch_size: int = 8, sampling: str = "grouped", attention: str = "auto"):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
@@ -102,7 +102,14 @@ class TransformersVLM:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else str(device)
         self.dtype = self._torch_dtype(dtype)
         self.batch_size = batch_size
-        self.share_prefill = share_prefill
+        if sampling not in SAMPLING_MODES:
+            raise InputError(f"unknown sampling mode {sampling!r}; choose one of: {', '.join(SAMPLING_MODES)}")
+        self.sampling = sampling
+        self.decode_row_steps = 0  # rows x steps of the last grouped decode (a cost figure)
+        self.feature_cache_size = 256
+        self._features: OrderedDict[str, Any] = OrderedDict()
+        self._feature_mode: str | None = None
+        self.image_cache_hits = self.image_cache_misses = 0
         self.path = path
         self.id = f"transformers:{model}"
 
@@ -119,6 +126,11 @@ class TransformersVLM:
         if not self.device.startswith("cuda"):
             self.model.to(self.device)
         self.model.eval()
+        if attention not in ("auto", "stock"):
+            raise InputError(f"unknown attention {attention!r}; choose auto or stock")
+        self.attention = "stock"
+        if attention == "auto" and self.device == "cpu" and _use_gqa_attention(self.model):
+            self.attention = GQA_ATTENTION
         self.load_seconds = time.perf_counter() - t0
 
         self.tokenizer = self.processor.tokenizer
@@ -192,6 +204,80 @@ class TransformersVLM:
             kwargs["images"] = images
         return self.processor(**kwargs)
 
+    def _features_supported(self) -> bool:
+        """Whether image features can be computed apart and fed back (Idefics2 / Idefics3 style)."""
+        if self._feature_mode is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            key = "mm_encoder_outputs" if "mm_encoder_outputs" in params else (
+                "image_hidden_states" if "image_hidden_states" in params else "")
+            ip = getattr(self.processor, "image_processor", None)
+            ok = (key and hasattr(self.model, "get_image_features") and ip is not None
+                  and not getattr(ip, "do_image_splitting", False)
+                  and getattr(self.processor, "image_token", None) is not None)
+            self._feature_mode = key if ok else ""
+        return bool(self._feature_mode)
+
+    def _image_features(self, parts: list[ImagePart]) -> Any:
+        """Pooled image features [n_images, tokens, hidden] in order; recurring images (by uuid)
+        come from an LRU cache, the others go through the vision tower in one batch."""
+        import torch
+
+        todo: dict[int, Any] = {}
+        keys = []
+        for i, part in enumerate(parts):
+            key = part.uuid if part.uuid and part.uuid in self._features else None
+            if key is None:
+                dup = next((j for j, q in todo.items() if part.uuid and q.uuid == part.uuid), None)
+                if dup is None:
+                    todo[i] = part
+                key = ("new", dup if dup is not None else i)
+            keys.append(key)
+        new: dict[int, Any] = {}
+        if todo:
+            order = list(todo)
+            pix = self.processor.image_processor([[self._fit(todo[i])] for i in order], return_tensors="pt")
+            pv = pix["pixel_values"].to(self.device, self.dtype)
+            pam = pix.get("pixel_attention_mask")
+            out = self.model.get_image_features(pv, pam.to(self.device) if pam is not None else None,
+                                                return_dict=True)
+            feats = out.pooler_output
+            for k, i in enumerate(order):
+                new[i] = feats[k]
+                if parts[i].uuid:
+                    self._features[parts[i].uuid] = feats[k]
+                    if len(self._features) > self.feature_cache_size:
+                        self._features.popitem(last=False)
+        rows = []
+        for key in keys:
+            if isinstance(key, tuple):
+                rows.append(new[key[1]])
+            else:
+                self._features.move_to_end(key)
+                rows.append(self._features[key])
+        self.image_cache_hits += sum(1 for k in keys if not isinstance(k, tuple))
+        self.image_cache_misses += len(todo)
+        return torch.stack(rows)
+
+    def _prepare(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
+        """Model inputs: token ids from the processor (text only) plus cached image features."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        texts, parts = [], []
+        for conv in conversations:
+            texts.append(self.render(conv)[0])
+            parts.extend(p for m in conv for p in m.content if isinstance(p, ImagePart))
+        inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        if parts:
+            feats = self._image_features(parts)
+            if self._feature_mode == "mm_encoder_outputs":
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+            else:
+                inputs["image_hidden_states"] = feats
+        return inputs
+
     def count_prompt_tokens(self, conversation: Conversation) -> int:
         return int(self._inputs([conversation])["attention_mask"].sum())
 
@@ -217,11 +303,15 @@ class TransformersVLM:
                         params: GenerationParams) -> list[Generation]:
         import torch
 
-        inputs = self._inputs(conversations).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         sample = params.temperature > 0
         n_run = params.n if sample else 1  # greedy samples are all the same: decode once, copy
+        grouped = self.sampling == "grouped"
+        if grouped and self._features_supported():
+            inputs: Any = self._prepare(conversations)
+        else:
+            inputs = self._inputs(conversations).to(self.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "num_return_sequences": n_run,
@@ -240,23 +330,36 @@ class TransformersVLM:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        new: list[list[int]] | None = None
         with torch.inference_mode():
-            sequences = None
-            if n_run > 1 and self.share_prefill and self._can_share_prefill(inputs):
+            if grouped:
                 try:
-                    sequences = self._generate_shared_prefill(inputs, n_run, kwargs)
-                except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
-                    # A transformers version without cache continuation: repeat the prompts instead.
-                    logger.warning("shared prefill failed (%s); repeating prompts for n samples", e)
-                    self.share_prefill = False
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
+                    new = self._decode_grouped(inputs, params, n_run)
+                except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
+                    logger.warning("grouped sampling failed (%s); using transformers' generate", e)
+                    self.sampling = "shared-prefill"
                     kwargs = self._fresh_kwargs(kwargs)
-            if sequences is None:
-                sequences = self.model.generate(**inputs, **kwargs)
+                    inputs = self._inputs(conversations).to(self.device)
+                    if "pixel_values" in inputs:
+                        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            if new is None:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                sequences = None
+                if n_run > 1 and self.sampling == "shared-prefill" and self._can_share_prefill(inputs):
+                    try:
+                        sequences = self._generate_shared_prefill(inputs, n_run, kwargs)
+                    except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
+                        # A transformers version without cache continuation: repeat the prompts instead.
+                        logger.warning("shared prefill failed (%s); repeating prompts for n samples", e)
+                        self.sampling = "hf"
+                        if params.seed is not None:
+                            torch.manual_seed(params.seed)
+                        kwargs = self._fresh_kwargs(kwargs)
+                if sequences is None:
+                    sequences = self.model.generate(**inputs, **kwargs)
+                new = sequences[:, inputs["input_ids"].shape[1]:].tolist()
 
-        prompt_len = inputs["input_ids"].shape[1]
-        new = sequences[:, prompt_len:].tolist()
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         eos = set(self.eos_token_ids)
         results = []
@@ -314,9 +417,150 @@ class TransformersVLM:
                                    attention_mask=torch.repeat_interleave(mask, n, dim=0),
                                    past_key_values=cache, num_return_sequences=1, **rest)
 
+    def _decode_grouped(self, inputs: Any, params: GenerationParams, n: int) -> list[list[int]]:
+        """n samples per prompt, decoding each distinct partial answer once.
+
+        Samples that share a prefix share its next-token distribution, so one row per distinct
+        prefix, drawing as many tokens (with replacement) as samples it carries, gives exactly
+        n independent samples. At the low temperatures the loop uses, the n samples mostly agree:
+        a prompt decodes in one or two rows instead of n, and its prompt's KV cache is never
+        copied n times. Rows are re-indexed (`reorder_cache`) only when samples diverge.
+        Returns n token lists per prompt (prompt-major), each ending at EOS or the token limit.
+        """
+        import torch
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **extra)
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        del out
+        eos = set(self.eos_token_ids)
+        compiled = None
+        if params.grammar is not None:
+            from cropper_engine.engine.grammar import compile_constraint
+
+            compiled = compile_constraint(self.tokenizer, params.grammar, self.eos_token_ids)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(params.seed or 0))
+        b = ids.shape[0]
+        # one entry per live row: (prompt, tokens so far, samples carried, grammar state)
+        rows: list[tuple[int, list[int], int, Any]] = [
+            (i, [], n, params.grammar.start() if params.grammar is not None else None) for i in range(b)]
+        done: list[list[list[int]]] = [[] for _ in range(b)]
+        row_mask = mask
+        row_pos = positions[:, -1]
+        self.decode_row_steps = 0
+        for step in range(params.max_new_tokens):
+            self.decode_row_steps += len(rows)
+            scores = logits / float(params.temperature) if params.temperature > 0 else logits
+            if compiled is not None:
+                keys = [-1 if st is None else st for _, _, _, st in rows]
+                masks = {k: compiled.mask(k, scores.shape[-1], scores) for k in set(keys)}
+                scores = scores + torch.stack([masks[k] for k in keys])
+            probs = torch.softmax(scores, dim=-1)
+            if params.top_p < 1.0:
+                probs = _top_p(probs, params.top_p)
+            last = step == params.max_new_tokens - 1
+            most = max(count for _, _, count, _ in rows)
+            # one draw for all rows; a row carrying c samples uses its first c draws
+            if params.temperature > 0:
+                drawn_all = torch.multinomial(probs.cpu(), most, replacement=True, generator=gen).tolist()
+            else:  # greedy: every sample takes the argmax
+                drawn_all = [[t] * most for t in probs.argmax(-1).tolist()]
+            parents, tokens, nxt = [], [], []
+            for r, (prompt, toks, count, state) in enumerate(rows):
+                drawn = drawn_all[r][:count]
+                for tok in sorted(set(drawn)):
+                    c = drawn.count(tok)
+                    seq = [*toks, tok]
+                    if tok in eos or last or (params.stop and self._hits_stop(seq, params.stop)):
+                        done[prompt].extend([seq] * c)
+                        continue
+                    st = compiled.allowed(state)[1].get(tok) if compiled is not None and state is not None else state
+                    parents.append(r)
+                    tokens.append(tok)
+                    nxt.append((prompt, seq, c, st))
+            if not nxt:
+                break
+            idx = torch.tensor(parents, device=ids.device)
+            if len(parents) != len(rows) or parents != list(range(len(rows))):
+                cache.reorder_cache(idx)
+                row_mask = row_mask.index_select(0, idx)
+                row_pos = row_pos.index_select(0, idx)
+            rows = nxt
+            row_mask = torch.cat([row_mask, row_mask.new_ones((len(rows), 1))], dim=1)
+            row_pos = row_pos + 1
+            out = self.model(input_ids=torch.tensor(tokens, device=ids.device)[:, None], attention_mask=row_mask,
+                             position_ids=row_pos[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1, :].float()
+        return [seq for per in done for seq in per]
+
+    def _hits_stop(self, seq: list[int], stop: Sequence[str]) -> bool:
+        text = self.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return any(s and s in text for s in stop)
+
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "sampling": self.sampling,
+                "attention": self.attention}
+
+
+SAMPLING_MODES = ("grouped", "shared-prefill", "hf")
+GQA_ATTENTION = "cropper_sdpa_gqa"
+
+
+def _sdpa_gqa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+              scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """SDPA that lets torch read grouped K/V heads in place (enable_gqa) even with a mask.
+
+    transformers' own sdpa path copies K and V once per query group (`repeat_kv`) whenever a mask
+    is present, i.e. at every decode step of a padded batch: on the CPU that copy of the whole KV
+    cache costs more than the attention itself. On CUDA a masked GQA call falls back to the math
+    kernel, so this is used on the CPU only. Anything unusual goes to the stock function.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups <= 1 or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None \
+            or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_gqa_attention(model: Any) -> bool:
+    """Route the model's attention through `_sdpa_gqa` (CPU); False when this transformers can't."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
+        AttentionMaskInterface.register(GQA_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # sdpa's masks
+        model.set_attn_implementation(GQA_ATTENTION)
+        return True
+    except (ImportError, AttributeError, ValueError, TypeError, KeyError) as e:
+        logger.info("keeping the stock attention (%s)", e)
+        return False
+
+
+def _top_p(probs: Any, top_p: float) -> Any:
+    """Nucleus filtering of probability rows (renormalised)."""
+    import torch
+
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p
+    sorted_p = sorted_p * keep
+    out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return out / out.sum(-1, keepdim=True)
 
 
 def _longest_edge(processor: Any) -> int | None:
