@@ -108,6 +108,7 @@ class NaiveLoop:
         import torch
 
         from cropper_engine.engine.grammar import BoxGrammar, TokenConstraint
+        from cropper_engine.models.vlm_transformers import _conversation_to_chat
 
         cfg = self.cfg
         t = time.perf_counter()
@@ -132,7 +133,9 @@ class NaiveLoop:
         best: tuple[float, Box] | None = None
         for r in range(cfg.vlm.rounds + 1):
             conv = build_messages(spec, self.tpl, refine)
-            text, imgs = self.vlm.render(conv)
+            # as a plain loop does: full-resolution PIL images (crops cut out), the processor resizes
+            messages, imgs = _conversation_to_chat(conv)
+            text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             inputs = proc(text=[text], images=[imgs], return_tensors="pt")
             t = self._t("prompt", t)
             torch.manual_seed(cfg.vlm.seed + r)
@@ -162,7 +165,7 @@ class NaiveLoop:
             for s, b in zip(scores, boxes, strict=True):
                 if best is None or s > best[0]:
                     best = (s, b)
-            refine = [(image.crop(tuple(b.as_int())), b, s, None) for s, b in
+            refine = [(b, s, None) for s, b in
                       sorted(zip(scores, boxes, strict=True), key=lambda p: -p[0])[: cfg.vlm.candidates]]
         return best[1] if best else Box.full(w, h)
 

@@ -59,13 +59,14 @@ def test_prompt_layout_and_shared_prefix():
             assert first[i + 1].startswith("\n")
     # the example's boxes in 1..1000: (0,0,320,240) of 640x480 -> (1, 1, 500, 500)
     assert "(4.5, 1, 1, 500, 500), (5, 101, 101, 1000, 1000)" in first[2]
-    crop = Image.new("RGB", (10, 10))
-    refined = build_messages(spec, load_templates(None), [(crop, Box(0, 0, 400, 300), 0.71234, 4.0)])[0].content
+    refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.71234, 4.0)])[0].content
     # everything of round 0 but its last text is a prefix of the refinement prompt
     assert refined[: len(first) - 1] == first[:-1]
     assert refined[len(first) - 1].startswith(first[-1])
     assert "(4, 1, 1, 500, 500), Score is 0.712" in refined[-1]
     assert refined[-1].rstrip().endswith("(s, x1, y1, x2, y2).")
+    crop = [p for p in refined if isinstance(p, ImagePart)][-1]
+    assert crop.box == (0, 0, 400, 300) and crop.pil().size == (400, 300) and crop.size == (400, 300)
 
 
 def test_prompt_tasks_and_zero_shot():

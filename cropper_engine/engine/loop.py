@@ -354,7 +354,7 @@ class Cropper:
             convs = []
             for job in active:
                 prev = sorted(job.round_candidates(r - 1), key=lambda c: -c.score)[: cfg.candidates]
-                refine = [(job.image.image.crop(tuple(c.box.as_int())), c.box, c.score, c.vlm_score) for c in prev]
+                refine = [(c.box, c.score, c.vlm_score) for c in prev]
                 convs.append(build_messages(job.spec, self.templates, refine))  # type: ignore[arg-type]
             t = tick("prompt", t)
             gens = self._generate(convs, params, r + 10, active)

@@ -120,8 +120,9 @@ def _fill(template: str, **kw: Any) -> str:
 
 
 def build_messages(spec: PromptSpec, tpl: PromptTemplates,
-                   refinement: list[tuple[Any, Box, float, float | None]] | None = None) -> list[Message]:
-    """The conversation for one round; `refinement` = [(crop image, box px, score, s), ...]."""
+                   refinement: list[tuple[Box, float, float | None]] | None = None) -> list[Message]:
+    """The conversation for one round; `refinement` = [(box px, score, s), ...]: each candidate
+    is shown as its region of the query image, then its box and score."""
     task = spec.task.value
     ratio = str(spec.ratio) if spec.ratio else ""
     cx, cy = spec.subject_center_norm or (500, 500)
@@ -137,8 +138,8 @@ def build_messages(spec: PromptSpec, tpl: PromptTemplates,
     parts.append(_fill(getattr(tpl, f"query_{task}"), n=spec.n_boxes, ratio=ratio, cx=cx, cy=cy))
     if refinement:
         parts.append(tpl.refine_intro)
-        for crop_img, box, score, s in refinement:
-            parts.append(ImagePart(crop_img))
+        for box, score, s in refinement:
+            parts.append(ImagePart(spec.query_image, None, tuple(box.as_int())))
             parts.append(_fill(tpl.refine_candidate, box=fmt_box(box.to_norm(spec.width, spec.height), s),
                                score=f"{score:.3f}"))
         parts.append(tpl.refine_ask)

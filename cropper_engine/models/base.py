@@ -45,10 +45,26 @@ class TensorEmbedder(Embedder, Protocol):
 
 @dataclass
 class ImagePart:
-    """An image inside a conversation; `uuid` is stable for images that recur (examples)."""
+    """An image inside a conversation; `uuid` is stable for images that recur (examples).
+
+    With `box` (pixels x1, y1, x2, y2) the part is that region of `image`: backends cut and
+    resize it in one step instead of copying the crop at full resolution first.
+    """
 
     image: Any  # PIL.Image.Image
     uuid: str | None = None
+    box: tuple[int, int, int, int] | None = None
+
+    def pil(self) -> Any:
+        """The image as PIL, the region cut out."""
+        return self.image if self.box is None else self.image.crop(self.box)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        if self.box is None:
+            return self.image.size
+        x1, y1, x2, y2 = self.box
+        return (x2 - x1, y2 - y1)
 
 
 @dataclass

@@ -7,11 +7,14 @@ to its `params.n` sample rows; `params.grammar` (a BoxGrammar) constrains decodi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +79,7 @@ def _conversation_to_chat(conversation: Conversation,
         for part in msg.content:
             if isinstance(part, ImagePart):
                 content.append({"type": "image"})
-                images.append(fit(part) if fit else part.image)
+                images.append(fit(part) if fit else part.pil())
             elif isinstance(part, str):
                 content.append({"type": "text", "text": part})
             else:
@@ -91,7 +94,8 @@ class TransformersVLM:
     """A VLM backend on transformers' AutoProcessor + AutoModelForImageTextToText."""
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
-                 batch_size: int = 8, sampling: str = "grouped", attention: str = "auto"):
+                 batch_size: int = 8, sampling: str = "grouped", attention: str = "auto",
+                 prefix_cache: bool = True):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
@@ -110,6 +114,8 @@ class TransformersVLM:
         self._features: OrderedDict[str, Any] = OrderedDict()
         self._feature_mode: str | None = None
         self.image_cache_hits = self.image_cache_misses = 0
+        self.prefix_store: PrefixStore | None = PrefixStore() if prefix_cache else None
+        self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.path = path
         self.id = f"transformers:{model}"
 
@@ -151,27 +157,47 @@ class TransformersVLM:
         self.pad_token_id = int(pad)
         self.longest_edge = _longest_edge(self.processor)
         self._fitted: OrderedDict[str, Any] = OrderedDict()
+        self._proxies: OrderedDict[int, tuple[Any, Any, float]] = OrderedDict()
 
     def _fit(self, part: ImagePart) -> Any:
-        """The image shrunk (PIL, once per recurring uuid) to the processor's longest edge, so the
-        processor's own resize has nothing left to do on large photos."""
-        img = part.image
+        """The image (or its region) shrunk with PIL, once per recurring uuid, to the processor's
+        longest edge, so the processor's own resize has nothing left to do on large photos."""
         edge = self.longest_edge
-        if not edge or max(img.size) <= edge:
-            return img
+        w, h = part.size
+        if not edge or max(w, h) <= edge:
+            return part.pil()
         if part.uuid and part.uuid in self._fitted:
             self._fitted.move_to_end(part.uuid)
             return self._fitted[part.uuid]
         from PIL import Image
 
-        s = edge / max(img.size)
-        out = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))),
-                         Image.Resampling.BILINEAR, reducing_gap=2.0)
+        s = edge / max(w, h)
+        src, box = part.image, part.box
+        if box is not None:  # a region: cut it from a proxy at twice the model's resolution
+            src, f = self._proxy(part.image)
+            box = tuple(v * f for v in box)
+        out = src.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR,
+                         box=box, reducing_gap=2.0)
         if part.uuid:
             self._fitted[part.uuid] = out
             if len(self._fitted) > 512:
                 self._fitted.popitem(last=False)
         return out
+
+    def _proxy(self, image: Any) -> tuple[Any, float]:
+        """The image shrunk to twice the processor's longest edge (once per image), and the scale."""
+        key = id(image)
+        hit = self._proxies.get(key)
+        if hit is not None and hit[0] is image:
+            return hit[1], hit[2]
+        edge = 2 * (self.longest_edge or max(image.size))
+        f = min(1.0, edge / max(image.size))
+        proxy = image if f >= 1.0 else image.resize(
+            (max(1, round(image.width * f)), max(1, round(image.height * f))), reducing_gap=2.0)
+        self._proxies[key] = (image, proxy, f)
+        if len(self._proxies) > 64:
+            self._proxies.popitem(last=False)
+        return proxy, f
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -261,22 +287,32 @@ class TransformersVLM:
         return torch.stack(rows)
 
     def _prepare(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
-        """Model inputs: token ids from the processor (text only) plus cached image features."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        """Model inputs: token ids from the processor (text only) plus cached image features.
 
-        texts, parts = [], []
+        Private keys: "_feats" (all images' features, row-major) and "_counts" (images per row).
+        """
+        texts, parts, counts, uuids = [], [], [], []
         for conv in conversations:
             texts.append(self.render(conv)[0])
-            parts.extend(p for m in conv for p in m.content if isinstance(p, ImagePart))
+            row = [p for m in conv for p in m.content if isinstance(p, ImagePart)]
+            parts.extend(row)
+            counts.append(len(row))
+            uuids.append([p.uuid for p in row])
         inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        if parts:
-            feats = self._image_features(parts)
-            if self._feature_mode == "mm_encoder_outputs":
-                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
-            else:
-                inputs["image_hidden_states"] = feats
+        inputs["_feats"] = self._image_features(parts) if parts else None
+        inputs["_counts"] = counts
+        inputs["_uuids"] = uuids
         return inputs
+
+    def _feature_kwargs(self, feats: Any) -> dict[str, Any]:
+        if feats is None or len(feats) == 0:
+            return {}
+        if self._feature_mode == "mm_encoder_outputs":
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
+        return {"image_hidden_states": feats}
 
     def count_prompt_tokens(self, conversation: Conversation) -> int:
         return int(self._inputs([conversation])["attention_mask"].sum())
@@ -424,19 +460,17 @@ class TransformersVLM:
         prefix, drawing as many tokens (with replacement) as samples it carries, gives exactly
         n independent samples. At the low temperatures the loop uses, the n samples mostly agree:
         a prompt decodes in one or two rows instead of n, and its prompt's KV cache is never
-        copied n times. Rows are re-indexed (`reorder_cache`) only when samples diverge.
+        copied n times. The KV lives in a preallocated slab (`slab_cache`): a step writes in place,
+        and only rows that split off or finish are moved.
         Returns n token lists per prompt (prompt-major), each ending at EOS or the token limit.
         """
         import torch
 
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **extra)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        del out
+        from cropper_engine.models.slab_cache import move_rows, slab_cache
+
+        ids = inputs["input_ids"]
+        cache, logits, row_mask, row_pos = self._prefill(inputs)
+        cache = slab_cache(cache, ids.shape[0] * n, row_mask.shape[1] + params.max_new_tokens)
         eos = set(self.eos_token_ids)
         compiled = None
         if params.grammar is not None:
@@ -450,8 +484,6 @@ class TransformersVLM:
         rows: list[tuple[int, list[int], int, Any]] = [
             (i, [], n, params.grammar.start() if params.grammar is not None else None) for i in range(b)]
         done: list[list[list[int]]] = [[] for _ in range(b)]
-        row_mask = mask
-        row_pos = positions[:, -1]
         self.decode_row_steps = 0
         for step in range(params.max_new_tokens):
             self.decode_row_steps += len(rows)
@@ -470,7 +502,8 @@ class TransformersVLM:
                 drawn_all = torch.multinomial(probs.cpu(), most, replacement=True, generator=gen).tolist()
             else:  # greedy: every sample takes the argmax
                 drawn_all = [[t] * most for t in probs.argmax(-1).tolist()]
-            parents, tokens, nxt = [], [], []
+            kept: list[Any] = [None] * len(rows)  # slot r keeps its first continuing group
+            branches: list[tuple[int, Any]] = []  # further groups: (parent slot, row)
             for r, (prompt, toks, count, state) in enumerate(rows):
                 drawn = drawn_all[r][:count]
                 for tok in sorted(set(drawn)):
@@ -480,23 +513,99 @@ class TransformersVLM:
                         done[prompt].extend([seq] * c)
                         continue
                     st = compiled.allowed(state)[1].get(tok) if compiled is not None and state is not None else state
-                    parents.append(r)
-                    tokens.append(tok)
-                    nxt.append((prompt, seq, c, st))
-            if not nxt:
+                    row = (prompt, seq, c, st)
+                    if kept[r] is None:
+                        kept[r] = row
+                    else:
+                        branches.append((r, row))
+            m = sum(k is not None for k in kept) + len(branches)
+            if m == 0:
                 break
-            idx = torch.tensor(parents, device=ids.device)
-            if len(parents) != len(rows) or parents != list(range(len(rows))):
-                cache.reorder_cache(idx)
+            # live rows stay in their slots where they can; the others fill the holes below m
+            order: list[int] = [-1] * m
+            new_rows: list[Any] = [None] * m
+            movers = []
+            for r, row in enumerate(kept):
+                if row is None:
+                    continue
+                if r < m:
+                    order[r], new_rows[r] = r, row
+                else:
+                    movers.append((r, row))
+            movers += branches
+            holes = [i for i in range(m) if order[i] < 0]
+            src, dst = [], []
+            for (r, row), hole in zip(movers, holes, strict=True):
+                order[hole], new_rows[hole] = r, row
+                src.append(r)
+                dst.append(hole)
+            move_rows(cache, src, dst, m)
+            if order != list(range(len(order))) or m != len(rows):
+                idx = torch.tensor(order, device=ids.device)
                 row_mask = row_mask.index_select(0, idx)
                 row_pos = row_pos.index_select(0, idx)
-            rows = nxt
+            rows = new_rows
+            tokens = [row[1][-1] for row in rows]
             row_mask = torch.cat([row_mask, row_mask.new_ones((len(rows), 1))], dim=1)
             row_pos = row_pos + 1
             out = self.model(input_ids=torch.tensor(tokens, device=ids.device)[:, None], attention_mask=row_mask,
                              position_ids=row_pos[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1, :].float()
         return [seq for per in done for seq in per]
+
+    def _prefill(self, inputs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+        """Run the prompts; returns (KV cache, last logits, attention mask, last positions).
+
+        With cached image features, a prompt that extends one seen before (a refinement round
+        extends round 0: instruction, examples and query come first) reuses that prompt's KV
+        for the shared prefix and runs only the rest (`PrefixStore`).
+        """
+        import torch
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        feats, counts, uuids = inputs.get("_feats"), inputs.get("_counts"), inputs.get("_uuids")
+        extra = {k: v for k, v in inputs.items() if not k.startswith("_") and k not in ("input_ids", "attention_mask")}
+        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+        plan = keys = None
+        if counts is not None and self.prefix_store is not None:
+            keys = [image_keys(r, u, self._image_token_id()) for r, u in zip(rows, uuids, strict=True)]
+            plan = self.prefix_store.plan(rows, keys, self._image_token_id())
+        if plan is None:
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            if counts is not None:
+                extra.update(self._feature_kwargs(feats))
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **extra)
+            cache, t = out.past_key_values, ids.shape[1]
+            spans = [[(t - len(r), t)] for r in rows]
+            row_mask, row_pos = mask, positions[:, -1]
+        else:
+            cache, feed, row_mask, pos, spans = plan.build(self.pad_token_id, self.device)
+            # the images of the part that runs: each row's images after those inside its prefix
+            if feats is not None:
+                keep, start = [], 0
+                for c, skip in zip(counts, plan.prefix_images, strict=True):
+                    keep.extend(range(start + skip, start + c))
+                    start += c
+                extra.update(self._feature_kwargs(feats[keep] if keep else None))
+            out = self.model(input_ids=feed, attention_mask=row_mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1, **extra)
+            cache = out.past_key_values
+            row_pos = pos[:, -1]
+            self.prefix_tokens_reused += plan.reused
+        self.prompt_tokens_seen += sum(len(r) for r in rows)
+        if self.prefix_store is not None and keys is not None:
+            self.prefix_store.add(keys, cache, spans)
+        logits = out.logits[:, -1, :].float()
+        del out
+        return cache, logits, row_mask, row_pos.clone() if isinstance(row_pos, torch.Tensor) else row_pos
+
+    def _image_token_id(self) -> int | None:
+        tok = getattr(self.processor, "image_token", None)
+        tid = getattr(self.model.config, "image_token_id", None)
+        if tid is None and tok is not None:
+            tid = self.tokenizer.convert_tokens_to_ids(str(tok))
+        return tid
 
     def _hits_stop(self, seq: list[int], stop: Sequence[str]) -> bool:
         text = self.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -509,6 +618,155 @@ class TransformersVLM:
 
 
 SAMPLING_MODES = ("grouped", "shared-prefill", "hf")
+MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache rebuild
+
+
+@dataclass
+class PrefixPlan:
+    """How a batch runs on top of stored prefixes: row i = [pad][prefix_i KV][pad][rest_i]."""
+
+    entries: list[Any]  # per row: the matched PrefixEntry, or None
+    lengths: list[int]  # per row: tokens reused from the entry
+    rows: list[list[int]]  # per row: the whole prompt's token ids
+    prefix_images: list[int]  # per row: images inside the reused prefix
+
+    @property
+    def reused(self) -> int:
+        return sum(self.lengths)
+
+    def build(self, pad_id: int, device: Any) -> tuple[Any, Any, Any, Any, list[list[tuple[int, int]]]]:
+        """(cache, ids to run [B, S], attention mask [B, C+S], positions [B, S], real spans per row)."""
+        import torch
+        from transformers import DynamicCache
+
+        b = len(self.rows)
+        c = max(self.lengths)
+        rest = [len(r) - n for r, n in zip(self.rows, self.lengths, strict=True)]
+        s = max(rest)
+        ref = next(e for e in self.entries if e is not None)
+        cache = DynamicCache()
+        for layer, (k0, v0) in enumerate(ref.kv):
+            k = k0.new_zeros((b, k0.shape[0], c, k0.shape[2]))
+            v = v0.new_zeros((b, v0.shape[0], c, v0.shape[2]))
+            for i, (e, n) in enumerate(zip(self.entries, self.lengths, strict=True)):
+                if e is not None and n:
+                    k[i, :, c - n:] = e.kv[layer][0][:, :n]
+                    v[i, :, c - n:] = e.kv[layer][1][:, :n]
+            cache.update(k, v, layer)
+        feed = torch.full((b, s), pad_id, dtype=torch.long)
+        mask = torch.zeros((b, c + s), dtype=torch.long)
+        pos = torch.zeros((b, s), dtype=torch.long)
+        spans = []
+        for i, (r, n, m) in enumerate(zip(self.rows, self.lengths, rest, strict=True)):
+            feed[i, s - m:] = torch.tensor(r[n:])
+            mask[i, c - n:c] = 1
+            mask[i, c + s - m:] = 1
+            pos[i, s - m:] = torch.arange(n, len(r))
+            spans.append([(c - n, c), (c + s - m, c + s)])
+        return cache, feed.to(device), mask.to(device), pos.to(device), spans
+
+
+def image_keys(ids: list[int], uuids: list[str | None], image_token: int | None) -> Any:
+    """Token ids with each image's placeholder tokens replaced by a key of that image.
+
+    Two prompts share a prefix only if their images are the same too: the `<image>` tokens of
+    different pictures are equal ids with different content. An image without a uuid gets a
+    key that matches nothing.
+    """
+    import numpy as np
+
+    keys = np.asarray(ids, dtype=np.int64).copy()
+    if image_token is None or not uuids:
+        return keys
+    is_img = keys == image_token
+    starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
+    ends = np.flatnonzero(is_img & ~np.concatenate([is_img[1:], [False]])) + 1
+    for j, (a, z) in enumerate(zip(starts, ends, strict=True)):
+        u = uuids[j] if j < len(uuids) else None
+        h = int.from_bytes(hashlib.blake2b((u or uuid.uuid4().hex).encode(), digest_size=7).digest(), "big")
+        keys[a:z] = -1 - h  # negative: never a real token id
+    return keys
+
+
+@dataclass
+class PrefixEntry:
+    ids: Any  # numpy int64 [T]
+    kv: list[tuple[Any, Any]]  # per layer (keys [H, T, D], values [H, T, D])
+    nbytes: int
+
+
+class PrefixStore:
+    """The KV of recent prompts, to serve the prefix a new prompt shares with one of them.
+
+    Bounded by bytes (LRU). A refinement round's prompt extends its round-0 prompt, so most of
+    its tokens (instruction, examples, query) are read from here instead of being recomputed.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30, max_entries: int = 64) -> None:
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()
+        self.bytes = 0
+        self._next = 0
+
+    def _match(self, ids: Any) -> tuple[PrefixEntry | None, int, int | None]:
+        import numpy as np
+
+        best: tuple[PrefixEntry | None, int, int | None] = (None, 0, None)
+        for key, e in self.entries.items():
+            n = min(len(e.ids), len(ids))
+            diff = np.flatnonzero(e.ids[:n] != ids[:n])
+            lcp = int(diff[0]) if len(diff) else n
+            if lcp > best[1]:
+                best = (e, lcp, key)
+        return best
+
+    def plan(self, rows: list[list[int]], keys: list[Any], image_token: int | None) -> PrefixPlan | None:
+        """Match each row's key sequence (`image_keys`) against the stored prompts."""
+        import numpy as np
+
+        entries, lengths, images = [], [], []
+        for r, k in zip(rows, keys, strict=True):
+            ids = np.asarray(r, dtype=np.int64)
+            e, n, key = self._match(k)
+            n = min(n, len(r) - 1)  # at least one token runs, for the next-token logits
+            if image_token is not None:  # never cut through an image's tokens
+                while 0 < n < len(r) and r[n] == image_token and r[n - 1] == image_token:
+                    n -= 1
+            if e is None or n < MIN_PREFIX:
+                e, n = None, 0
+            elif key is not None:
+                self.entries.move_to_end(key)
+            entries.append(e)
+            lengths.append(n)
+            if image_token is None:
+                images.append(0)
+            else:
+                prefix = ids[:n] == image_token
+                images.append(int(np.count_nonzero(prefix[1:] & ~prefix[:-1]) + int(prefix[:1].sum())))
+        if not any(lengths):
+            return None
+        return PrefixPlan(entries, lengths, rows, images)
+
+    def add(self, rows: list[Any], cache: Any, spans: list[list[tuple[int, int]]]) -> None:
+        """Keep each row's prompt KV (its real columns of `cache`, in order), under its key sequence."""
+        import numpy as np
+        import torch
+
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        for i, (r, sp) in enumerate(zip(rows, spans, strict=True)):
+            kv = []
+            for k, v in layers:
+                kv.append((torch.cat([k[i, :, a:z] for a, z in sp], dim=1).clone(),
+                           torch.cat([v[i, :, a:z] for a, z in sp], dim=1).clone()))
+            nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+            if nbytes > self.max_bytes:
+                continue
+            self.entries[self._next] = PrefixEntry(np.asarray(r, dtype=np.int64), kv, nbytes)
+            self._next += 1
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= old.nbytes
 GQA_ATTENTION = "cropper_sdpa_gqa"
 
 
