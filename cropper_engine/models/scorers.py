@@ -27,11 +27,12 @@ from cropper_engine.types import Box
 CANVAS_FACTOR = 2  # canvas side = factor x embedder input size: crops >= half the image stay sharp
 
 
-def crop_grid(boxes_unit: Any, size: int, canvas_offsets: Any, total_width: float) -> Any:
+def crop_grid(boxes_unit: Any, size: int, canvas_index: Any, n_canvases: int, canvas_width: int) -> Any:
     """Sampling grid [1, M*size, size, 2] for `grid_sample` over canvases laid side by side.
 
-    boxes_unit: torch [M, 4] in 0..1 of each box's own canvas; canvas_offsets: torch [M]
-    index of the canvas each box belongs to; total_width: number of canvases.
+    boxes_unit: torch [M, 4] in 0..1 of each box's own canvas; canvas_index: torch [M] the canvas
+    each box belongs to. Each canvas is `canvas_width` pixels wide plus one replicated column on
+    either side, so a crop at a canvas' edge samples that edge, never the neighbouring canvas.
     """
     import torch
 
@@ -40,7 +41,8 @@ def crop_grid(boxes_unit: Any, size: int, canvas_offsets: Any, total_width: floa
     x1, y1, x2, y2 = boxes_unit.unbind(1)
     xs = x1[:, None] + (x2 - x1)[:, None] * t[None, :]  # [M, S] in the canvas' unit coords
     ys = y1[:, None] + (y2 - y1)[:, None] * t[None, :]
-    xs = (xs + canvas_offsets[:, None]) / total_width  # into the wide tensor's unit coords
+    padded = canvas_width + 2
+    xs = (canvas_index[:, None] * padded + 1 + xs * canvas_width) / (n_canvases * padded)
     gx = xs * 2 - 1
     gy = ys * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [M, S, S, 2]
@@ -52,8 +54,9 @@ def cut_and_resize(canvases: Any, boxes_unit: Any, canvas_index: Any, size: int)
     import torch.nn.functional as F
 
     b, c, hc, wc = canvases.shape
-    wide = canvases.permute(1, 2, 0, 3).reshape(1, c, hc, b * wc)  # canvases side by side
-    grid = crop_grid(boxes_unit, size, canvas_index.to(boxes_unit.dtype), float(b))
+    padded = F.pad(canvases, (1, 1, 0, 0), mode="replicate")
+    wide = padded.permute(1, 2, 0, 3).reshape(1, c, hc, b * (wc + 2))  # canvases side by side
+    grid = crop_grid(boxes_unit, size, canvas_index.to(boxes_unit.dtype), b, wc)
     out = F.grid_sample(wide, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.reshape(c, boxes_unit.shape[0], size, size).permute(1, 0, 2, 3)
 

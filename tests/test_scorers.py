@@ -1,0 +1,121 @@
+"""Fused scoring equals per-crop scoring; aesthetic heads load; classical scoring without CLIP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cropper_engine.engine.features import FEATURE_NAMES, SaliencyTable, box_features
+from cropper_engine.errors import ModelNotFoundError
+from cropper_engine.models.scorers import (
+    CANVAS_FACTOR,
+    AestheticHead,
+    FusedScorer,
+    cut_and_resize,
+)
+from cropper_engine.types import Box
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dir):
+    from cropper_engine.models.embedders import load_embedder
+
+    return load_embedder(f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}", device="cpu")
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((320, 240), (200, 300))]
+
+
+def _boxes(img, k):
+    w, h = img.size
+    return [Box(0.05 * w * i, 0.04 * h * i, w - 0.03 * w * i, h - 0.05 * h * i) for i in range(k)]
+
+
+def test_cut_and_resize_equals_per_crop_reference():
+    """One grid_sample over side-by-side canvases == cutting each crop from its canvas alone."""
+    torch.manual_seed(0)
+    canv = torch.rand(3, 3, 32, 32)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.7, 0.9], [0.5, 0.5, 0.75, 1.0], [0.0, 0.3, 0.4, 0.6]])
+    index = torch.tensor([0, 1, 2, 1])
+    fused = cut_and_resize(canv, boxes, index, 16)
+    for m in range(len(boxes)):
+        # the reference: the crop cut from its own canvas alone, the same bilinear sampling
+        t = (torch.arange(16) + 0.5) / 16
+        x1, y1, x2, y2 = boxes[m]
+        gx = (x1 + (x2 - x1) * t) * 2 - 1
+        gy = (y1 + (y2 - y1) * t) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+        ref = torch.nn.functional.grid_sample(canv[index[m]][None], grid, mode="bilinear", padding_mode="border",
+                                              align_corners=False)
+        assert torch.allclose(fused[m], ref[0], atol=1e-6)
+    # the full box reproduces the canvas resized
+    full = torch.nn.functional.interpolate(canv[:1], size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(fused[0], full[0], atol=1e-5)
+
+
+def test_fused_scores_equal_per_crop_scores(clip):
+    imgs = _images()
+    boxes = [_boxes(imgs[0], 5), _boxes(imgs[1], 3)]
+    scorer = FusedScorer(clip)
+    fused = scorer.score(imgs, boxes)
+    for i, img in enumerate(imgs):  # each crop alone, through the same resize op
+        for j, b in enumerate(boxes[i]):
+            alone = scorer.score([img], [[b]])
+            for name, vals in fused.components[i].items():
+                assert vals[j] == pytest.approx(alone.components[0][name][0], abs=1e-5), name
+    assert set(fused.components[0]) == {"area", "classical", "clip"}
+    # CLIP similarity of the full box with the full image is 1
+    full = scorer.score([imgs[0]], [[Box.full(*imgs[0].size)]])
+    assert full.components[0]["clip"][0] == pytest.approx(1.0, abs=1e-5)
+    assert CANVAS_FACTOR * clip.input_size >= clip.input_size
+
+
+def test_aesthetic_heads_both_formats(tmp_path, clip):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(clip.dim, 1)
+    torch.save(lin.state_dict(), tmp_path / "linear.pth")
+    mlp = torch.nn.Sequential(torch.nn.Linear(clip.dim, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 16),
+                              torch.nn.Linear(16, 1))
+    state = {f"layers.{k}": v for k, v in mlp.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "mlp.safetensors"))
+    x = torch.nn.functional.normalize(torch.randn(4, clip.dim), dim=-1)
+    head = AestheticHead(tmp_path / "linear.pth")
+    assert torch.allclose(head(x), lin(x).squeeze(-1), atol=1e-6)
+    head = AestheticHead(tmp_path / "mlp.safetensors")
+    mlp.eval()
+    assert torch.allclose(head(x), mlp(x).squeeze(-1), atol=1e-6)
+    assert AestheticHead.to_unit(np.array([1.0, 10.0, 5.5])).tolist() == [0.0, 1.0, 0.5]
+    with pytest.raises(ModelNotFoundError, match="LAION"):
+        AestheticHead(tmp_path / "missing.pth")
+    scorer = FusedScorer(clip, head)
+    out = scorer.score(_images()[:1], [_boxes(_images()[0], 3)])
+    assert "aesthetic" in out.components[0] and scorer.components == ["aesthetic", "area", "classical", "clip"]
+
+
+def test_without_clip_only_classical_and_area():
+    from cropper_engine.models.classical import ClassicalEmbedder
+
+    scorer = FusedScorer(ClassicalEmbedder())  # no encode_pixels: never used for crops
+    assert scorer.components == ["area", "classical"]
+    out = scorer.score(_images()[:1], [_boxes(_images()[0], 4)])
+    assert all(0 <= v <= 1 for v in out.total[0])
+
+
+def test_saliency_features_by_hand():
+    sal = np.zeros((10, 10))
+    sal[2:4, 6:8] = 1.0  # all saliency in x 0.6..0.8, y 0.2..0.4
+    t = SaliencyTable.from_map(sal)
+    f = box_features(t, np.array([[0.5, 0.0, 1.0, 0.5], [0.0, 0.5, 0.5, 1.0]]), 1.0)
+    col = {n: f[:, i] for i, n in enumerate(FEATURE_NAMES)}
+    assert col["area"].tolist() == pytest.approx([0.25, 0.25])
+    assert col["mass"].tolist() == pytest.approx([1.0, 0.0], abs=1e-9)
+    assert col["density"][0] == pytest.approx(4.0)
+    # saliency centroid (0.7, 0.3) vs crop centre (0.75, 0.25), in crop widths: -0.1, +0.1
+    assert col["com_dx"][0] == pytest.approx(-0.1) and col["com_dy"][0] == pytest.approx(0.1)
+    assert col["outside_peak"][1] == pytest.approx(1.0)
