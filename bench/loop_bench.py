@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--index-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json-out", default=None, help="also write the JSON figures to this file")
+    ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block size (0: vLLM's default)")
     args = ap.parse_args()
 
     import torch
@@ -208,11 +209,10 @@ def main() -> None:
 
     cfg = load_config(env={}, overrides={
         "retrieval.examples": args.S, "vlm.candidates": args.R, "vlm.rounds": args.L,
-        "vlm.batch_size": args.batch, "loop.select_free": "best"})
+        "vlm.batch_size": args.batch, "loop.select_free": "best", "vlm.block_size": args.block_size})
     if args.backend == "vllm":
-        from cropper_engine.models.vlm_vllm import VLLMBackend
-
         from cropper_engine.models.registry import resolve_model
+        from cropper_engine.models.vlm_vllm import VLLMBackend
 
         vlm: Any = VLLMBackend.from_config(cfg, resolve_model(model_dir))
     else:
@@ -240,6 +240,7 @@ def main() -> None:
     naive.stages.clear()
     naive.generated = 0
     eng_times, naive_times, stages, eng_tokens, prompt_tokens = [], [], {}, 0, 0
+    refine = {"prompt": 0, "shared": 0, "cached": 0}
     pipelines: dict[str, int] = {}
     for _ in range(repeats):
         dt, outs = run_engine()
@@ -251,6 +252,10 @@ def main() -> None:
                 prompt_tokens += r.extra.get("tokens", {}).get("prompt", 0)
                 for k, v in r.timings.items():
                     stages[k] = stages.get(k, 0.0) + v
+                for t in r.extra.get("tokens_by_round", []):
+                    if t["round"] >= 1:  # refinement rounds: what a prefix cache can serve
+                        for key in refine:
+                            refine[key] += t[key]
         naive_times.append(run_naive())
     n = len(queries)
     eng_ips = n / statistics.median(eng_times)
@@ -268,6 +273,11 @@ def main() -> None:
     print(f"{'generated tokens/img':<22} {eng_tok:>10.1f} {naive_tok:>10.1f}")
     print(f"speedup {eng_ips / naive_ips:.2f}x   pipelines {pipelines}   prompt tokens/img "
           f"{prompt_tokens / repeats / n:.0f}")
+    block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
+    hit_rate = refine["cached"] / refine["shared"] if refine["shared"] else None
+    print(f"prefix cache, refinement rounds: prompt tokens {refine['prompt']}, shared with an earlier prompt "
+          f"(cacheable) {refine['shared']}, served from the cache {refine['cached']}, block size {block}, "
+          f"hit rate {hit_rate if hit_rate is None else round(hit_rate, 3)}")
     figures = {
         "speedup": round(eng_ips / naive_ips, 3),
         "engine_images_per_s": round(eng_ips, 4), "naive_images_per_s": round(naive_ips, 4),
@@ -276,6 +286,9 @@ def main() -> None:
         "prompt_tokens_per_image": round(prompt_tokens / repeats / n, 1),
         "engine_stage_s_per_image": {k: round(v / repeats / n, 5) for k, v in stages.items()},
         "naive_stage_s_per_image": {k: round(v / repeats / n, 5) for k, v in naive.stages.items()},
+        "refine_prompt_tokens": refine["prompt"], "refine_cacheable_tokens": refine["shared"],
+        "refine_cached_tokens": refine["cached"], "block_size": block,
+        "prefix_cache_hit_rate": round(hit_rate, 4) if hit_rate is not None else None,
         "pipelines": pipelines, "batch": args.batch, "S": args.S, "R": args.R, "L": args.L,
         "repeats": repeats, "backend": args.backend, "model": "tiny-idefics2" if not args.model else args.model,
         "torch_threads": torch.get_num_threads(), "device": platform.processor() or platform.machine(),

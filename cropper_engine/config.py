@@ -50,6 +50,13 @@ class VLMConfig:
     api_key: str = ""
     timeout_s: float = 120.0
     template: str = ""  # a TOML file overriding the prompt templates
+    # vLLM engine (backend vllm)
+    max_model_len: int = 0  # 0: the model's trained context (registry), else its config
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel: int = 1
+    load_format: str = "auto"  # "dummy": random weights from config.json (timing without weights)
+    enforce_eager: bool = False
+    block_size: int = 0  # KV-cache block size; 0: vLLM's default for the device
 
 
 @dataclass(frozen=True)

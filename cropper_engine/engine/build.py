@@ -74,6 +74,11 @@ def _scorer(cfg: Config, embedder: Any, reasons: dict[str, str]) -> Any:
     return scorer
 
 
+def _backends(resolved: Any) -> tuple[str, ...]:
+    spec = getattr(resolved, "spec", None)
+    return spec.backends if spec is not None else ("transformers", "vllm")
+
+
 def backend_available(name: str) -> bool:
     if name == "vllm":
         return importlib.util.find_spec("vllm") is not None
@@ -111,7 +116,16 @@ def _vlm(cfg: Config, reasons: dict[str, str]) -> Any:
 def load_vlm(cfg: Config, resolved: Any, reasons: dict[str, str]) -> Any:
     backend = cfg.vlm.backend
     if backend == "auto":
-        backend = "vllm" if backend_available("vllm") else "transformers"
+        if backend_available("vllm") and "vllm" in _backends(resolved):
+            try:
+                from cropper_engine.models.vlm_vllm import VLLMBackend
+
+                vlm = VLLMBackend.from_config(cfg, resolved)
+                reasons["pipeline"] = f"vlm: {vlm.id} on vllm (auto: vLLM is installed)"
+                return vlm
+            except Exception as exc:
+                reasons["backend"] = f"vLLM could not start ({type(exc).__name__}: {exc}); using transformers"
+        backend = "transformers"
     if backend == "transformers":
         from cropper_engine.models.vlm_transformers import TransformersVLM
 

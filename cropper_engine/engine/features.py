@@ -7,7 +7,9 @@ few array lookups. Features are what a composition scorer needs; `FEATURE_NAMES`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -117,3 +119,167 @@ def _outside_peak(table: SaliencyTable, b: np.ndarray, grid: int = 16) -> np.nda
     peak = pooled.max() if pooled.size else 1.0
     out = np.where(inside, 0.0, pooled[None]).reshape(len(b), -1).max(axis=1)
     return out / max(peak, 1e-12)
+
+
+# --- features of the default (learned) scorer ------------------------------------------------
+#
+# One row per candidate crop, from the image analysis (engine/analysis.py), the candidate's
+# geometry, the requested ratio and the crops of the retrieved neighbours. The fitted model
+# (models/default_model.py) names the version it was fitted on; change any feature: bump it.
+
+CROP_FEATURES_VERSION = 1
+EMPTY = -1.0  # the value of a strip / edge feature that does not exist (a crop edge on the image edge)
+NEIGHBOURS_K = 30  # neighbours whose crops the features look at
+_EDGE = 0.005  # an edge within this of the image edge keeps the whole side
+_LINE = 0.01  # half-width of the band along a crop edge (unit of the image)
+_BAND = 0.05  # width of the inner border band (unit of the crop)
+
+
+@dataclass
+class NeighbourCrops:
+    """Retrieved neighbours' crops in unit coordinates (most similar first) and similarities."""
+
+    boxes_unit: np.ndarray  # [K, 4]
+    similarity: np.ndarray  # [K]
+
+    @classmethod
+    def empty(cls) -> NeighbourCrops:
+        return cls(np.zeros((0, 4)), np.zeros(0))
+
+    def top(self, k: int = NEIGHBOURS_K) -> NeighbourCrops:
+        return NeighbourCrops(self.boxes_unit[:k], self.similarity[:k])
+
+
+def _iou_unit(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ix = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    iy = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = ix * iy
+    ua = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    ub = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(ua + ub - inter, 1e-9)
+
+
+def fit_ratio_unit(boxes_unit: np.ndarray, ratio: float, image_aspect: float) -> np.ndarray:
+    """Vectorised geometry.fit_ratio in unit coordinates: same centre and area, the exact ratio
+    (W/H in pixels), shrunk to fit and shifted inside the image."""
+    b = np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-6)  # unit area = px area / (W H)
+    r = ratio / image_aspect  # the ratio in unit coordinates
+    w = np.sqrt(area * r)
+    h = w / r
+    s = np.minimum(1.0, np.minimum(1.0 / w, 1.0 / h))
+    w, h = w * s, h * s
+    x1 = np.clip(cx - w / 2, 0.0, 1.0 - w)
+    y1 = np.clip(cy - h / 2, 0.0, 1.0 - h)
+    return np.stack([x1, y1, x1 + w, y1 + h], axis=1)
+
+
+def neighbour_summary(nb: NeighbourCrops, ratio: float | None, image_aspect: float) -> dict[str, np.ndarray]:
+    """Per-image summaries of the neighbours' crops: their median box (raw and fitted to the ratio)."""
+    if len(nb.boxes_unit) == 0:
+        med = np.array([0.05, 0.06, 0.95, 0.94])  # ~ FCDB's median crop: the features stay defined
+        boxes = med[None]
+    else:
+        boxes = nb.boxes_unit
+        med = np.median(boxes, axis=0)
+    out = {"median": med, "boxes": boxes}
+    if ratio:
+        fitted = fit_ratio_unit(boxes, ratio, image_aspect)
+        out["fitted"] = fitted
+        out["median_fitted"] = fit_ratio_unit(np.median(fitted, axis=0)[None], ratio, image_aspect)[0]
+    return out
+
+
+def _map_features(an: Any, b: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    w, h = x2 - x1, y2 - y1
+    area = w * h
+    zeros, ones = np.zeros_like(x1), np.ones_like(x1)
+    strips = {
+        "L": np.stack([zeros, zeros, x1, ones], 1),
+        "R": np.stack([x2, zeros, ones, ones], 1),
+        "T": np.stack([zeros, zeros, ones, y1], 1),
+        "B": np.stack([zeros, y2, ones, ones], 1),
+    }
+    has = {"L": x1 > _EDGE, "R": x2 < 1 - _EDGE, "T": y1 > _EDGE, "B": y2 < 1 - _EDGE}
+    lines = {
+        "L": np.stack([x1 - _LINE, y1, x1 + _LINE, y2], 1),
+        "R": np.stack([x2 - _LINE, y1, x2 + _LINE, y2], 1),
+        "T": np.stack([x1, y1 - _LINE, x2, y1 + _LINE], 1),
+        "B": np.stack([x1, y2 - _LINE, x2, y2 + _LINE], 1),
+    }
+    inner = np.stack([x1 + _BAND * w, y1 + _BAND * h, x2 - _BAND * w, y2 - _BAND * h], 1)
+    for name, t in an.tables.items():
+        mass = t.mass(b)
+        out[f"{name}_in"] = mass / np.maximum(area, 1e-6)
+        out[f"{name}_out"] = np.where(area < 0.999, (1 - mass) / np.maximum(1 - area, 1e-3), EMPTY)
+        band_area = np.maximum(area - (w * (1 - 2 * _BAND)) * (h * (1 - 2 * _BAND)), 1e-6)
+        out[f"{name}_band"] = (mass - t.mass(inner)) / band_area
+        strip_max = np.full_like(x1, EMPTY)
+        line_max = np.full_like(x1, EMPTY)
+        for side in "LRTB":
+            s = np.where(has[side], t.density(strips[side]), EMPTY)
+            out[f"{name}_cut{side}"] = s
+            strip_max = np.maximum(strip_max, s)
+            if name in ("grad", "fg"):
+                v = np.where(has[side], t.density(lines[side]), EMPTY)
+                out[f"{name}_line{side}"] = v
+                line_max = np.maximum(line_max, v)
+        out[f"{name}_cutmax"] = strip_max
+        if name in ("grad", "fg"):
+            out[f"{name}_linemax"] = line_max
+
+
+def crop_feature_dict(an: Any, boxes_unit: np.ndarray, ratio: float | None,
+                      nb: NeighbourCrops) -> dict[str, np.ndarray]:
+    """Every feature of every candidate, by name (see `crop_features`)."""
+    b = np.clip(np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4), 0.0, 1.0)
+    A = an.width / an.height
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    w, h = x2 - x1, y2 - y1
+    one = np.ones_like(x1)
+    out: dict[str, np.ndarray] = {
+        "m_left": x1, "m_top": y1, "m_right": 1 - x2, "m_bottom": 1 - y2,
+        "w": w, "h": h, "area": w * h,
+        "cx": (x1 + x2) / 2 - 0.5, "cy": (y1 + y2) / 2 - 0.5,
+        "log_aspect_rel": np.log(np.maximum(w, 1e-6) * A / np.maximum(h, 1e-6)),
+        "log_image_aspect": one * np.log(A),
+    }
+    out["acx"] = np.abs(out["cx"])
+    out["acy"] = np.abs(out["cy"])
+    if ratio:
+        r = ratio / A  # unit-coordinate aspect of the ratio
+        wmax = min(1.0, r)  # the largest box of the ratio, in unit coordinates
+        out["log_ratio_rel"] = one * np.log(r)
+        out["scale"] = w / wmax
+        sx, sy = 1 - w, 1 - h
+        out["tx"] = np.where(sx > 0.01, x1 / np.maximum(sx, 1e-6), 0.5)
+        out["ty"] = np.where(sy > 0.01, y1 / np.maximum(sy, 1e-6), 0.5)
+    _map_features(an, b, out)
+
+    nbs = neighbour_summary(nb, ratio, A)
+    med = nbs["median"]
+    for i, k in enumerate(("x1", "y1", "x2", "y2")):
+        out[f"nb_d{k}"] = b[:, i] - med[i]
+        out[f"nb_med_{k}"] = one * med[i]
+    out["nb_iou_med"] = _iou_unit(b, med[None])
+    ious = _iou_unit(b[:, None, :], nbs["boxes"][None, :, :])  # [N, K]
+    out["nb_iou_mean"] = ious.mean(1)
+    out["nb_iou_top5"] = ious[:, :5].mean(1)
+    out["nb_iou_q75"] = np.quantile(ious, 0.75, axis=1) if ious.shape[1] > 1 else ious[:, 0]
+    if ratio:
+        out["nb_iou_med_fitted"] = _iou_unit(b, nbs["median_fitted"][None])
+        out["nb_iou_fitted_mean"] = _iou_unit(b[:, None, :], nbs["fitted"][None, :, :]).mean(1)
+    sim = nb.similarity[:10]
+    out["nb_sim"] = one * (float(sim.mean()) if len(sim) else 0.0)
+    return out
+
+
+def crop_features(an: Any, boxes_unit: np.ndarray, ratio: float | None, nb: NeighbourCrops,
+                  names: Sequence[str]) -> np.ndarray:
+    """[N, len(names)] features of candidate boxes (unit coordinates) in the order `names`."""
+    d = crop_feature_dict(an, boxes_unit, ratio, nb)
+    n = len(np.asarray(boxes_unit).reshape(-1, 4))
+    return np.stack([np.asarray(d[k], dtype=np.float64).reshape(n) for k in names], axis=1) if names else \
+        np.zeros((n, 0))

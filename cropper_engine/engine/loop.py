@@ -64,6 +64,7 @@ class Job:
     neighbour_weights: list[float] = field(default_factory=list)
     examples: list[PromptExample] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
+    round_tokens: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -332,7 +333,7 @@ class Cropper:
                 break
             convs = [build_messages(j.spec, self.templates) for j in pending]  # type: ignore[arg-type]
             t = tick("prompt", t)
-            gens = self._generate(convs, params, attempt, pending)
+            gens = self._generate(convs, params, attempt, pending, 0)
             t = tick("generate", t)
             still = []
             for job, gen in zip(pending, gens, strict=True):
@@ -357,7 +358,7 @@ class Cropper:
                 refine = [(c.box, c.score, c.vlm_score) for c in prev]
                 convs.append(build_messages(job.spec, self.templates, refine))  # type: ignore[arg-type]
             t = tick("prompt", t)
-            gens = self._generate(convs, params, r + 10, active)
+            gens = self._generate(convs, params, r + 10, active, r)
             t = tick("generate", t)
             for job, gen in zip(active, gens, strict=True):
                 if not self._add_vlm_boxes(job, gen, r, n_boxes):
@@ -369,7 +370,8 @@ class Cropper:
             t = tick("score", t)
         return t
 
-    def _generate(self, convs: list[Any], params: GenerationParams, salt: int, jobs: list[Job]) -> list[Any]:
+    def _generate(self, convs: list[Any], params: GenerationParams, salt: int, jobs: list[Job],
+                  round_idx: int) -> list[Any]:
         from cropper_engine.models.base import Generation
 
         p = GenerationParams(**{**params.__dict__, "seed": (params.seed or 0) + salt})
@@ -383,6 +385,8 @@ class Cropper:
             job.tokens["prompt"] += g.prompt_tokens
             job.tokens["generated"] += g.generated_tokens
             job.tokens["cached"] += g.cached_tokens or 0
+            job.round_tokens.append({"round": round_idx, "prompt": g.prompt_tokens, "generated": g.generated_tokens,
+                                     "cached": g.cached_tokens or 0, "shared": g.shared_tokens or 0})
         return gens
 
     def _add_vlm_boxes(self, job: Job, gen: Any, r: int, n_boxes: int) -> int:
@@ -418,6 +422,7 @@ class Cropper:
         extra: dict[str, Any] = {"selected": {"round": best.round, "source": best.source, "mode": mode}}
         if job.pipeline != PIPELINE_NO_VLM:
             extra["tokens"] = dict(job.tokens)
+            extra["tokens_by_round"] = list(job.round_tokens)
         if job.subject is not None:
             extra["subject_box"] = job.subject.as_int()
         return CropResult(job.image.path, w, h, best.box.rounded(), best.score, job.task, job.ratio,

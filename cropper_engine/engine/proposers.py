@@ -117,3 +117,64 @@ def propose(width: float, height: float, ratio: float | None, saliency: np.ndarr
     tagged += [(b, "grid") for b in grid_candidates(width, height, ratio, cfg)]
     keep = dedupe([b for b, _ in tagged], cfg.dedupe_iou)
     return [tagged[i] for i in keep]
+
+
+# --- the default pipeline's candidates (unit coordinates, scored by the fitted model) ---------
+
+RATIO_SCALES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+RATIO_STEP = 0.05  # position step along an axis with room to slide (unit of the image side)
+RATIO_MAX_POSITIONS = 9
+FREE_MARGINS = (0.0, 0.06, 0.13, 0.2, 0.3)  # each side's cut, unit of the image side
+FREE_MIN_SIDE = 0.3
+
+
+def _positions(slack: float) -> np.ndarray:
+    if slack <= 1e-6:
+        return np.zeros(1)
+    n = min(RATIO_MAX_POSITIONS, 1 + int(np.ceil(slack / RATIO_STEP - 1e-9)))
+    return np.linspace(0.0, slack, n)
+
+
+def ratio_grid_unit(image_aspect: float, ratio: float, scales: Sequence[float] = RATIO_SCALES) -> np.ndarray:
+    """Boxes of the exact ratio (W/H in pixels) at several scales of the largest one, slid over
+    the image; unit coordinates [N, 4]."""
+    r = ratio / image_aspect
+    bw, bh = (1.0, 1.0 / r) if r > 1.0 else (r, 1.0)
+    out = []
+    for s in scales:
+        w, h = bw * s, bh * s
+        for x in _positions(1.0 - w):
+            for y in _positions(1.0 - h):
+                out.append((x, y, x + w, y + h))
+    return np.asarray(out, dtype=np.float64)
+
+
+def free_grid_unit(margins: Sequence[float] = FREE_MARGINS, min_side: float = FREE_MIN_SIDE) -> np.ndarray:
+    """Boxes cut by a grid of margins on each side (free-form: any aspect); unit coordinates."""
+    m = np.asarray(margins, dtype=np.float64)
+    ll, rr, tt, bb = np.meshgrid(m, m, m, m, indexing="ij")
+    b = np.stack([ll.ravel(), tt.ravel(), 1 - rr.ravel(), 1 - bb.ravel()], axis=1)
+    keep = ((b[:, 2] - b[:, 0]) >= min_side) & ((b[:, 3] - b[:, 1]) >= min_side)
+    return b[keep]
+
+
+def default_candidates(image_aspect: float, ratio: float | None, neighbour_boxes_unit: np.ndarray,
+                       n_transfer: int = 10) -> tuple[np.ndarray, list[str]]:
+    """The default pipeline's candidates: a dense grid (of the ratio, or of margins) plus the
+    neighbours' median crop and their own crops; unit coordinates [N, 4] and sources."""
+    from cropper_engine.engine.features import fit_ratio_unit
+
+    grid = ratio_grid_unit(image_aspect, ratio) if ratio else free_grid_unit()
+    extra = []
+    nb = np.asarray(neighbour_boxes_unit, dtype=np.float64).reshape(-1, 4)
+    if len(nb):
+        extra = [np.median(nb, axis=0)[None], nb[:n_transfer]]
+    boxes = [grid]
+    sources = ["grid"] * len(grid)
+    if extra:
+        e = np.clip(np.concatenate(extra), 0.0, 1.0)
+        if ratio:
+            e = fit_ratio_unit(e, ratio, image_aspect)
+        boxes.append(e)
+        sources += ["neighbours-median"] + ["neighbour"] * (len(e) - 1)
+    return np.concatenate(boxes), sources

@@ -20,6 +20,7 @@ from typing import Any
 
 from cropper_engine.errors import InputError, ModelNotFoundError
 from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.models.images import ImageFitter, longest_edge
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class TransformersVLM:
         self.image_cache_hits = self.image_cache_misses = 0
         self.prefix_store: PrefixStore | None = PrefixStore() if prefix_cache else None
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
+        self.last_cached: list[int] = []
         self.path = path
         self.id = f"transformers:{model}"
 
@@ -155,49 +157,8 @@ class TransformersVLM:
             pad = gen.pad_token_id if gen.pad_token_id is not None else self.eos_token_ids[0]
             self.tokenizer.pad_token_id = pad
         self.pad_token_id = int(pad)
-        self.longest_edge = _longest_edge(self.processor)
-        self._fitted: OrderedDict[str, Any] = OrderedDict()
-        self._proxies: OrderedDict[int, tuple[Any, Any, float]] = OrderedDict()
-
-    def _fit(self, part: ImagePart) -> Any:
-        """The image (or its region) shrunk with PIL, once per recurring uuid, to the processor's
-        longest edge, so the processor's own resize has nothing left to do on large photos."""
-        edge = self.longest_edge
-        w, h = part.size
-        if not edge or max(w, h) <= edge:
-            return part.pil()
-        if part.uuid and part.uuid in self._fitted:
-            self._fitted.move_to_end(part.uuid)
-            return self._fitted[part.uuid]
-        from PIL import Image
-
-        s = edge / max(w, h)
-        src, box = part.image, part.box
-        if box is not None:  # a region: cut it from a proxy at twice the model's resolution
-            src, f = self._proxy(part.image)
-            box = tuple(v * f for v in box)
-        out = src.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR,
-                         box=box, reducing_gap=2.0)
-        if part.uuid:
-            self._fitted[part.uuid] = out
-            if len(self._fitted) > 512:
-                self._fitted.popitem(last=False)
-        return out
-
-    def _proxy(self, image: Any) -> tuple[Any, float]:
-        """The image shrunk to twice the processor's longest edge (once per image), and the scale."""
-        key = id(image)
-        hit = self._proxies.get(key)
-        if hit is not None and hit[0] is image:
-            return hit[1], hit[2]
-        edge = 2 * (self.longest_edge or max(image.size))
-        f = min(1.0, edge / max(image.size))
-        proxy = image if f >= 1.0 else image.resize(
-            (max(1, round(image.width * f)), max(1, round(image.height * f))), reducing_gap=2.0)
-        self._proxies[key] = (image, proxy, f)
-        if len(self._proxies) > 64:
-            self._proxies.popitem(last=False)
-        return proxy, f
+        self.longest_edge = longest_edge(self.processor)
+        self._fit = ImageFitter(self.longest_edge)
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -397,6 +358,11 @@ class TransformersVLM:
                 new = sequences[:, inputs["input_ids"].shape[1]:].tolist()
 
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        cached = self.last_cached if grouped and len(self.last_cached) == len(conversations) else \
+            [0] * len(conversations)
+        store = self.prefix_store
+        shared = store.last_shared if grouped and store is not None and \
+            len(store.last_shared) == len(conversations) else [0] * len(conversations)
         eos = set(self.eos_token_ids)
         results = []
         for b in range(len(conversations)):
@@ -414,7 +380,8 @@ class TransformersVLM:
             if n_run != params.n:
                 texts = texts * params.n
             results.append(Generation(texts=texts, prompt_tokens=int(prompt_tokens[b]),
-                                      generated_tokens=generated))
+                                      generated_tokens=generated, cached_tokens=int(cached[b]),
+                                      shared_tokens=int(shared[b])))
         return results
 
     @staticmethod
@@ -567,6 +534,7 @@ class TransformersVLM:
         extra = {k: v for k, v in inputs.items() if not k.startswith("_") and k not in ("input_ids", "attention_mask")}
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
         plan = keys = None
+        self.last_cached = [0] * len(rows)
         if counts is not None and self.prefix_store is not None:
             keys = [image_keys(r, u, self._image_token_id()) for r, u in zip(rows, uuids, strict=True)]
             plan = self.prefix_store.plan(rows, keys, self._image_token_id())
@@ -593,6 +561,7 @@ class TransformersVLM:
             cache = out.past_key_values
             row_pos = pos[:, -1]
             self.prefix_tokens_reused += plan.reused
+            self.last_cached = list(plan.lengths)
         self.prompt_tokens_seen += sum(len(r) for r in rows)
         if self.prefix_store is not None and keys is not None:
             self.prefix_store.add(keys, cache, spans)
@@ -707,6 +676,7 @@ class PrefixStore:
         self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()
         self.bytes = 0
         self._next = 0
+        self.last_shared: list[int] = []  # per row of the last plan: tokens shared with a stored prompt
 
     def _match(self, ids: Any) -> tuple[PrefixEntry | None, int, int | None]:
         import numpy as np
@@ -725,9 +695,11 @@ class PrefixStore:
         import numpy as np
 
         entries, lengths, images = [], [], []
+        self.last_shared = []
         for r, k in zip(rows, keys, strict=True):
             ids = np.asarray(r, dtype=np.int64)
             e, n, key = self._match(k)
+            self.last_shared.append(n)
             n = min(n, len(r) - 1)  # at least one token runs, for the next-token logits
             if image_token is not None:  # never cut through an image's tokens
                 while 0 < n < len(r) and r[n] == image_token and r[n - 1] == image_token:
@@ -819,15 +791,6 @@ def _top_p(probs: Any, top_p: float) -> Any:
     sorted_p = sorted_p * keep
     out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return out / out.sum(-1, keepdim=True)
-
-
-def _longest_edge(processor: Any) -> int | None:
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    if isinstance(size, dict):
-        edge = size.get("longest_edge")
-    else:
-        edge = getattr(size, "longest_edge", None)
-    return int(edge) if edge else None
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

