@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import git_sha, peak_gpu_mb, peak_rss_mb, write_results  # noqa: E402
 from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.data.example import Example  # noqa: E402
 from cropper_engine.engine.features import SaliencyTable, box_features  # noqa: E402
@@ -44,14 +43,6 @@ from cropper_engine.index.select import select_crops  # noqa: E402
 from cropper_engine.types import Box, CropRequest, Task  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load_inputs(data: Path, index_size: int, n_queries: int, work: Path) -> tuple[list[Example], list[str]]:
@@ -170,23 +161,40 @@ class NaiveLoop:
         return best[1] if best else Box.full(w, h)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one timed repeat (under 3 minutes here)")
     ap.add_argument("--model", default=None, help="a VLM folder [default: build the tiny Idefics2]")
-    ap.add_argument("--clip", default=None, help="embedder spec [default: the tiny open_clip]")
+    ap.add_argument("--clip", default=None, help="embedder spec [default: the tiny open_clip, else hf-clip]")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (transformers backend)")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="images per engine batch")
+    ap.add_argument("--images", type=int, default=0, help="query images per timed repeat [default: --batch]")
+    ap.add_argument("--image-size", type=int, default=0, help="resize queries to this longest side (px)")
     ap.add_argument("-S", type=int, default=8)
+    ap.add_argument("-T", type=int, default=5)
     ap.add_argument("-R", type=int, default=6)
     ap.add_argument("-L", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--index-size", type=int, default=64)
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive reference loop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json-out", default=None, help="also write the JSON figures to this file")
+    ap.add_argument("--out", action="store_true", help="write JSON, markdown and PNG to bench/results/")
+    ap.add_argument("--name", default="loop", help="result file prefix with --out")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block size (0: vLLM's default)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
 
     import torch
 
@@ -199,52 +207,77 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
+    n_images = args.images or args.batch
     work = Path(tempfile.mkdtemp(prefix="loop_bench-"))
     model_dir = args.model or str(make_tiny_idefics2(work / "idefics2"))
-    clip_spec = args.clip or f"open_clip-dir:{make_tiny_clip(work / 'clip')['open_clip']}"
+    if args.clip:
+        clip_spec = args.clip
+    else:
+        tiny = make_tiny_clip(work / "clip")
+        clip_spec = f"open_clip-dir:{tiny['open_clip']}" if "open_clip" in tiny else f"hf-clip:{tiny['hf_clip']}"
     emb = load_embedder(clip_spec, device="cpu")
-    train, queries = load_inputs(Path(args.data), args.index_size, args.batch, work)
+    train, queries = load_inputs(Path(args.data), args.index_size, n_images, work)
+    if args.image_size:
+        queries = _resized(queries, args.image_size, work)
     ExampleIndex.build(train, emb, work / "index")
     index = ExampleIndex.load(work / "index", embedder=emb)
 
     cfg = load_config(env={}, overrides={
-        "retrieval.examples": args.S, "vlm.candidates": args.R, "vlm.rounds": args.L,
-        "vlm.batch_size": args.batch, "loop.select_free": "best", "vlm.block_size": args.block_size})
+        "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
+        "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best",
+        "vlm.block_size": args.block_size, "vlm.dtype": args.dtype})
     if args.backend == "vllm":
         from cropper_engine.models.registry import resolve_model
         from cropper_engine.models.vlm_vllm import VLLMBackend
 
         vlm: Any = VLLMBackend.from_config(cfg, resolve_model(model_dir))
     else:
-        vlm = TransformersVLM(model_dir, device="cpu", batch_size=args.batch)
+        vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, batch_size=args.batch)
     engine = Cropper.from_config(cfg, embedder=emb, index=index, vlm=vlm)
-    # the naive loop runs transformers as it comes: stock attention, its own generate
-    naive_vlm = TransformersVLM(model_dir, device="cpu", attention="stock")
-    naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
+    naive = None
+    if not args.no_naive:
+        # the naive loop runs transformers as it comes: stock attention, its own generate
+        naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, attention="stock")
+        naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
     reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]
+    batches = [reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)]
 
-    def run_engine() -> tuple[float, list[Any]]:
-        t0 = time.perf_counter()
-        outs = engine.crop_batch(reqs)
-        return time.perf_counter() - t0, outs
+    def run_engine() -> tuple[list[float], list[Any]]:
+        lat, outs = [], []
+        for b in batches:
+            t0 = time.perf_counter()
+            outs.extend(engine.crop_batch(b))
+            lat.extend([time.perf_counter() - t0] * len(b))  # every image of a batch waits for the batch
+        return lat, outs
 
-    def run_naive() -> float:
-        t0 = time.perf_counter()
+    def run_naive() -> list[float]:
+        lat = []
         for q in queries:
-            naive.crop(q)
-        return time.perf_counter() - t0
+            t0 = time.perf_counter()
+            naive.crop(q)  # type: ignore[union-attr]
+            lat.append(time.perf_counter() - t0)
+        return lat
 
-    print(f"warm-up ({len(queries)} images, S={args.S} R={args.R} L={args.L}) ...", file=sys.stderr)
-    run_engine()
-    naive.crop(queries[0])
-    naive.stages.clear()
-    naive.generated = 0
-    eng_times, naive_times, stages, eng_tokens, prompt_tokens = [], [], {}, 0, 0
+    print(f"warm-up ({n_images} images, batch {args.batch}, S={args.S} T={args.T} R={args.R} L={args.L}) ...",
+          file=sys.stderr)
+    for _ in range(args.warmup):
+        run_engine()
+        if naive is not None:
+            naive.crop(queries[0])
+    if naive is not None:
+        naive.stages.clear()
+        naive.generated = 0
+    engine.vlm_stage_times.clear()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    eng_lat, eng_wall, naive_lat, naive_wall, stages, eng_tokens, prompt_tokens = [], [], [], [], {}, 0, 0
     refine = {"prompt": 0, "shared": 0, "cached": 0}
     pipelines: dict[str, int] = {}
     for _ in range(repeats):
-        dt, outs = run_engine()
-        eng_times.append(dt)
+        t0 = time.perf_counter()
+        lat, outs = run_engine()
+        eng_wall.append(time.perf_counter() - t0)
+        eng_lat += lat
         for out in outs:
             for r in out:
                 pipelines[r.pipeline] = pipelines.get(r.pipeline, 0) + 1
@@ -256,47 +289,156 @@ def main() -> None:
                     if t["round"] >= 1:  # refinement rounds: what a prefix cache can serve
                         for key in refine:
                             refine[key] += t[key]
-        naive_times.append(run_naive())
-    n = len(queries)
-    eng_ips = n / statistics.median(eng_times)
-    naive_ips = n / statistics.median(naive_times)
-    eng_tok = eng_tokens / repeats / n
-    naive_tok = naive.generated / repeats / n
-    print(f"\n{'stage':<10} {'engine s/img':>13} {'naive s/img':>12}")
-    for k in ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score"):
-        e = stages.get(k, 0.0) / repeats / n
-        nv = naive.stages.get(k, 0.0) / repeats / n
-        print(f"{k:<10} {e:>13.4f} {nv:>12.4f}")
-    print(f"\n{'':<22} {'engine':>10} {'naive':>10}")
-    print(f"{'images/s':<22} {eng_ips:>10.3f} {naive_ips:>10.3f}")
-    print(f"{'s/image (median)':<22} {1 / eng_ips:>10.3f} {1 / naive_ips:>10.3f}")
-    print(f"{'generated tokens/img':<22} {eng_tok:>10.1f} {naive_tok:>10.1f}")
-    print(f"speedup {eng_ips / naive_ips:.2f}x   pipelines {pipelines}   prompt tokens/img "
-          f"{prompt_tokens / repeats / n:.0f}")
+        if naive is not None:
+            t0 = time.perf_counter()
+            naive_lat += run_naive()
+            naive_wall.append(time.perf_counter() - t0)
+    n = n_images
+    per = repeats * n
+    for k, v in engine.vlm_stage_times.items():  # the backend's split of "generate"
+        stages[f"vlm_{k}"] = v
+    eng_ips = n / statistics.median(eng_wall)
+    eng_tok = eng_tokens / per
+    figures: dict[str, Any] = {
+        "engine_images_per_s": round(eng_ips, 4),
+        "engine_p50_s": round(_percentile(eng_lat, 50), 4), "engine_p95_s": round(_percentile(eng_lat, 95), 4),
+        "engine_tokens_per_image": round(eng_tok, 1),
+        "prompt_tokens_per_image": round(prompt_tokens / per, 1),
+        "engine_stage_s_per_image": {k: round(v / per, 5) for k, v in stages.items()},
+    }
+    if naive is not None:
+        naive_ips = n / statistics.median(naive_wall)
+        naive_tok = naive.generated / per
+        figures.update({
+            "speedup": round(eng_ips / naive_ips, 3), "naive_images_per_s": round(naive_ips, 4),
+            "naive_p50_s": round(_percentile(naive_lat, 50), 4), "naive_p95_s": round(_percentile(naive_lat, 95), 4),
+            "naive_tokens_per_image": round(naive_tok, 1),
+            "tokens_ratio": round(eng_tok / naive_tok, 3) if naive_tok else None,
+            "naive_stage_s_per_image": {k: round(v / per, 5) for k, v in naive.stages.items()},
+        })
     block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
     hit_rate = refine["cached"] / refine["shared"] if refine["shared"] else None
-    print(f"prefix cache, refinement rounds: prompt tokens {refine['prompt']}, shared with an earlier prompt "
-          f"(cacheable) {refine['shared']}, served from the cache {refine['cached']}, block size {block}, "
-          f"hit rate {hit_rate if hit_rate is None else round(hit_rate, 3)}")
-    figures = {
-        "speedup": round(eng_ips / naive_ips, 3),
-        "engine_images_per_s": round(eng_ips, 4), "naive_images_per_s": round(naive_ips, 4),
-        "engine_tokens_per_image": round(eng_tok, 1), "naive_tokens_per_image": round(naive_tok, 1),
-        "tokens_ratio": round(eng_tok / naive_tok, 3) if naive_tok else None,
-        "prompt_tokens_per_image": round(prompt_tokens / repeats / n, 1),
-        "engine_stage_s_per_image": {k: round(v / repeats / n, 5) for k, v in stages.items()},
-        "naive_stage_s_per_image": {k: round(v / repeats / n, 5) for k, v in naive.stages.items()},
+    figures.update({
         "refine_prompt_tokens": refine["prompt"], "refine_cacheable_tokens": refine["shared"],
         "refine_cached_tokens": refine["cached"], "block_size": block,
         "prefix_cache_hit_rate": round(hit_rate, 4) if hit_rate is not None else None,
-        "pipelines": pipelines, "batch": args.batch, "S": args.S, "R": args.R, "L": args.L,
-        "repeats": repeats, "backend": args.backend, "model": "tiny-idefics2" if not args.model else args.model,
-        "torch_threads": torch.get_num_threads(), "device": platform.processor() or platform.machine(),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": peak_gpu_mb(),
+        "pipelines": pipelines, "batch": args.batch, "images": n, "S": args.S, "T": args.T, "R": args.R,
+        "L": args.L, "repeats": repeats, "backend": args.backend, "device_arg": args.device,
+        "model": "tiny-idefics2" if not args.model else args.model, "torch_threads": torch.get_num_threads(),
         "git": git_sha(), "torch": torch.__version__,
-    }
+    })
+    figures["limits"] = achieved_fractions(model_dir, figures, vlm)
+    print_report(figures)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
+    if args.out:
+        paths = write_results(args.name, figures, markdown(figures), lambda: plot(figures))
+        print(f"results: {paths}", file=sys.stderr)
     print(json.dumps(figures))
+    return figures
+
+
+def _resized(paths: list[str], side: int, work: Path) -> list[str]:
+    from PIL import Image
+
+    out = []
+    for k, p in enumerate(paths):
+        im = open_image(p).image
+        s = side / max(im.size)
+        dst = work / f"q{k}-{Path(p).name}"
+        im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.LANCZOS).save(dst, quality=92)
+        out.append(str(dst))
+    return out
+
+
+def achieved_fractions(model_dir: str, fig: dict[str, Any], vlm: Any) -> dict[str, Any]:
+    """Each VLM stage's time against the device limit from the cost model (bench/costmodel.py)."""
+    from bench.common import device_limits
+    from bench.costmodel import Shape
+
+    try:
+        shape = Shape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    except (OSError, KeyError, ValueError):
+        return {}
+    lim = device_limits()
+    st = fig["engine_stage_s_per_image"]
+    new_tokens = fig["prompt_tokens_per_image"] - (fig["refine_cached_tokens"] / max(fig["images"] * fig["repeats"], 1))
+    edge = getattr(vlm, "longest_edge", None) or shape.image_size
+    misses = getattr(vlm, "image_cache_misses", 0) / max(fig["images"] * (fig["repeats"] + 1), 1)
+    model = {
+        "vision": misses * shape.vision_flops(edge) / lim["flops"],
+        "prefill": shape.prefill_flops(int(new_tokens)) / lim["flops"],
+        "decode": fig["engine_tokens_per_image"] * shape.decode_bytes(1, int(fig["prompt_tokens_per_image"] / 3))
+        / lim["bandwidth"],
+    }
+    out = {"device": lim["name"], "peak_tflops": round(lim["flops"] / 1e12, 3),
+           "bandwidth_gbs": round(lim["bandwidth"] / 1e9, 1)}
+    for k, limit in model.items():
+        t = st.get(f"vlm_{k}")
+        out[k] = {"limit_s": round(limit, 6), "measured_s": t,
+                  "fraction_of_limit": round(limit / t, 4) if t else None}
+    return out
+
+
+def print_report(f: dict[str, Any]) -> None:
+    es, ns = f["engine_stage_s_per_image"], f.get("naive_stage_s_per_image", {})
+    print(f"\n{'stage':<14} {'engine s/img':>13} {'naive s/img':>12}")
+    keys = ["decode", "embed", "retrieve", "saliency", "prompt", "generate", "vlm_vision", "vlm_prefill",
+            "vlm_decode", "score"]
+    for k in keys:
+        if k in es or k in ns:
+            print(f"{k:<14} {es.get(k, 0.0):>13.4f} {ns.get(k, 0.0) if k in ns else float('nan'):>12.4f}")
+    print(f"\n{'':<22} {'engine':>10} {'naive':>10}")
+    print(f"{'images/s':<22} {f['engine_images_per_s']:>10.3f} {f.get('naive_images_per_s', float('nan')):>10.3f}")
+    print(f"{'p50 s/image':<22} {f['engine_p50_s']:>10.3f} {f.get('naive_p50_s', float('nan')):>10.3f}")
+    print(f"{'p95 s/image':<22} {f['engine_p95_s']:>10.3f} {f.get('naive_p95_s', float('nan')):>10.3f}")
+    print(f"{'generated tokens/img':<22} {f['engine_tokens_per_image']:>10.1f} "
+          f"{f.get('naive_tokens_per_image', float('nan')):>10.1f}")
+    if "speedup" in f:
+        print(f"speedup {f['speedup']:.2f}x   pipelines {f['pipelines']}   prompt tokens/img "
+              f"{f['prompt_tokens_per_image']:.0f}")
+    print(f"prefix cache, refinement rounds: prompt tokens {f['refine_prompt_tokens']}, shared with an earlier "
+          f"prompt (cacheable) {f['refine_cacheable_tokens']}, served from the cache {f['refine_cached_tokens']}, "
+          f"block size {f['block_size']}, hit rate {f['prefix_cache_hit_rate']}")
+    lim = f.get("limits") or {}
+    if lim:
+        print(f"limits ({lim['device']}, {lim['peak_tflops']} TFLOP/s, {lim['bandwidth_gbs']} GB/s): " + ", ".join(
+            f"{k} {v['fraction_of_limit']}" for k, v in lim.items() if isinstance(v, dict)) + " of the limit")
+    print(f"peak RSS {f['peak_rss_mb']} MB, peak GPU {f['peak_gpu_mb']} MB")
+
+
+def markdown(f: dict[str, Any]) -> str:
+    es, ns = f["engine_stage_s_per_image"], f.get("naive_stage_s_per_image", {})
+    lines = [f"# loop benchmark ({f['backend']}, {f['model']}, batch {f['batch']}, S={f['S']} T={f['T']} "
+             f"R={f['R']} L={f['L']})", "", "| stage | engine s/image | naive s/image |", "|---|---|---|"]
+    for k in sorted(set(es) | set(ns)):
+        lines.append(f"| {k} | {es.get(k, float('nan')):.4f} | {ns.get(k, float('nan')):.4f} |")
+    lines += ["", "| figure | engine | naive |", "|---|---|---|",
+              f"| images/s | {f['engine_images_per_s']} | {f.get('naive_images_per_s')} |",
+              f"| p50 s/image | {f['engine_p50_s']} | {f.get('naive_p50_s')} |",
+              f"| p95 s/image | {f['engine_p95_s']} | {f.get('naive_p95_s')} |",
+              f"| generated tokens/image | {f['engine_tokens_per_image']} | {f.get('naive_tokens_per_image')} |",
+              "", f"speedup: {f.get('speedup')}; prefix-cache hit rate (refinement rounds): "
+              f"{f['prefix_cache_hit_rate']}; peak RSS {f['peak_rss_mb']} MB; git {f['git']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(f: dict[str, Any]) -> Any:
+    import matplotlib.pyplot as plt
+
+    es, ns = f["engine_stage_s_per_image"], f.get("naive_stage_s_per_image", {})
+    keys = [k for k in ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score") if k in es or k in ns]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(keys))
+    ax.bar(x - 0.2, [es.get(k, 0) for k in keys], 0.4, label="engine")
+    if ns:
+        ax.bar(x + 0.2, [ns.get(k, 0) for k in keys], 0.4, label="naive")
+    ax.set_xticks(x, keys)
+    ax.set_ylabel("seconds per image")
+    ax.set_title(f"loop: {f['engine_images_per_s']:.2f} vs {f.get('naive_images_per_s', 0):.2f} images/s")
+    ax.legend()
+    return fig
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class Cropper:
         self.templates = templates or load_templates(cfg.vlm.template or None)
         self.reasons = reasons or {}
         self.example_images = ImageCache()
+        self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
         self.zero_shot = vlm is not None and (index is None or not index.has_images())
         if self.zero_shot:
             self.reasons.setdefault("zero_shot", "no example index with images: the VLM runs zero-shot (S=0)")
@@ -375,12 +376,17 @@ class Cropper:
         from cropper_engine.models.base import Generation
 
         p = GenerationParams(**{**params.__dict__, "seed": (params.seed or 0) + salt})
+        inner = getattr(self.vlm, "stage_times", None)
+        before = dict(inner) if inner is not None else {}
         try:
             gens = self.vlm.generate(convs, p)  # type: ignore[union-attr]
         except Exception as exc:
             for job in jobs:
                 job.notes.append(f"VLM error: {type(exc).__name__}: {exc}")
             return [Generation([]) for _ in convs]
+        if inner is not None:  # the backend's own split of the generate time
+            for k, v in inner.items():
+                self.vlm_stage_times[k] = self.vlm_stage_times.get(k, 0.0) + v - before.get(k, 0.0)
         for job, g in zip(jobs, gens, strict=True):
             job.tokens["prompt"] += g.prompt_tokens
             job.tokens["generated"] += g.generated_tokens

@@ -118,6 +118,7 @@ class TransformersVLM:
         self.prefix_store: PrefixStore | None = PrefixStore() if prefix_cache else None
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
+        self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
         self.path = path
         self.id = f"transformers:{model}"
 
@@ -227,8 +228,10 @@ class TransformersVLM:
             pix = self.processor.image_processor([[self._fit(todo[i])] for i in order], return_tensors="pt")
             pv = pix["pixel_values"].to(self.device, self.dtype)
             pam = pix.get("pixel_attention_mask")
+            t0 = time.perf_counter()
             out = self.model.get_image_features(pv, pam.to(self.device) if pam is not None else None,
                                                 return_dict=True)
+            self._tick("vision", t0)
             feats = out.pooler_output
             for k, i in enumerate(order):
                 new[i] = feats[k]
@@ -437,6 +440,7 @@ class TransformersVLM:
 
         ids = inputs["input_ids"]
         cache, logits, row_mask, row_pos = self._prefill(inputs)
+        t_decode = time.perf_counter()
         cache = slab_cache(cache, ids.shape[0] * n, row_mask.shape[1] + params.max_new_tokens)
         eos = set(self.eos_token_ids)
         compiled = None
@@ -518,6 +522,7 @@ class TransformersVLM:
             out = self.model(input_ids=torch.tensor(tokens, device=ids.device)[:, None], attention_mask=row_mask,
                              position_ids=row_pos[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1, :].float()
+        self._tick("decode", t_decode)
         return [seq for per in done for seq in per]
 
     def _prefill(self, inputs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -533,6 +538,7 @@ class TransformersVLM:
         feats, counts, uuids = inputs.get("_feats"), inputs.get("_counts"), inputs.get("_uuids")
         extra = {k: v for k, v in inputs.items() if not k.startswith("_") and k not in ("input_ids", "attention_mask")}
         rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+        t0 = time.perf_counter()
         plan = keys = None
         self.last_cached = [0] * len(rows)
         if counts is not None and self.prefix_store is not None:
@@ -567,7 +573,16 @@ class TransformersVLM:
             self.prefix_store.add(keys, cache, spans)
         logits = out.logits[:, -1, :].float()
         del out
+        self._tick("prefill", t0)
         return cache, logits, row_mask, row_pos.clone() if isinstance(row_pos, torch.Tensor) else row_pos
+
+    def _tick(self, stage: str, t0: float) -> None:
+        """Add the time since t0 to a stage (CUDA work is awaited first, so the figure is true)."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        self.stage_times[stage] = self.stage_times.get(stage, 0.0) + time.perf_counter() - t0
 
     def _image_token_id(self) -> int | None:
         tok = getattr(self.processor, "image_token", None)

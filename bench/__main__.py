@@ -1,0 +1,30 @@
+"""`python -m bench NAME [args]`: the benchmarks, one entry point.
+
+    python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
+    python -m bench index [--quick]               the example index (build, query, recall, load)
+    python -m bench cost [--device h100]          the cost model's limits at full size
+    python -m bench default [--quick]             the no-VLM default pipeline's speed per stage
+    python -m bench serve                         the HTTP service under 1, 4 and 16 clients
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
+            "default": "bench.default_bench", "serve": "bench.serve_bench", "fullsize": "bench.fullsize"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) < 2 else 2)
+    name = sys.argv.pop(1)
+    sys.argv[0] = f"python -m bench {name}"
+    mod = importlib.import_module(COMMANDS[name])
+    mod.main()
+
+
+if __name__ == "__main__":
+    main()

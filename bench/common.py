@@ -1,0 +1,125 @@
+"""What every benchmark report carries: provenance, the device and its limits, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "vllm", "numpy", "hnswlib", "open_clip"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except ImportError:
+            continue
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    import os
+
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return None
+
+
+def measured_cpu_limits(seconds: float = 0.6) -> dict[str, float]:
+    """This CPU's achievable fp32 matmul FLOP/s and copy bandwidth (a measured stand-in for a
+    datasheet peak, which a VM's CPU does not publish)."""
+    import torch
+
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    torch.mm(a, b)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        n += 1
+    flops = n * 2 * 1024**3 / (time.perf_counter() - t0)
+    x = torch.empty(64 * 2**20 // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:
+        y.copy_(x)
+        n += 1
+    bw = n * 2 * x.numel() * 4 / (time.perf_counter() - t0)  # read + write
+    return {"flops": flops, "bandwidth": bw, "name": f"this CPU (measured fp32 matmul / copy, "
+                                                     f"{torch.get_num_threads()} threads)"}
+
+
+def device_limits() -> dict[str, Any]:
+    """Peak FLOP/s and bandwidth of the device the benchmark runs on."""
+    from bench.costmodel import DEVICES
+
+    info = device_info()
+    gpu = str(info.get("gpu", "")).lower()
+    for key, lim in DEVICES.items():
+        if key in gpu:
+            return dict(lim)
+    if gpu:
+        return {"name": info["gpu"], "flops": float("nan"), "bandwidth": float("nan")}
+    return measured_cpu_limits()
+
+
+def write_results(name: str, figures: dict[str, Any], table_md: str, plot: Any | None = None) -> dict[str, str]:
+    """bench/results/<name>-<UTC time>.json / .md / .png; returns the paths."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    base = RESULTS / f"{name}-{stamp}"
+    figures = {**figures, "git": git_sha(), "device": device_info(), "versions": versions(),
+               "created": stamp}
+    paths = {"json": str(base.with_suffix(".json")), "md": str(base.with_suffix(".md"))}
+    Path(paths["json"]).write_text(json.dumps(figures, indent=2, default=str))
+    Path(paths["md"]).write_text(table_md)
+    if plot is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            fig = plot()
+            paths["png"] = str(base.with_suffix(".png"))
+            fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
+        except ImportError:
+            pass
+    return paths
