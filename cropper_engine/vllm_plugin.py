@@ -84,9 +84,10 @@ def patch_idefics2_processor(processor_cls: type | None = None) -> list[str]:
         # go together: a processor that defines its own replace_image_token reports offsets already.
         processor_cls.replace_image_token = _replace_image_token
         added.append("replace_image_token")
-        call = processor_cls.__dict__.get("__call__")
-        if call is not None and not getattr(call, _MARK, False):
-            setattr(processor_cls, _LEGACY_CALL, call)
+        # The processor's own __call__ (Idefics2Processor's, or a parent's) knows nothing of offsets;
+        # ProcessorMixin's does, and needs no wrapper.
+        if _origin(processor_cls, "__call__") == "native":
+            setattr(processor_cls, _LEGACY_CALL, processor_cls.__call__)
             processor_cls.__call__ = _call
             added.append("__call__")
     if added:

@@ -14,7 +14,8 @@ from typing import Any
 
 
 def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
-    """A DynamicCache whose layers are slabs holding `cache`'s content (prefill KV)."""
+    """A DynamicCache whose layers are slabs holding `cache`'s content (prefill KV); the slabs
+    start with `rows_cap` rows and grow if more rows go live."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -59,6 +60,13 @@ def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
             return self.length
 
         def move_rows(self, src: Any, dst: Any, n: int) -> None:
+            if n > self.k.shape[0]:  # more live rows than slots: grow (rare at low temperatures)
+                cap = max(n, 2 * self.k.shape[0])
+                for name in ("k", "v"):
+                    old = getattr(self, name)
+                    new = old.new_zeros((cap, *old.shape[1:]))
+                    new[: self.n] = old[: self.n]
+                    setattr(self, name, new)
             if len(src):
                 self.k[dst] = self.k[src]
                 self.v[dst] = self.v[src]

@@ -96,7 +96,7 @@ class TransformersVLM:
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
                  batch_size: int = 8, sampling: str = "grouped", attention: str = "auto",
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, preloaded: Any = None):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
@@ -115,7 +115,7 @@ class TransformersVLM:
         self._features: OrderedDict[str, Any] = OrderedDict()
         self._feature_mode: str | None = None
         self.image_cache_hits = self.image_cache_misses = 0
-        self.prefix_store: PrefixStore | None = PrefixStore() if prefix_cache else None
+        self.prefix_store: PrefixStore | None = PrefixStore(_prefix_budget(self.device)) if prefix_cache else None
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
         self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
@@ -128,7 +128,8 @@ class TransformersVLM:
             kwargs["device_map"] = self.device  # load straight onto the GPU
         try:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            self.model = preloaded if preloaded is not None else \
+                AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         except OSError as e:  # a partial download: config.json there, weights or tokenizer not
             raise ModelNotFoundError(f"model {str(model)!r} in {path} is incomplete ({e}); download it "
                                      "again with `huggingface-cli download` on a machine with internet") from e
@@ -441,7 +442,8 @@ class TransformersVLM:
         ids = inputs["input_ids"]
         cache, logits, row_mask, row_pos = self._prefill(inputs)
         t_decode = time.perf_counter()
-        cache = slab_cache(cache, ids.shape[0] * n, row_mask.shape[1] + params.max_new_tokens)
+        # room for two live rows per prompt to start with: samples at low temperatures rarely split more
+        cache = slab_cache(cache, ids.shape[0] * min(n, 2), row_mask.shape[1] + params.max_new_tokens)
         eos = set(self.eos_token_ids)
         compiled = None
         if params.grammar is not None:
@@ -570,7 +572,10 @@ class TransformersVLM:
             self.last_cached = list(plan.lengths)
         self.prompt_tokens_seen += sum(len(r) for r in rows)
         if self.prefix_store is not None and keys is not None:
-            self.prefix_store.add(keys, cache, spans)
+            # keep prompts that are mostly new (round 0); a refinement prompt adds nothing a later
+            # round could reuse beyond the round-0 prefix it already shares
+            fresh = [i for i, r in enumerate(rows) if plan is None or plan.lengths[i] < len(r) // 2]
+            self.prefix_store.add([keys[i] for i in fresh], cache, [spans[i] for i in fresh], rows=fresh)
         logits = out.logits[:, -1, :].float()
         del out
         self._tick("prefill", t0)
@@ -648,6 +653,15 @@ class PrefixPlan:
             pos[i, s - m:] = torch.arange(n, len(r))
             spans.append([(c - n, c), (c + s - m, c + s)])
         return cache, feed.to(device), mask.to(device), pos.to(device), spans
+
+
+def _prefix_budget(device: str) -> int:
+    """Bytes the prefix store may hold: a quarter of the GPU's memory, 2 GiB on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(0.25 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return 2 << 30
 
 
 def image_keys(ids: list[int], uuids: list[str | None], image_token: int | None) -> Any:
@@ -734,13 +748,15 @@ class PrefixStore:
             return None
         return PrefixPlan(entries, lengths, rows, images)
 
-    def add(self, rows: list[Any], cache: Any, spans: list[list[tuple[int, int]]]) -> None:
-        """Keep each row's prompt KV (its real columns of `cache`, in order), under its key sequence."""
+    def add(self, keys: list[Any], cache: Any, spans: list[list[tuple[int, int]]],
+            rows: list[int] | None = None) -> None:
+        """Keep prompts' KV (their real columns of `cache`, in order) under their key sequences;
+        `rows` are their batch rows in `cache` (default 0..n-1)."""
         import numpy as np
         import torch
 
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        for i, (r, sp) in enumerate(zip(rows, spans, strict=True)):
+        for i, r, sp in zip(rows if rows is not None else range(len(keys)), keys, spans, strict=True):
             kv = []
             for k, v in layers:
                 kv.append((torch.cat([k[i, :, a:z] for a, z in sp], dim=1).clone(),

@@ -1,0 +1,339 @@
+"""The `openai` backend: the VLM lives in another process (or machine), behind an
+OpenAI-compatible chat completions server such as `vllm serve`.
+
+- Images travel as base64 data URLs (shrunk first to the model's longest edge, with the same
+  `ImageFitter` as the in-process backends); recurring images (retrieved examples) are encoded
+  once and carry their stable `uuid`, which vLLM uses as the cache key instead of re-hashing.
+  Nothing is ever sent as a remote URL.
+- The R candidates are one request with `n=R`; the box grammar goes as vLLM's structured outputs
+  (`structured_outputs: {"regex": ...}`). A server that refuses that field (400 naming it) is
+  asked again without it, and never again: the loop's parser copes with free text.
+- Every conversation of a batch is its own HTTP request, `concurrency` of them in flight at once
+  (the server batches them on its side).
+- Each request has a timeout and is retried (exponential backoff with jitter, the server's
+  Retry-After honoured) on connection errors, timeouts, 429 and 5xx. When a server stays
+  unreachable, `generate` raises `VLMUnavailableError` and the backend counts as down for
+  `cooldown_s` (calls fail at once, `is_down()` says so, the HTTP service answers 503); the first
+  call after the cooldown tries again, and a success clears it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cropper_engine.errors import BackendUnavailableError, CropperError, InputError
+from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.models.images import ImageFitter
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_EDGE = 1024  # longest image edge sent when the model's processor is not known here
+
+
+class VLMUnavailableError(BackendUnavailableError):
+    """The OpenAI-compatible server could not be reached (refused, timed out, 5xx) after retries."""
+
+
+class VLMRequestError(CropperError):
+    """The server answered, but refused the request (a 4xx other than 408 / 429)."""
+
+
+@dataclass(frozen=True)
+class OpenAIClientConfig:
+    base_url: str = "http://127.0.0.1:8001/v1"
+    api_key: str = ""
+    model: str = ""  # "": the first model the server lists at /models
+    timeout_s: float = 120.0  # per HTTP request (read); connect is capped at connect_timeout_s
+    connect_timeout_s: float = 5.0
+    max_retries: int = 2  # extra attempts per request
+    backoff_s: float = 0.25  # first retry delay; doubles each time, with jitter
+    concurrency: int = 8  # HTTP requests in flight at once
+    cooldown_s: float = 5.0  # after the server was found unreachable: fail fast for this long
+    image_format: str = "jpeg"  # jpeg | png (lossless, several times larger)
+    jpeg_quality: int = 92
+    longest_edge: int | None = None  # shrink images to this before sending (None: DEFAULT_EDGE)
+    structured: str = "auto"  # auto | on | off: send the box grammar as structured outputs
+    send_uuids: bool = True
+
+
+class OpenAIBackend:
+    """The VLM protocol over HTTP to an OpenAI-compatible server."""
+
+    def __init__(self, config: OpenAIClientConfig, transport: Any = None) -> None:
+        import httpx
+
+        if config.image_format not in ("jpeg", "png"):
+            raise InputError(f"image_format must be jpeg or png, got {config.image_format!r}")
+        if config.structured not in ("auto", "on", "off"):
+            raise InputError(f"structured must be auto, on or off, got {config.structured!r}")
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise InputError(f"vlm.base_url must be an http(s) URL, got {config.base_url!r}")
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        timeout = httpx.Timeout(config.timeout_s, connect=min(config.connect_timeout_s, config.timeout_s))
+        limits = httpx.Limits(max_connections=max(config.concurrency, 1) + 2,
+                              max_keepalive_connections=max(config.concurrency, 1) + 2)
+        self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits, transport=transport,
+                                  trust_env=False)
+        self._pool = ThreadPoolExecutor(max_workers=max(config.concurrency, 1), thread_name_prefix="vlm-http")
+        self._fit = ImageFitter(config.longest_edge or DEFAULT_EDGE)
+        self._urls: OrderedDict[str, str] = OrderedDict()  # uuid -> data URL
+        self._lock = threading.Lock()
+        self._model = config.model
+        self._structured: bool | None = {"on": True, "off": False}.get(config.structured)
+        self._down_until = 0.0
+        self.last_error = ""
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "unavailable": 0}
+        self.id = f"openai:{config.model or '?'}@{self.base_url}"
+
+    @classmethod
+    def from_config(cls, cfg: Any, transport: Any = None) -> OpenAIBackend:
+        v = cfg.vlm
+        model, edge = _served_name(v.model)
+        return cls(OpenAIClientConfig(
+            base_url=v.base_url, api_key=v.api_key, model=model, timeout_s=v.timeout_s,
+            concurrency=max(v.batch_size, 1), longest_edge=edge,
+            structured="auto" if v.constrained else "off",
+        ), transport=transport)
+
+    # --- health -------------------------------------------------------------------------
+    def is_down(self) -> bool:
+        """True while the server is known unreachable (within the cooldown after a failure)."""
+        return time.monotonic() < self._down_until
+
+    def retry_after(self) -> int:
+        return max(1, round(max(self._down_until - time.monotonic(), self.config.cooldown_s)))
+
+    def health(self, timeout_s: float = 2.0) -> bool:
+        """Ask the server for its models (short timeout); clears the down state when it answers."""
+        try:
+            r = self._http.get(f"{self.base_url}/models", timeout=timeout_s)
+            ok = r.status_code == 200
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            ok = False
+        if ok:
+            self._down_until = 0.0
+            if not self._model:
+                self._model = self._first_model(r.json())
+        return ok
+
+    @property
+    def model(self) -> str:
+        if not self._model:
+            r = self._request("GET", f"{self.base_url}/models")
+            self._model = self._first_model(r.json())
+        return self._model
+
+    def _first_model(self, data: Any) -> str:
+        try:
+            name = str(data["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise VLMRequestError(f"{self.base_url}/models lists no model") from None
+        self.id = f"openai:{name}@{self.base_url}"
+        return name
+
+    # --- the VLM protocol ---------------------------------------------------------------
+    def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:
+        if not conversations:
+            return []
+        if self.is_down():
+            raise VLMUnavailableError(f"{self.base_url} is unreachable ({self.last_error}); "
+                                      f"retrying in {self.retry_after()} s")
+        model = self.model
+        bodies = [self.body(c, params, model) for c in conversations]
+        futures = [self._pool.submit(self._complete, b, params.grammar) for b in bodies]
+        results: list[Generation | BaseException] = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as exc:
+                results.append(exc)
+        gone = next((e for e in results if isinstance(e, VLMUnavailableError)), None)
+        if gone is not None:
+            raise gone
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors and len(errors) == len(results):
+            raise errors[0]
+        for e in errors:
+            log.warning("VLM request failed: %s", e)
+        return [r if isinstance(r, Generation) else Generation([]) for r in results]
+
+    def body(self, conversation: Conversation, params: GenerationParams, model: str) -> dict[str, Any]:
+        """The chat completions request for one conversation."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [self._message(m) for m in conversation],
+            "n": params.n,
+            "max_tokens": params.max_new_tokens,
+            "temperature": float(params.temperature),
+            "top_p": float(params.top_p),
+        }
+        if params.seed is not None:
+            body["seed"] = int(params.seed)
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.grammar is not None and self._structured is not False:
+            body["structured_outputs"] = {"regex": params.grammar.regex()}
+        return body
+
+    def _message(self, msg: Any) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        for part in msg.content:
+            if isinstance(part, ImagePart):
+                item: dict[str, Any] = {"type": "image_url", "image_url": {"url": self.data_url(part)}}
+                if part.uuid and self.config.send_uuids:
+                    item["uuid"] = part.uuid
+                content.append(item)
+            elif isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            else:
+                raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
+        return {"role": msg.role, "content": content}
+
+    def data_url(self, part: ImagePart) -> str:
+        """The image (its region, fitted to the model) as a data URL; recurring uuids encoded once."""
+        key = part.uuid if part.uuid and part.box is None else None
+        if key is not None:
+            with self._lock:
+                hit = self._urls.get(key)
+                if hit is not None:
+                    self._urls.move_to_end(key)
+                    return hit
+        with self._lock:  # the fitter's caches are not thread-safe
+            img = self._fit(part)
+        buf = io.BytesIO()
+        if self.config.image_format == "png":
+            img.convert("RGB").save(buf, "PNG")
+            mime = "image/png"
+        else:
+            img.convert("RGB").save(buf, "JPEG", quality=self.config.jpeg_quality)
+            mime = "image/jpeg"
+        url = f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        if key is not None:
+            with self._lock:
+                self._urls[key] = url
+                if len(self._urls) > 256:
+                    self._urls.popitem(last=False)
+        return url
+
+    # --- HTTP -----------------------------------------------------------------------------
+    def _complete(self, body: dict[str, Any], grammar: Any) -> Generation:
+        try:
+            r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
+        except VLMRequestError as exc:
+            if "structured_outputs" in body and self._structured is None and "structured_outputs" in str(exc):
+                log.warning("%s refuses structured outputs; asking without them from now on", self.base_url)
+                self._structured = False
+                body = {k: v for k, v in body.items() if k != "structured_outputs"}
+                r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
+            else:
+                raise
+        if "structured_outputs" in body and self._structured is None:
+            self._structured = True
+        try:
+            data = r.json()
+            texts = [str((c.get("message") or {}).get("content") or "") for c in data["choices"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise VLMRequestError(f"{self.base_url}: not a chat completion: {r.text[:200]!r}") from None
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return Generation(
+            texts=texts,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            generated_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+        )
+
+    def _request(self, method: str, url: str, **kw: Any) -> Any:
+        """One HTTP call with retries; VLMUnavailableError when the server stays unreachable."""
+        import httpx
+
+        attempts = 1 + max(self.config.max_retries, 0)
+        last = ""
+        for attempt in range(attempts):
+            if attempt:
+                self.stats["retries"] += 1
+            self.stats["requests"] += 1
+            wait = self.config.backoff_s * (2 ** attempt) * (0.5 + random.random())
+            try:
+                r = self._http.request(method, url, **kw)
+            except httpx.TransportError as exc:  # refused, reset, timed out
+                last = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            else:
+                if r.status_code < 400:
+                    self._down_until = 0.0
+                    return r
+                if r.status_code not in RETRY_STATUS:
+                    self.stats["failures"] += 1
+                    raise VLMRequestError(f"{url} answered {r.status_code}: {_error_text(r)}")
+                last = f"HTTP {r.status_code}: {_error_text(r)}"
+                wait = max(wait, min(_retry_after(r), 10.0))
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+        self.stats["unavailable"] += 1
+        self.last_error = last
+        self._down_until = time.monotonic() + self.config.cooldown_s
+        raise VLMUnavailableError(f"{url}: {last} (after {attempts} attempts)")
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "base_url": self.base_url, "model": self._model or None,
+                "structured_outputs": self._structured, "down": self.is_down(), **self.stats}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+
+def _error_text(r: Any) -> str:
+    try:
+        d = r.json()
+        if isinstance(d, dict):
+            e = d.get("error", d.get("message", d.get("detail", d)))
+            if isinstance(e, dict):
+                e = e.get("message", e)
+            return str(e)[:300]
+    except ValueError:
+        pass
+    return r.text[:300]
+
+
+def _retry_after(r: Any) -> float:
+    try:
+        return float(r.headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0
+
+
+def _served_name(model: str) -> tuple[str, int | None]:
+    """vlm.model -> the name to send (and the longest image edge, when the folder is here).
+
+    auto / none / "": ask the server; a registry name: its hub id (what `vllm serve ID` serves);
+    a local folder or anything else: as given (vLLM serves a folder under its path).
+    """
+    from cropper_engine.models.registry import MODELS
+
+    name = (model or "").strip()
+    if name.lower() in ("", "auto", "none", "off"):
+        return "", None
+    if name in MODELS:
+        return MODELS[name].hub_id, None
+    p = Path(name).expanduser()
+    if p.is_dir():
+        from cropper_engine.models.vlm_vllm import _processor_edge
+
+        return name, _processor_edge(p)
+    return name, None
