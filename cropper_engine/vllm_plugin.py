@@ -23,6 +23,15 @@ Without `return_text_replacement_offsets` the processor's original `__call__` ru
 users see no change. Set CROPPER_VLLM_PLUGIN=0 to turn the plugin off (or list the plugins vLLM may
 load in VLLM_PLUGINS).
 
+Token ids then match transformers' exactly (tests/test_vllm_plugin.py), given three things the
+caller provides: `LLM.chat(..., tokenization_kwargs={"add_special_tokens": True})` (the Idefics2
+chat template writes no `<s>`, the processor adds one); text after every image that starts with a
+newline or a space (Idefics2Processor inserts a space before a word glued to an image, vLLM does
+not); no two images back to back (Idefics2Processor lets them share one fake token, vLLM expands
+each image on its own). Image splitting must be set for the engine (the model's processor config or
+`LLM(mm_processor_kwargs={"do_image_splitting": ...})`), not per request: vLLM counts each image's
+pixel rows with the engine's settings.
+
 Importing this module is cheap (nothing but the standard library) and works without vLLM.
 """
 
@@ -109,11 +118,13 @@ def is_patched(processor_cls: type | None = None) -> bool:
 def _origin(cls: type, name: str) -> str | None:
     """Who provides `cls.name`: "ProcessorMixin" (whose replace_image_token only raises
     NotImplementedError), "plugin" (added here), "native" (transformers' own), or None."""
+    mixin = next((k for k in cls.__mro__ if k.__name__ == "ProcessorMixin"), None)
     for klass in cls.__mro__:
         if name in klass.__dict__:
-            if getattr(klass.__dict__[name], _MARK, False):
+            fn = klass.__dict__[name]
+            if getattr(fn, _MARK, False):
                 return "plugin"
-            return "ProcessorMixin" if klass.__name__ == "ProcessorMixin" else "native"
+            return "ProcessorMixin" if mixin is not None and fn is mixin.__dict__.get(name) else "native"
     return None
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     from cropper_engine.models.tiny_vlm import make_tiny_idefics2
 
     out = tmp_path_factory.mktemp("tiny")
+    if "vllm" in sys.modules:
+        # an in-process vLLM engine rewrites transformers' model classes: build in a fresh process
+        code = ("import sys; from pathlib import Path; from cropper_engine.models.tiny import make_tiny_clip; "
+                "from cropper_engine.models.tiny_vlm import make_tiny_idefics2; o = Path(sys.argv[1]); "
+                "make_tiny_idefics2(o / 'idefics2'); make_tiny_clip(o / 'clip')")
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=300)
+        return out
     make_tiny_idefics2(out / "idefics2")
     make_tiny_clip(out / "clip")
     return out

@@ -51,7 +51,9 @@ def test_too_many_and_too_few():
 
 
 def test_degenerate_and_garbage():
-    assert parse_boxes("(5, 100, 100, 100, 900)").boxes == []
+    res = parse_boxes("(5, 100, 100, 100, 900)")  # a line: widened to one unit, not lost
+    assert coords(res) == [(99.5, 100, 100.5, 900)] and "degenerate boxes widened" in res.repairs
+    assert coords(parse_boxes("(5, 1000, 1, 1000, 1)")) == [(999, 1, 1000, 2)]
     assert not parse_boxes("I cannot help with that.").ok
     assert not parse_boxes("").ok
     assert not parse_boxes(None).ok
@@ -90,6 +92,14 @@ def test_never_raises_on_adversarial_text(text):
 def test_well_formed_boxes_round_trip(boxes):
     text = ", ".join(f"({s}, {a}, {b}, {c}, {d})" for a, b, c, d, s in boxes)
     res = parse_boxes(text)
-    want = [(min(a, c), min(b, d), max(a, c), max(b, d)) for a, b, c, d, _ in boxes
-            if abs(a - c) >= 1 and abs(b - d) >= 1]
+    def span(p, q):  # a zero-width span becomes one unit about its point, kept inside 1..1000
+        if p != q:
+            return min(p, q), max(p, q)
+        mid = min(max(p, 1.5), 999.5)
+        return mid - 0.5, mid + 0.5
+
+    want = []
+    for a, b, c, d, _ in boxes:
+        (x1, x2), (y1, y2) = span(a, c), span(b, d)
+        want.append((x1, y1, x2, y2))
     assert coords(res) == want

