@@ -98,7 +98,8 @@ class Generation:
     texts: list[str]
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    cached_tokens: int | None = None  # prompt tokens served from a prefix cache
+    cached_tokens: int | None = None  # prompt tokens served from a prefix cache (vLLM with n > 1:
+    # its count also includes the n samples reusing their own prompt's blocks)
     shared_tokens: int | None = None  # prompt tokens shared with an earlier prompt (cacheable)
 
 
