@@ -148,7 +148,7 @@ class NaiveLoop:
             for tx in texts:
                 for pb in parse_boxes(tx, 1).boxes:
                     b = Box.from_norm(pb.as_tuple(), w, h).clamp(w, h)
-                    if b.is_valid():
+                    if b.width >= 2 and b.height >= 2:  # a plain loop drops what it can't cut out
                         boxes.append(b)
             boxes = [boxes[i] for i in dedupe(boxes, cfg.loop.nms_iou)]
             scores = self.score(image, boxes)
@@ -216,7 +216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tiny = make_tiny_clip(work / "clip")
         clip_spec = f"open_clip-dir:{tiny['open_clip']}" if "open_clip" in tiny else f"hf-clip:{tiny['hf_clip']}"
     emb = load_embedder(clip_spec, device="cpu")
-    train, queries = load_inputs(Path(args.data), args.index_size, n_images, work)
+    # every run crops images it has not seen: a repeat of the same images would be served from
+    # the prefix and feature caches, which real traffic is not
+    runs = args.warmup + repeats
+    train, queries = load_inputs(Path(args.data), args.index_size, n_images * runs + 4, work)
+    queries, probe_queries = queries[: n_images * runs], queries[n_images * runs:]
     if args.image_size:
         queries = _resized(queries, args.image_size, work)
     ExampleIndex.build(train, emb, work / "index")
@@ -226,6 +230,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
         "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best",
         "vlm.block_size": args.block_size, "vlm.dtype": args.dtype})
+    naive = None
+    if not args.no_naive:
+        # the naive loop runs transformers as it comes: stock attention, its own generate
+        naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, attention="stock")
+        naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
+    def run_queries(k: int) -> list[str]:
+        return queries[k * n_images:(k + 1) * n_images]
+
+    def run_naive(k: int) -> list[float]:
+        lat = []
+        for q in run_queries(k):
+            t0 = time.perf_counter()
+            naive.crop(q)  # type: ignore[union-attr]
+            lat.append(time.perf_counter() - t0)
+        return lat
+
+    naive_lat, naive_wall = [], []
+
+    def naive_phase() -> None:
+        naive.crop(queries[0])  # type: ignore[union-attr]  # warm-up
+        naive.stages.clear()  # type: ignore[union-attr]
+        naive.generated = 0  # type: ignore[union-attr]
+        for run_k in range(args.warmup, runs):
+            t0 = time.perf_counter()
+            naive_lat.extend(run_naive(run_k))
+            naive_wall.append(time.perf_counter() - t0)
+
+    print(f"{n_images} images, batch {args.batch}, S={args.S} T={args.T} R={args.R} L={args.L} ...", file=sys.stderr)
+    if naive is not None and args.backend == "vllm":
+        # an in-process vLLM engine rewrites transformers' model classes: the naive loop runs first
+        naive_phase()
     if args.backend == "vllm":
         from cropper_engine.models.registry import resolve_model
         from cropper_engine.models.vlm_vllm import VLLMBackend
@@ -234,48 +269,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, batch_size=args.batch)
     engine = Cropper.from_config(cfg, embedder=emb, index=index, vlm=vlm)
-    naive = None
-    if not args.no_naive:
-        # the naive loop runs transformers as it comes: stock attention, its own generate
-        naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, attention="stock")
-        naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
-    reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]
-    batches = [reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)]
 
-    def run_engine() -> tuple[list[float], list[Any]]:
+    def run_engine(k: int) -> tuple[list[float], list[Any]]:
+        reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in run_queries(k)]
         lat, outs = [], []
-        for b in batches:
+        for b in (reqs[i:i + args.batch] for i in range(0, len(reqs), args.batch)):
             t0 = time.perf_counter()
             outs.extend(engine.crop_batch(b))
             lat.extend([time.perf_counter() - t0] * len(b))  # every image of a batch waits for the batch
         return lat, outs
 
-    def run_naive() -> list[float]:
-        lat = []
-        for q in queries:
-            t0 = time.perf_counter()
-            naive.crop(q)  # type: ignore[union-attr]
-            lat.append(time.perf_counter() - t0)
-        return lat
-
-    print(f"warm-up ({n_images} images, batch {args.batch}, S={args.S} T={args.T} R={args.R} L={args.L}) ...",
-          file=sys.stderr)
-    for _ in range(args.warmup):
-        run_engine()
-        if naive is not None:
-            naive.crop(queries[0])
-    if naive is not None:
-        naive.stages.clear()
-        naive.generated = 0
+    for k in range(args.warmup):
+        run_engine(k)
     engine.vlm_stage_times.clear()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    eng_lat, eng_wall, naive_lat, naive_wall, stages, eng_tokens, prompt_tokens = [], [], [], [], {}, 0, 0
+    eng_lat, eng_wall, stages, eng_tokens, prompt_tokens = [], [], {}, 0, 0
     refine = {"prompt": 0, "shared": 0, "cached": 0}
     pipelines: dict[str, int] = {}
-    for _ in range(repeats):
+    interleave = naive is not None and args.backend != "vllm"
+    if interleave:
+        naive.crop(queries[0])  # type: ignore[union-attr]  # warm-up
+        naive.stages.clear()  # type: ignore[union-attr]
+        naive.generated = 0  # type: ignore[union-attr]
+    for run_k in range(args.warmup, runs):
         t0 = time.perf_counter()
-        lat, outs = run_engine()
+        lat, outs = run_engine(run_k)
         eng_wall.append(time.perf_counter() - t0)
         eng_lat += lat
         for out in outs:
@@ -289,9 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if t["round"] >= 1:  # refinement rounds: what a prefix cache can serve
                         for key in refine:
                             refine[key] += t[key]
-        if naive is not None:
+        if interleave:  # engine and naive take turns, so machine noise hits both alike
             t0 = time.perf_counter()
-            naive_lat += run_naive()
+            naive_lat += run_naive(run_k)
             naive_wall.append(time.perf_counter() - t0)
     n = n_images
     per = repeats * n
@@ -318,6 +337,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         })
     block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
     hit_rate = refine["cached"] / refine["shared"] if refine["shared"] else None
+    if args.backend == "vllm":
+        # vLLM's count for an n>1 request also holds the samples reusing their own prompt, so the
+        # cross-round figure is measured apart: fresh queries, one sample, one refinement round
+        probe = prefix_probe(cfg, emb, index, vlm, probe_queries)
+        figures["prefix_probe"] = probe
+        hit_rate = probe["hit_rate"]
     figures.update({
         "refine_prompt_tokens": refine["prompt"], "refine_cacheable_tokens": refine["shared"],
         "refine_cached_tokens": refine["cached"], "block_size": block,
@@ -337,6 +362,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"results: {paths}", file=sys.stderr)
     print(json.dumps(figures))
     return figures
+
+
+def prefix_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -> dict[str, Any]:
+    """Round 1's prompt tokens served from the cache, against those it shares with round 0."""
+    import dataclasses
+
+    probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, candidates=1, rounds=1))
+    engine = Cropper.from_config(probe_cfg, embedder=emb, index=index, vlm=vlm)
+    tot = {"prompt": 0, "shared": 0, "cached": 0}
+    for out in engine.crop_batch([CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]):
+        for r in out:
+            for t in r.extra.get("tokens_by_round", []):
+                if t["round"] == 1:
+                    for k in tot:
+                        tot[k] += t[k]
+    tot["hit_rate"] = round(tot["cached"] / tot["shared"], 4) if tot["shared"] else None
+    return tot
 
 
 def _resized(paths: list[str], side: int, work: Path) -> list[str]:
@@ -401,6 +443,10 @@ def print_report(f: dict[str, Any]) -> None:
     print(f"prefix cache, refinement rounds: prompt tokens {f['refine_prompt_tokens']}, shared with an earlier "
           f"prompt (cacheable) {f['refine_cacheable_tokens']}, served from the cache {f['refine_cached_tokens']}, "
           f"block size {f['block_size']}, hit rate {f['prefix_cache_hit_rate']}")
+    if f.get("prefix_probe"):
+        p = f["prefix_probe"]
+        print(f"  (vLLM, measured with one sample per prompt: round 1 shares {p['shared']} of {p['prompt']} "
+              f"prompt tokens with round 0, {p['cached']} served from the cache)")
     lim = f.get("limits") or {}
     if lim:
         print(f"limits ({lim['device']}, {lim['peak_tflops']} TFLOP/s, {lim['bandwidth_gbs']} GB/s): " + ", ".join(
