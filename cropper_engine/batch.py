@@ -32,12 +32,15 @@ class InputItem:
     task: Task | None = None
 
 
-def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None]) -> Iterator[InputItem]:
-    """Images from files, directories (recursive, sorted per directory) and manifests."""
+def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None],
+                skip_dir: str | os.PathLike[str] | None = None) -> Iterator[InputItem]:
+    """Images from files, directories (recursive, sorted per directory) and manifests; a walk
+    never enters `skip_dir` (the output folder, which may sit inside an input folder)."""
+    skip = Path(skip_dir).resolve() if skip_dir else None
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            yield from _walk(p, p)
+            yield from _walk(p, p, skip)
         elif p.suffix.lower() in (".txt", ".jsonl") and p.is_file():
             yield from _manifest(p, on_error)
         elif p.exists() or is_image_path(p):
@@ -46,7 +49,7 @@ def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None]) -> Iter
             on_error(f"{src}: no such file or directory")
 
 
-def _walk(root: Path, d: Path) -> Iterator[InputItem]:
+def _walk(root: Path, d: Path, skip: Path | None = None) -> Iterator[InputItem]:
     try:
         entries = sorted(os.scandir(d), key=lambda e: e.name)
     except OSError:
@@ -55,7 +58,9 @@ def _walk(root: Path, d: Path) -> Iterator[InputItem]:
         if e.name.startswith("."):
             continue
         if e.is_dir(follow_symlinks=False):
-            yield from _walk(root, Path(e.path))
+            if skip is not None and Path(e.path).resolve() == skip:
+                continue
+            yield from _walk(root, Path(e.path), skip)
         elif Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
             yield InputItem(e.path, os.path.relpath(e.path, root))
 
@@ -89,10 +94,10 @@ def _manifest(p: Path, on_error: Callable[[str], None]) -> Iterator[InputItem]:
             yield InputItem(path, img.lstrip("/"), ratios, mask, task)
 
 
-def count_inputs(sources: Sequence[str]) -> int | None:
-    """A quick count for the progress bar (names only); None for manifests' bad lines."""
+def count_inputs(sources: Sequence[str], skip_dir: str | None = None) -> int | None:
+    """A quick count for the progress bar (names only)."""
     n = 0
-    for item in iter_inputs(sources, lambda _m: None):
+    for item in iter_inputs(sources, lambda _m: None, skip_dir):
         del item
         n += 1
     return n
@@ -215,7 +220,7 @@ def run_batch(
         errors_fh = (out / ERRORS).open("a")
     try:
         batch: list[tuple[InputItem, CropRequest]] = []
-        for item in iter_inputs(sources, err):
+        for item in iter_inputs(sources, err, out_dir):
             if writer is not None:
                 writer.inputs.add(str(Path(item.path).resolve()))
             it_task = item.task or task

@@ -181,3 +181,13 @@ def test_eval_bad_inputs():
     assert "nonexistent" in res.output and "Traceback" not in res.output
     res = run("eval", "--dataset", "fcdb", "--annotations", "x", "--method", "magic", ok=False)
     assert res.exit_code != 0
+
+
+def test_output_folder_inside_the_input_folder_is_not_cropped_again(photos, tmp_path):
+    src = tmp_path / "shoot"
+    src.mkdir()
+    for p in photos[:2]:
+        Image.open(p).save(src / Path(p).name)
+    run("crop", src, "--out", src / "out")
+    rows = [json.loads(x) for x in (src / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(Path(p).name for p in photos[:2])
