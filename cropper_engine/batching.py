@@ -36,7 +36,7 @@ from cropper_engine.errors import BackendUnavailableError, CropperError
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):  # noqa: N818 - the name says what happened
+class QueueFull(Exception):
     """The pending queue is at its bound; try again after `retry_after` seconds."""
 
     def __init__(self, retry_after: int) -> None:
@@ -44,11 +44,11 @@ class QueueFull(Exception):  # noqa: N818 - the name says what happened
         self.retry_after = retry_after
 
 
-class EngineStopped(Exception):  # noqa: N818
+class EngineStopped(Exception):
     """The engine is shutting down (or was never started)."""
 
 
-class VLMUnavailable(Exception):  # noqa: N818
+class VLMUnavailable(Exception):
     """The VLM backend could not be reached for this request; retry after `retry_after` s."""
 
     def __init__(self, message: str, retry_after: int = 5) -> None:

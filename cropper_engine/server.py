@@ -1,0 +1,736 @@
+"""The HTTP service: `create_app(config)` builds an ASGI app whose lifespan owns one engine.
+
+    POST /v1/crop      multipart (image, task, ratio, mask, id) or JSON (base64 image);
+                       answers a results.jsonl line, or the cropped image with ?return=image
+    GET  /v1/info      the pipeline, its models and the limits
+    GET  /healthz      alive;  GET /readyz: models loaded (and an external VLM reachable)
+    GET  /metrics      Prometheus: requests, latency per stage, queue depth, batch sizes, fallbacks
+    GET  /             a page to try it;  /docs, /openapi.json: the API
+
+Requests are decoded and checked on the event loop's thread pool (pre), cropped in batches by
+one engine thread (`batching.BatchingEngine`, core), and encoded back on the pool (post). Every
+bad input is a 4xx with a JSON body `{"error": {"type", "message"}}`; a full queue, a loading
+engine or an unreachable VLM server are 503 with Retry-After; a request over its time is 504.
+Images are only ever read from the request body: a URL is refused, never fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+
+from cropper_engine.config import Config, load_config
+from cropper_engine.errors import ConfigError, CropperError, ImageError, InputError
+
+log = logging.getLogger("cropper_engine.server")
+
+STATIC_DIR = Path(__file__).with_name("static")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+FORM_FIELDS = ("image", "task", "ratio", "mask", "id")
+_URL = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|//|www\.)", re.IGNORECASE)
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An answer other than 200: status, a short machine-readable type and a message."""
+
+    def __init__(self, status: int, type_: str, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.retry_after = status, type_, message, retry_after
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, type_: str, message: str, retry_after: int | None = None) -> Any:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip().strip("[]").lower()
+    if h in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(cfg: Config) -> None:
+    """Binding anywhere but loopback needs an API key."""
+    if not is_loopback(cfg.server.host) and not cfg.server.api_key:
+        raise ConfigError(
+            f"binding {cfg.server.host} exposes the service beyond this machine: set an API key "
+            "(--api-key KEY, CROPPER_SERVER_API_KEY or server.api_key) or bind 127.0.0.1")
+
+
+# --- the body-size limit (pure ASGI, before any parsing) -----------------------------------------
+
+
+class BodyLimit:
+    """Refuse request bodies above `max_bytes`: at once from Content-Length, else while streaming."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    n = -1
+                if n < 0 or n > self.max_bytes:
+                    msg = (f"the request body is {n / 1e6:.1f} MB; the limit is {self.max_bytes / 1e6:.1f} MB"
+                           if n >= 0 else "bad Content-Length header")
+                    resp = error_response(413 if n >= 0 else 400, "too_large" if n >= 0 else "bad_request", msg)
+                    await resp(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(f"the request body is over the limit of {self.max_bytes / 1e6:.1f} MB")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cropper_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("cropper_request_latency_seconds", "Request latency, end to end",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("cropper_stage_seconds", "Time per stage of a crop request "
+                               "(queue, prepare, engine stages per job, encode)", ["stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("cropper_queue_depth", "Requests waiting for the engine", registry=r)
+        self.in_flight = Gauge("cropper_requests_in_flight", "Crop requests being handled", registry=r)
+        self.batch_size = Histogram("cropper_batch_size", "Requests per engine batch",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.batch_seconds = Histogram("cropper_batch_seconds", "Engine time per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.results = Counter("cropper_results", "Crops returned, by pipeline", ["pipeline"], registry=r)
+        self.fallbacks = Counter("cropper_fallbacks", "Crops where the VLM answer was unusable and the "
+                                 "non-VLM proposer took over", registry=r)
+        self.rejected = Counter("cropper_rejected", "Requests refused before the engine, by reason",
+                                ["reason"], registry=r)
+        self.ready = Gauge("cropper_engine_ready", "1 when the engine is loaded", registry=r)
+
+    def on_batch(self, info: dict[str, Any]) -> None:
+        self.batch_size.observe(info["size"])
+        self.batch_seconds.observe(info["seconds"])
+        self.queue_depth.set(info["depth"])
+        for q in info["queue_seconds"]:
+            self.stage.labels("queue").observe(q)
+        for out in info["outs"]:
+            if not isinstance(out, list) or not out:
+                continue
+            for res in out:
+                self.results.labels(res.pipeline).inc()
+                if res.pipeline == "vlm-fallback":
+                    self.fallbacks.inc()
+            for k, v in out[0].timings.items():
+                self.stage.labels(k).observe(v)
+
+
+# --- request parsing -------------------------------------------------------------------------
+
+
+@dataclass
+class Upload:
+    image: bytes
+    filename: str
+    task: str | None = None
+    ratio: Any = None  # "W:H", "W:H,W:H" or a list of them
+    mask: bytes | None = None
+    id: str | None = None
+
+
+def _b64(value: Any, field: str) -> bytes:
+    if isinstance(value, dict) and ("url" in value or "image_url" in value):
+        raise HTTPError(400, "url_refused", f"'{field}' looks like a URL object: images are never fetched "
+                        "from URLs; send the image bytes (base64 in JSON, or a multipart file upload)")
+    if not isinstance(value, str):
+        raise HTTPError(400, "bad_request", f"'{field}' must be a base64 string, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or ";base64" not in head:
+            raise HTTPError(400, "bad_request", f"'{field}': only base64 data URLs are accepted "
+                            "(data:image/png;base64,...)")
+    elif _URL.match(text):
+        raise HTTPError(400, "url_refused", f"'{field}' is a URL: images are never fetched from URLs; send "
+                        "the image bytes (base64 in JSON, or a multipart file upload)")
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, "bad_request", f"'{field}' is not valid base64") from None
+    if not raw:
+        raise HTTPError(400, "bad_request", f"'{field}' is empty")
+    return raw
+
+
+def _opt_str(d: dict[str, Any], key: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise HTTPError(400, "bad_request", f"'{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def parse_json_body(raw: bytes) -> Upload:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, "bad_request", f"the body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "bad_request", "the JSON body must be an object: "
+                        '{"image": "<base64>", "task"?, "ratio"?, "mask"?, "id"?}')
+    unknown = sorted(set(data) - set(FORM_FIELDS))
+    if unknown:
+        raise HTTPError(400, "bad_request", f"unknown field(s) {', '.join(unknown)}; "
+                        f"valid fields: {', '.join(FORM_FIELDS)}")
+    if "image" not in data:
+        raise HTTPError(400, "bad_request", "'image' is required: the image file as base64")
+    ratio = data.get("ratio")
+    if ratio is not None and not (isinstance(ratio, str) or (isinstance(ratio, list)
+                                                               and all(isinstance(r, str) for r in ratio))):
+        raise HTTPError(400, "bad_request", "'ratio' must be a string like \"16:9\" (or a list of them)")
+    mask = data.get("mask")
+    return Upload(_b64(data["image"], "image"), "upload", _opt_str(data, "task"), ratio,
+                  _b64(mask, "mask") if mask is not None else None, _opt_str(data, "id"))
+
+
+async def parse_form(request: Any, max_bytes: int) -> Upload:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=2, max_fields=8, max_part_size=64 * 1024)
+    except MultiPartException as exc:
+        raise HTTPError(400, "bad_request", f"malformed multipart body: {exc.message}") from None
+    try:
+        keys = [k for k, _ in form.multi_items()]
+        unknown = sorted(set(keys) - set(FORM_FIELDS))
+        if unknown:
+            raise HTTPError(400, "bad_request", f"unknown field(s) {', '.join(unknown)}; "
+                            f"valid fields: {', '.join(FORM_FIELDS)}")
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise HTTPError(400, "bad_request", f"field(s) given more than once: {', '.join(dup)} "
+                            "(several ratios go in one field: ratio=1:1,16:9)")
+
+        async def file_field(name: str) -> tuple[bytes, str] | None:
+            v = form.get(name)
+            if v is None:
+                return None
+            if not isinstance(v, UploadFile):
+                if _URL.match(v):
+                    raise HTTPError(400, "url_refused", f"'{name}' is a URL: images are never fetched from "
+                                    "URLs; upload the file itself")
+                raise HTTPError(400, "bad_request", f"'{name}' must be a file upload (multipart file part)")
+            data = await v.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise HTTPError(413, "too_large", f"'{name}' is over the limit of {max_bytes / 1e6:.1f} MB")
+            if not data:
+                raise HTTPError(400, "bad_request", f"'{name}' is an empty file")
+            return data, v.filename or "upload"
+
+        def text_field(name: str) -> str | None:
+            v = form.get(name)
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise HTTPError(400, "bad_request", f"'{name}' must be a text field, not a file")
+            return v
+
+        image = await file_field("image")
+        if image is None:
+            raise HTTPError(400, "bad_request", "'image' is required: a file part named image")
+        mask = await file_field("mask")
+        return Upload(image[0], image[1], text_field("task"), text_field("ratio"),
+                      mask[0] if mask else None, text_field("id"))
+    finally:
+        await form.close()
+
+
+def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
+    """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
+    import numpy as np
+    from PIL import Image
+
+    from cropper_engine.imageio import load_mask, open_image
+    from cropper_engine.types import CropRequest, Ratio, Task
+
+    if len(upload.image) > max_bytes:
+        raise HTTPError(413, "too_large", f"the image is {len(upload.image) / 1e6:.1f} MB; "
+                        f"the limit is {max_bytes / 1e6:.1f} MB")
+    ratios_in = upload.ratio
+    if isinstance(ratios_in, str):
+        ratios_in = [p for p in ratios_in.split(",") if p.strip()]
+    ratios = [Ratio.parse(r) for r in (ratios_in or [])]
+    if len(ratios) > 16:
+        raise InputError(f"{len(ratios)} ratios in one request; at most 16")
+    task = Task.parse(upload.task) if upload.task else (
+        Task.RATIO if ratios else Task.SUBJECT if upload.mask is not None else Task.FREE)
+    if task is Task.RATIO and not ratios:
+        raise InputError("the ratio task needs a ratio, e.g. ratio=16:9")
+    if task is not Task.RATIO and ratios:
+        raise InputError(f"a ratio only applies to the ratio task (not {task.value})")
+    if task is Task.SUBJECT and upload.mask is None:
+        raise InputError("the subject task needs a mask: a white-on-black image of the image's size")
+    if task is not Task.SUBJECT and upload.mask is not None:
+        raise InputError(f"a mask only applies to the subject task (not {task.value})")
+    loaded = open_image(upload.image, max_pixels)
+    loaded.path = upload.filename
+    mask = None
+    if upload.mask is not None:
+        try:
+            with Image.open(io.BytesIO(upload.mask)) as m:
+                if m.width * m.height > max_pixels:
+                    raise ImageError(f"the mask is {m.width}x{m.height}, over the pixel limit")
+                m.load()
+                mask_img = m.copy()
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"the mask is not an image Pillow can read ({type(exc).__name__}: {exc})") from None
+        mask = load_mask(mask_img, loaded.size)
+        mask = np.ascontiguousarray(mask)
+    req = CropRequest(loaded, task, ratios, mask, upload.id)
+    return req, max(1, len(ratios))
+
+
+def _filename(name: str) -> str:
+    name = Path(name.replace("\\", "/")).name
+    return _SAFE_NAME.sub("_", name)[:120] or "upload"
+
+
+def encode_crop(result: Any) -> tuple[bytes, str]:
+    """The chosen crop of the decoded upload, in the upload's format where it is a common one."""
+    loaded = result.loaded
+    fmt = "PNG"
+    suffix = Path(loaded.path).suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        fmt = "JPEG"
+    elif suffix == ".webp":
+        fmt = "WEBP"
+    crop = loaded.image.crop(tuple(result.box.as_int()))
+    buf = io.BytesIO()
+    kw: dict[str, Any] = {"quality": 92} if fmt in ("JPEG", "WEBP") else {}
+    if loaded.icc_profile:
+        kw["icc_profile"] = loaded.icc_profile
+    crop.save(buf, fmt, **kw)
+    return buf.getvalue(), {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}[fmt]
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+class ServerState:
+    """What the lifespan owns: the config, the engine (Cropper + batching thread), the metrics."""
+
+    def __init__(self, cfg: Config, cropper: Any = None) -> None:
+        self.cfg = cfg
+        self.cropper = cropper
+        self.owns_cropper = cropper is None
+        self.engine: Any = None
+        self.metrics = Metrics()
+        self.load_error: str | None = None
+        self.loading = False
+        self.started = time.time()
+        self._vlm_health: tuple[float, bool] = (0.0, True)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.alive
+
+    def start(self) -> None:
+        """Build the engine (blocking); records the error instead of raising."""
+        from cropper_engine.batching import BatchingEngine
+
+        self.loading = True
+        try:
+            if self.cropper is None:
+                from cropper_engine.engine.loop import Cropper
+
+                self.cropper = Cropper.from_config(self.cfg)
+            s = self.cfg.server
+            self.engine = BatchingEngine(self.cropper, max_batch=s.max_batch, batch_wait_ms=s.batch_wait_ms,
+                                         queue_size=s.queue_size, on_batch=self.metrics.on_batch)
+            self.metrics.ready.set(1)
+            info = self.cropper.describe()
+            log.info("engine ready: %s", info["reasons"].get("pipeline", info["pipeline"]))
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CropperError) else str(exc)
+            log.error("the engine could not be loaded: %s", self.load_error)
+        finally:
+            self.loading = False
+
+    def stop(self) -> None:
+        self.metrics.ready.set(0)
+        if self.engine is not None:
+            self.engine.stop()
+        if self.owns_cropper and self.cropper is not None:
+            with contextlib.suppress(Exception):
+                self.cropper.close()
+
+    def vlm_reachable(self) -> bool:
+        """For /readyz: an external VLM (openai backend) answering; cached 2 s."""
+        vlm = getattr(self.engine, "vlm", None)
+        health = getattr(vlm, "health", None)
+        if health is None:
+            return True
+        down = getattr(vlm, "is_down", None)
+        if down is not None and down():  # a request found it unreachable moments ago
+            return False
+        t, ok = self._vlm_health
+        if time.monotonic() - t > 2.0:
+            ok = bool(health())
+            self._vlm_health = (time.monotonic(), ok)
+        return ok
+
+
+def create_app(config: Config | None = None, *, cropper: Any = None, load_in_background: bool = False) -> Any:
+    """The ASGI app. `cropper`: an engine built elsewhere (tests; the caller keeps owning it).
+
+    By default the lifespan loads the engine before the server accepts requests and a load
+    failure stops the start-up; with `load_in_background` the server answers at once (/readyz
+    503 until the engine is loaded).
+    """
+    cfg = config if config is not None else load_config()
+    check_bind(cfg)
+    s = cfg.server
+    max_image_bytes = int(s.max_upload_mb * 1024 * 1024)
+    max_body = int(max_image_bytes * 4 / 3) + 1024 * 1024  # base64 in JSON, multipart overhead, a mask
+    state = ServerState(cfg, cropper)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        app.state.startup_error = None
+        if load_in_background:
+            threading.Thread(target=state.start, name="cropper-load", daemon=True).start()
+        else:
+            await asyncio.to_thread(state.start)
+            if state.load_error:
+                app.state.startup_error = state.load_error
+                raise RuntimeError(f"the engine could not be loaded: {state.load_error}")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.stop)
+
+    kw: dict[str, Any] = {
+        "title": "cropper-engine", "version": _version(), "lifespan": lifespan,
+        "description": "Image cropping with a vision-language model through in-context learning. "
+                       "Images are uploaded (multipart) or sent as base64 (JSON); never fetched from URLs.",
+    }
+    try:
+        from fastapi_offline import FastAPIOffline  # the docs page without a CDN
+
+        app = FastAPIOffline(**kw)
+    except ImportError:
+        app = FastAPI(docs_url=None, redoc_url=None, **kw)
+    app.state.cropper_state = state
+    app.state.startup_error = None
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+    m = state.metrics
+
+    # --- errors -> JSON ---------------------------------------------------------------------
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> Any:
+        return error_response(exc.status, exc.type, exc.message, exc.retry_after)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> Any:
+        return error_response(413, "too_large", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Any:
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body"))
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        return error_response(400, "bad_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(request: Request, exc: StarletteHTTPException) -> Any:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, kinds.get(exc.status_code, "error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Any:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
+
+    def authorize(request: Request) -> None:
+        if not s.api_key:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.api_key.encode()):
+            raise HTTPError(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>")
+
+    # --- the API ------------------------------------------------------------------------------
+    crop_body = {
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "The image file."},
+                    "task": {"type": "string", "enum": ["free", "subject", "ratio"],
+                             "description": "Default: ratio if a ratio is given, subject if a mask is, else free."},
+                    "ratio": {"type": "string", "example": "16:9",
+                              "description": "W:H; several comma-separated give one crop each."},
+                    "mask": {"type": "string", "format": "binary",
+                             "description": "Subject mask (white on black) of the image's size."},
+                    "id": {"type": "string", "description": "Your id; an index example of this id is not "
+                                                            "retrieved."}}}},
+            "application/json": {"schema": {
+                "type": "object", "required": ["image"], "additionalProperties": False,
+                "properties": {
+                    "image": {"type": "string", "description": "The image file as base64 (or a base64 data URL)."},
+                    "task": {"type": "string", "enum": ["free", "subject", "ratio"]},
+                    "ratio": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    "mask": {"type": "string", "description": "The mask image file as base64."},
+                    "id": {"type": "string"}}}},
+        }},
+        "responses": {
+            "200": {"description": "A results.jsonl line (several ratios: {\"results\": [lines]}), "
+                                   "or the cropped image with ?return=image",
+                    "content": {"image/jpeg": {}, "image/png": {}}},
+            "400": {"description": "Malformed request"}, "401": {"description": "Missing or wrong API key"},
+            "413": {"description": "Upload over the limit"}, "415": {"description": "Unsupported content type"},
+            "422": {"description": "Not a usable image, mask, ratio or task"},
+            "503": {"description": "Queue full, engine loading or VLM server unreachable (Retry-After)"},
+            "504": {"description": "The request took longer than the server's request timeout"},
+        },
+    }
+
+    @app.post("/v1/crop", openapi_extra=crop_body, summary="Crop one image", tags=["crop"])
+    async def crop(request: Request, return_: str = Query("json", alias="return", pattern="^(json|image)$",
+                                                          description="json (default) or image")) -> Any:
+        t0 = time.perf_counter()
+        status = 500
+        m.in_flight.inc()
+        try:
+            resp = await _crop(request, return_)
+            status = resp.status_code
+            return resp
+        except HTTPError as exc:
+            status = exc.status
+            raise
+        finally:
+            m.in_flight.dec()
+            m.requests.labels("crop", str(status)).inc()
+            m.latency.labels("crop").observe(time.perf_counter() - t0)
+            if state.engine is not None:
+                m.queue_depth.set(state.engine.depth)
+
+    async def _crop(request: Request, return_: str) -> Any:
+        authorize(request)
+        if not state.ready:
+            m.rejected.labels("not_ready").inc()
+            msg = (f"the engine could not be loaded: {state.load_error}" if state.load_error
+                   else "the engine is loading; retry shortly")
+            raise HTTPError(503, "not_ready", msg, None if state.load_error else 5)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        t = time.perf_counter()
+        try:
+            if ctype == "multipart/form-data":
+                upload = await parse_form(request, max_image_bytes)
+            elif ctype == "application/json":
+                upload = parse_json_body(await request.body())
+            else:
+                raise HTTPError(415, "unsupported_media_type",
+                                "send multipart/form-data (fields image, task, ratio, mask) or "
+                                "application/json ({\"image\": \"<base64>\", ...})")
+            upload.filename = _filename(upload.filename)
+            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes)
+        except BodyTooLarge as exc:
+            raise HTTPError(413, "too_large", str(exc)) from None
+        except ImageError as exc:
+            raise HTTPError(422, "invalid_image", str(exc)) from None
+        except CropperError as exc:
+            raise HTTPError(422, "invalid_request", str(exc)) from None
+        if return_ == "image" and weight > 1:
+            raise HTTPError(400, "bad_request", "return=image needs exactly one ratio")
+        m.stage.labels("prepare").observe(time.perf_counter() - t)
+
+        from cropper_engine.batching import EngineStopped, InternalError, QueueFull, VLMUnavailable
+
+        try:
+            fut = state.engine.submit(req, weight)
+        except QueueFull as exc:
+            m.rejected.labels("queue_full").inc()
+            raise HTTPError(503, "overloaded", str(exc), exc.retry_after) from None
+        except EngineStopped as exc:
+            raise HTTPError(503, "not_ready", str(exc), 5) from None
+        m.queue_depth.set(state.engine.depth)
+        try:
+            out = await _wait(request, asyncio.wrap_future(fut), s.request_timeout_s)
+        except TimeoutError:
+            fut.cancel()
+            m.rejected.labels("timeout").inc()
+            raise HTTPError(504, "timeout", f"the crop took longer than the server's limit of "
+                            f"{s.request_timeout_s:g} s (queue depth {state.engine.depth})") from None
+        except VLMUnavailable as exc:
+            m.rejected.labels("vlm_unavailable").inc()
+            raise HTTPError(503, "vlm_unavailable", str(exc), exc.retry_after) from None
+        except EngineStopped as exc:
+            raise HTTPError(503, "not_ready", str(exc), 5) from None
+        except ImageError as exc:
+            raise HTTPError(422, "invalid_image", str(exc)) from None
+        except CropperError as exc:
+            raise HTTPError(422, "invalid_request", str(exc)) from None
+        except InternalError as exc:
+            raise HTTPError(500, "internal", f"internal error: {exc}") from None
+        rows = []
+        for r in out:
+            row = r.to_json()
+            row["image"] = upload.filename
+            if upload.id is not None:
+                row["id"] = upload.id
+            rows.append(row)
+        if return_ == "image":
+            t = time.perf_counter()
+            data, mime = await asyncio.to_thread(encode_crop, out[0])
+            m.stage.labels("encode").observe(time.perf_counter() - t)
+            row = rows[0]
+            return Response(data, media_type=mime, headers={
+                "X-Crop-Box": ",".join(str(v) for v in row["box"]), "X-Crop-Score": str(row["score"]),
+                "X-Crop-Pipeline": row["pipeline"], "X-Crop-Size": f"{row['width']}x{row['height']}",
+                "Content-Disposition": f'inline; filename="crop-{upload.filename}"'})
+        return JSONResponse(rows[0] if len(rows) == 1 else {"results": rows})
+
+    async def _wait(request: Request, fut: Any, timeout: float) -> Any:
+        """The engine's answer; gives up (cancelling it) at the timeout or when the client leaves."""
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({fut, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if fut in done:
+                return fut.result()
+            fut.cancel()
+            if gone in done:
+                m.rejected.labels("client_gone").inc()
+                raise HTTPError(499, "client_closed", "the client went away")
+            raise TimeoutError
+        finally:
+            gone.cancel()
+
+    @app.get("/v1/info", tags=["service"], summary="The pipeline, its models and the limits")
+    async def info(request: Request) -> Any:
+        authorize(request)
+        d: dict[str, Any] = {
+            "ready": state.ready, "loading": state.loading, "error": state.load_error,
+            "limits": {"max_upload_mb": s.max_upload_mb, "max_pixels": cfg.max_pixels,
+                       "request_timeout_s": s.request_timeout_s, "max_batch": s.max_batch,
+                       "queue_size": s.queue_size},
+            "tasks": ["free", "subject", "ratio"],
+        }
+        if state.cropper is not None:
+            with contextlib.suppress(Exception):
+                d["engine"] = state.cropper.describe()
+        return JSONResponse(json.loads(json.dumps(d, default=str)))
+
+    @app.get("/healthz", tags=["service"], summary="Alive")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["service"], summary="Ready: models loaded (and an external VLM reachable)")
+    async def readyz() -> Any:
+        if not state.ready:
+            reason = state.load_error or ("loading" if state.engine is None else "engine thread stopped")
+            return error_response(503, "not_ready", reason, None if state.load_error else 5)
+        if not await asyncio.to_thread(state.vlm_reachable):
+            return error_response(503, "vlm_unavailable", "the VLM server does not answer: "
+                                  f"{getattr(state.engine.vlm, 'last_error', '')}", 5)
+        return {"status": "ready", "pipeline": state.cropper.pipeline, "queue_depth": state.engine.depth}
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics")
+    async def metrics(request: Request) -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        authorize(request)
+        if state.engine is not None:
+            m.queue_depth.set(state.engine.depth)
+        return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- the page ------------------------------------------------------------------------------
+    page_headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                                   "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    }
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Any:
+        return FileResponse(STATIC_DIR / "index.html", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns when the client disconnects (the body has been read by then)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cropper-engine")
+    except Exception:
+        return "0"
+
+
+def app_factory() -> Any:
+    """For `uvicorn --factory cropper_engine.server:app_factory` (config from CROPPER_* / CROPPER_CONFIG)."""
+    return create_app(load_config())
+
