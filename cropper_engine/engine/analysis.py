@@ -21,6 +21,7 @@ import numpy as np
 
 WORK_SIDE = 160  # longest side of the working image, px
 MAP_NAMES = ("sr", "fg", "ft", "grad")
+MOMENT_MAPS = ("sr", "fg", "ft")  # maps whose centroid inside a crop is a feature
 
 
 @dataclass
@@ -30,21 +31,32 @@ class MapTable:
     sat: np.ndarray  # (h+1, w+1) cumulative sums of the map divided by its size (so the image sums to 1)
     h: int
     w: int
+    sat_x: np.ndarray | None = None  # the same of map * x and map * y (cell centres, 0..1): centroids
+    sat_y: np.ndarray | None = None
 
     @classmethod
-    def from_map(cls, m: np.ndarray) -> MapTable:
+    def from_map(cls, m: np.ndarray, moments: bool = False) -> MapTable:
         a = np.clip(np.asarray(m, dtype=np.float64), 0.0, None)
         mean = a.mean() if a.size else 0.0
         a = a / mean if mean > 1e-12 else np.ones_like(a)
         h, w = a.shape
-        sat = np.zeros((h + 1, w + 1))
-        sat[1:, 1:] = a.cumsum(0).cumsum(1) / a.size
-        return cls(sat, h, w)
 
-    def mass(self, boxes_unit: np.ndarray) -> np.ndarray:
-        """Share of the map's total inside each box [N, 4] (x1, y1, x2, y2 in 0..1)."""
+        def sat(v: np.ndarray) -> np.ndarray:
+            out = np.zeros((h + 1, w + 1))
+            out[1:, 1:] = v.cumsum(0).cumsum(1) / a.size
+            return out
+
+        if not moments:
+            return cls(sat(a), h, w)
+        xs = (np.arange(w) + 0.5) / w
+        ys = (np.arange(h) + 0.5) / h
+        return cls(sat(a), h, w, sat(a * xs[None, :]), sat(a * ys[:, None]))
+
+    def mass(self, boxes_unit: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
+        """Share of the map's total inside each box [N, 4] (x1, y1, x2, y2 in 0..1); of map * x
+        or map * y with `table` = `sat_x` / `sat_y`."""
         b = np.clip(boxes_unit, 0.0, 1.0)
-        w, h, t = self.w, self.h, self.sat
+        w, h, t = self.w, self.h, self.sat if table is None else table
 
         def at(xf: np.ndarray, yf: np.ndarray) -> np.ndarray:
             x = xf * w
@@ -117,7 +129,7 @@ def analyse(image: object) -> ImageAnalysis:
     grad = np.sqrt(gx * gx + gy * gy)
 
     maps = {"sr": sr, "fg": fg, "ft": ft, "grad": grad}
-    return ImageAnalysis(w, h, sr, {k: MapTable.from_map(maps[k]) for k in MAP_NAMES})
+    return ImageAnalysis(w, h, sr, {k: MapTable.from_map(maps[k], moments=k in MOMENT_MAPS) for k in MAP_NAMES})
 
 
 __all__ = ["MAP_NAMES", "WORK_SIDE", "ImageAnalysis", "MapTable", "analyse"]

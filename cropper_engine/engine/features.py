@@ -213,6 +213,16 @@ def _map_features(an: Any, b: np.ndarray, out: dict[str, np.ndarray]) -> None:
     for name, t in an.tables.items():
         mass = t.mass(b)
         out[f"{name}_in"] = mass / np.maximum(area, 1e-6)
+        if t.sat_x is not None and t.sat_y is not None:  # the map's centroid in the crop, from its centre
+            safe = np.maximum(mass, 1e-9)
+            out[f"{name}_comx"] = np.where(mass > 1e-6, (t.mass(b, t.sat_x) / safe - (x1 + x2) / 2) / w, 0.0)
+            out[f"{name}_comy"] = np.where(mass > 1e-6, (t.mass(b, t.sat_y) / safe - (y1 + y2) / 2) / h, 0.0)
+            full = np.array([[0.0, 0.0, 1.0, 1.0]])
+            gx, gy = float(t.mass(full, t.sat_x)[0]), float(t.mass(full, t.sat_y)[0])  # the image's centroid
+            out[f"{name}_gcx"] = zeros + gx - 0.5
+            out[f"{name}_gcy"] = zeros + gy - 0.5
+            out[f"{name}_dgx"] = (x1 + x2) / 2 - gx
+            out[f"{name}_dgy"] = (y1 + y2) / 2 - gy
         out[f"{name}_out"] = np.where(area < 0.999, (1 - mass) / np.maximum(1 - area, 1e-3), EMPTY)
         band_area = np.maximum(area - (w * (1 - 2 * _BAND)) * (h * (1 - 2 * _BAND)), 1e-6)
         out[f"{name}_band"] = (mass - t.mass(inner)) / band_area
@@ -268,6 +278,12 @@ def crop_feature_dict(an: Any, boxes_unit: np.ndarray, ratio: float | None,
     out["nb_iou_mean"] = ious.mean(1)
     out["nb_iou_top5"] = ious[:, :5].mean(1)
     out["nb_iou_q75"] = np.quantile(ious, 0.75, axis=1) if ious.shape[1] > 1 else ious[:, 0]
+    out["nb_iou_q90"] = np.quantile(ious, 0.9, axis=1) if ious.shape[1] > 1 else ious[:, 0]
+    if len(nb.similarity) == ious.shape[1] and len(nb.similarity):  # the more similar, the more weight
+        wts = np.exp((nb.similarity - nb.similarity.max()) / 0.05)
+        out["nb_iou_wmean"] = ious @ (wts / wts.sum())
+    else:
+        out["nb_iou_wmean"] = out["nb_iou_mean"]
     if ratio:
         out["nb_iou_med_fitted"] = _iou_unit(b, nbs["median_fitted"][None])
         out["nb_iou_fitted_mean"] = _iou_unit(b[:, None, :], nbs["fitted"][None, :, :]).mean(1)

@@ -65,6 +65,8 @@ class Job:
     examples: list[PromptExample] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
     round_tokens: list[dict[str, int]] = field(default_factory=list)
+    faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject.py)
+    subject_info: Any = None  # engine/subject.py's Subject: what the result row says of the subject
 
     @property
     def size(self) -> tuple[int, int]:
@@ -169,13 +171,26 @@ class Cropper:
         for i, req in enumerate(requests):
             try:
                 img = open_image(req.image, self.cfg.max_pixels)
-                mask = subject = None
-                if req.task is Task.SUBJECT:
+                mask = subject = sub = None
+                if req.subject is not None or req.keep_faces:  # detectors run only when asked
+                    from cropper_engine.engine.subject import resolve_subject
+
+                    sub = resolve_subject(req.subject, img, req.keep_faces)
+                    if req.task is Task.SUBJECT:
+                        mask = sub.mask
+                elif req.task is Task.SUBJECT:
                     mask = load_mask(req.mask, img.size)
+                if mask is not None:
                     subject = mask_bbox(mask)
                 images.append(img)
                 ratios: list[Ratio | None] = list(req.ratios) if req.task is Task.RATIO else [None]
-                jobs.extend(Job(i, img, req.task, r, mask, subject) for r in ratios)
+                for r in ratios:
+                    job = Job(i, img, req.task, r, mask, subject)
+                    if sub is not None:
+                        from cropper_engine.engine.subject import attach_subject
+
+                        attach_subject(job, sub)
+                    jobs.append(job)
             except CropperError as exc:
                 results[i] = exc
                 images.append(None)
@@ -215,12 +230,32 @@ class Cropper:
         t = tick("retrieve", t)
 
         if self.vlm is None:
-            for job in jobs:
-                job.pipeline = PIPELINE_NO_VLM
-                self._propose_classical(job, sal_cache[job.req])
-            t = tick("propose", t)
-            self._score(jobs, [sal_cache[j.req] for j in jobs])
-            t = tick("score", t)
+            from cropper_engine.models.default_model import default_model
+
+            model = default_model()
+            if model is None:  # no fitted model shipped: the classical proposers and scorer
+                for job in jobs:
+                    job.pipeline = PIPELINE_NO_VLM
+                    self._propose_classical(job, sal_cache[job.req])
+                t = tick("propose", t)
+                self._score(jobs, [sal_cache[j.req] for j in jobs])
+                t = tick("score", t)
+            else:  # the default: dense candidates ranked by the fitted model (engine/default_pipeline.py)
+                from cropper_engine.engine.analysis import analyse
+                from cropper_engine.engine.default_pipeline import rerank_with_clip, retrieve_for_model
+
+                analyses = {i: analyse(images[i].image) for i in live}  # type: ignore[union-attr]
+                t = tick("analyse", t)
+                model_nb = retrieve_for_model(self.index, self.embedder, neighbours, requests, images, live,
+                                              exclude_ids)
+                t = tick("retrieve", t)
+                for job in jobs:
+                    job.pipeline = PIPELINE_NO_VLM
+                    self._propose_classical(job, sal_cache[job.req], analyses[job.req], model, model_nb[job.req])
+                t = tick("propose", t)
+                if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
+                    rerank_with_clip(self.scorer, jobs, [sal_cache[j.req] for j in jobs])
+                    t = tick("score", t)
         else:
             t = self._run_vlm(jobs, sal_cache, timings, t)
 
@@ -264,13 +299,54 @@ class Cropper:
             examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), sc))
         job.examples = examples
 
-    def _propose_classical(self, job: Job, saliency: np.ndarray) -> None:
+    def _propose_classical(self, job: Job, saliency: np.ndarray, analysis: Any = None, model: Any = None,
+                           model_nb: Any = None) -> None:
+        """Candidates without a VLM. With the fitted default model (and the image's analysis):
+        ranked dense candidates, the best few blended (engine/default_pipeline.py); else the
+        classical proposers, scored afterwards by `_score`."""
         w, h = job.size
         ratio = job.ratio.value if job.ratio else None
-        for box, src in propose(w, h, ratio, saliency, job.neighbours_unit, job.neighbour_weights):
-            box = self._constrain(job, box)
+        if analysis is None or model is None:
+            for box, src in propose(w, h, ratio, saliency, job.neighbours_unit, job.neighbour_weights):
+                box = self._constrain(job, box)
+                if box is not None:
+                    job.candidates.append(Candidate(box, round=0, source=src))
+            return
+        from cropper_engine.engine.default_pipeline import (
+            KEEP_CANDIDATES,
+            candidates,
+            keep_ranked,
+            rank,
+            snap_to_pixels,
+        )
+
+        tm = model.for_task(ratio is not None)
+        extra = None
+        if model_nb is not None and not model_nb.from_index and job.neighbours_unit:
+            extra = np.asarray(job.neighbours_unit[:10])  # another index's neighbours: their crops as candidates
+        boxes_unit, sources = candidates(analysis, ratio, model_nb.crops, extra)
+        if job.subject is not None or getattr(job, "faces", None):  # constrain first: rank what can be returned
+            kept, kept_src = [], []
+            for u, src in zip(boxes_unit, sources, strict=True):
+                box = self._constrain(job, Box.from_unit(u, w, h))
+                if box is not None:
+                    kept.append(box.to_unit(w, h))
+                    kept_src.append(src)
+            if not kept:
+                return
+            boxes_unit, sources = np.asarray(kept, dtype=np.float64), kept_src
+        ranked = rank(tm, analysis, boxes_unit, sources, ratio, model_nb.crops)
+        scores = ranked.score
+        blend = self._constrain(job, Box.from_unit(ranked.blend_unit, w, h))
+        if blend is not None:  # first and as good as the best single box: `_select` picks it
+            job.candidates.append(Candidate(snap_to_pixels(blend, ratio, w, h), float(scores[0]),
+                                            {"model": float(scores[0])}, 0, "default-blend"))
+        for k in keep_ranked(ranked, KEEP_CANDIDATES):  # the best few, and the best of each source
+            box = self._constrain(job, Box.from_unit(ranked.boxes_unit[k], w, h))
             if box is not None:
-                job.candidates.append(Candidate(box, round=0, source=src))
+                box = snap_to_pixels(box, ratio, w, h)
+                job.candidates.append(Candidate(box, float(scores[k]), {"model": float(scores[k])}, 0,
+                                                ranked.sources[k]))
 
     def _constrain(self, job: Job, box: Box) -> Box | None:
         """Apply the task's hard constraints: exact ratio, subject inside."""
@@ -288,6 +364,11 @@ class Cropper:
             box = fit_ratio(box, ratio, w, h)
         if job.subject is not None and not box.contains(job.subject, tol=0.5):
             box = expand_to_contain(box, job.subject, w, h, ratio)
+        if job.faces:  # no crop cuts through a detected face (engine/subject.py)
+            from cropper_engine.engine.subject import keep_faces_whole
+
+            need = job.subject if job.subject is not None and box.contains(job.subject, tol=0.5) else None
+            box, _ = keep_faces_whole(box, job.faces, w, h, ratio, need, min_w, min_h)
         return box if box.is_valid() else None
 
     def _score(self, jobs: Sequence[Job], saliency: Sequence[np.ndarray], only_round: int | None = None) -> None:
@@ -421,6 +502,7 @@ class Cropper:
             from cropper_engine.engine.geometry import largest_centered
 
             box = largest_centered(w, h, job.ratio.value if job.ratio else None)
+            box = self._constrain(job, box) or box
             best = Candidate(box, 0.0, {}, 0, "default")
             job.notes.append("no candidate: returned the largest centred crop")
         else:
@@ -431,6 +513,10 @@ class Cropper:
             extra["tokens_by_round"] = list(job.round_tokens)
         if job.subject is not None:
             extra["subject_box"] = job.subject.as_int()
+        if job.subject_info is not None:  # --subject / keep_faces: the source, faces, focal points
+            from cropper_engine.engine.subject import result_extra
+
+            extra.update(result_extra(job, best.box))
         return CropResult(job.image.path, w, h, best.box.rounded(), best.score, job.task, job.ratio,
                           job.pipeline, list(job.candidates), {}, list(dict.fromkeys(job.notes)), extra,
                           loaded=job.image)

@@ -1,0 +1,118 @@
+"""The no-VLM default pipeline, end to end, on 1024-px images: milliseconds per image per stage.
+
+    python bench/default_bench.py [--quick] [--n 50] [--side 1024] [--tasks ratio,free]
+
+Inputs: FCDB val images (../shared/data/fcdb) resized so the longest side is `--side` (1024:
+most are 800 px, so upscaled) and written as JPEG (quality 92) to a temporary folder, else the
+sample photos at that size. Each image is cropped alone (`Cropper.crop_batch` with one
+request, as `cropper-engine crop photo.jpg` does) with the default configuration and no VLM:
+decode, classical descriptor, retrieval in the built-in table, saliency, the image analysis,
+candidates, features, the fitted trees and the choice. The ratio task gets the ground truth's
+ratio (4:3 for the samples). `wall` is the whole call, measured outside; the stages are the
+engine's own timings. Model loading (once per process) is reported apart. The last line printed
+is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cropper_engine.config import load_config  # noqa: E402
+from cropper_engine.types import CropRequest, Ratio, Task  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
+
+
+def prepare(data: Path, n: int, side: int, work: Path) -> list[tuple[str, Ratio]]:
+    from PIL import Image
+
+    out: list[tuple[str, Ratio]] = []
+    if (data / "val.jsonl").exists():
+        rows = [json.loads(line) for line in (data / "val.jsonl").read_text().splitlines() if line.strip()][:n]
+        items = [(data / "images" / r["image"], Ratio(r["crop"][2] - r["crop"][0], r["crop"][3] - r["crop"][1]))
+                 for r in rows]
+    else:
+        from cropper_engine.samples import write_samples
+
+        paths = write_samples(work / "samples")
+        items = [(Path(paths[k % len(paths)]), Ratio(4, 3)) for k in range(n)]
+    for k, (src, ratio) in enumerate(items):
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            s = side / max(im.size)
+            im = im.resize((round(im.size[0] * s), round(im.size[1] * s)), Image.Resampling.BICUBIC)
+            dst = work / f"img{k:04d}.jpg"
+            im.save(dst, quality=92)
+        out.append((str(dst), ratio))
+    return out
+
+
+def summarise(walls: list[float], stages: list[dict[str, float]]) -> dict[str, Any]:
+    keys = sorted({k for s in stages for k in s if k != "total"})
+    return {
+        "images": len(walls),
+        "wall_ms_mean": round(1000 * statistics.fmean(walls), 1),
+        "wall_ms_median": round(1000 * statistics.median(walls), 1),
+        "wall_ms_p90": round(1000 * sorted(walls)[int(0.9 * (len(walls) - 1))], 1),
+        "stages_ms": {k: round(1000 * statistics.fmean(s.get(k, 0.0) for s in stages), 2) for k in keys},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="20 images (under a minute)")
+    ap.add_argument("--n", type=int, default=100, help="images")
+    ap.add_argument("--side", type=int, default=1024, help="longest side of the inputs, px")
+    ap.add_argument("--tasks", default="ratio,free", help="ratio, free or both")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="the FCDB folder")
+    a = ap.parse_args()
+    n = 20 if a.quick else a.n
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+
+    from cropper_engine.engine.loop import Cropper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        items = prepare(Path(a.data), n, a.side, Path(tmp))
+        t0 = time.perf_counter()
+        cropper = Cropper.from_config(load_config(env={}, overrides={"vlm.model": "none"}))
+        from cropper_engine.models.default_model import default_model
+
+        default_model()
+        load_s = time.perf_counter() - t0
+        for path, ratio in items[:2]:  # warm-up: lazy imports, the table's metadata, caches
+            cropper.crop_batch([CropRequest(path, Task.RATIO, [ratio])])
+            cropper.crop_batch([CropRequest(path, Task.FREE)])
+        figures: dict[str, Any] = {"side": a.side, "load_ms": round(1000 * load_s, 1),
+                                   "pipeline": cropper.describe()["pipeline"],
+                                   "index": (cropper.describe()["index"] or {}).get("source"), "tasks": {}}
+        for task in tasks:
+            walls, stages = [], []
+            for path, ratio in items:
+                req = CropRequest(path, Task.RATIO, [ratio]) if task == "ratio" else CropRequest(path, Task.FREE)
+                t = time.perf_counter()
+                res = cropper.crop_batch([req])[0]
+                walls.append(time.perf_counter() - t)
+                stages.append(dict(res[0].timings))  # type: ignore[index]
+            figures["tasks"][task] = summarise(walls, stages)
+
+    print(f"no-VLM default, {n} images at {a.side} px (longest side), one image per call, "
+          f"model load {figures['load_ms']:.0f} ms")
+    for task, f in figures["tasks"].items():
+        st = "  ".join(f"{k} {v:.1f}" for k, v in f["stages_ms"].items())
+        print(f"{task:6s} wall {f['wall_ms_mean']:.1f} ms/image (median {f['wall_ms_median']:.1f}, "
+              f"p90 {f['wall_ms_p90']:.1f})   stages ms: {st}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

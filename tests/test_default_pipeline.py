@@ -1,0 +1,193 @@
+"""The no-VLM default: shipped table and model, numpy tree inference, constraints, exclusion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cropper_engine.config import load_config
+from cropper_engine.engine.loop import Cropper
+from cropper_engine.types import Box, CropRequest, Ratio, Task
+
+
+@pytest.fixture(scope="module")
+def cropper():
+    return Cropper.from_config(load_config(env={}, overrides={"vlm.model": "none", "retrieval.embedder": "classical"}))
+
+
+def test_shipped_assets_load():
+    from cropper_engine.engine.features import CROP_FEATURES_VERSION, crop_feature_dict
+    from cropper_engine.index.builtin import load_table, table_dir
+    from cropper_engine.models.classical import CLASSICAL_ID
+    from cropper_engine.models.default_model import MODEL_DIR, default_model
+
+    table = load_table(CLASSICAL_ID)
+    assert table is not None and len(table) == 1138 and not table.has_images()
+    assert table.embedder_id == CLASSICAL_ID and table.manifest["source"]["split"] == "train"
+    ex = table.example(0)
+    assert ex.id.endswith(".jpg") and "/" not in ex.image_path and ex.crops
+    size = sum(f.stat().st_size for d in (table_dir(CLASSICAL_ID), MODEL_DIR) for f in d.iterdir())
+    assert size < 5e6  # a few MB at most
+    model = default_model()
+    assert model is not None and model.meta["features_version"] == CROP_FEATURES_VERSION
+    assert set(model.tasks) == {"ratio", "free"}
+    for task, tm in model.tasks.items():  # the model's features are exactly what the code computes
+        from cropper_engine.engine.analysis import analyse
+        from cropper_engine.engine.features import NeighbourCrops
+
+        an = analyse(Image.new("RGB", (64, 48), (90, 120, 150)))
+        names = crop_feature_dict(an, np.array([[0.1, 0.1, 0.9, 0.9]]), 1.0 if task == "ratio" else None,
+                                  NeighbourCrops.empty())
+        assert sorted(names) == sorted(tm.features)
+
+
+def test_numpy_trees_match_the_fitting_code():
+    from cropper_engine.models.default_model import default_model
+
+    for tm in default_model().tasks.values():  # type: ignore[union-attr]
+        assert tm.check_x is not None and len(tm.check_x) >= 8
+        np.testing.assert_allclose(tm.raw(tm.check_x), tm.check_y, rtol=0, atol=1e-9)
+
+
+def test_tree_ensemble_round_trip():
+    from cropper_engine.models.default_model import TreeEnsemble
+
+    # one stump: x0 <= 0.5 -> 1.0 else 2.0; one tree of depth 2 on x1
+    dump = {"tree_info": [
+        {"tree_structure": {"split_feature": 0, "threshold": 0.5, "decision_type": "<=",
+                            "left_child": {"leaf_value": 1.0}, "right_child": {"leaf_value": 2.0}}},
+        {"tree_structure": {"split_feature": 1, "threshold": 0.0, "decision_type": "<=",
+                            "left_child": {"leaf_value": -1.0},
+                            "right_child": {"split_feature": 0, "threshold": 0.25, "decision_type": "<=",
+                                            "left_child": {"leaf_value": 10.0},
+                                            "right_child": {"leaf_value": 20.0}}}},
+    ]}
+    t = TreeEnsemble.from_lightgbm(dump)
+    x = np.array([[0.0, -1.0], [0.5, 1.0], [0.6, 1.0], [0.2, 0.5]])
+    assert t.predict(x).tolist() == [0.0, 21.0, 22.0, 11.0]
+    t2 = TreeEnsemble.from_arrays(t.to_arrays())
+    assert t2.predict(x).tolist() == t.predict(x).tolist()
+
+
+def test_builtin_table_never_returns_the_query_itself():
+    from cropper_engine.engine.default_pipeline import model_neighbours
+    from cropper_engine.index.builtin import load_table
+    from cropper_engine.models.classical import CLASSICAL_ID
+
+    table = load_table(CLASSICAL_ID)
+    for row in range(0, len(table), 97):
+        vec = np.asarray(table.vectors[row])
+        own = table.example(row)
+        hits = table.query(vec[None], 5)[0]
+        assert hits[0].id == own.id  # without the exclusion it is its own nearest neighbour
+        hits = table.query(vec[None], 30, exclude={own.id})[0]
+        assert len(hits) == 30 and own.id not in {h.id for h in hits}
+        nb = model_neighbours(table, vec, {own.id})
+        unit = np.array(own.crops[0].to_unit(own.width, own.height))
+        assert len(nb.boxes_unit) == 30 and not (np.abs(nb.boxes_unit - unit).max(1) < 1e-9).all()
+        assert nb.similarity.max() < 0.9999
+
+
+def test_eval_excludes_the_image_itself(fcdb):
+    """An FCDB training image cropped under its own id: the model never sees its own crop."""
+    from cropper_engine.engine.default_pipeline import retrieve_for_model
+    from cropper_engine.imageio import open_image
+    from cropper_engine.index.builtin import load_table
+    from cropper_engine.models.classical import CLASSICAL_ID, ClassicalEmbedder
+
+    table = load_table(CLASSICAL_ID)
+    row = json.loads((fcdb / "train.jsonl").read_text().splitlines()[0])
+    img = open_image(fcdb / "images" / row["image"])
+    req = CropRequest(img.path, Task.FREE, id=row["image"])
+    emb = ClassicalEmbedder()
+    hits = {0: table.query(emb.embed([img.image]), 30, exclude={row["image"]})[0]}
+    for index in (table, None):  # the engine's own classical index, or the built-in table
+        got = retrieve_for_model(index, emb, hits, [req], [img], [0], None)[0]
+        assert got.crops.similarity.max() < 0.999
+        assert len(got.crops.boxes_unit) == 30
+
+
+def _image(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(w * 31 + h)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([(x * 255 // w), (y * 255 // h), np.full_like(x, 90)], -1).astype(np.float64)
+    a[h // 3: h // 2, w // 2: 3 * w // 4] = (240, 30, 30)  # a red object
+    a += rng.normal(0, 8, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(1024, 683), (600, 800), (300, 300)])
+def test_ratio_crops_have_the_exact_ratio(cropper, size):
+    img = _image(*size)
+    ratios = ["1:1", "16:9", "4:5", "3:2"]
+    out = cropper.crop_batch([CropRequest(img, Task.RATIO, ratios)])[0]
+    assert [str(r.ratio) for r in out] == ratios
+    for r in out:
+        b = r.box
+        assert r.pipeline == "no-vlm" and 0 <= b.x1 < b.x2 <= size[0] and 0 <= b.y1 < b.y2 <= size[1]
+        assert b.as_list() == b.rounded().as_list()  # whole pixels: what is returned is what was chosen
+        ratio = Ratio.parse(str(r.ratio)).value
+        assert abs(b.width / b.height - ratio) <= ratio / min(b.width, b.height) + 1e-9  # within a pixel
+        if str(r.ratio) == "1:1":
+            assert b.width == b.height
+        assert r.candidates[0].source.startswith("default-blend") and r.score == r.candidates[0].score
+        assert r.score == max(c.score for c in r.candidates)
+
+
+def test_free_form_is_not_the_full_image(cropper, photos):
+    outs = cropper.crop_batch([CropRequest(p, Task.FREE) for p in photos])
+    boxes = [o[0].box for o in outs]
+    assert all(b.is_valid() for b in boxes)
+    assert any(b.area < 0.97 * o[0].width * o[0].height for b, o in zip(boxes, outs, strict=True))
+    sources = {c.source for o in outs for c in o[0].candidates}
+    assert {"grid", "neighbour"} <= sources
+
+
+def test_subject_crops_contain_the_mask(cropper):
+    img = _image(800, 600)
+    for box in [(20, 30, 120, 200), (600, 400, 799, 599), (300, 0, 500, 600)]:
+        m = np.zeros((600, 800), bool)
+        m[box[1]:box[3], box[0]:box[2]] = True
+        r = cropper.crop_batch([CropRequest(img, Task.SUBJECT, mask=m)])[0][0]
+        s = r.extra["subject_box"]
+        assert r.box.x1 <= s[0] and r.box.y1 <= s[1] and r.box.x2 >= s[2] and r.box.y2 >= s[3], (r.box, s)
+        assert all(c.box.contains(Box(*map(float, s)), tol=0.5) for c in r.candidates)
+
+
+def test_timings_and_describe(cropper):
+    r = cropper.crop_batch([CropRequest(_image(640, 480), Task.RATIO, ["4:3"])])[0][0]
+    assert {"decode", "embed", "retrieve", "analyse", "propose"} <= set(r.timings)
+    assert "built-in table" in cropper.describe()["reasons"]["index"]
+
+
+def test_with_clip_weights_the_model_shortlist_is_reranked(tiny_dir, photos):
+    """CLIP present (tiny random weights here): the model's shortlist is re-scored with CLIP."""
+    from cropper_engine.models.embedders import load_embedder
+
+    clip = load_embedder(f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}", device="cpu")
+    c = Cropper.from_config(load_config(env={}, overrides={"vlm.model": "none"}), embedder=clip)
+    out = c.crop_batch([CropRequest(photos[0], Task.RATIO, ["1:1"]), CropRequest(photos[1], Task.FREE)])
+    for res in out:
+        r = res[0]
+        assert r.candidates[0].source == "default-clip" and "clip" in r.candidates[0].scores
+        assert r.score == max(x.score for x in r.candidates)
+    assert out[0][0].box.width == out[0][0].box.height
+
+
+def test_fitting_rows_are_what_the_model_reads(fcdb):
+    """The fitting code's rows (2 training images, no LightGBM needed): the shipped model's
+    features, targets in 0..1, mirrors kept apart, and the image never among its neighbours."""
+    from cropper_engine.engine.fit_default import build_rows
+    from cropper_engine.models.default_model import default_model
+
+    rows = build_rows(fcdb, mirror=True, jobs=1, limit=2)
+    model = default_model()
+    for task, r in rows.items():
+        assert tuple(r.names) == model.tasks[task].features  # type: ignore[union-attr]
+        assert r.x.shape == (len(r.y), len(r.names)) and np.isfinite(r.x).all()
+        assert r.y.min() >= 0.0 and r.y.max() <= 1.0 and r.y.max() > 0.8  # a candidate near the truth
+        assert set(r.group.tolist()) == {0, 1, 2, 3} and set(r.image.tolist()) == {0, 1}
+        assert r.x[:, r.names.index("nb_sim")].max() < 0.999
