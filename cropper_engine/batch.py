@@ -1,7 +1,8 @@
 """Offline batch cropping: stream inputs, crop in batches, write crops + results.jsonl, resume.
 
 Inputs are image files, directories (walked lazily, one directory listing at a time) and
-manifests (.txt: one path per line; .jsonl: {"image", "ratio"?, "mask"?, "task"?}). Nothing
+manifests (.txt: one path per line; .jsonl: {"image", "ratio"?, "mask"?, "subject"?, "task"?}, where
+"subject" is a `--subject` spec: auto, face, person, saliency, "X,Y", "X1,Y1,X2,Y2" or a mask path). Nothing
 holds more than one batch of decoded images. Outputs never overwrite an input and never
 collide; `resume` skips what results.jsonl already holds.
 """
@@ -30,6 +31,7 @@ class InputItem:
     ratios: list[Ratio] | None = None
     mask: str | None = None
     task: Task | None = None
+    subject: str | None = None
 
 
 def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None],
@@ -87,11 +89,18 @@ def _manifest(p: Path, on_error: Callable[[str], None]) -> Iterator[InputItem]:
                 mask = d.get("mask")
                 if mask and not os.path.isabs(mask):
                     mask = str(base / mask)
+                subject = d.get("subject")
+                if subject is not None:
+                    from cropper_engine.engine.subject import SubjectSpec
+
+                    spec = SubjectSpec.parse(subject)
+                    subject = str(base / spec.path) if spec.kind == "mask" and not os.path.isabs(spec.path) \
+                        else subject
             except (json.JSONDecodeError, KeyError, TypeError, InputError) as exc:
                 on_error(f"{p}:{n}: bad manifest line ({exc})")
                 continue
             path = img if os.path.isabs(img) else str(base / img)
-            yield InputItem(path, img.lstrip("/"), ratios, mask, task)
+            yield InputItem(path, img.lstrip("/"), ratios, mask, task, subject)
 
 
 def count_inputs(sources: Sequence[str], skip_dir: str | None = None) -> int | None:
@@ -192,8 +201,13 @@ def run_batch(
     on_error: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     report: Any | None = None,
+    subject: Any = None,
+    keep_faces: bool | None = None,
 ) -> BatchSummary:
-    """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given)."""
+    """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given).
+
+    `subject` (a `--subject` spec) and `keep_faces` apply to every input; a manifest line's own
+    "subject" or "mask" wins over them."""
     summary = BatchSummary()
 
     def err(msg: str) -> None:
@@ -225,6 +239,10 @@ def run_batch(
                 writer.inputs.add(str(Path(item.path).resolve()))
             it_task = item.task or task
             it_ratios = item.ratios or ratios
+            own = item.subject is not None or item.mask is not None  # the line names its subject
+            it_subject = item.subject if own else subject
+            if item.task is None and own and task is Task.FREE:  # as the CLI infers it from its flags
+                it_task = Task.RATIO if item.ratios else Task.SUBJECT
             if it_task is Task.RATIO:
                 todo = [r for r in it_ratios if (str(Path(item.path).resolve()), str(r)) not in done]
                 if not todo:
@@ -240,7 +258,8 @@ def run_batch(
                 continue
             try:
                 req = CropRequest(item.path, it_task, it_ratios if it_task is Task.RATIO else [],
-                                  item.mask or mask, id=Path(item.path).name)
+                                  None if it_subject is not None else item.mask or mask, id=Path(item.path).name,
+                                  subject=it_subject, keep_faces=keep_faces)
             except CropperError as exc:
                 err(f"{item.path}: {exc}")
                 if on_progress:

@@ -80,6 +80,19 @@ def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def subject_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--subject and --keep-faces (engine/subject.py), for `crop` and `eval`."""
+    fn = click.option("--keep-faces/--no-keep-faces", "keep_faces", default=None,
+                      help="No crop cuts through a detected face; at a ratio that leaves no way round it, the "
+                           "crop keeps the largest face and says so [default: on with --subject auto or face; "
+                           "needs the subject extra].")(fn)
+    return click.option("--subject", "subject_text", default=None, metavar="SPEC",
+                        help="The subject, without a hand-made mask: auto (faces, else persons, else the salient "
+                             "region; the result says which), face, person, saliency, X,Y (a focal point, px), "
+                             "X1,Y1,X2,Y2 (a box, px) or MASK.png. Implies --task subject; with --ratio, every "
+                             "crop keeps it inside.")(fn)
+
+
 def read_examples(kind: str, annotations: str, images: str | None, split: str | None,
                   limit: int | None, require_images: bool = True) -> Any:
     from cropper_engine.data.readers import read_dataset
@@ -104,11 +117,13 @@ def read_examples(kind: str, annotations: str, images: str | None, split: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @click.option("--rows", type=click.Path(dir_okay=False), default=None,
               help="Write one JSON line per image (its box, IoU, Disp) to this file.")
+@subject_options
 @click.pass_context
 @friendly_errors
 def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None, split: str | None,
              limit: int | None, method: str, ratio_from_gt: bool, index_dir: str | None,
-             vlm: str | None, backend: str | None, as_json: bool, rows: str | None) -> None:
+             vlm: str | None, backend: str | None, as_json: bool, rows: str | None,
+             subject_text: str | None, keep_faces: bool | None) -> None:
     """Run a cropping method over an annotated dataset; print IoU / Disp (and Acc, SRCC, PCC
     where the set has scored candidates, as GAICD does).
 
@@ -116,17 +131,26 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
     Example (the literature's protocol on FCDB, the ratio given):
       cropper-engine eval --dataset fcdb --annotations ../shared/data/fcdb/val.jsonl \\
           --method center --ratio-from-gt
+    With --method cropper, --subject (e.g. auto) replaces the dataset's masks by automatic
+    subjects, and --keep-faces keeps detected faces whole.
     """
     from tqdm import tqdm
 
     from cropper_engine.evaluate import METHODS, evaluate
 
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend})
+    spec = parse_subject_option(subject_text, None, keep_faces)
+    if (spec is not None or keep_faces) and method != "cropper":
+        from cropper_engine.errors import InputError
+
+        raise InputError(f"--subject and --keep-faces need --method cropper (not {method})")
     ds = read_examples(kind, annotations, images, split, limit)
     if not ds.examples:
         raise click.ClickException("no usable examples in the dataset (see the messages above)")
     factory = METHODS.get(method)
     m = factory(cfg) if _wants_config(factory) else factory()
+    if spec is not None or keep_faces is not None:  # the cropper method: every image's subject
+        m.subject, m.keep_faces = spec, keep_faces
     with tqdm(total=len(ds.examples), desc=f"eval {method}", unit="img", file=sys.stderr,
               disable=None) as bar:
         report = evaluate(ds.examples, m, ratio_from_gt=ratio_from_gt,
@@ -167,6 +191,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"SRCC {s['srcc']:.3f}   PCC {s['pcc']:.3f}   (over {s['n_ranked']} images)")
     if s.get("pipelines"):
         lines.append("pipelines: " + ", ".join(f"{k or '-'} {v}" for k, v in s["pipelines"].items()))
+    if s.get("subjects"):
+        lines.append("subjects: " + ", ".join(f"{k} {v}" for k, v in s["subjects"].items()))
     return "\n".join(lines)
 
 
@@ -213,6 +239,37 @@ def precheck_mask(mask: str, sources: tuple[str, ...]) -> None:
                                  "a subject mask must have its image's size")
 
 
+def parse_subject_option(text: str | None, mask: str | None, keep_faces: bool | None) -> Any:
+    """The parsed --subject (or None); refuses it beside --mask, and a detector this machine lacks."""
+    from cropper_engine.engine.subject import SubjectSpec, require_detectors
+    from cropper_engine.errors import InputError
+
+    if text is not None and mask:
+        raise InputError("--mask and --subject both name the subject: give one (--subject MASK.png works too)")
+    spec = SubjectSpec.parse(text) if text is not None else None
+    if spec is not None or keep_faces:
+        require_detectors(spec, keep_faces)
+    return spec
+
+
+def precheck_subject(spec: Any, sources: tuple[str, ...]) -> None:
+    """Refuse a subject mask, focal point or box that does not fit the explicit images, before
+    any work starts."""
+    from pathlib import Path
+
+    from cropper_engine.imageio import image_size, is_image_path
+
+    if spec is None:
+        return
+    if spec.kind == "mask":
+        precheck_mask(spec.path, sources)
+    elif spec.kind in ("point", "box"):
+        for src in sources:
+            if Path(src).is_file() and is_image_path(src):
+                w, h = image_size(src)
+                spec.check(w, h)
+
+
 @main.command("crop")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--task", type=click.Choice(["free", "subject", "ratio"]), default=None,
@@ -221,6 +278,7 @@ def precheck_mask(mask: str, sources: tuple[str, ...]) -> None:
               help="Aspect ratio(s) W:H, comma-separated: one crop per ratio (implies --task ratio).")
 @click.option("--mask", type=click.Path(), default=None,
               help="Subject mask image (white = subject, the image's size; implies --task subject).")
+@subject_options
 @click.option("--index", "index_dir", type=click.Path(), default=None,
               help="Example index directory (see `index build`) [default: the built-in table].")
 @click.option("--vlm", default=None,
@@ -240,7 +298,8 @@ def precheck_mask(mask: str, sources: tuple[str, ...]) -> None:
 @click.pass_context
 @friendly_errors
 def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, ratio_text: str | None,
-             mask: str | None, index_dir: str | None, vlm: str | None, backend: str | None,
+             mask: str | None, subject_text: str | None, keep_faces: bool | None, index_dir: str | None,
+             vlm: str | None, backend: str | None,
              out_dir: str | None, size_text: str | None, as_json: bool, report: bool, resume: bool,
              batch_size: int | None, candidates: int | None, rounds: int | None,
              examples: int | None) -> None:
@@ -252,6 +311,8 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
       cropper-engine crop shoot/ --out crops/ --report       crop a folder, with a contact sheet
       cropper-engine crop shoot/ --ratio 1:1,4:5 --size 1080x1080 --out crops/
       cropper-engine crop portrait.jpg --mask subject.png --out crops/
+      cropper-engine crop shoot/ --subject auto --ratio 1:1,16:9 --out crops/   faces (or persons) kept whole
+      cropper-engine crop photo.jpg --subject 640,360 --ratio 4:5               around a focal point
     Writes OUT/crops/..., OUT/results.jsonl (one line per image and ratio) and, for images that
     could not be read, OUT/errors.jsonl; the exit status is 1 if any image failed.
     """
@@ -264,15 +325,21 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
 
     ratios = parse_ratios(ratio_text)
     size = parse_size(size_text)
-    t = Task.parse(task) if task else (Task.RATIO if ratios else Task.SUBJECT if mask else Task.FREE)
+    spec = parse_subject_option(subject_text, mask, keep_faces)
+    t = Task.parse(task) if task else (Task.RATIO if ratios else Task.SUBJECT if mask or spec else Task.FREE)
     if t is Task.RATIO and not ratios:
         raise InputError("--task ratio needs --ratio W:H (e.g. --ratio 4:3 or --ratio 1:1,16:9)")
     if t is not Task.RATIO and ratios:
         raise InputError(f"--ratio only applies to --task ratio (not {t.value})")
-    if t is Task.SUBJECT and not mask:
-        raise InputError("--task subject needs --mask PATH (a white-on-black subject mask)")
+    if t is Task.SUBJECT and not mask and spec is None:
+        raise InputError("--task subject needs --mask PATH (a white-on-black subject mask) or --subject "
+                         "auto | face | person | saliency | X,Y | X1,Y1,X2,Y2")
+    if t is Task.FREE and spec is not None:
+        raise InputError("--subject applies to the subject task, or with --ratio to every ratio's crop; "
+                         "not to --task free (--keep-faces does)")
     if mask:
         precheck_mask(mask, inputs)
+    precheck_subject(spec, inputs)
     if report and not out_dir:
         raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
     if resume and not out_dir:
@@ -301,11 +368,11 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             click.echo(f"{row['image']}\t{row['ratio'] or row['task']}\t{row['box']}\t"
                        f"score {row['score']:.3f}\t{row['pipeline']}")
 
-    total = count_inputs(inputs)
+    total = count_inputs(inputs, out_dir)
     with tqdm(total=total, desc="crop", unit="img", file=sys.stderr, disable=None) as bar:
         summary = run_batch(
             cropper, inputs, task=t, ratios=ratios, mask=mask, out_dir=out_dir, size=size,
-            resume=resume, batch_size=cfg.vlm.batch_size, emit=emit,
+            resume=resume, batch_size=cfg.vlm.batch_size, emit=emit, subject=spec, keep_faces=keep_faces,
             on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
             on_progress=bar.update, report=rep,
         )
@@ -504,6 +571,82 @@ def models_make_tiny(out_dir: str) -> None:
     click.echo(f"tiny VLM:  {vlm}   (use: --vlm {vlm} --backend transformers)")
     for kind, path in clip.items():
         click.echo(f"tiny CLIP: {path}   ({kind})")
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option("--host", default=None, help="Address to bind [default: 127.0.0.1]; any other needs an API key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port [default: 8000].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="A TOML config file (its [server] table: limits, batching, api_key).")
+@click.option("--index", "index_dir", type=click.Path(), default=None, help="Example index directory.")
+@click.option("--vlm", default=None, help="auto [default] | none | a model name or local folder.")
+@click.option("--backend", default=None, help="VLM backend: auto | transformers | vllm | openai.")
+@click.option("--vlm-url", default=None,
+              help="The OpenAI-compatible server of the openai backend, e.g. http://127.0.0.1:8001/v1.")
+@click.option("--api-key", default=None,
+              help="Require 'Authorization: Bearer KEY' (better: CROPPER_SERVER_API_KEY, not shown by ps).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None, help="Requests per engine batch [8].")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=None,
+              help="How long an idle engine waits to fill a batch [5].")
+@click.option("--queue-size", type=click.IntRange(1, 100_000), default=None,
+              help="Requests waiting at most; beyond, 503 with Retry-After [64].")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds a request may take before a 504 [120].")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=None, help="Upload limit [25].")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="CPU threads for the engine's torch ops [torch's default: one per core]; 1 is steadier "
+                   "on a machine shared with other busy processes.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.pass_context
+@friendly_errors
+def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_file: str | None,
+              index_dir: str | None, vlm: str | None, backend: str | None, vlm_url: str | None,
+              api_key: str | None, max_batch: int | None, batch_wait_ms: float | None, queue_size: int | None,
+              timeout_s: float | None, max_upload_mb: float | None, threads: int | None, log_level: str) -> None:
+    """Serve the engine over HTTP: POST /v1/crop, a page to try it at /, /docs, /metrics.
+
+    \b
+    Examples:
+      cropper-engine serve                                   the default pipeline on 127.0.0.1:8000
+      cropper-engine serve --vlm tiny/idefics2 --backend transformers
+      cropper-engine serve --backend openai --vlm-url http://gpu-box:8001/v1
+      CROPPER_SERVER_API_KEY=secret cropper-engine serve --host 0.0.0.0
+      curl -F image=@photo.jpg -F ratio=16:9 http://127.0.0.1:8000/v1/crop
+    """
+    import logging
+    import os
+
+    import uvicorn
+
+    from cropper_engine.server import create_app
+
+    if threads:  # read by torch when the engine loads it
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    if config_file:
+        ctx.obj["config"] = config_file
+    cfg = load_cfg(ctx, **{
+        "index": index_dir, "vlm.model": vlm, "vlm.backend": backend, "vlm.base_url": vlm_url,
+        "server.host": host, "server.port": port, "server.api_key": api_key, "server.max_batch": max_batch,
+        "server.batch_wait_ms": batch_wait_ms, "server.queue_size": queue_size,
+        "server.request_timeout_s": timeout_s, "server.max_upload_mb": max_upload_mb})
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    app = create_app(cfg)
+    s = cfg.server
+    click.echo(f"serving on http://{s.host}:{s.port}/ (API key {'required' if s.api_key else 'not required'}; "
+               f"batches of up to {s.max_batch}, queue {s.queue_size})", err=True)
+    try:
+        uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, timeout_graceful_shutdown=10,
+                    server_header=False)
+    except SystemExit:
+        if not getattr(app.state, "startup_error", None):
+            raise
+    err = getattr(app.state, "startup_error", None)
+    if err:
+        raise click.ClickException(f"the engine could not be loaded: {err}")
 
 
 def run() -> None:

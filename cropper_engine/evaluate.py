@@ -38,6 +38,7 @@ class Prediction:
     box: Box
     candidate_scores: list[float] | None = None  # one per EvalItem.candidates, higher is better
     pipeline: str = ""
+    subject: str | None = None  # with --subject: the source used (face, person, saliency, ...)
 
 
 class Method:
@@ -68,15 +69,19 @@ class CropperMethod(Method):
         from cropper_engine.engine.loop import Cropper
 
         self.engine = Cropper.from_config(cfg)
+        self.subject: Any = None  # a --subject spec for every image (replaces the dataset's masks)
+        self.keep_faces: bool | None = None
 
     def predict(self, items: list[EvalItem]) -> list[Prediction | CropperError]:  # type: ignore[override]
         from cropper_engine.types import CropRequest, Task
 
         reqs = []
         for it in items:
-            task = Task.RATIO if it.ratio else Task.SUBJECT if it.mask_path else Task.FREE
-            reqs.append(CropRequest(it.image_path, task, [it.ratio] if it.ratio else [], it.mask_path,
-                                    id=it.id))
+            subj = self.subject
+            task = Task.RATIO if it.ratio else Task.SUBJECT if it.mask_path or subj is not None else Task.FREE
+            reqs.append(CropRequest(it.image_path, task, [it.ratio] if it.ratio else [],
+                                    it.mask_path if subj is None else None, id=it.id, subject=subj,
+                                    keep_faces=self.keep_faces))
         outs = self.engine.crop_batch(reqs, exclude_ids=[{it.id} for it in items])
         preds: list[Prediction | CropperError] = []
         for it, out in zip(items, outs, strict=True):
@@ -88,7 +93,7 @@ class CropperMethod(Method):
             if it.candidates:
                 sc = self.engine.scorer.score([res.loaded.image], [it.candidates])
                 cand_scores = [float(v) for v in sc.total[0]]
-            preds.append(Prediction(res.box, cand_scores, res.pipeline))
+            preds.append(Prediction(res.box, cand_scores, res.pipeline, res.extra.get("subject")))
         return preds
 
     def close(self) -> None:
@@ -199,6 +204,8 @@ def evaluate(
             i, d = best_gt(pred.box, gts, ex.width, ex.height)
             row = {"id": ex.id, "box": pred.box.as_int(), "iou": round(i, 5), "disp": round(d, 5),
                    "ratio": str(it.ratio) if it.ratio else None, "pipeline": pred.pipeline}
+            if pred.subject:
+                row["subject"] = pred.subject
             if ex.scores and pred.candidate_scores is not None:
                 acc.add_ranking(pred.candidate_scores, ex.scores)
             rows.append(row)
@@ -221,4 +228,10 @@ def evaluate(
     for r in rows:
         pipelines[r["pipeline"]] = pipelines.get(r["pipeline"], 0) + 1
     summary["pipelines"] = pipelines
+    subjects: dict[str, int] = {}
+    for r in rows:
+        if r.get("subject"):
+            subjects[r["subject"]] = subjects.get(r["subject"], 0) + 1
+    if subjects:
+        summary["subjects"] = subjects
     return EvalReport(summary, rows, errors)

@@ -13,6 +13,7 @@ from typing import Any
 ROUND_COLOURS = ["#3b82f6", "#f59e0b", "#a855f7", "#14b8a6", "#ec4899"]
 CHOSEN = "#ef4444"
 SUBJECT = "#22c55e"
+FACE = "#facc15"
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#111;color:#eee}
@@ -60,6 +61,16 @@ class HtmlReport:
                           f'height="{(cy2 - cy1) * s:.1f}" fill="none" stroke="{col}" stroke-width="1" '
                           f'stroke-opacity="0.7"><title>round {c.get("round", 0)} {c.get("source", "")} '
                           f'score {c.get("score", 0):.3f}</title></rect>')
+        for poly in row.get("subject_outline", []) or []:  # the subject mask used (engine/subject.py)
+            pts = " ".join(f"{px * s:.1f},{py * s:.1f}" for px, py in poly)
+            shapes.append(f'<polygon points="{pts}" fill="{SUBJECT}" fill-opacity="0.25" stroke="{SUBJECT}" '
+                          f'stroke-width="1"><title>subject: {html.escape(str(row.get("subject", "")))}</title>'
+                          '</polygon>')
+        for f in row.get("faces", []) or []:
+            fx1, fy1, fx2, fy2 = f["box"]
+            shapes.append(f'<rect x="{fx1 * s:.1f}" y="{fy1 * s:.1f}" width="{(fx2 - fx1) * s:.1f}" '
+                          f'height="{(fy2 - fy1) * s:.1f}" fill="none" stroke="{FACE}" stroke-width="2">'
+                          f'<title>face {f.get("score", 0):.2f}</title></rect>')
         subj = row.get("subject_box")
         if subj:
             sx1, sy1, sx2, sy2 = subj
@@ -67,13 +78,21 @@ class HtmlReport:
                           f'height="{(sy2 - sy1) * s:.1f}" fill="{SUBJECT}" fill-opacity="0.15" '
                           f'stroke="{SUBJECT}" stroke-dasharray="4 3" stroke-width="1.5"/>')
         for px, py in row.get("focal_points", []) or []:
-            shapes.append(f'<circle cx="{px * s:.1f}" cy="{py * s:.1f}" r="5" fill="{SUBJECT}"/>')
+            shapes.append(f'<circle cx="{px * s:.1f}" cy="{py * s:.1f}" r="5" fill="{SUBJECT}" stroke="#000">'
+                          f'<title>focal point {px:g},{py:g}</title></circle>')
         shapes.append(f'<rect x="{x1 * s:.1f}" y="{y1 * s:.1f}" width="{(x2 - x1) * s:.1f}" '
                       f'height="{(y2 - y1) * s:.1f}" fill="none" stroke="{CHOSEN}" stroke-width="3"/>')
         meta = (f'{html.escape(Path(row["image"]).name)} · {row["task"]}'
                 f'{" " + html.escape(str(row["ratio"])) if row.get("ratio") else ""} · '
                 f'pipeline <b>{html.escape(row["pipeline"])}</b> · score {row["score"]:.3f} · '
                 f'box {row["box"]} · {len(row.get("candidates", []))} candidates')
+        if row.get("subject"):
+            asked = row.get("subject_requested")
+            meta += f' · subject <b>{html.escape(str(row["subject"]))}</b>' + (
+                f" (asked: {html.escape(str(asked))})" if asked else "")
+        if row.get("faces"):
+            meta += f' · {len(row["faces"])} face{"s" if len(row["faces"]) > 1 else ""}'
+            meta += " kept whole" if row.get("keep_faces") else ""
         if row.get("notes"):
             meta += "<br>" + "<br>".join(html.escape(n) for n in row["notes"][:4])
         self.cards.append(
@@ -90,7 +109,8 @@ class HtmlReport:
         legend = "".join(f'<span><i class="sw" style="background:{c}"></i>round {i}</span>'
                          for i, c in enumerate(ROUND_COLOURS[:3]))
         legend += (f'<span><i class="sw" style="background:{CHOSEN}"></i>chosen</span>'
-                   f'<span><i class="sw" style="background:{SUBJECT}"></i>subject</span>')
+                   f'<span><i class="sw" style="background:{SUBJECT}"></i>subject</span>'
+                   f'<span><i class="sw" style="background:{FACE}"></i>face</span>')
         css = _CSS % {"w": self.thumb * 3 // 2 + 40, "cw": self.thumb // 2, "ch": self.thumb // 2,
                       "chosen": CHOSEN}
         nxt = f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>'

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def _read_manifest(manifest: str) -> list[dict[str, Any]]:
             if isinstance(d.get("ratio"), list):
                 d["ratio"] = ",".join(d["ratio"])
             rows.append({"image": d["image"], "ratio": d.get("ratio") or "", "mask": d.get("mask") or "",
-                         "task": d.get("task") or ""})
+                         "task": d.get("task") or "", "subject": d.get("subject") or ""})
     return rows
 
 
@@ -84,7 +85,11 @@ class CropActor:
                 task = Task.parse(batch["task"][i] or self.task)
                 ratio_text = batch["ratio"][i] or self.ratios
                 ratios = [Ratio.parse(r) for r in ratio_text.split(",") if r] if task is Task.RATIO else []
-                reqs.append((i, CropRequest(img, task, ratios, batch["mask"][i] or None, id=Path(img).name)))
+                subject = batch["subject"][i] or None
+                if subject and task is Task.FREE:
+                    task = Task.SUBJECT
+                reqs.append((i, CropRequest(img, task, ratios, batch["mask"][i] or None, id=Path(img).name,
+                                            subject=subject)))
             except CropperError as exc:
                 errors[i] = str(exc)
         outs = self.cropper.crop_batch([r for _, r in reqs]) if reqs else []
@@ -134,8 +139,9 @@ def run(manifest: str, out_dir: str, *, actors: int = 1, gpus_per_actor: float =
         batch_size=batch_size, concurrency=actors, num_gpus=gpus_per_actor, batch_format="numpy",
     )
     # each finished block is written as it completes; a rerun skips what these files hold
-    for block in results.iter_batches(batch_size=None, batch_format="numpy"):
-        name = f"part-{os.getpid()}-{counts['rows'] + counts['errors']:09d}.jsonl"
+    run_id = uuid.uuid4().hex[:12]
+    for k, block in enumerate(results.iter_batches(batch_size=None, batch_format="numpy")):
+        name = f"part-{run_id}-{k:06d}.jsonl"
         tmp = out / "results" / (name + ".part")
         with tmp.open("w") as fh:
             for line in block["json"]:

@@ -199,8 +199,12 @@ class CropRequest:
     """What to crop and how.
 
     image: a path, a PIL image or an RGB uint8 array (H, W, 3).
-    task: free-form, subject-aware (needs `mask`, a boolean H x W array) or ratio-aware
-    (needs one or more `ratios`; each gives its own result).
+    task: free-form, subject-aware (needs `mask`, a boolean H x W array, or `subject`) or
+    ratio-aware (needs one or more `ratios`; each gives its own result).
+    subject: where the subject comes from (engine/subject.py): "auto", "face", "person",
+    "saliency", "X,Y" (a focal point), "X1,Y1,X2,Y2" (a box), a mask path or array. The subject
+    task crops around it; the ratio task keeps it inside each crop.
+    keep_faces: no crop cuts through a detected face; None: on for the subjects auto and face.
     """
 
     image: Any
@@ -208,16 +212,28 @@ class CropRequest:
     ratios: list[Ratio] = field(default_factory=list)
     mask: Any = None
     id: str | None = None
+    subject: Any = None
+    keep_faces: bool | None = None
 
     def __post_init__(self) -> None:
         from cropper_engine.errors import InputError
 
         self.task = Task.parse(self.task)
         self.ratios = [Ratio.parse(r) for r in self.ratios]
+        if self.subject is not None:
+            from cropper_engine.engine.subject import parse_subject
+
+            self.subject = parse_subject(self.subject)
+            if self.mask is not None:
+                raise InputError("give a subject mask or a subject, not both")
+            if self.task is Task.FREE:
+                raise InputError("a subject applies to the subject task (or, with ratios, the ratio task), "
+                                 "not to the free-form task")
         if self.task is Task.RATIO and not self.ratios:
             raise InputError("the ratio task needs at least one aspect ratio, e.g. --ratio 4:3")
-        if self.task is Task.SUBJECT and self.mask is None:
-            raise InputError("the subject task needs a subject mask, e.g. --mask subject.png")
+        if self.task is Task.SUBJECT and self.mask is None and self.subject is None:
+            raise InputError("the subject task needs a subject: a mask (e.g. --mask subject.png) or "
+                             "--subject auto | face | person | saliency | X,Y | X1,Y1,X2,Y2")
 
 
 @dataclass
