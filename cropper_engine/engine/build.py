@@ -33,7 +33,9 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
 
         index = builtin_index(embedder)
         if index is not None:
-            reasons["index"] = f"built-in table ({len(index)} examples, {index.describe()['source']})"
+            src = index.describe().get("source") or {}
+            origin = " ".join([str(src.get("dataset", "")).upper(), str(src.get("split", ""))]).strip() or "a public set"
+            reasons["index"] = f"built-in table ({len(index)} examples of {origin}, no images)"
         else:
             reasons["index"] = "none: no --index and no built-in table for this embedder"
 
@@ -44,6 +46,12 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
     vlm = given["vlm"] if "vlm" in given else _vlm(cfg, reasons)
     if vlm is None:
         reasons.setdefault("pipeline", "no-vlm")
+        from cropper_engine.models.default_model import default_model
+
+        model = default_model()
+        if model is not None:  # the no-VLM default ranks its candidates with the fitted trees
+            clip = " + CLIP / aesthetics re-rank of its shortlist" if getattr(scorer, "embedder", None) else ""
+            reasons["scorer"] = f"{model.describe()}{clip}"
     return {"embedder": embedder, "index": index, "scorer": scorer, "vlm": vlm, "reasons": reasons}
 
 

@@ -76,6 +76,18 @@ class Job:
         return [c for c in self.candidates if c.round == r]
 
 
+@dataclass
+class BatchContext:
+    """What one `crop_batch` call decoded and retrieved, shared by its pipelines."""
+
+    requests: Sequence[CropRequest]
+    images: list[LoadedImage | None]
+    live: list[int]
+    neighbours: dict[int, list[Any]]
+    exclude_ids: Sequence[set[str] | None] | None
+    saliency: dict[int, np.ndarray]
+
+
 class ImageCache:
     """A small LRU of decoded example images: retrieved examples recur across queries."""
 
@@ -229,35 +241,11 @@ class Cropper:
             self._attach_neighbours(job, neighbours.get(job.req, []))
         t = tick("retrieve", t)
 
+        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache)
         if self.vlm is None:
-            from cropper_engine.models.default_model import default_model
-
-            model = default_model()
-            if model is None:  # no fitted model shipped: the classical proposers and scorer
-                for job in jobs:
-                    job.pipeline = PIPELINE_NO_VLM
-                    self._propose_classical(job, sal_cache[job.req])
-                t = tick("propose", t)
-                self._score(jobs, [sal_cache[j.req] for j in jobs])
-                t = tick("score", t)
-            else:  # the default: dense candidates ranked by the fitted model (engine/default_pipeline.py)
-                from cropper_engine.engine.analysis import analyse
-                from cropper_engine.engine.default_pipeline import rerank_with_clip, retrieve_for_model
-
-                analyses = {i: analyse(images[i].image) for i in live}  # type: ignore[union-attr]
-                t = tick("analyse", t)
-                model_nb = retrieve_for_model(self.index, self.embedder, neighbours, requests, images, live,
-                                              exclude_ids)
-                t = tick("retrieve", t)
-                for job in jobs:
-                    job.pipeline = PIPELINE_NO_VLM
-                    self._propose_classical(job, sal_cache[job.req], analyses[job.req], model, model_nb[job.req])
-                t = tick("propose", t)
-                if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
-                    rerank_with_clip(self.scorer, jobs, [sal_cache[j.req] for j in jobs])
-                    t = tick("score", t)
+            t = self._default_crop(jobs, PIPELINE_NO_VLM, batch, tick, t)
         else:
-            t = self._run_vlm(jobs, sal_cache, timings, t)
+            t = self._run_vlm(jobs, batch, timings, t)
 
         for job in jobs:
             res = self._select(job)
@@ -267,6 +255,39 @@ class Cropper:
         return results
 
     # ----------------------------------------------------------------------------------
+    def _default_crop(self, jobs: list[Job], pipeline: str, batch: BatchContext, tick: Any, t: float) -> float:
+        """The no-VLM pipeline for `jobs` (all of them without a VLM; those whose VLM answers were
+        unusable with one): dense candidates ranked by the fitted model (engine/default_pipeline.py),
+        or, where no model is shipped, the classical proposers and scorer."""
+        from cropper_engine.models.default_model import default_model
+
+        sal = batch.saliency
+        for job in jobs:
+            job.pipeline = pipeline
+        model = default_model()
+        if model is None:
+            for job in jobs:
+                self._propose_classical(job, sal[job.req])
+            t = tick("propose", t)
+            self._score(jobs, [sal[j.req] for j in jobs])
+            return tick("score", t)
+        from cropper_engine.engine.analysis import analyse
+        from cropper_engine.engine.default_pipeline import rerank_with_clip, retrieve_for_model
+
+        reqs = sorted({j.req for j in jobs})
+        analyses = {i: analyse(batch.images[i].image) for i in reqs}  # type: ignore[union-attr]
+        t = tick("analyse", t)
+        model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
+                                      reqs, batch.exclude_ids)
+        t = tick("retrieve", t)
+        for job in jobs:
+            self._propose_classical(job, sal[job.req], analyses[job.req], model, model_nb[job.req])
+        t = tick("propose", t)
+        if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
+            rerank_with_clip(self.scorer, jobs, [sal[j.req] for j in jobs])
+            t = tick("score", t)
+        return t
+
     def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
         from cropper_engine.index.select import select_crops
 
@@ -381,9 +402,10 @@ class Cropper:
                 c.scores = {name: float(v[k]) for name, v in comps.items()}
 
     # ----------------------------------------------------------------------------------
-    def _run_vlm(self, jobs: list[Job], sal: dict[int, np.ndarray], timings: dict[str, float], t: float) -> float:
+    def _run_vlm(self, jobs: list[Job], batch: BatchContext, timings: dict[str, float], t: float) -> float:
         from cropper_engine.engine.grammar import BoxGrammar
 
+        sal = batch.saliency
         cfg = self.cfg.vlm
         n_boxes = 1 if cfg.parallel else cfg.candidates
         params = GenerationParams(
@@ -424,11 +446,12 @@ class Cropper:
                     job.notes.append(f"round 0 attempt {attempt + 1}: no usable box")
                     still.append(job)
             pending = still
-        for job in pending:
-            job.pipeline = PIPELINE_FALLBACK
-            self._propose_classical(job, sal[job.req])
-        self._score(jobs, [sal[j.req] for j in jobs], only_round=0)
-        t = tick("score", t)
+        vlm_jobs = [j for j in jobs if j not in pending]
+        if vlm_jobs:
+            self._score(vlm_jobs, [sal[j.req] for j in vlm_jobs], only_round=0)
+            t = tick("score", t)
+        if pending:  # the VLM's answers were unusable twice: the no-VLM default crops these
+            t = self._default_crop(pending, PIPELINE_FALLBACK, batch, tick, t)
 
         active = [j for j in jobs if j.pipeline == PIPELINE_VLM]
         for r in range(1, cfg.rounds + 1):
