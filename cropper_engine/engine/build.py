@@ -34,7 +34,7 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
         index = builtin_index(embedder)
         if index is not None:
             src = index.describe().get("source") or {}
-            origin = " ".join([str(src.get("dataset", "")).upper(), str(src.get("split", ""))]).strip() or "a public set"
+            origin = f"{str(src.get('dataset', '')).upper()} {src.get('split', '')}".strip() or "a public set"
             reasons["index"] = f"built-in table ({len(index)} examples of {origin}, no images)"
         else:
             reasons["index"] = "none: no --index and no built-in table for this embedder"
