@@ -45,7 +45,7 @@ log = logging.getLogger("cropper_engine.server")
 
 STATIC_DIR = Path(__file__).with_name("static")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-FORM_FIELDS = ("image", "task", "ratio", "mask", "id")
+FORM_FIELDS = ("image", "task", "ratio", "mask", "id", "subject", "keep_faces")
 _URL = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|//|www\.)", re.IGNORECASE)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -185,6 +185,21 @@ class Upload:
     ratio: Any = None  # "W:H", "W:H,W:H" or a list of them
     mask: bytes | None = None
     id: str | None = None
+    subject: str | None = None  # auto | face | person | saliency | "x,y" | "x1,y1,x2,y2" (engine/subject.py)
+    keep_faces: bool | None = None
+
+
+def _bool_field(value: Any, key: str) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise HTTPError(400, "bad_request", f"'{key}' must be true or false, got {value!r}")
 
 
 def _b64(value: Any, field: str) -> bytes:
@@ -240,7 +255,8 @@ def parse_json_body(raw: bytes) -> Upload:
         raise HTTPError(400, "bad_request", "'ratio' must be a string like \"16:9\" (or a list of them)")
     mask = data.get("mask")
     return Upload(_b64(data["image"], "image"), "upload", _opt_str(data, "task"), ratio,
-                  _b64(mask, "mask") if mask is not None else None, _opt_str(data, "id"))
+                  _b64(mask, "mask") if mask is not None else None, _opt_str(data, "id"),
+                  _opt_str(data, "subject"), _bool_field(data.get("keep_faces"), "keep_faces"))
 
 
 async def parse_form(request: Any, max_bytes: int) -> Upload:
@@ -291,7 +307,8 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
             raise HTTPError(400, "bad_request", "'image' is required: a file part named image")
         mask = await file_field("mask")
         return Upload(image[0], image[1], text_field("task"), text_field("ratio"),
-                      mask[0] if mask else None, text_field("id"))
+                      mask[0] if mask else None, text_field("id"), text_field("subject") or None,
+                      _bool_field(text_field("keep_faces"), "keep_faces"))
     finally:
         await form.close()
 
@@ -301,6 +318,7 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     import numpy as np
     from PIL import Image
 
+    from cropper_engine.engine.subject import SubjectSpec, require_detectors
     from cropper_engine.imageio import load_mask, open_image
     from cropper_engine.types import CropRequest, Ratio, Task
 
@@ -313,18 +331,26 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     ratios = [Ratio.parse(r) for r in (ratios_in or [])]
     if len(ratios) > 16:
         raise InputError(f"{len(ratios)} ratios in one request; at most 16")
+    spec = SubjectSpec.parse(upload.subject) if upload.subject else None
+    if spec is not None and spec.kind == "mask":  # never a path on this server's disk
+        raise InputError("subject: send a mask as the 'mask' file field, not a path; subject takes auto, "
+                         "face, person, saliency, x,y or x1,y1,x2,y2")
     task = Task.parse(upload.task) if upload.task else (
-        Task.RATIO if ratios else Task.SUBJECT if upload.mask is not None else Task.FREE)
+        Task.RATIO if ratios else Task.SUBJECT if upload.mask is not None or spec is not None else Task.FREE)
     if task is Task.RATIO and not ratios:
         raise InputError("the ratio task needs a ratio, e.g. ratio=16:9")
     if task is not Task.RATIO and ratios:
         raise InputError(f"a ratio only applies to the ratio task (not {task.value})")
-    if task is Task.SUBJECT and upload.mask is None:
-        raise InputError("the subject task needs a mask: a white-on-black image of the image's size")
+    if task is Task.SUBJECT and upload.mask is None and spec is None:
+        raise InputError("the subject task needs a mask (a white-on-black image of the image's size) or a "
+                         "subject: auto, face, person, saliency, x,y or x1,y1,x2,y2")
     if task is not Task.SUBJECT and upload.mask is not None:
         raise InputError(f"a mask only applies to the subject task (not {task.value})")
     loaded = open_image(upload.image, max_pixels)
     loaded.path = upload.filename
+    if spec is not None:
+        spec.check(*loaded.size)  # a point outside the image, a box that misses it: 422 now
+    require_detectors(spec, upload.keep_faces)
     mask = None
     if upload.mask is not None:
         try:
@@ -339,7 +365,7 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
             raise ImageError(f"the mask is not an image Pillow can read ({type(exc).__name__}: {exc})") from None
         mask = load_mask(mask_img, loaded.size)
         mask = np.ascontiguousarray(mask)
-    req = CropRequest(loaded, task, ratios, mask, upload.id)
+    req = CropRequest(loaded, task, ratios, mask, upload.id, subject=spec, keep_faces=upload.keep_faces)
     return req, max(1, len(ratios))
 
 

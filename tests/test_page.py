@@ -144,3 +144,33 @@ def test_page_shows_a_clear_error(server, browser, photos):
     assert "422" in text and "bad aspect ratio" in text
     logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
     assert not [e for e in logs if e.get("level") == "SEVERE" and "/v1/crop" not in e.get("message", "")], logs
+
+
+def test_page_draws_the_automatic_subject(server, browser, photos):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from cropper_engine.engine.subject import detectors_available
+
+    astronaut = next(p for p in photos if p.name == "astronaut.jpg")
+    browser.get(server + "/")
+    browser.find_element(By.ID, "image").send_keys(str(astronaut))
+    Select(browser.find_element(By.ID, "subject")).select_by_value("auto")
+    browser.find_element(By.ID, "go").click()
+    assert wait_state(browser) == "done", browser.find_element(By.ID, "status").text
+    summary = browser.find_element(By.ID, "summary").text
+    assert "subject " in summary and "pipeline no-vlm" in summary
+    assert browser.find_elements(By.CSS_SELECTOR, "#overlay #subject")  # the subject's box is drawn
+    if detectors_available().get("faces"):
+        assert "subject face" in summary
+        assert browser.find_elements(By.CSS_SELECTOR, "#overlay rect.face")
+        assert browser.find_elements(By.CSS_SELECTOR, "#overlay polygon.subject-outline")
+    # a focal point: drawn as a dot
+    Select(browser.find_element(By.ID, "subject")).select_by_value("custom")
+    point = browser.find_element(By.ID, "subject-text")
+    point.clear()
+    point.send_keys("200,150")
+    browser.find_element(By.ID, "go").click()
+    assert wait_state(browser) == "done", browser.find_element(By.ID, "status").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#overlay circle.focal")
+    assert "subject point" in browser.find_element(By.ID, "summary").text

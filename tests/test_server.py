@@ -140,6 +140,36 @@ def test_crop_subject_mask(client, photos):
     assert x1 <= sx1 and y1 <= sy1 and x2 >= sx2 and y2 >= sy2
 
 
+def test_crop_automatic_subject_keeps_the_face(client, photos):
+    from cropper_engine.engine.subject import detectors_available
+
+    astronaut = next(p for p in photos if p.name == "astronaut.jpg")
+    r = client.post("/v1/crop", files={"image": ("a.jpg", astronaut.read_bytes())},
+                    data={"subject": "auto", "ratio": "16:9"})
+    assert r.status_code == 200, r.text
+    row = r.json()
+    assert row["task"] == "ratio" and row["subject"] in ("face", "person", "saliency")
+    if detectors_available().get("faces"):
+        assert row["subject"] == "face" and row["faces"]
+        fx1, fy1, fx2, fy2 = row["faces"][0]["box"]
+        x1, y1, x2, y2 = row["box"]
+        assert x1 <= fx1 and y1 <= fy1 and x2 >= fx2 and y2 >= fy2  # the face is not cut
+    body = {"image": base64.b64encode(astronaut.read_bytes()).decode(), "subject": "100,120"}
+    r = client.post("/v1/crop", json=body)
+    assert r.status_code == 200 and r.json()["subject"] == "point" and r.json()["task"] == "subject"
+
+
+def test_bad_subjects(client, photos):
+    data = photos[0].read_bytes()
+    assert_error(client.post("/v1/crop", files={"image": ("a.jpg", data)}, data={"subject": "99999,5"}), 422,
+                 text="outside")
+    assert_error(client.post("/v1/crop", files={"image": ("a.jpg", data)}, data={"subject": "50,50,10,10"}), 422)
+    assert_error(client.post("/v1/crop", files={"image": ("a.jpg", data)}, data={"subject": "/etc/passwd"}), 422,
+                 text="mask")  # never a path on the server's disk
+    assert_error(client.post("/v1/crop", files={"image": ("a.jpg", data)}, data={"subject": "elephant"}), 422)
+    assert_error(client.post("/v1/crop", files={"image": ("a.jpg", data)}, data={"keep_faces": "maybe"}), 400)
+
+
 def test_return_image(client, photos):
     r = client.post("/v1/crop?return=image", files={"image": ("a.jpg", photos[0].read_bytes())},
                     data={"ratio": "1:1"})

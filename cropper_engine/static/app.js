@@ -49,6 +49,21 @@ function syncTask() {
   const t = $("task").value;
   $("ratio-box").hidden = t !== "ratio";
   $("mask-box").hidden = t !== "subject";
+  $("subject-box").hidden = t === "subject";
+  $("subject-text-box").hidden = t === "subject" || $("subject").value !== "custom";
+}
+
+function subjectSpec() {
+  const v = $("subject").value;
+  return v === "custom" ? $("subject-text").value.trim() : v;
+}
+
+function poly(points, attrs) {
+  const p = document.createElementNS(SVG, "polygon");
+  p.setAttribute("points", points.map((q) => q.join(",")).join(" "));
+  p.setAttribute("vector-effect", "non-scaling-stroke");
+  for (const [k, v] of Object.entries(attrs)) p.setAttribute(k, v);
+  return p;
 }
 
 function rect(box, attrs) {
@@ -95,9 +110,25 @@ function draw(row) {
   const n = cands.length;
   $("all-box").hidden = n <= TOP;
   $("all-label").textContent = "show all " + n + " candidates (the best " + TOP + " are drawn)";
+  for (const pts of row.subject_outline || []) {
+    svg.appendChild(poly(pts, { fill: "#22c55e", "fill-opacity": 0.25, stroke: "#22c55e", "stroke-width": 1.5,
+                                class: "subject-outline" }));
+  }
   if (row.subject_box) {
     svg.appendChild(rect(row.subject_box, { stroke: "#22c55e", "stroke-width": 2, "stroke-dasharray": "5 4",
                                             id: "subject" }));
+  }
+  for (const f of row.faces || []) {
+    svg.appendChild(rect(f.box, { stroke: "#facc15", "stroke-width": 2, class: "face" }));
+  }
+  for (const [x, y] of row.focal_points || []) {
+    const c = document.createElementNS(SVG, "circle");
+    c.setAttribute("cx", x);
+    c.setAttribute("cy", y);
+    c.setAttribute("r", Math.max(4, Math.min(row.width, row.height) / 80));
+    c.setAttribute("fill", "#22c55e");
+    c.setAttribute("class", "focal");
+    svg.appendChild(c);
   }
   svg.appendChild(rect(row.box, { stroke: "#ef4444", "stroke-width": 3.5, id: "chosen",
                                   "data-box": row.box.join(",") }));
@@ -113,7 +144,9 @@ function draw(row) {
   canvas.getContext("2d").drawImage(img, x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy,
                                     0, 0, canvas.width, canvas.height);
   $("summary").textContent = row.task + (row.ratio ? " " + row.ratio : "") + " · pipeline " + row.pipeline +
-    " · score " + row.score.toFixed(3) + " · box [" + row.box.join(", ") + "] of " + row.width + "×" +
+    (row.subject ? " · subject " + row.subject + (row.subject_requested ? " (asked: " + row.subject_requested +
+    ")" : "") : "") + " · score " + row.score.toFixed(3) + " · box [" + row.box.join(", ") + "] of " +
+    row.width + "×" +
     row.height + " · " + (row.candidates || []).length + " candidates · " +
     Math.round(1000 * ((row.timings || {}).total || 0)) + " ms in the engine";
 }
@@ -126,10 +159,14 @@ async function submit(ev) {
   }
   const form = new FormData();
   form.append("image", file, file.name);
-  const task = $("task").value;
+  let task = $("task").value;
+  const subject = task === "subject" ? "" : subjectSpec();
+  if (subject && task === "free") task = "subject";  // a subject makes the task subject-aware
   form.append("task", task);
   if (task === "ratio") form.append("ratio", $("ratio").value.trim());
-  if (task === "subject") {
+  if (subject) form.append("subject", subject);
+  if ($("keep-faces").checked) form.append("keep_faces", "true");
+  if (task === "subject" && !subject) {
     const m = $("mask").files[0];
     if (!m) {
       setStatus("The subject task needs a mask image (white subject on black).", "error");
@@ -182,6 +219,7 @@ drop.addEventListener("drop", (e) => {
 });
 $("image").addEventListener("change", (e) => chooseFile(e.target.files[0]));
 $("task").addEventListener("change", syncTask);
+$("subject").addEventListener("change", syncTask);
 $("all").addEventListener("change", (e) => $("overlay").classList.toggle("all", e.target.checked));
 $("apikey").addEventListener("change", loadInfo);
 $("form").addEventListener("submit", submit);
