@@ -24,8 +24,9 @@ def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
             super().__init__()
             b, h, t, d = keys.shape
             self.dtype, self.device = keys.dtype, keys.device
-            self.k = keys.new_zeros((rows_cap, h, len_cap, d))
-            self.v = values.new_zeros((rows_cap, h, len_cap, d))
+            # never read beyond the live rows and the filled length: no need to zero them
+            self.k = keys.new_empty((rows_cap, h, len_cap, d))
+            self.v = values.new_empty((rows_cap, h, len_cap, d))
             self.k[:b, :, :t] = keys
             self.v[:b, :, :t] = values
             self.n, self.length = b, t
@@ -64,12 +65,13 @@ def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
                 cap = max(n, 2 * self.k.shape[0])
                 for name in ("k", "v"):
                     old = getattr(self, name)
-                    new = old.new_zeros((cap, *old.shape[1:]))
-                    new[: self.n] = old[: self.n]
+                    new = old.new_empty((cap, *old.shape[1:]))
+                    new[: self.n, :, : self.length] = old[: self.n, :, : self.length]
                     setattr(self, name, new)
             if len(src):
-                self.k[dst] = self.k[src]
-                self.v[dst] = self.v[src]
+                t = self.length
+                self.k[dst, :, :t] = self.k[src, :, :t]
+                self.v[dst, :, :t] = self.v[src, :, :t]
             self.n = n
 
     layers = [SlabLayer(layer.keys, layer.values) for layer in cache.layers]
