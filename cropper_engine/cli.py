@@ -98,11 +98,24 @@ def read_examples(kind: str, annotations: str, images: str | None, split: str | 
     from cropper_engine.data.readers import read_dataset
 
     ds = read_dataset(kind, annotations, images, split=split, limit=limit, require_images=require_images)
-    for msg in ds.skipped[:20]:
-        click.echo(f"skipped: {msg}", err=True)
-    if len(ds.skipped) > 20:
-        click.echo(f"... and {len(ds.skipped) - 20} more skipped", err=True)
+    for line in summarise_skipped(ds.skipped):
+        click.echo(f"skipped: {line}", err=True)
     return ds
+
+
+def summarise_skipped(messages: list[str], show: int = 5) -> list[str]:
+    """A few messages as they are; the rest grouped by their kind ("image file ... not found")."""
+    import re
+
+    if len(messages) <= show:
+        return list(messages)
+    groups: dict[str, int] = {}
+    for m in messages:
+        kind = re.sub(r"\S*[/\\]\S*|\d+(\.\d+)?", "…", m.partition(": ")[2] or m)
+        groups[kind] = groups.get(kind, 0) + 1
+    out = list(messages[:show])
+    out += [f"{n} x {kind}" for kind, n in sorted(groups.items(), key=lambda kv: -kv[1])]
+    return out
 
 
 @main.command("eval")

@@ -191,3 +191,15 @@ def test_output_folder_inside_the_input_folder_is_not_cropped_again(photos, tmp_
     run("crop", src, "--out", src / "out")
     rows = [json.loads(x) for x in (src / "out" / "results.jsonl").read_text().splitlines()]
     assert sorted(Path(r["image"]).name for r in rows) == sorted(Path(p).name for p in photos[:2])
+
+
+def test_many_skipped_records_are_grouped():
+    from cropper_engine.cli import summarise_skipped
+
+    msgs = [f"{i}.jpg: image file /data/{i}.jpg not found; skipped" for i in range(50)]
+    msgs.append("x.jpg: crop [1, 2, 1, 9] is degenerate (x2 <= x1); skipped")
+    out = summarise_skipped(msgs)
+    assert out[:5] == msgs[:5]
+    assert "50 x image file … not found; skipped" in out
+    assert any(line.startswith("1 x crop") for line in out)
+    assert summarise_skipped(msgs[:3]) == msgs[:3]
