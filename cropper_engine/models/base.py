@@ -80,6 +80,23 @@ class Message:
 Conversation = list[Message]
 
 
+def chat_messages(conversation: Conversation, image_item: Callable[[ImagePart], dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """Our conversation as OpenAI-style chat messages; `image_item` renders one image part."""
+    out = []
+    for msg in conversation:
+        content: list[dict[str, Any]] = []
+        for part in msg.content:
+            if isinstance(part, ImagePart):
+                content.append(image_item(part))
+            elif isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            else:
+                raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
+        out.append({"role": msg.role, "content": content})
+    return out
+
+
 @dataclass
 class GenerationParams:
     n: int = 6

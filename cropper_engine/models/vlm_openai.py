@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cropper_engine.errors import BackendUnavailableError, CropperError, InputError
-from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart, chat_messages
 from cropper_engine.models.images import ImageFitter
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class OpenAIBackend:
         """The chat completions request for one conversation."""
         body: dict[str, Any] = {
             "model": model,
-            "messages": [self._message(m) for m in conversation],
+            "messages": chat_messages(conversation, self._image_item),
             "n": params.n,
             "max_tokens": params.max_new_tokens,
             "temperature": float(params.temperature),
@@ -193,19 +193,11 @@ class OpenAIBackend:
             body["structured_outputs"] = {"regex": params.grammar.regex()}
         return body
 
-    def _message(self, msg: Any) -> dict[str, Any]:
-        content: list[dict[str, Any]] = []
-        for part in msg.content:
-            if isinstance(part, ImagePart):
-                item: dict[str, Any] = {"type": "image_url", "image_url": {"url": self.data_url(part)}}
-                if part.uuid and self.config.send_uuids:
-                    item["uuid"] = part.uuid
-                content.append(item)
-            elif isinstance(part, str):
-                content.append({"type": "text", "text": part})
-            else:
-                raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
-        return {"role": msg.role, "content": content}
+    def _image_item(self, part: ImagePart) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "image_url", "image_url": {"url": self.data_url(part)}}
+        if part.uuid and self.config.send_uuids:
+            item["uuid"] = part.uuid
+        return item
 
     def data_url(self, part: ImagePart) -> str:
         """The image (its region, fitted to the model) as a data URL; recurring uuids encoded once."""

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from cropper_engine.errors import BackendUnavailableError, InputError
-from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.errors import BackendUnavailableError
+from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart, chat_messages
 from cropper_engine.models.images import ImageFitter
 
 PINNED_VLLM = ("0.32", "0.33")  # versions whose APIs this module was checked against
@@ -134,21 +134,13 @@ class VLLMBackend:
     # ----------------------------------------------------------------------------------
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
         """Our conversation as OpenAI-style chat messages with PIL image parts."""
-        out = []
-        for msg in conversation:
-            content: list[dict[str, Any]] = []
-            for part in msg.content:
-                if isinstance(part, ImagePart):
-                    item: dict[str, Any] = {"type": "image_pil", "image_pil": self._fit(part)}
-                    if part.uuid:
-                        item["uuid"] = part.uuid
-                    content.append(item)
-                elif isinstance(part, str):
-                    content.append({"type": "text", "text": part})
-                else:
-                    raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
-            out.append({"role": msg.role, "content": content})
-        return out
+        def image(part: ImagePart) -> dict[str, Any]:
+            item: dict[str, Any] = {"type": "image_pil", "image_pil": self._fit(part)}
+            if part.uuid:  # a recurring image: vLLM neither re-hashes nor re-processes it
+                item["uuid"] = part.uuid
+            return item
+
+        return chat_messages(conversation, image)
 
     def sampling_params(self, params: GenerationParams) -> Any:
         from vllm import SamplingParams
