@@ -420,9 +420,14 @@ class ServerState:
         self.loading = True
         try:
             if self.cropper is None:
+                import dataclasses
+
                 from cropper_engine.engine.loop import Cropper
 
-                self.cropper = Cropper.from_config(self.cfg)
+                # one engine batch of the server (up to max_batch requests) is one VLM call per round
+                vlm = dataclasses.replace(self.cfg.vlm, batch_size=max(self.cfg.vlm.batch_size,
+                                                                       self.cfg.server.max_batch))
+                self.cropper = Cropper.from_config(dataclasses.replace(self.cfg, vlm=vlm))
             s = self.cfg.server
             self.engine = BatchingEngine(self.cropper, max_batch=s.max_batch, batch_wait_ms=s.batch_wait_ms,
                                          queue_size=s.queue_size, on_batch=self.metrics.on_batch)
