@@ -77,6 +77,7 @@ class LoopConfig:
     nms_iou: float = 0.9  # duplicate suppression among candidates
     min_side: float = 0.1  # candidates narrower or shorter than this share of the image are dropped
     retries: int = 1  # extra VLM attempts before the non-VLM fallback
+    keep_faces: str = "auto"  # auto: no crop cuts a face when a face detector is installed | on | off
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.loop, f"select_{task}")
         if v not in ("final", "best"):
             raise ConfigError(f"loop.select_{task} must be 'final' or 'best', got {v!r}")
+    if cfg.loop.keep_faces not in ("auto", "on", "off"):
+        raise ConfigError(f"loop.keep_faces must be auto, on or off, got {cfg.loop.keep_faces!r}")
     if cfg.vlm.backend not in ("auto", "transformers", "vllm", "openai"):
         raise ConfigError(
             f"vlm.backend {cfg.vlm.backend!r} is not one of: auto, transformers, vllm, openai"

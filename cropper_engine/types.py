@@ -204,7 +204,8 @@ class CropRequest:
     subject: where the subject comes from (engine/subject.py): "auto", "face", "person",
     "saliency", "X,Y" (a focal point), "X1,Y1,X2,Y2" (a box), a mask path or array. The subject
     task crops around it; the ratio task keeps it inside each crop.
-    keep_faces: no crop cuts through a detected face; None: on for the subjects auto and face.
+    keep_faces: no crop cuts through a detected face; None: the config's `loop.keep_faces` (auto: on
+    wherever a face detector is installed).
     """
 
     image: Any

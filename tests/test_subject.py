@@ -260,9 +260,9 @@ def test_auto_picks_the_face_and_keeps_it_whole_at_every_ratio(photos, cropper):
 
 
 @needs_mp
-def test_keep_faces_without_a_subject_and_off_by_default(photos, cropper):
+def test_keep_faces_without_a_subject_and_off_on_request(photos, cropper):
     img = photo(photos, "astronaut")
-    plain = cropper.crop(CropRequest(img, Task.RATIO, ["4:1"]))[0]
+    plain = cropper.crop(CropRequest(img, Task.RATIO, ["4:1"], keep_faces=False))[0]
     assert "faces" not in plain.extra and "subject" not in plain.extra  # no detector ran
     kept = cropper.crop(CropRequest(img, Task.RATIO, ["4:1", "9:16"], keep_faces=True))
     for r in kept:
@@ -471,12 +471,52 @@ def test_eval_with_automatic_subjects(photos, tmp_path):
     assert bad.exit_code != 0 and "--method cropper" in bad.output
 
 
-def test_the_default_crop_runs_no_detector(photos):
-    """Without --subject or --keep-faces, cropping never imports MediaPipe (nor builds a detector)."""
-    code = ("import sys; from cropper_engine.cli import main; "
+def test_keep_faces_off_runs_no_detector(photos):
+    """With loop.keep_faces off and no --subject, cropping never imports MediaPipe (nor builds a detector)."""
+    code = ("import os, sys; os.environ['CROPPER_LOOP_KEEP_FACES'] = 'off'; from cropper_engine.cli import main; "
             f"main(['crop', {str(photo(photos, 'astronaut'))!r}, '--ratio', '1:1'], standalone_mode=False); "
             "from cropper_engine.engine import subject as s; "
             "print('MP', 'mediapipe' in sys.modules, s._face_detector is s._UNSET)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MP False True" in out.stdout
+
+
+@needs_mp
+def test_the_default_crop_keeps_faces_whole(photos):
+    """By default (loop.keep_faces auto, a detector installed) no crop cuts the astronaut's face."""
+    from cropper_engine.config import load_config
+    from cropper_engine.engine.loop import Cropper
+    from cropper_engine.types import CropRequest, Task
+
+    cropper = Cropper.from_config(load_config(env={}))
+    for ratio in ("16:9", "1:1", "3:2"):
+        res = cropper.crop(CropRequest(photo(photos, "astronaut"), Task.RATIO, [ratio]))[0]
+        faces = res.extra.get("faces") or []
+        assert faces, res.extra
+        assert res.extra["keep_faces"] is True
+        face = Box(*faces[0]["box"])
+        assert not cuts(res.box, face), (ratio, res.box, faces)  # whole, or left out: never cut
+
+
+def test_a_users_mask_survives_keep_faces(photos, tmp_path):
+    """A subject task with the user's own mask keeps that mask when faces are kept whole too
+    (keep-faces runs the face detector, but the subject stays the user's)."""
+    img = photo(photos, "astronaut")
+    w, h = Image.open(img).size
+    mask = np.zeros((h, w), bool)
+    mask[300:420, 200:330] = True
+
+    class Fixed:
+        name = "fixed"
+
+        def detect(self, rgb):
+            return [(Box(180, 40, 260, 140), 0.99)]
+
+    subj.set_detectors(faces=Fixed(), persons=None)
+    from cropper_engine.engine.loop import Cropper
+
+    c = Cropper.from_config(load_config(env={"CROPPER_LOOP_KEEP_FACES": "on"}, overrides={"vlm.model": "none"}))
+    r = c.crop(CropRequest(img, Task.SUBJECT, mask=mask))[0]
+    assert r.extra["keep_faces"] is True and r.extra["faces"]
+    assert r.box.contains(Box(200, 300, 330, 420), tol=1), (r.box, r.extra)

@@ -184,14 +184,13 @@ class Cropper:
             try:
                 img = open_image(req.image, self.cfg.max_pixels)
                 mask = subject = sub = None
-                if req.subject is not None or req.keep_faces:  # detectors run only when asked
+                keep = req.keep_faces if req.keep_faces is not None else self._keep_faces_default(req)
+                if req.subject is not None or keep:
                     from cropper_engine.engine.subject import resolve_subject
 
-                    sub = resolve_subject(req.subject, img, req.keep_faces)
-                    if req.task is Task.SUBJECT:
-                        mask = sub.mask
-                elif req.task is Task.SUBJECT:
-                    mask = load_mask(req.mask, img.size)
+                    sub = resolve_subject(req.subject, img, keep)
+                if req.task is Task.SUBJECT:  # the subject's mask, else the user's
+                    mask = sub.mask if sub is not None and req.subject is not None else load_mask(req.mask, img.size)
                 if mask is not None:
                     subject = mask_bbox(mask)
                 images.append(img)
@@ -253,6 +252,19 @@ class Cropper:
             res.timings["total"] = sum(res.timings.values())
             results[job.req].append(res)  # type: ignore[union-attr]
         return results
+
+    def _keep_faces_default(self, req: CropRequest) -> bool | None:
+        """Whether a request that does not say keeps detected faces whole: `loop.keep_faces`;
+        auto = yes wherever a face detector is installed (the crops people complain about most
+        are those that cut heads off). None leaves it to the subject (on for auto and face)."""
+        mode = self.cfg.loop.keep_faces
+        if mode == "off":
+            return False if req.subject is None else None
+        if mode == "on":
+            return True
+        from cropper_engine.engine.subject import face_detector  # built once per process
+
+        return True if face_detector() is not None else None
 
     # ----------------------------------------------------------------------------------
     def _default_crop(self, jobs: list[Job], pipeline: str, batch: BatchContext, tick: Any, t: float) -> float:
