@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(env={}, overrides={
         "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
         "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best",
-        "vlm.block_size": args.block_size, "vlm.dtype": args.dtype, "vlm.load_format": args.load_format})
+        "vlm.block_size": args.block_size, "vlm.dtype": args.dtype, "vlm.load_format": args.load_format,
+        # the loops are compared; keeping faces whole (bench/subject_bench.py) is not in the naive loop
+        "loop.keep_faces": "off"})
     naive = None
     if not args.no_naive:
         # the naive loop runs transformers as it comes: stock attention, its own generate

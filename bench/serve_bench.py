@@ -240,7 +240,8 @@ def main() -> None:
 
         vlm = str(make_tiny_idefics2(work / "tiny" / "idefics2"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "CROPPER_VLM_BATCH_SIZE": str(args.max_batch)}  # the VLM backend takes the whole batch at once
+           "CROPPER_VLM_BATCH_SIZE": str(args.max_batch),  # the VLM backend takes the whole batch at once
+           "CROPPER_LOOP_KEEP_FACES": "off"}  # the serving path's figures; faces: bench/subject_bench.py
     common = ["--vlm", vlm, "--queue-size", "512", "--timeout", "900"]
     if vlm != "none":
         common += ["--backend", args.backend]
