@@ -196,6 +196,46 @@ def test_grouped_sampling_decodes_few_rows_at_low_temperature(vlm):
     assert vlm.generate([conv], params)[0].texts == gen.texts  # seeded
 
 
+def test_tree_decoding_sees_each_branch_alone(vlm):
+    """Each row of the tree decode (a branch of its prompt's one sequence, behind a 4D mask)
+    gets the next-token logits of its prompt + its own tokens run through the model alone."""
+    import torch
+
+    convs = [_conversation(k, seed=60 + k) for k in (2, 1)]  # padded batch: prompts of two lengths
+    params = GenerationParams(n=6, max_new_tokens=8, temperature=1.0, seed=2, grammar=BoxGrammar(1))
+    vlm._trace = []
+    try:
+        gens = vlm.generate(convs, params)
+        trace = vlm._trace
+    finally:
+        vlm._trace = None
+    assert all(len(g.texts) == 6 for g in gens)
+    branched = [t for t in trace if len(t[1]) >= 3]
+    assert len(branched) > 6
+    assert len({(p, tuple(toks[:1])) for p, toks, _ in trace}) > 2, "the samples should split"
+    inputs = [vlm._inputs([c]) for c in convs]
+    for prompt, toks, logits in branched[::3]:
+        ids = inputs[prompt]["input_ids"]
+        full = torch.cat([ids, torch.tensor([toks], dtype=ids.dtype)], dim=1)
+        extra = {k: v for k, v in inputs[prompt].items() if k not in ("input_ids", "attention_mask")}
+        with torch.inference_mode():
+            ref = vlm.model(input_ids=full, attention_mask=torch.ones_like(full), **extra).logits[0, -1].float()
+        assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4), (prompt, toks, (logits - ref).abs().max())
+
+
+def test_tree_decoding_greedy_equals_generate(vlm):
+    """Greedy answers of the tree decoder are transformers' own greedy answers."""
+    convs = [_conversation(k, seed=70 + k) for k in (1, 3)]
+    params = GenerationParams(n=1, max_new_tokens=12, temperature=0.0, seed=0)
+    ours = vlm.generate(convs, params)
+    try:
+        vlm.sampling = "hf"
+        theirs = vlm.generate(convs, params)
+    finally:
+        vlm.sampling = "grouped"
+    assert [g.texts for g in ours] == [g.texts for g in theirs]
+
+
 def test_text_only_and_mixed_batches(vlm):
     convs = [[Message("user", ["Just text."])], _conversation(1, seed=3)]
     gens = vlm.generate(convs, GenerationParams(n=2, max_new_tokens=5, temperature=0.7, seed=0))

@@ -1,11 +1,10 @@
-"""A preallocated KV cache for grouped sampling, where rows split and finish as they decode.
+"""A preallocated KV cache for the tree decode of grouped sampling.
 
-transformers' DynamicCache grows by concatenation (the whole cache copied at every step) and
-re-indexes rows with `index_select` (the whole cache copied again). Here each layer's keys and
-values live in one slab [rows_cap, heads, len_cap, dim] allocated once; a step writes its token
-in place, and the live rows are always slots 0..n-1. Changing the rows moves only the rows that
-change: a sample group that splits off is copied into a new slot at the end, a finished row's
-slot is filled by the last row. The model sees views of the live region.
+transformers' DynamicCache grows by concatenation: the whole cache is copied at every decode
+step. Here each layer's keys and values live in one slab [prompts, heads, len_cap, dim]
+allocated once, holding the prefill's KV; a step writes its tokens in place, and the model sees
+views of the filled region. Rows never move: the samples of a prompt are branches of its one
+sequence (a 4D attention mask says which slots each branch sees).
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
-    """A DynamicCache whose layers are slabs holding `cache`'s content (prefill KV); the slabs
-    start with `rows_cap` rows and grow if more rows go live."""
+def slab_cache(cache: Any, rows: int, len_cap: int) -> Any:
+    """A DynamicCache whose layers are slabs of `rows` x `len_cap` tokens holding `cache`'s
+    content (the prefill's KV, `rows` prompts)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -24,9 +23,9 @@ def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
             super().__init__()
             b, h, t, d = keys.shape
             self.dtype, self.device = keys.dtype, keys.device
-            # never read beyond the live rows and the filled length: no need to zero them
-            self.k = keys.new_empty((rows_cap, h, len_cap, d))
-            self.v = values.new_empty((rows_cap, h, len_cap, d))
+            # never read beyond the filled length: no need to zero them
+            self.k = keys.new_empty((rows, h, len_cap, d))
+            self.v = values.new_empty((rows, h, len_cap, d))
             self.k[:b, :, :t] = keys
             self.v[:b, :, :t] = values
             self.n, self.length = b, t
@@ -60,35 +59,6 @@ def slab_cache(cache: Any, rows_cap: int, len_cap: int) -> Any:
         def get_seq_length(self) -> int:
             return self.length
 
-        def move_rows(self, src: Any, dst: Any, n: int) -> None:
-            if n > self.k.shape[0]:  # more live rows than slots: grow (rare at low temperatures)
-                cap = max(n, 2 * self.k.shape[0])
-                for name in ("k", "v"):
-                    old = getattr(self, name)
-                    new = old.new_empty((cap, *old.shape[1:]))
-                    new[: self.n, :, : self.length] = old[: self.n, :, : self.length]
-                    setattr(self, name, new)
-            if len(src):
-                t = self.length
-                self.k[dst, :, :t] = self.k[src, :, :t]
-                self.v[dst, :, :t] = self.v[src, :, :t]
-            self.n = n
-
-    layers = [SlabLayer(layer.keys, layer.values) for layer in cache.layers]
     out = DynamicCache()
-    out.layers = layers
+    out.layers = [SlabLayer(layer.keys, layer.values) for layer in cache.layers]
     return out
-
-
-def move_rows(cache: Any, src: list[int], dst: list[int], n: int) -> None:
-    """Copy rows src -> dst (slots) in every layer, then keep n live rows."""
-    import torch
-
-    if src:
-        device = cache.layers[0].k.device
-        s = torch.tensor(src, device=device)
-        d = torch.tensor(dst, device=device)
-    else:
-        s = d = []
-    for layer in cache.layers:
-        layer.move_rows(s, d, n)

@@ -111,6 +111,7 @@ class TransformersVLM:
             raise InputError(f"unknown sampling mode {sampling!r}; choose one of: {', '.join(SAMPLING_MODES)}")
         self.sampling = sampling
         self.decode_row_steps = 0  # rows x steps of the last grouped decode (a cost figure)
+        self._trace: list[Any] | None = None  # tests: (prompt, tokens, next-token logits) per row-step
         self.feature_cache_size = 256
         self._features: OrderedDict[str, Any] = OrderedDict()
         self._feature_mode: str | None = None
@@ -160,6 +161,7 @@ class TransformersVLM:
             self.tokenizer.pad_token_id = pad
         self.pad_token_id = int(pad)
         self.longest_edge = longest_edge(self.processor)
+        self.image_edge = self.longest_edge  # the longest image side the model reads (None: any)
         self._fit = ImageFitter(self.longest_edge)
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
@@ -180,6 +182,11 @@ class TransformersVLM:
         messages, images = _conversation_to_chat(conversation, self._fit)
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, images
+
+    def _render_text(self, conversation: Conversation) -> str:
+        """The prompt text alone: no image is fitted (cached features stand in for them)."""
+        messages, _ = _conversation_to_chat(conversation, lambda part: None)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _inputs(self, conversations: Sequence[Conversation]) -> Any:
         texts, images = [], []
@@ -258,7 +265,7 @@ class TransformersVLM:
         """
         texts, parts, counts, uuids = [], [], [], []
         for conv in conversations:
-            texts.append(self.render(conv)[0])
+            texts.append(self._render_text(conv))
             row = [p for m in conv for p in m.content if isinstance(p, ImagePart)]
             parts.extend(row)
             counts.append(len(row))
@@ -425,25 +432,31 @@ class TransformersVLM:
                                    past_key_values=cache, num_return_sequences=1, **rest)
 
     def _decode_grouped(self, inputs: Any, params: GenerationParams, n: int) -> list[list[int]]:
-        """n samples per prompt, decoding each distinct partial answer once.
+        """n samples per prompt, decoding each distinct partial answer once, as a tree.
 
         Samples that share a prefix share its next-token distribution, so one row per distinct
         prefix, drawing as many tokens (with replacement) as samples it carries, gives exactly
         n independent samples. At the low temperatures the loop uses, the n samples mostly agree:
-        a prompt decodes in one or two rows instead of n, and its prompt's KV cache is never
-        copied n times. The KV lives in a preallocated slab (`slab_cache`): a step writes in place,
-        and only rows that split off or finish are moved.
+        a prompt decodes in one or two rows instead of n.
+        Each prompt stays ONE sequence in the KV cache, its rows branches of a tree after the
+        prompt: a step feeds every live row's last token as one query of its prompt's sequence,
+        and a 4D mask lets each query see the prompt and its own branch's tokens only. The rows
+        of a prompt read its KV once, and a row that splits off copies nothing. The KV lives in a
+        slab allocated once (`slab_cache`); a step writes its tokens in place.
         Returns n token lists per prompt (prompt-major), each ending at EOS or the token limit.
         """
         import torch
 
-        from cropper_engine.models.slab_cache import move_rows, slab_cache
+        from cropper_engine.models.slab_cache import slab_cache
 
         ids = inputs["input_ids"]
+        dev = ids.device
         cache, logits, row_mask, row_pos = self._prefill(inputs)
         t_decode = time.perf_counter()
-        # room for two live rows per prompt to start with: samples at low temperatures rarely split more
-        cache = slab_cache(cache, ids.shape[0] * min(n, 2), row_mask.shape[1] + params.max_new_tokens)
+        b, t_prompt = row_mask.shape
+        gen_cap = params.max_new_tokens * n  # tree slots: a step adds at most n rows per prompt
+        cache = slab_cache(cache, b, t_prompt + gen_cap)
+        prompt_mask = row_mask.bool()
         eos = set(self.eos_token_ids)
         compiled = None
         if params.grammar is not None:
@@ -452,14 +465,17 @@ class TransformersVLM:
             compiled = compile_constraint(self.tokenizer, params.grammar, self.eos_token_ids)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(params.seed or 0))
-        b = ids.shape[0]
         # one entry per live row: (prompt, tokens so far, samples carried, grammar state)
         rows: list[tuple[int, list[int], int, Any]] = [
             (i, [], n, params.grammar.start() if params.grammar is not None else None) for i in range(b)]
+        seen = torch.zeros((b, gen_cap), dtype=torch.bool, device=dev)  # per row: its branch's slots
+        used = 0  # tree slots filled
         done: list[list[list[int]]] = [[] for _ in range(b)]
         self.decode_row_steps = 0
         for step in range(params.max_new_tokens):
             self.decode_row_steps += len(rows)
+            if self._trace is not None:
+                self._trace.extend((p, list(toks), logits[r]) for r, (p, toks, _, _) in enumerate(rows))
             scores = logits / float(params.temperature) if params.temperature > 0 else logits
             if compiled is not None:
                 keys = [-1 if st is None else st for _, _, _, st in rows]
@@ -475,8 +491,8 @@ class TransformersVLM:
                 drawn_all = torch.multinomial(probs.cpu(), most, replacement=True, generator=gen).tolist()
             else:  # greedy: every sample takes the argmax
                 drawn_all = [[t] * most for t in probs.argmax(-1).tolist()]
-            kept: list[Any] = [None] * len(rows)  # slot r keeps its first continuing group
-            branches: list[tuple[int, Any]] = []  # further groups: (parent slot, row)
+            parents: list[int] = []
+            children: list[tuple[int, list[int], int, Any]] = []
             for r, (prompt, toks, count, state) in enumerate(rows):
                 drawn = drawn_all[r][:count]
                 for tok in sorted(set(drawn)):
@@ -486,44 +502,32 @@ class TransformersVLM:
                         done[prompt].extend([seq] * c)
                         continue
                     st = compiled.allowed(state)[1].get(tok) if compiled is not None and state is not None else state
-                    row = (prompt, seq, c, st)
-                    if kept[r] is None:
-                        kept[r] = row
-                    else:
-                        branches.append((r, row))
-            m = sum(k is not None for k in kept) + len(branches)
-            if m == 0:
+                    parents.append(r)
+                    children.append((prompt, seq, c, st))
+            if not children:
                 break
-            # live rows stay in their slots where they can; the others fill the holes below m
-            order: list[int] = [-1] * m
-            new_rows: list[Any] = [None] * m
-            movers = []
-            for r, row in enumerate(kept):
-                if row is None:
-                    continue
-                if r < m:
-                    order[r], new_rows[r] = r, row
-                else:
-                    movers.append((r, row))
-            movers += branches
-            holes = [i for i in range(m) if order[i] < 0]
-            src, dst = [], []
-            for (r, row), hole in zip(movers, holes, strict=True):
-                order[hole], new_rows[hole] = r, row
-                src.append(r)
-                dst.append(hole)
-            move_rows(cache, src, dst, m)
-            if order != list(range(len(order))) or m != len(rows):
-                idx = torch.tensor(order, device=ids.device)
-                row_mask = row_mask.index_select(0, idx)
-                row_pos = row_pos.index_select(0, idx)
-            rows = new_rows
-            tokens = [row[1][-1] for row in rows]
-            row_mask = torch.cat([row_mask, row_mask.new_ones((len(rows), 1))], dim=1)
-            row_pos = row_pos + 1
-            out = self.model(input_ids=torch.tensor(tokens, device=ids.device)[:, None], attention_mask=row_mask,
-                             position_ids=row_pos[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1, :].float()
+            # each prompt's live rows are queries 0..q-1 of its sequence at this step
+            per_prompt = [0] * b
+            slot = []
+            for prompt, _, _, _ in children:
+                slot.append(per_prompt[prompt])
+                per_prompt[prompt] += 1
+            q = max(per_prompt)
+            p_idx = torch.tensor([c[0] for c in children], device=dev)
+            q_idx = torch.tensor(slot, device=dev)
+            seen = seen.index_select(0, torch.tensor(parents, device=dev))
+            seen[torch.arange(len(children), device=dev), used + q_idx] = True
+            tree = torch.zeros((b, q, used + q), dtype=torch.bool, device=dev)
+            tree[p_idx, q_idx] = seen[:, : used + q]  # unused queries see the prompt alone
+            mask = torch.cat([prompt_mask[:, None, :].expand(b, q, t_prompt), tree], dim=2)[:, None]
+            tokens = torch.full((b, q), self.pad_token_id, dtype=ids.dtype, device=dev)
+            tokens[p_idx, q_idx] = torch.tensor([c[1][-1] for c in children], dtype=ids.dtype, device=dev)
+            positions = (row_pos + step + 1)[:, None].expand(b, q)
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=q)
+            logits = out.logits[p_idx, q_idx].float()
+            rows = children
+            used += q
         self._tick("decode", t_decode)
         return [seq for per in done for seq in per]
 
