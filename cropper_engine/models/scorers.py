@@ -13,6 +13,8 @@ weights are never used for scoring.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +166,8 @@ class FusedScorer:
         self.aesthetic = aesthetic if self.embedder is not None else None
         self.classical = classical or ClassicalScorer()
         self.saliency_size = saliency_size
+        self._images: OrderedDict[int, tuple[Any, Any, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
         self.weights = {"area": area_weight, "classical": classical_weight}
         if self.embedder is not None:
             self.weights["clip"] = clip_weight
@@ -181,27 +185,53 @@ class FusedScorer:
     # -- the three stages ----------------------------------------------------------------
     def prepare(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
                 saliency: Sequence[np.ndarray] | None = None) -> Prepared:
-        from cropper_engine.models.saliency import spectral_residual_saliency
-
         tens, units, sizes, feats = [], [], [], []
         for i, (img, bxs) in enumerate(zip(images, boxes, strict=True)):
             w, h = img.size
             sizes.append((w, h))
             u = np.array([b.to_unit(w, h) for b in bxs], dtype=np.float64).reshape(-1, 4)
             units.append(u)
+            per = self._per_image(img, saliency[i] if saliency is not None else None)
             if "classical" in self.weights:
-                sal = saliency[i] if saliency is not None else spectral_residual_saliency(
-                    np.asarray(img.convert("L").resize(_small(w, h)), dtype=np.float32), self.saliency_size)
-                feats.append(box_features(SaliencyTable.from_map(sal), u, w / h))
+                feats.append(box_features(per["table"], u, w / h))
             else:
                 feats.append(np.zeros((len(u), len(FEATURE_NAMES))))
             if self.embedder is not None:
-                import torch
-
-                side = CANVAS_FACTOR * self.embedder.input_size
-                canvas = img.resize((side, side), _bilinear()) if max(w, h) > 4 * side else img
-                tens.append(torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy()).permute(2, 0, 1))
+                tens.append(per["canvas"])
         return Prepared(tens, units, sizes, feats)
+
+    def _per_image(self, img: Any, sal: np.ndarray | None) -> dict[str, Any]:
+        """What scoring needs of an image whatever the boxes (its saliency table, its canvas),
+        made once: each refinement round scores new boxes on the same images. Entries hold the
+        image weakly (a photo can be large); one whose image is gone never matches again."""
+        import weakref
+
+        key = id(img)
+        with self._lock:
+            hit = self._images.get(key)
+            if hit is not None and hit[0]() is img and (sal is None or hit[1] is sal):
+                self._images.move_to_end(key)
+                return hit[2]
+        from cropper_engine.models.saliency import spectral_residual_saliency
+
+        w, h = img.size
+        per: dict[str, Any] = {}
+        if "classical" in self.weights:
+            if sal is None:
+                sal = spectral_residual_saliency(
+                    np.asarray(img.convert("L").resize(_small(w, h)), dtype=np.float32), self.saliency_size)
+            per["table"] = SaliencyTable.from_map(sal)
+        if self.embedder is not None:
+            import torch
+
+            side = CANVAS_FACTOR * self.embedder.input_size
+            canvas = img.resize((side, side), _bilinear(), reducing_gap=3.0) if max(w, h) > 4 * side else img
+            per["canvas"] = torch.from_numpy(np.asarray(canvas, dtype=np.uint8).copy()).permute(2, 0, 1)
+        with self._lock:
+            self._images[key] = (weakref.ref(img), sal, per)
+            if len(self._images) > 64:
+                self._images.popitem(last=False)
+        return per
 
     def forward(self, prep: Prepared) -> dict[str, Any]:
         if self.embedder is None or not any(len(u) for u in prep.boxes_unit):
