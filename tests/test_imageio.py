@@ -52,6 +52,27 @@ def test_exif_rotation_applied(tmp_path):
     assert image_size(path) == (20, 40)
 
 
+def test_draft_decodes_a_large_jpeg_small_and_upright(tmp_path):
+    """draft_side: a JPEG comes back at a 1/2..1/8 scale that still holds the side asked for,
+    rotated as displayed and with the same picture; other formats and small images are as is."""
+    y, x = np.mgrid[0:1200, 0:1600]
+    arr = np.stack([x * 255 // 1600, y * 255 // 1200, np.full_like(x, 90)], -1).astype(np.uint8)
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 CW: 1200 x 1600
+    path = _save(img, tmp_path / "big.jpg", quality=95, exif=exif)
+    full = open_image(path)
+    small = open_image(path, draft_side=300)
+    assert full.size == (1200, 1600) and small.rotated
+    assert small.size == (300, 400)  # 1/4: the largest reduction with a longest side >= 300
+    ref = np.asarray(full.image.resize(small.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small.image, dtype=np.float32) - ref).mean() < 3.0
+    assert open_image(path, draft_side=700).size == (600, 800)  # 1/2
+    assert open_image(path, draft_side=1000).size == (1200, 1600)  # not worth it: as is
+    png = _save(img, tmp_path / "big.png")
+    assert open_image(png, draft_side=300).size == (1600, 1200)
+
+
 def test_icc_profile_kept(tmp_path):
     from PIL import ImageCms
 

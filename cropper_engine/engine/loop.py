@@ -89,7 +89,8 @@ class BatchContext:
 
 
 class ImageCache:
-    """A small LRU of decoded example images: retrieved examples recur across queries."""
+    """A small LRU of decoded example images: retrieved examples recur across queries. They are
+    only shown to the VLM, so they are decoded (JPEG draft) and kept no larger than it reads."""
 
     def __init__(self, capacity: int = 256, max_side: int = 1024) -> None:
         self.capacity, self.max_side = capacity, max_side
@@ -99,7 +100,7 @@ class ImageCache:
         if path in self._d:
             self._d.move_to_end(path)
             return self._d[path]
-        img = open_image(path).image
+        img = open_image(path, draft_side=self.max_side).image
         if max(img.size) > self.max_side:
             img = img.copy()
             img.thumbnail((self.max_side, self.max_side))
@@ -126,7 +127,7 @@ class Cropper:
         self.vlm = vlm
         self.templates = templates or load_templates(cfg.vlm.template or None)
         self.reasons = reasons or {}
-        self.example_images = ImageCache()
+        self.example_images = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
         self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
         self.zero_shot = vlm is not None and (index is None or not index.has_images())
         if self.zero_shot:

@@ -122,6 +122,9 @@ class Generation:
 
 @runtime_checkable
 class VLM(Protocol):
+    """A VLM backend. It may also say `image_edge`: the longest image side it reads (the engine
+    then decodes example images no larger)."""
+
     id: str
 
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:

@@ -93,6 +93,7 @@ class OpenAIBackend:
                                   trust_env=False)
         self._pool = ThreadPoolExecutor(max_workers=max(config.concurrency, 1), thread_name_prefix="vlm-http")
         self._fit = ImageFitter(config.longest_edge or DEFAULT_EDGE)
+        self.image_edge = self._fit.edge  # images are shrunk to this before they are sent
         self._urls: OrderedDict[str, str] = OrderedDict()  # uuid -> data URL
         self._lock = threading.Lock()
         self._model = config.model

@@ -104,6 +104,7 @@ class VLLMBackend:
         self.id = f"vllm:{engine.model}"
         self._lock = threading.Lock()
         self._fit = ImageFitter(longest_edge)
+        self.image_edge = longest_edge  # the longest image side the model reads (None: any)
         self._recent: deque[np.ndarray] = deque(maxlen=512)  # recent prompts, for the cacheable count
         self.block_size = engine.block_size
 
