@@ -119,3 +119,24 @@ def test_saliency_features_by_hand():
     # saliency centroid (0.7, 0.3) vs crop centre (0.75, 0.25), in crop widths: -0.1, +0.1
     assert col["com_dx"][0] == pytest.approx(-0.1) and col["com_dy"][0] == pytest.approx(0.1)
     assert col["outside_peak"][1] == pytest.approx(1.0)
+
+
+def test_per_image_work_is_reused_and_never_stale(clip):
+    """Each round scores new boxes on the same images: the image's canvas and saliency table
+    are made once; a different image (even at a recycled id) is never served another's."""
+    import gc
+
+    scorer = FusedScorer(clip)
+    imgs = _images()
+    first = scorer.score(imgs, [_boxes(im, 3) for im in imgs])
+    again = scorer.score(imgs, [_boxes(im, 3) for im in imgs])
+    assert all(np.array_equal(a, b) for a, b in zip(first.total, again.total, strict=True))
+    assert len(scorer._images) == 2
+    for _ in range(5):  # fresh images, the old ones freed: ids may recur, contents differ
+        rng = np.random.default_rng(len(scorer._images))
+        other = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+        got = scorer.score([other], [_boxes(other, 3)]).total[0]
+        ref = FusedScorer(clip).score([other], [_boxes(other, 3)]).total[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+        del other
+        gc.collect()
