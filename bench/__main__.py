@@ -4,7 +4,9 @@
     python -m bench index [--quick]               the example index (build, query, recall, load)
     python -m bench cost [--device h100]          the cost model's limits at full size
     python -m bench default [--quick]             the no-VLM default pipeline's speed per stage
+    python -m bench subject [--quick]             face and person detection, ms per 1024-px image
     python -m bench serve                         the HTTP service under 1, 4 and 16 clients
+    python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import importlib
 import sys
 
 COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
-            "default": "bench.default_bench", "serve": "bench.serve_bench", "fullsize": "bench.fullsize"}
+            "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
+            "fullsize": "bench.fullsize"}
 
 
 def main() -> None:
