@@ -1,6 +1,6 @@
 """The no-VLM default pipeline, end to end, on 1024-px images: milliseconds per image per stage.
 
-    python bench/default_bench.py [--quick] [--n 50] [--side 1024] [--tasks ratio,free]
+    python bench/default_bench.py [--quick] [--n 50] [--side 1024] [--tasks ratio,free] [--out [PATH]]
 
 Inputs: FCDB val images (../shared/data/fcdb) resized so the longest side is `--side` (1024:
 most are 800 px, so upscaled) and written as JPEG (quality 92) to a temporary folder, else the
@@ -10,13 +10,17 @@ decode, classical descriptor, retrieval in the built-in table, saliency, the ima
 candidates, features, the fitted trees and the choice. The ratio task gets the ground truth's
 ratio (4:3 for the samples). `wall` is the whole call, measured outside; the stages are the
 engine's own timings. Model loading (once per process) is reported apart. The last line printed
-is one JSON object with the figures.
+is one JSON object with the figures. The limit is 200 ms per image: `ok` when every task's
+median wall time is within it. With `--out` the figures, with provenance (git, machine,
+versions, load), are also written to bench/results/default_bench.json (or PATH) and a markdown
+table beside it (.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +35,9 @@ from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.types import CropRequest, Ratio, Task  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
+DEFAULT_OUT = ROOT / "bench" / "results" / "default_bench.json"
+LIMIT_MS = 200.0
+LIMIT_STAT = "wall_ms_median"
 
 
 def prepare(data: Path, n: int, side: int, work: Path) -> list[tuple[str, Ratio]]:
@@ -75,6 +82,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024, help="longest side of the inputs, px")
     ap.add_argument("--tasks", default="ratio,free", help="ratio, free or both")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="the FCDB folder")
+    ap.add_argument("--out", nargs="?", const=str(DEFAULT_OUT), default=None, metavar="PATH",
+                    help=f"also write the figures (JSON) and a markdown table beside them [PATH: {DEFAULT_OUT}]")
     a = ap.parse_args()
     n = 20 if a.quick else a.n
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
@@ -92,7 +101,8 @@ def main() -> None:
         for path, ratio in items[:2]:  # warm-up: lazy imports, the table's metadata, caches
             cropper.crop_batch([CropRequest(path, Task.RATIO, [ratio])])
             cropper.crop_batch([CropRequest(path, Task.FREE)])
-        figures: dict[str, Any] = {"side": a.side, "load_ms": round(1000 * load_s, 1),
+        inputs = "FCDB val" if (Path(a.data) / "val.jsonl").exists() else "sample photos"
+        figures: dict[str, Any] = {"side": a.side, "inputs": inputs, "load_ms": round(1000 * load_s, 1),
                                    "pipeline": cropper.describe()["pipeline"],
                                    "index": (cropper.describe()["index"] or {}).get("source"), "tasks": {}}
         for task in tasks:
@@ -104,6 +114,11 @@ def main() -> None:
                 walls.append(time.perf_counter() - t)
                 stages.append(dict(res[0].timings))  # type: ignore[index]
             figures["tasks"][task] = summarise(walls, stages)
+    for f in figures["tasks"].values():
+        f["ok"] = f[LIMIT_STAT] <= LIMIT_MS
+    figures.update({"limit_ms": LIMIT_MS, "limit_stat": LIMIT_STAT,
+                    "ok": all(f["ok"] for f in figures["tasks"].values()),
+                    "quick": bool(a.quick), "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)})
 
     print(f"no-VLM default, {n} images at {a.side} px (longest side), one image per call, "
           f"model load {figures['load_ms']:.0f} ms")
@@ -111,7 +126,37 @@ def main() -> None:
         st = "  ".join(f"{k} {v:.1f}" for k, v in f["stages_ms"].items())
         print(f"{task:6s} wall {f['wall_ms_mean']:.1f} ms/image (median {f['wall_ms_median']:.1f}, "
               f"p90 {f['wall_ms_p90']:.1f})   stages ms: {st}")
+    if a.out:
+        write(Path(a.out), figures, n)
     print(json.dumps(figures))
+
+
+def write(path: Path, figures: dict[str, Any], n: int) -> None:
+    """PATH (JSON, with provenance) and PATH.md, as bench.common.write_results writes them."""
+    from bench.common import device_info, git_sha, peak_rss_mb, versions
+
+    out = {"bench": "default", **figures, "peak_rss_mb": round(peak_rss_mb(), 1), "git": git_sha(),
+           "device": device_info(), "versions": versions(),
+           "created": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(out, n))
+    print(f"results: {path}, {path.with_suffix('.md')}", file=sys.stderr)
+
+
+def markdown(f: dict[str, Any], n: int) -> str:
+    keys = sorted({k for t in f["tasks"].values() for k in t["stages_ms"]})
+    lines = [f"# no-VLM default pipeline ({n} images at {f['side']} px, one image per call)", "",
+             "| task | wall ms/image mean | median | p90 | " + " | ".join(keys) + " | ok |",
+             "|---" * (len(keys) + 5) + "|"]
+    for task, t in f["tasks"].items():
+        lines.append(f"| {task} | {t['wall_ms_mean']} | {t['wall_ms_median']} | {t['wall_ms_p90']} | "
+                     + " | ".join(str(t["stages_ms"].get(k, "")) for k in keys) + f" | {t['ok']} |")
+    lines += ["", f"stages in ms per image (the engine's timings); limit {f['limit_ms']:.0f} ms per image "
+              f"({f['limit_stat']}): {'ok' if f['ok'] else 'NOT met'}; model load {f['load_ms']} ms; "
+              f"pipeline {f['pipeline']}; {f['cores']} cores, load {f['load_avg_1m']}; git {f['git']}, "
+              f"{f['created']}"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
