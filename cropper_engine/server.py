@@ -46,6 +46,10 @@ log = logging.getLogger("cropper_engine.server")
 STATIC_DIR = Path(__file__).with_name("static")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FORM_FIELDS = ("image", "task", "ratio", "mask", "id", "subject", "keep_faces")
+SUBJECT_DOC = ("The subject without a mask: auto (faces, else persons, else the salient region), face, person, "
+               "saliency, X,Y (a focal point, px) or X1,Y1,X2,Y2 (a box, px); not a file path.")
+KEEP_FACES_DOC = ("No crop cuts through a detected face [default: the server's loop.keep_faces; auto: on where "
+                  "a face detector is installed].")
 _URL = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|//|www\.)", re.IGNORECASE)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -125,6 +129,55 @@ class BodyLimit:
             return msg
 
         await self.app(scope, limited, send)
+
+
+class CleanStartupFailure:
+    """A start-up that fails (the engine could not load) is reported by the server in one line:
+    Starlette sends the traceback as the lifespan's failure message, which uvicorn would print."""
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_clean(message: Any) -> None:
+            if message.get("type") == "lifespan.startup.failed" and self.state.load_error:
+                message = {**message, "message": ""}  # the reason is logged once, by ServerState
+            await send(message)
+
+        await self.app(scope, receive, send_clean)
+
+
+class LoopbackOrKey:
+    """No API key: requests are served only on a loopback address. `create_app` refuses to be
+    configured for another host without a key, but a server started some other way (uvicorn
+    --factory --host 0.0.0.0) binds where it is told: this checks the address it really got."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        server = scope.get("server") if scope["type"] in ("http", "websocket") else None
+        host = server[0] if server else None
+        if host and not is_loopback(host) and _is_ip(host):
+            resp = error_response(
+                403, "forbidden", f"this server listens on {host} without an API key: set one "
+                "(CROPPER_SERVER_API_KEY or server.api_key) or bind 127.0.0.1")
+            if scope["type"] == "http":
+                await resp(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -507,6 +560,9 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     app.state.cropper_state = state
     app.state.startup_error = None
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    if not s.api_key:
+        app.add_middleware(LoopbackOrKey)
+    app.add_middleware(CleanStartupFailure, state=state)
     m = state.metrics
 
     # --- errors -> JSON ---------------------------------------------------------------------
@@ -558,7 +614,9 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
                     "mask": {"type": "string", "format": "binary",
                              "description": "Subject mask (white on black) of the image's size."},
                     "id": {"type": "string", "description": "Your id; an index example of this id is not "
-                                                            "retrieved."}}}},
+                                                            "retrieved."},
+                    "subject": {"type": "string", "example": "auto", "description": SUBJECT_DOC},
+                    "keep_faces": {"type": "boolean", "description": KEEP_FACES_DOC}}}},
             "application/json": {"schema": {
                 "type": "object", "required": ["image"], "additionalProperties": False,
                 "properties": {
@@ -566,7 +624,9 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
                     "task": {"type": "string", "enum": ["free", "subject", "ratio"]},
                     "ratio": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                     "mask": {"type": "string", "description": "The mask image file as base64."},
-                    "id": {"type": "string"}}}},
+                    "id": {"type": "string"},
+                    "subject": {"type": "string", "description": SUBJECT_DOC},
+                    "keep_faces": {"type": "boolean", "description": KEEP_FACES_DOC}}}},
         }},
         "responses": {
             "200": {"description": "A results.jsonl line (several ratios: {\"results\": [lines]}), "

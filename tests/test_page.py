@@ -3,6 +3,7 @@ upload an image, crop it, read the result from the page. Skipped where that brow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -174,3 +175,10 @@ def test_page_draws_the_automatic_subject(server, browser, photos):
     assert wait_state(browser) == "done", browser.find_element(By.ID, "status").text
     assert browser.find_elements(By.CSS_SELECTOR, "#overlay circle.focal")
     assert "subject point" in browser.find_element(By.ID, "summary").text
+    # keeping faces whole: on by default, and the box turns it off
+    box = browser.find_element(By.ID, "keep-faces")
+    assert box.is_selected()
+    box.click()
+    browser.find_element(By.ID, "go").click()
+    assert wait_state(browser) == "done", browser.find_element(By.ID, "status").text
+    assert json.loads(browser.find_element(By.ID, "json").get_attribute("textContent"))["keep_faces"] is False

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -370,6 +372,26 @@ def test_load_failure_is_clear(tmp_path):
         pass
     res = CliRunner().invoke(main, ["serve", "--port", "0", "--vlm", str(tmp_path / "missing")])
     assert res.exit_code == 1 and "could not be loaded" in res.output, res.output
+    # the real server prints the reason, not a traceback (uvicorn logs the lifespan's failure text)
+    out = subprocess.run([sys.executable, "-m", "cropper_engine.cli", "serve", "--port", "0", "--vlm",
+                          str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "could not be loaded" in text and "Traceback" not in text, text
+
+
+def test_no_key_serves_loopback_only():
+    """Without an API key a server that was bound elsewhere anyway (uvicorn --factory --host
+    0.0.0.0) answers 403 on that address; with a key, the key is what counts."""
+    app = create_app(cfg())
+    with TestClient(app, base_url="http://192.168.7.20:8000") as c:
+        r = c.get("/healthz")
+        assert r.status_code == 403 and "without an API key" in r.json()["error"]["message"]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/healthz").status_code == 200
+    keyed = create_app(cfg(**{"server.api_key": "k"}))
+    with TestClient(keyed, base_url="http://192.168.7.20:8000") as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/crop", files={"image": ("a.jpg", jpeg(64, 48))}).status_code == 401
 
 
 def test_background_load_readyz(monkeypatch, photos):

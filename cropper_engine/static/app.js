@@ -165,7 +165,7 @@ async function submit(ev) {
   form.append("task", task);
   if (task === "ratio") form.append("ratio", $("ratio").value.trim());
   if (subject) form.append("subject", subject);
-  if ($("keep-faces").checked) form.append("keep_faces", "true");
+  form.append("keep_faces", $("keep-faces").checked ? "true" : "false");
   if (task === "subject" && !subject) {
     const m = $("mask").files[0];
     if (!m) {
