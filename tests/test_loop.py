@@ -89,8 +89,30 @@ def test_three_tasks_on_tiny_vlm_every_row_vlm(photos, tiny_clip, example_index,
     ys, xs = np.nonzero(m)
     assert subj.box.x1 <= xs.min() and subj.box.y1 <= ys.min()
     assert subj.box.x2 >= xs.max() + 1 and subj.box.y2 >= ys.max() + 1
-    # the examples were shown: an image is never its own example
     assert rows[0].extra["selected"]["mode"] == "final"
+
+
+def test_an_image_is_never_its_own_example(photos, tiny_clip, example_index):
+    """The index holds the query photos (under other ids than any request's): retrieval leaves
+    out the query's own file, by path, whatever the ids."""
+    from cropper_engine.engine.loop import _uuid
+    from cropper_engine.models.base import ImagePart
+
+    class Recording(ScriptedVLM):
+        def generate(self, conversations, params):
+            self.seen.append({p.uuid for conv in conversations for m in conv for p in m.content
+                              if isinstance(p, ImagePart) and p.uuid})
+            return super().generate(conversations, params)
+
+    vlm = Recording(["(4, 100, 100, 900, 900)"] * 20)
+    vlm.seen = []
+    cropper = make_cropper({"retrieval.examples": 3}, tiny_clip, example_index, vlm)
+    for p in photos:
+        vlm.seen.clear()
+        cropper.crop_batch([CropRequest(str(p), Task.FREE)])
+        shown = set().union(*vlm.seen)
+        others = {_uuid(str(q)) for q in photos if q != p}
+        assert _uuid(str(p)) not in shown and shown & others, (p.name, len(shown))
 
 
 class ScriptedVLM:

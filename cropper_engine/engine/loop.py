@@ -9,7 +9,9 @@ answer that cannot be used is retried once, then the job falls back to the non-V
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -108,6 +110,11 @@ class ImageCache:
         if len(self._d) > self.capacity:
             self._d.popitem(last=False)
         return img
+
+
+@functools.lru_cache(maxsize=65536)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def _uuid(path: str) -> str:
@@ -223,7 +230,8 @@ class Cropper:
                 ids = excl[i] or set()
                 if requests[i].id:
                     ids = set(ids) | {requests[i].id}
-                neighbours[i] = self.index.query(vecs[row:row + 1], k_fetch, exclude=ids or None)[0]
+                neighbours[i] = self.index.query(vecs[row:row + 1], k_fetch,
+                                                 exclude=self._not_itself(requests[i].image, ids))[0]
             t = tick("retrieve", t)
 
         from cropper_engine.models.saliency import spectral_residual_saliency
@@ -253,6 +261,20 @@ class Cropper:
             res.timings["total"] = sum(res.timings.values())
             results[job.req].append(res)  # type: ignore[union-attr]
         return results
+
+    def _not_itself(self, image: Any, ids: set[str]) -> Any:
+        """What retrieval leaves out for a query: examples of the given ids and, for an image
+        file, any example of that same file (an index built by another reader has other ids)."""
+        if not isinstance(image, (str, os.PathLike)):
+            return ids or None
+        own = _real(str(image))
+        index = self.index
+
+        def excluded(row: int) -> bool:
+            ex = index.example(row)  # type: ignore[union-attr]
+            return ex.id in ids or _real(ex.image_path) == own
+
+        return excluded
 
     def _keep_faces_default(self, req: CropRequest) -> bool | None:
         """Whether a request that does not say keeps detected faces whole: `loop.keep_faces`;
