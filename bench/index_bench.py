@@ -1,6 +1,6 @@
 """Benchmark of the example index on synthetic unit vectors: build, load, query, recall, memory.
 
-    python bench/index_bench.py [--quick] [--embedder SPEC] [--sizes 10000,100000]
+    python bench/index_bench.py [--quick] [--embedders LIST] [--embedder SPEC] [--sizes 10000,100000] [--out [PATH]]
 
 Two seeded 512-d distributions:
 - clustered: 1,000 Gaussian clusters, centres uniform on the sphere, points = centre +
@@ -14,7 +14,15 @@ directly (`build_graph`), then saved, loaded and queried through `ExampleIndex`,
 and querying take the real code path. Targets (2 cores): recall@30 >= 0.99 against exact
 search at the default ef, single-query p50 <= 1 ms and load (+ first query) <= 1 s at 100k.
 
-Prints a table, then as its last line one JSON object with every figure.
+Embedders (images/s on 64 random 512x384 images in batches of 32, on the CPU, built and warmed
+up before timing; the load time is reported apart), all available offline: `classical` (the
+hand-crafted descriptor), `tiny_open_clip` (the tiny random open_clip the project builds itself,
+cropper_engine.models.tiny.make_tiny_clip), `vit_b32_random` (open_clip ViT-B-32 with random
+weights: the shape of the paper's retrieval model; skipped with --quick). `--embedder SPEC` times
+one more (any load_embedder spec). They are in the JSON under "embedders".
+
+Prints a table, then as its last line one JSON object with every figure; with `--out` it is also
+written to bench/results/index_bench.json (or PATH).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,9 @@ TARGET_RECALL = 0.99
 TARGET_P50_MS = 1.0
 TARGET_LOAD_S = 1.0
 EMBEDDER = {"id": "synthetic", "dim": DIM}
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "bench" / "results" / "index_bench.json"
+OFFLINE_EMBEDDERS = ("classical", "tiny_open_clip", "vit_b32_random")
+QUICK_EMBEDDERS = ("classical", "tiny_open_clip")
 
 
 def log(msg: str) -> None:
@@ -182,12 +194,17 @@ def bench_one(kind: str, n: int, nq: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def bench_embedder(spec: str, n_images: int = 64, batch: int = 32) -> dict[str, Any]:
+def bench_embedder(spec: str, n_images: int = 64, batch: int = 32, *, name: str | None = None,
+                   factory: Callable[[], Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Images/s of one embedder: `spec` for load_embedder, or `factory` building it (`spec` then
+    only names it in the figures)."""
     from PIL import Image
 
-    from cropper_engine.models.embedders import load_embedder  # lazily: only with --embedder
+    from cropper_engine.models.embedders import load_embedder  # lazily: torch / open_clip load here
 
-    embedder = load_embedder(spec)
+    t = time.perf_counter()
+    embedder = factory() if factory is not None else load_embedder(spec, device=device)
+    load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)) for _ in range(n_images)]
     embedder.embed(images[:batch])  # warm-up
@@ -195,8 +212,44 @@ def bench_embedder(spec: str, n_images: int = 64, batch: int = 32) -> dict[str, 
     for s in range(0, n_images, batch):
         embedder.embed(images[s : s + batch])
     dt = time.perf_counter() - t
-    return {"spec": spec, "id": embedder.id, "dim": embedder.dim, "images": n_images,
-            "batch": batch, "images_per_s": round(n_images / dt, 2)}
+    return {"name": name or spec, "spec": spec, "id": embedder.id, "dim": embedder.dim,
+            "device": str(getattr(embedder, "device", device)), "images": n_images, "batch": batch,
+            "load_s": round(load_s, 2), "images_per_s": round(n_images / dt, 2)}
+
+
+def bench_offline_embedders(names: list[str], workdir: Path) -> list[dict[str, Any]]:
+    """The embedders that need no download: classical, the tiny open_clip, ViT-B-32 random."""
+    out = []
+    for name in names:
+        log(f"[index-bench] embedder {name} ...")
+        try:
+            if name == "classical":
+                r = bench_embedder("classical", name=name)
+            elif name == "tiny_open_clip":
+                from cropper_engine.models.tiny import make_tiny_clip
+
+                tiny = make_tiny_clip(workdir / "tiny_clip", seed=0)
+                if "open_clip" not in tiny:
+                    raise RuntimeError("open_clip is not installed here")
+                r = bench_embedder("open_clip-dir:TINY", name=name,
+                                   factory=lambda d=tiny["open_clip"]: _load(f"open_clip-dir:{d}"))
+                r["source"] = "cropper_engine.models.tiny.make_tiny_clip(seed=0)"
+            else:  # vit_b32_random
+                from cropper_engine.models.clip import OpenClipEmbedder
+
+                r = bench_embedder("open_clip:ViT-B-32 (random weights)", name=name,
+                                   factory=lambda: OpenClipEmbedder("ViT-B-32", pretrained=None, device="cpu"))
+        except Exception as exc:  # one that cannot be built here is reported, not fatal
+            r = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+        log(f"[index-bench]   {r.get('images_per_s', r.get('error'))} images/s")
+        out.append(r)
+    return out
+
+
+def _load(spec: str) -> Any:
+    from cropper_engine.models.embedders import load_embedder
+
+    return load_embedder(spec, device="cpu")
 
 
 COLUMNS = [("dist", "dist", "{}"), ("n", "n", "{}"), ("build_s", "build s", "{:.1f}"),
@@ -222,12 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", help="comma-separated sizes, e.g. 10000,100000 (overrides --quick)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dists", default="clustered,uniform")
-    ap.add_argument("--embedder", help="also time this embedder (images/s)")
+    ap.add_argument("--embedder", help="also time this embedder spec (images/s)")
+    ap.add_argument("--embedders", help=f"offline embedders to time, comma-separated, or 'none' "
+                    f"[default: {','.join(OFFLINE_EMBEDDERS)}; --quick: {','.join(QUICK_EMBEDDERS)}]")
+    ap.add_argument("--out", nargs="?", const=str(DEFAULT_OUT), default=None, metavar="PATH",
+                    help=f"also write the JSON figures to PATH [{DEFAULT_OUT}]")
     ap.add_argument("--workdir", help="where to write the indexes (default: a temp folder)")
     args = ap.parse_args(argv)
 
     sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
              else [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000])
+    names = ([] if args.embedders == "none" else [e.strip() for e in args.embedders.split(",") if e.strip()]
+             if args.embedders else list(QUICK_EMBEDDERS if args.quick else OFFLINE_EMBEDDERS))
+    unknown = sorted(set(names) - set(OFFLINE_EMBEDDERS))
+    if unknown:
+        ap.error(f"unknown embedder(s) {', '.join(unknown)}; known: {', '.join(OFFLINE_EMBEDDERS)} or none")
     t_all = time.perf_counter()
     results = []
     tmp_root = Path(tempfile.mkdtemp(prefix="index-bench-", dir=args.workdir))
@@ -238,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_one(kind, n, args.queries, tmp_root)
                 log(f"[index-bench]   build {r['build_s']} s, recall {r['recall_at_30']}, p50 {r['p50_ms']} ms")
                 results.append(r)
+        embedders = bench_offline_embedders(names, tmp_root)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    emb = bench_embedder(args.embedder) if args.embedder else None
+    emb = bench_embedder(args.embedder, device="auto") if args.embedder else None
+    if emb:
+        embedders.append(emb)
 
     clustered = [r for r in results if r["dist"] == "clustered"]
     at_100k = [r for r in clustered if r["n"] == 100_000]
@@ -256,17 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     print("(recall@30 and p50/p99 are HNSW, forced even where the default would search exactly; "
           "load = ExampleIndex.load + first query, warm page cache)")
     print(table(results))
-    if emb:
-        print(f"embedder {emb['id']}: {emb['images_per_s']} images/s")
+    if embedders:
+        print("embedders (CPU unless said, batches of 32): " + ", ".join(
+            f"{e['name']} {e['images_per_s']} images/s" if "images_per_s" in e else f"{e['name']} failed ({e['error']})"
+            for e in embedders))
     print("targets:", ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in targets.items()))
     summary = {
         "bench": "index", "dim": DIM, "k": K, "clusters": CLUSTERS, "sigma": round(sigma_for(DIM), 5),
         "M": DEFAULT_M, "ef_construction": DEFAULT_EF_CONSTRUCTION, "ef": DEFAULT_EF,
         "exact_below": DEFAULT_EXACT_BELOW, "cores": os.cpu_count(), "quick": bool(args.quick),
-        "results": results, "embedder": emb,
+        "results": results, "embedders": embedders, "embedder": emb,
         "targets": {"recall_at_30": TARGET_RECALL, "p50_ms_100k": TARGET_P50_MS, "load_s_100k": TARGET_LOAD_S},
         "targets_met": targets, "seconds": round(time.perf_counter() - t_all, 1),
     }
+    if args.out:
+        from bench.common import device_info, git_sha, versions
+
+        summary.update({"git": git_sha(), "device": device_info(), "versions": versions(),
+                        "load_avg_1m": round(os.getloadavg()[0], 2),
+                        "created": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"[index-bench] results: {args.out}")
     print(json.dumps(summary))
     return 0
 
