@@ -3,8 +3,8 @@
 Inputs are image files, directories (walked lazily, one directory listing at a time) and
 manifests (.txt: one path per line; .jsonl: {"image", "ratio"?, "mask"?, "subject"?, "task"?}, where
 "subject" is a `--subject` spec: auto, face, person, saliency, "X,Y", "X1,Y1,X2,Y2" or a mask path). Nothing
-holds more than one batch of decoded images. Outputs never overwrite an input and never
-collide; `resume` skips what results.jsonl already holds.
+holds more than one batch of decoded images. Outputs never overwrite an input or an existing
+file and never collide, across resumed runs too; `resume` skips what results.jsonl already holds.
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ class InputItem:
 def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None],
                 skip_dir: str | os.PathLike[str] | None = None) -> Iterator[InputItem]:
     """Images from files, directories (recursive, sorted per directory) and manifests; a walk
-    never enters `skip_dir` (the output folder, which may sit inside an input folder)."""
-    skip = Path(skip_dir).resolve() if skip_dir else None
+    never enters `skip_dir` (the output folder, which may sit inside an input folder) nor what
+    this tool writes there (crops/, report/), even when `skip_dir` is the walked folder itself."""
+    skip: frozenset[Path] = frozenset()
+    if skip_dir:
+        out = Path(skip_dir).resolve()
+        skip = frozenset({out, out / "crops", out / "report"})
     for src in sources:
         p = Path(src)
         if p.is_dir():
@@ -51,7 +55,7 @@ def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None],
             on_error(f"{src}: no such file or directory")
 
 
-def _walk(root: Path, d: Path, skip: Path | None = None) -> Iterator[InputItem]:
+def _walk(root: Path, d: Path, skip: frozenset[Path] = frozenset()) -> Iterator[InputItem]:
     try:
         entries = sorted(os.scandir(d), key=lambda e: e.name)
     except OSError:
@@ -60,7 +64,7 @@ def _walk(root: Path, d: Path, skip: Path | None = None) -> Iterator[InputItem]:
         if e.name.startswith("."):
             continue
         if e.is_dir(follow_symlinks=False):
-            if skip is not None and Path(e.path).resolve() == skip:
+            if skip and Path(e.path).resolve() in skip:
                 continue
             yield from _walk(root, Path(e.path), skip)
         elif Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
@@ -132,7 +136,7 @@ class OutputWriter:
         base = self.out_dir / "crops" / f"{stem}{ratio_tag(ratio)}"
         cand = base.with_suffix(suffix)
         k = 1
-        while str(cand.resolve()) in self.used or str(cand.resolve()) in self.inputs:
+        while str(cand.resolve()) in self.used or str(cand.resolve()) in self.inputs or cand.exists():
             cand = Path(f"{base}-{k}{suffix}")
             k += 1
         self.used.add(str(cand.resolve()))
@@ -165,16 +169,30 @@ class OutputWriter:
 def load_done(results_path: Path) -> set[tuple[str, str | None]]:
     """(image path, ratio) pairs already in a results.jsonl (a torn last line is ignored)."""
     done: set[tuple[str, str | None]] = set()
+    for d in _rows(results_path):
+        try:
+            done.add((str(Path(d["image"]).resolve()), d.get("ratio")))
+        except (KeyError, TypeError):
+            continue
+    return done
+
+
+def load_outputs(results_path: Path) -> set[str]:
+    """The crops a results.jsonl already names (resolved paths): no other image may take them."""
+    return {str(Path(d["output"]).resolve()) for d in _rows(results_path) if isinstance(d.get("output"), str)}
+
+
+def _rows(results_path: Path) -> Iterator[dict[str, Any]]:
     if not results_path.exists():
-        return done
+        return
     with results_path.open() as fh:
         for line in fh:
             try:
                 d = json.loads(line)
-                done.add((str(Path(d["image"]).resolve()), d.get("ratio")))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except json.JSONDecodeError:
                 continue
-    return done
+            if isinstance(d, dict):
+                yield d
 
 
 @dataclass
@@ -230,6 +248,8 @@ def run_batch(
         out.mkdir(parents=True, exist_ok=True)
         done = load_done(results_path) if resume else set()
         writer = OutputWriter(out, size)
+        if resume:  # an earlier run's crops stay theirs
+            writer.used |= load_outputs(results_path)
         results_fh = results_path.open("a")
         errors_fh = (out / ERRORS).open("a")
     try:

@@ -151,6 +151,7 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
 
     from cropper_engine.evaluate import METHODS, evaluate
 
+    factory = METHODS.get(method)  # an unknown method fails before anything is read
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend})
     spec = parse_subject_option(subject_text, None, keep_faces)
     if (spec is not None or keep_faces) and method != "cropper":
@@ -160,7 +161,6 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
     ds = read_examples(kind, annotations, images, split, limit)
     if not ds.examples:
         raise click.ClickException("no usable examples in the dataset (see the messages above)")
-    factory = METHODS.get(method)
     m = factory(cfg) if _wants_config(factory) else factory()
     if spec is not None or keep_faces is not None:  # the cropper method: every image's subject
         m.subject, m.keep_faces = spec, keep_faces
@@ -235,21 +235,40 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def precheck_mask(mask: str, sources: tuple[str, ...]) -> None:
-    """Refuse a mask that does not fit the explicit images, before any work starts."""
+def precheck_sizes(sources: tuple[str, ...], out_dir: str | None = None) -> list[tuple[str, int, int]]:
+    """(path, width, height) of the images to check a subject option against before any work:
+    the explicit image files, else the first readable image of the folders and manifests that
+    the option applies to (headers only; the others are checked one by one as they are cropped)."""
     from pathlib import Path
 
-    from cropper_engine.imageio import image_size, is_image_path, load_mask
+    from cropper_engine.batch import iter_inputs
+    from cropper_engine.errors import ImageError
+    from cropper_engine.imageio import image_size, is_image_path
+
+    files = [src for src in sources if Path(src).is_file() and is_image_path(src)]
+    if files:
+        return [(src, *image_size(src)) for src in files]
+    for item in iter_inputs(sources, lambda _m: None, out_dir):
+        if item.mask is not None or item.subject is not None:  # a manifest line's own subject
+            continue
+        try:
+            return [(item.path, *image_size(item.path))]
+        except ImageError:  # reported when its turn comes
+            continue
+    return []
+
+
+def precheck_mask(mask: str, sources: tuple[str, ...], out_dir: str | None = None) -> None:
+    """Refuse a mask that does not fit the images (see precheck_sizes), before any work starts."""
+    from cropper_engine.imageio import load_mask
 
     m = load_mask(mask)
-    for src in sources:
-        if Path(src).is_file() and is_image_path(src):
-            w, h = image_size(src)
-            if (m.shape[1], m.shape[0]) != (w, h):
-                from cropper_engine.errors import InputError
+    for src, w, h in precheck_sizes(sources, out_dir):
+        if (m.shape[1], m.shape[0]) != (w, h):
+            from cropper_engine.errors import InputError
 
-                raise InputError(f"the mask {mask} is {m.shape[1]}x{m.shape[0]} but {src} is {w}x{h}; "
-                                 "a subject mask must have its image's size")
+            raise InputError(f"the mask {mask} is {m.shape[1]}x{m.shape[0]} but {src} is {w}x{h}; "
+                             "a subject mask must have its image's size")
 
 
 def parse_subject_option(text: str | None, mask: str | None, keep_faces: bool | None) -> Any:
@@ -265,22 +284,16 @@ def parse_subject_option(text: str | None, mask: str | None, keep_faces: bool | 
     return spec
 
 
-def precheck_subject(spec: Any, sources: tuple[str, ...]) -> None:
-    """Refuse a subject mask, focal point or box that does not fit the explicit images, before
-    any work starts."""
-    from pathlib import Path
-
-    from cropper_engine.imageio import image_size, is_image_path
-
+def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = None) -> None:
+    """Refuse a subject mask, focal point or box that does not fit the images (see
+    precheck_sizes), before any work starts."""
     if spec is None:
         return
     if spec.kind == "mask":
-        precheck_mask(spec.path, sources)
+        precheck_mask(spec.path, sources, out_dir)
     elif spec.kind in ("point", "box"):
-        for src in sources:
-            if Path(src).is_file() and is_image_path(src):
-                w, h = image_size(src)
-                spec.check(w, h)
+        for _src, w, h in precheck_sizes(sources, out_dir):
+            spec.check(w, h)
 
 
 @main.command("crop")
@@ -351,8 +364,8 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         raise InputError("--subject applies to the subject task, or with --ratio to every ratio's crop; "
                          "not to --task free (--keep-faces does)")
     if mask:
-        precheck_mask(mask, inputs)
-    precheck_subject(spec, inputs)
+        precheck_mask(mask, inputs, out_dir)
+    precheck_subject(spec, inputs, out_dir)
     if report and not out_dir:
         raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
     if resume and not out_dir:

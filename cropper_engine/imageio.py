@@ -97,7 +97,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         return LoadedImage(_to_rgb(Image.fromarray(arr)), "<array>")
     if isinstance(source, Image.Image):
         return LoadedImage(_to_rgb(ImageOps.exif_transpose(source) or source), "<image>",
-                           source.info.get("icc_profile"), source.mode)
+                           _rgb_profile(source.info.get("icc_profile"), source.mode), source.mode)
 
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if isinstance(source, (bytes, bytearray)):
@@ -127,7 +127,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
                     "if the image is genuine"
                 )
             source_mode = im.mode
-            icc = im.info.get("icc_profile")
+            icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
             if draft_side and im.format == "JPEG" and max(w, h) > 2 * draft_side:
                 s = draft_side / max(w, h)
                 im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
@@ -150,6 +150,15 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
     except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these on broken headers
         raise ImageError(f"{name}: corrupt image ({exc})") from None
     return LoadedImage(rgb, name, icc, source_mode, rotated)
+
+
+def _rgb_profile(icc: bytes | None, mode: str) -> bytes | None:
+    """The source's ICC profile if it still describes the RGB image we make of it: an RGB
+    profile on an RGB(A) or palette image. A CMYK or grey profile would give an RGB crop wrong
+    colours; it is dropped (the crop is then read as sRGB)."""
+    if not icc or mode not in ("RGB", "RGBA", "RGBX", "RGBa", "P"):
+        return None
+    return icc if icc[16:20] == b"RGB " else None  # the profile header's colour space
 
 
 def _orientation(im: Any) -> int | None:

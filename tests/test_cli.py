@@ -24,12 +24,15 @@ def run(*args, ok=True):
 
 
 def test_help_is_instant_and_light():
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", "import sys; from cropper_engine.cli import main; "
-                          "main(['--help'], standalone_mode=False); "
-                          "print('HEAVY', [m for m in ('torch', 'transformers', 'open_clip', 'vllm', 'hnswlib') "
-                          "if m in sys.modules])"], capture_output=True, text=True, check=True)
-    assert time.perf_counter() - t0 < 5  # the import itself is checked by the module list below
+    times = []
+    for _ in range(3):  # the best of 3: a busy machine may slow one run
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", "import sys; from cropper_engine.cli import main; "
+                              "main(['--help'], standalone_mode=False); "
+                              "print('HEAVY', [m for m in ('torch', 'transformers', 'open_clip', 'vllm', "
+                              "'hnswlib') if m in sys.modules])"], capture_output=True, text=True, check=True)
+        times.append(time.perf_counter() - t0)
+    assert min(times) < 0.5, times
     assert "HEAVY []" in out.stdout
     assert "crop" in out.stdout and "index" in out.stdout and "eval" in out.stdout
 
@@ -108,6 +111,22 @@ def test_crop_subject_mask_checked_before_work(photos, tmp_path):
     assert row["task"] == "subject" and x1 <= w // 4 and y1 <= h // 4 and x2 >= w // 2 and y2 >= h // 2
 
 
+def test_crop_subject_mask_checked_before_work_for_folders_and_manifests(photos, tmp_path):
+    """A directory or manifest input: the mask is checked against its first image, up front."""
+    w, h = Image.open(photos[0]).size
+    src = tmp_path / "shoot"
+    src.mkdir()
+    Image.open(photos[0]).save(src / "a.jpg")
+    (tmp_path / "list.txt").write_text("shoot/a.jpg\n")
+    small = tmp_path / "small.png"
+    Image.new("L", (10, 10), 255).save(small)
+    for source in (src, tmp_path / "list.txt"):
+        res = run("crop", source, "--mask", small, "--out", tmp_path / "o", ok=False)
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        assert "10x10" in res.output and f"{w}x{h}" in res.output and "a subject mask" in res.output
+        assert not (tmp_path / "o").exists()  # refused before any work
+
+
 def test_crop_never_overwrites_inputs_or_collides(tmp_path, photos):
     a = tmp_path / "in" / "a"
     b = tmp_path / "in" / "b"
@@ -119,6 +138,38 @@ def test_crop_never_overwrites_inputs_or_collides(tmp_path, photos):
     outs = [json.loads(x)["output"] for x in (tmp_path / "in" / "results.jsonl").read_text().splitlines()]
     assert len(set(outs)) == 2
     assert Image.open(a / "x.jpg").size == Image.open(photos[0]).size
+
+
+def test_resume_never_reuses_an_earlier_runs_output(tmp_path, photos):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    Image.open(photos[0]).save(a / "x.jpg")
+    Image.open(photos[1]).save(b / "x.jpg")
+    out = tmp_path / "out"
+    run("crop", a / "x.jpg", "--out", out)
+    first = (out / "crops" / "x.jpg").read_bytes()
+    res = run("crop", a / "x.jpg", b / "x.jpg", "--out", out, "--resume")
+    assert "1 skipped" in res.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and len({r["output"] for r in rows}) == 2
+    assert (out / "crops" / "x.jpg").read_bytes() == first  # a's crop is still a's
+    assert all(Path(r["output"]).exists() for r in rows)
+
+
+def test_output_folder_equal_to_the_input_folder_is_not_cropped_again(photos, tmp_path):
+    src = tmp_path / "shoot"
+    src.mkdir()
+    for p in photos[:2]:
+        Image.open(p).save(src / Path(p).name)
+    run("crop", src, "--out", src, "--report")
+    (src / "more.jpg").write_bytes(Path(photos[2]).read_bytes())
+    res = run("crop", src, "--out", src, "--report", "--resume")
+    assert "2 skipped" in res.output
+    rows = [json.loads(x) for x in (src / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows) == sorted([*(Path(p).name for p in photos[:2]), "more.jpg"])
+    assert not (src / "crops" / "crops").exists() and not (src / "crops" / "report").exists()
 
 
 def test_crop_with_tiny_vlm(photos, tiny_dir, tmp_path):
@@ -133,6 +184,14 @@ def test_missing_vlm_explains_how_to_get_it(photos):
     res = run("crop", photos[0], "--vlm", "mantis-8b-idefics2", ok=False)
     assert "huggingface-cli download TIGER-Lab/Mantis-8B-Idefics2" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/path", "./no/model", "~/no-model", "a/b/c"])
+def test_missing_vlm_folder_is_named_as_a_folder(photos, path):
+    res = run("crop", photos[0], "--vlm", path, ok=False)
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert f"no such model folder: {path}" in res.output and "huggingface-cli" not in res.output
+    assert "hub id" in res.output
 
 
 def test_models_list_and_make_tiny(tmp_path):
@@ -176,11 +235,17 @@ def test_eval_center_on_fcdb_reproduces_literature(fcdb):
     assert s["n"] == 200 and round(s["iou"], 3) == 0.717 and round(s["disp"], 3) == 0.066
 
 
-def test_eval_bad_inputs():
+def test_eval_bad_inputs(photos, tmp_path):
     res = run("eval", "--dataset", "fcdb", "--annotations", "/nonexistent.jsonl", ok=False)
     assert "nonexistent" in res.output and "Traceback" not in res.output
-    res = run("eval", "--dataset", "fcdb", "--annotations", "x", "--method", "magic", ok=False)
-    assert res.exit_code != 0
+    ann = tmp_path / "ann.jsonl"
+    w, h = Image.open(photos[0]).size
+    ann.write_text(json.dumps({"image": str(photos[0]), "crops": [[0, 0, w // 2, h // 2]]}) + "\n")
+    assert "IoU" in run("eval", "--dataset", "jsonl", "--annotations", ann).output  # a valid set
+    for ann_file in (ann, "/nonexistent.jsonl"):  # the method is refused before the set is read
+        res = run("eval", "--dataset", "jsonl", "--annotations", ann_file, "--method", "magic", ok=False)
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        assert "unknown method 'magic'" in res.output and "center, cropper, full" in res.output
 
 
 def test_output_folder_inside_the_input_folder_is_not_cropped_again(photos, tmp_path):

@@ -81,6 +81,23 @@ def test_icc_profile_kept(tmp_path):
     assert open_image(path).icc_profile == icc
 
 
+def test_icc_profile_dropped_when_not_rgb(tmp_path):
+    """A CMYK or grey profile does not describe the RGB image (nor its crops): it is dropped."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = srgb[:16] + b"CMYK" + srgb[20:]  # a profile header naming another colour space
+    gray = srgb[:16] + b"GRAY" + srgb[20:]
+    rgb = Image.new("RGB", (8, 8), (200, 40, 10))
+    assert open_image(_save(rgb.convert("CMYK"), tmp_path / "c.jpg", icc_profile=cmyk)).icc_profile is None
+    assert open_image(_save(rgb.convert("L"), tmp_path / "g.png", icc_profile=gray)).icc_profile is None
+    assert open_image(_save(rgb.convert("L"), tmp_path / "g2.png", icc_profile=srgb)).icc_profile is None
+    assert open_image(_save(rgb, tmp_path / "bad.png", icc_profile=cmyk)).icc_profile is None
+    assert open_image(_save(rgb.convert("RGBA"), tmp_path / "a.png", icc_profile=srgb)).icc_profile == srgb
+    with Image.open(tmp_path / "c.jpg") as im:
+        assert open_image(im).icc_profile is None
+
+
 @pytest.mark.parametrize("content,msg", [
     (b"", "empty"),
     (b"this is not an image", "not an image"),

@@ -91,6 +91,15 @@ def how_to_get(hub_id: str) -> str:
             f"(then copy ~/.cache/huggingface here), or pass a local folder with --vlm /path/to/model")
 
 
+def looks_like_path(name: str) -> bool:
+    """A folder, not a hub id: starts with '.', '~' or a separator, or has separators other than
+    a hub id's one `owner/name` slash."""
+    seps = {"/", os.sep, os.altsep or "/"}
+    if name.startswith((".", "~", *seps)):
+        return True
+    return bool(seps - {"/"} & set(name)) or name.count("/") > 1
+
+
 def resolve_model(name: str) -> ResolvedModel:
     """A registry name, hub id or local folder -> a local folder; ModelNotFoundError if absent."""
     p = Path(name).expanduser()
@@ -99,6 +108,10 @@ def resolve_model(name: str) -> ResolvedModel:
             raise ModelNotFoundError(f"{p} has no config.json: not a model folder")
         spec = next((m for m in MODELS.values() if m.name in p.name.lower()), None)
         return ResolvedModel(p, spec, name)
+    if looks_like_path(name):
+        raise ModelNotFoundError(
+            f"no such model folder: {name}; pass --vlm an existing folder with config.json and weights, "
+            f"a hub id (owner/name) in the local Hugging Face cache, or one of: {', '.join(MODELS)}")
     spec = MODELS.get(name.lower())
     hub_id = spec.hub_id if spec else name
     if spec is None and "/" not in name:
