@@ -75,6 +75,18 @@ def _cpu_defaults() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
+def _engine_block_size(llm: Any) -> int | None:
+    """The KV cache block size of a built `vllm.LLM` (None where this vLLM does not say)."""
+    engine = getattr(llm, "llm_engine", None)
+    for chain in (("vllm_config", "cache_config", "block_size"), ("cache_config", "block_size")):
+        obj = engine
+        for name in chain:
+            obj = getattr(obj, name, None)
+        if isinstance(obj, int) and obj > 0:
+            return obj
+    return None
+
+
 def lcp(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])
@@ -106,7 +118,8 @@ class VLLMBackend:
         self._fit = ImageFitter(longest_edge)
         self.image_edge = longest_edge  # the longest image side the model reads (None: any)
         self._recent: deque[np.ndarray] = deque(maxlen=512)  # recent prompts, for the cacheable count
-        self.block_size = engine.block_size
+        # the KV block size the engine runs with: vLLM picks one when none is given
+        self.block_size = engine.block_size or _engine_block_size(self.llm)
 
     @classmethod
     def from_config(cls, cfg: Any, resolved: Any) -> VLLMBackend:
