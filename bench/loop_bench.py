@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="one timed repeat (under 3 minutes here)")
     ap.add_argument("--model", default=None, help="a VLM folder [default: build the tiny Idefics2]")
     ap.add_argument("--clip", default=None, help="embedder spec [default: the tiny open_clip, else hf-clip]")
-    ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
+                    help="auto: vllm where `import vllm` works in this interpreter (.venv-vllm), else transformers")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (transformers backend)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -191,12 +192,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def resolve_backend(name: str) -> str:
+    """"auto" -> "vllm" where vLLM imports in this interpreter, else "transformers"."""
+    if name != "auto":
+        return name
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers"
+    # tried in a child process: importing vLLM here, before the naive loop's transformers model is
+    # built, could change what that loop runs (see the vllm ordering in main)
+    ok = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
+    return "vllm" if ok else "transformers"
+
+
 def _percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    asked = args.backend
+    args.backend = resolve_backend(asked)
+    print(f"backend: {args.backend}" + (" (auto: vllm imports here)" if asked == "auto" and args.backend == "vllm"
+          else " (auto: no vllm here)" if asked == "auto" else ""), file=sys.stderr)
 
     import torch
 
@@ -341,16 +361,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         })
     block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
     hit_rate = refine["cached"] / refine["shared"] if refine["shared"] else None
+    hit_source = "all refinement rounds"
     if args.backend == "vllm":
         # vLLM's count for an n>1 request also holds the samples reusing their own prompt, so the
         # cross-round figure is measured apart: fresh queries, one sample, one refinement round
         probe = prefix_probe(cfg, emb, index, vlm, probe_queries)
         figures["prefix_probe"] = probe
         hit_rate = probe["hit_rate"]
+        hit_source = (f"probe: R=1, L=1 on {len(probe_queries)} fresh images; "
+                      "vLLM counts n>1 siblings as cached")
+        figures["refine_cached_tokens_note"] = (
+            "vLLM's num_cached_tokens for an n>1 request also counts the R-1 sibling samples reusing "
+            "their own prompt, so refine_cached_tokens includes those and can exceed "
+            "refine_cacheable_tokens; the hit rate comes from prefix_probe instead")
     figures.update({
         "refine_prompt_tokens": refine["prompt"], "refine_cacheable_tokens": refine["shared"],
         "refine_cached_tokens": refine["cached"], "block_size": block,
         "prefix_cache_hit_rate": round(hit_rate, 4) if hit_rate is not None else None,
+        "prefix_cache_hit_rate_source": hit_source,
         "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": peak_gpu_mb(),
         "pipelines": pipelines, "batch": args.batch, "images": n, "S": args.S, "T": args.T, "R": args.R,
         "L": args.L, "repeats": repeats, "backend": args.backend, "device_arg": args.device,
@@ -446,7 +474,8 @@ def print_report(f: dict[str, Any]) -> None:
               f"{f['prompt_tokens_per_image']:.0f}")
     print(f"prefix cache, refinement rounds: prompt tokens {f['refine_prompt_tokens']}, shared with an earlier "
           f"prompt (cacheable) {f['refine_cacheable_tokens']}, served from the cache {f['refine_cached_tokens']}, "
-          f"block size {f['block_size']}, hit rate {f['prefix_cache_hit_rate']}")
+          f"block size {f['block_size']}, hit rate {f['prefix_cache_hit_rate']} "
+          f"({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')})")
     if f.get("prefix_probe"):
         p = f["prefix_probe"]
         print(f"  (vLLM, measured with one sample per prompt: round 1 shares {p['shared']} of {p['prompt']} "
@@ -469,8 +498,12 @@ def markdown(f: dict[str, Any]) -> str:
               f"| p50 s/image | {f['engine_p50_s']} | {f.get('naive_p50_s')} |",
               f"| p95 s/image | {f['engine_p95_s']} | {f.get('naive_p95_s')} |",
               f"| generated tokens/image | {f['engine_tokens_per_image']} | {f.get('naive_tokens_per_image')} |",
-              "", f"speedup: {f.get('speedup')}; prefix-cache hit rate (refinement rounds): "
-              f"{f['prefix_cache_hit_rate']}; peak RSS {f['peak_rss_mb']} MB; git {f['git']}"]
+              "", f"speedup: {f.get('speedup')}; prefix-cache hit rate: "
+              f"{f['prefix_cache_hit_rate']} ({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')}; "
+              f"block size {f['block_size']}); peak RSS {f['peak_rss_mb']} MB; git {f['git']}"]
+    if f.get("refine_cached_tokens_note"):
+        lines += ["", f"refine_cached_tokens {f['refine_cached_tokens']} of {f['refine_cacheable_tokens']} cacheable: "
+                  f"{f['refine_cached_tokens_note']}."]
     return "\n".join(lines) + "\n"
 
 
