@@ -54,10 +54,13 @@ test-fast: install-main
 lint:
 	$(BIN)/ruff check .
 
+# quick runs; each leaves its figures in bench/results/ (index_bench.json, loop-<time>.json/.md/.png,
+# subject_bench.json, default_bench.json/.md)
 bench: install-main
-	$(BIN)/python bench/index_bench.py --quick
-	$(BIN)/python bench/loop_bench.py --quick
-	$(BIN)/python bench/subject_bench.py --quick
+	$(BIN)/python bench/index_bench.py --quick --out
+	$(BIN)/python bench/loop_bench.py --quick --out
+	$(BIN)/python bench/subject_bench.py --quick --out bench/results/subject_bench.json
+	$(BIN)/python bench/default_bench.py --quick --out
 
 clean:
 	rm -rf $(VENV) $(VVENV) samples out .pytest_cache

@@ -1,9 +1,9 @@
 """`python -m bench NAME [args]`: the benchmarks, one entry point.
 
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
-    python -m bench index [--quick]               the example index (build, query, recall, load)
+    python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
     python -m bench cost [--device h100]          the cost model's limits at full size
-    python -m bench default [--quick]             the no-VLM default pipeline's speed per stage
+    python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage
     python -m bench subject [--quick]             face and person detection, ms per 1024-px image
     python -m bench serve                         the HTTP service under 1, 4 and 16 clients
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
