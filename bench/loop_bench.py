@@ -504,6 +504,14 @@ def markdown(f: dict[str, Any]) -> str:
     if f.get("refine_cached_tokens_note"):
         lines += ["", f"refine_cached_tokens {f['refine_cached_tokens']} of {f['refine_cacheable_tokens']} cacheable: "
                   f"{f['refine_cached_tokens_note']}."]
+    lim = f.get("limits") or {}
+    stages = [k for k in ("vision", "prefill", "decode") if isinstance(lim.get(k), dict)]
+    if stages:
+        lines += ["", f"Achieved fraction of the limit ({lim.get('device')}; docs/COST_MODEL.md):", "",
+                  "| VLM stage | measured s/image | limit s/image | fraction of the limit |", "|---|---|---|---|"]
+        for k in stages:
+            d = lim[k]
+            lines.append(f"| {k} | {d.get('measured_s')} | {d.get('limit_s')} | {d.get('fraction_of_limit')} |")
     return "\n".join(lines) + "\n"
 
 
