@@ -449,6 +449,9 @@ class TransformersVLM:
 
         from cropper_engine.models.slab_cache import slab_cache
 
+        impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
+        if "flash" in impl:  # caught by the caller, which samples through transformers' generate
+            raise NotImplementedError(f"tree decoding needs an attention that takes a 4D mask, not {impl}")
         ids = inputs["input_ids"]
         dev = ids.device
         cache, logits, row_mask, row_pos = self._prefill(inputs)
