@@ -385,7 +385,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
 
         from cropper_engine.report import HtmlReport
 
-        rep = HtmlReport(Path(out_dir) / "report")  # type: ignore[arg-type]
+        rep = HtmlReport(Path(out_dir) / "report", resume=resume)  # type: ignore[arg-type]
 
     def emit(row: dict[str, Any]) -> None:
         if as_json:

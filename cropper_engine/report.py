@@ -7,6 +7,7 @@ light and needs no script. Pages hold `per_page` images each.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,23 @@ h1{font-weight:600;font-size:20px} .legend span{margin-right:14px}
 
 class HtmlReport:
     def __init__(self, out_dir: str | Path, title: str = "cropper-engine report", thumb: int = 420,
-                 per_page: int = 200) -> None:
+                 per_page: int = 200, resume: bool = False) -> None:
+        """resume: an interrupted run goes on; the cards of the images it already cropped (kept in
+        `cards.jsonl` beside the pages) come first, and new thumbnails never overwrite theirs."""
         self.dir = Path(out_dir)
         (self.dir / "thumbs").mkdir(parents=True, exist_ok=True)
         self.title, self.thumb, self.per_page = title, thumb, per_page
         self.cards: list[str] = []
         self.pages: list[Path] = []
         self.n = 0
+        cards = self.dir / "cards.jsonl"
+        if resume and cards.exists():
+            with cards.open(encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        self.n += 1
+                        self._push(json.loads(line))
+        self._cards_fh = cards.open("a" if resume else "w", encoding="utf-8")
 
     def add(self, row: dict[str, Any], image: Any) -> None:
         """One result row (a results.jsonl line) and its original image (PIL)."""
@@ -95,11 +106,16 @@ class HtmlReport:
             meta += " kept whole" if row.get("keep_faces") else ""
         if row.get("notes"):
             meta += "<br>" + "<br>".join(html.escape(n) for n in row["notes"][:4])
-        self.cards.append(
-            f'<div class="card"><div class="pair"><div class="orig"><img src="thumbs/{name}.jpg" '
-            f'width="{tw}" height="{th}"><svg width="{tw}" height="{th}">{"".join(shapes)}</svg></div>'
-            f'<div class="crop"><img src="thumbs/{name}-crop.jpg"></div></div>'
-            f'<div class="meta">{meta}</div></div>')
+        card = (f'<div class="card"><div class="pair"><div class="orig"><img src="thumbs/{name}.jpg" '
+                f'width="{tw}" height="{th}"><svg width="{tw}" height="{th}">{"".join(shapes)}</svg></div>'
+                f'<div class="crop"><img src="thumbs/{name}-crop.jpg"></div></div>'
+                f'<div class="meta">{meta}</div></div>')
+        self._cards_fh.write(json.dumps(card) + "\n")
+        self._cards_fh.flush()
+        self._push(card)
+
+    def _push(self, card: str) -> None:
+        self.cards.append(card)
         if len(self.cards) >= self.per_page:
             self._write_page()
 
@@ -122,6 +138,7 @@ class HtmlReport:
         self.cards = []
 
     def close(self) -> Path:
+        self._cards_fh.close()
         if self.cards or not self.pages:
             self._write_page()
         last = self.pages[-1]

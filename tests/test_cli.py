@@ -172,6 +172,20 @@ def test_output_folder_equal_to_the_input_folder_is_not_cropped_again(photos, tm
     assert not (src / "crops" / "crops").exists() and not (src / "crops" / "report").exists()
 
 
+def test_resumed_report_keeps_the_earlier_cards(photos, tmp_path):
+    """--resume --report: the report shows every image of both runs, each with its own thumbnails."""
+    out = tmp_path / "out"
+    run("crop", photos[0], photos[1], "--out", out, "--report")
+    thumbs = {p.name: p.read_bytes() for p in (out / "report" / "thumbs").iterdir()}
+    run("crop", photos[0], photos[1], photos[2], "--out", out, "--report", "--resume")
+    html = (out / "report" / "index.html").read_text()
+    assert html.count('class="card"') == 3
+    for p in photos[:3]:
+        assert Path(p).name in html
+    assert all((out / "report" / "thumbs" / n).read_bytes() == b for n, b in thumbs.items())  # not overwritten
+    assert len(list((out / "report" / "thumbs").iterdir())) == 6
+
+
 def test_crop_with_tiny_vlm(photos, tiny_dir, tmp_path):
     res = run("crop", photos[0], "--vlm", tiny_dir / "idefics2", "--backend", "transformers",
               "-R", "2", "-L", "1", "--json")
