@@ -364,12 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hit_source = "all refinement rounds"
     if args.backend == "vllm":
         # vLLM's count for an n>1 request also holds the samples reusing their own prompt, so the
-        # cross-round figure is measured apart: fresh queries, one sample, one refinement round
+        # cross-round figure is measured apart: fresh queries, one sample per prompt
         probe = prefix_probe(cfg, emb, index, vlm, probe_queries)
         figures["prefix_probe"] = probe
         hit_rate = probe["hit_rate"]
-        hit_source = (f"probe: R=1, L=1 on {len(probe_queries)} fresh images; "
-                      "vLLM counts n>1 siblings as cached")
+        hit_source = (f"probe: the same S, T, R={cfg.vlm.candidates}, L={cfg.vlm.rounds} with the R candidates "
+                      f"as one list (n=1) on {len(probe_queries)} fresh images; vLLM counts n>1 siblings as cached")
         figures["refine_cached_tokens_note"] = (
             "vLLM's num_cached_tokens for an n>1 request also counts the R-1 sibling samples reusing "
             "their own prompt, so refine_cached_tokens includes those and can exceed "
@@ -397,16 +397,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def prefix_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -> dict[str, Any]:
-    """Round 1's prompt tokens served from the cache, against those it shares with round 0."""
+    """The refinement rounds' prompt tokens served from the cache, against those they share with
+    an earlier round, at the run's S, T, R and L, with the R candidates asked for as one list
+    (one sample per prompt: vLLM's cached count is then the prompt's own)."""
     import dataclasses
 
-    probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, candidates=1, rounds=1))
+    v = cfg.vlm
+    probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(
+        v, parallel=False, max_new_tokens=v.max_new_tokens * v.candidates))
     engine = Cropper.from_config(probe_cfg, embedder=emb, index=index, vlm=vlm)
     tot = {"prompt": 0, "shared": 0, "cached": 0}
     for out in engine.crop_batch([CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]):
         for r in out:
             for t in r.extra.get("tokens_by_round", []):
-                if t["round"] == 1:
+                if t["round"] >= 1:
                     for k in tot:
                         tot[k] += t[k]
     tot["hit_rate"] = round(tot["cached"] / tot["shared"], 4) if tot["shared"] else None
@@ -478,8 +482,8 @@ def print_report(f: dict[str, Any]) -> None:
           f"({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')})")
     if f.get("prefix_probe"):
         p = f["prefix_probe"]
-        print(f"  (vLLM, measured with one sample per prompt: round 1 shares {p['shared']} of {p['prompt']} "
-              f"prompt tokens with round 0, {p['cached']} served from the cache)")
+        print(f"  (vLLM, measured with one sample per prompt: the refinement rounds share {p['shared']} of "
+              f"{p['prompt']} prompt tokens with earlier rounds, {p['cached']} served from the cache)")
     lim = f.get("limits") or {}
     if lim:
         print(f"limits ({lim['device']}, {lim['peak_tflops']} TFLOP/s, {lim['bandwidth_gbs']} GB/s): " + ", ".join(
