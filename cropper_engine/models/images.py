@@ -15,30 +15,48 @@ from typing import Any
 from cropper_engine.models.base import ImagePart
 
 
+def _size_value(size: Any, key: str) -> Any:
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def max_pixels(processor: Any) -> int | None:
+    """The pixel budget of a processor that resizes by area (Qwen2-VL / Qwen2.5-VL: images keep
+    their aspect and are scaled to at most `max_pixels`, which its `size` calls "longest_edge")."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not (hasattr(ip, "merge_size") and hasattr(ip, "temporal_patch_size")):
+        return None
+    budget = getattr(ip, "max_pixels", None) or _size_value(getattr(ip, "size", None), "longest_edge")
+    return int(budget) if budget else None
+
+
 def longest_edge(processor: Any) -> int | None:
     """The longest image edge a HF processor resizes to (None if it has no such bound)."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    edge = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    if max_pixels(processor) is not None:  # its "longest_edge" is a number of pixels
+        return None
+    edge = _size_value(getattr(getattr(processor, "image_processor", None), "size", None), "longest_edge")
     return int(edge) if edge else None
 
 
 class ImageFitter:
-    def __init__(self, edge: int | None, capacity: int = 512) -> None:
+    def __init__(self, edge: int | None, capacity: int = 512, max_pixels: int | None = None) -> None:
         self.edge = edge
+        self.max_pixels = max_pixels  # an area bound as well (or instead), for processors that resize by area
         self.capacity = capacity
         self._fitted: OrderedDict[str, Any] = OrderedDict()
         self._proxies: OrderedDict[int, tuple[Any, Any, float]] = OrderedDict()
 
     def __call__(self, part: ImagePart) -> Any:
         w, h = part.size
-        if not self.edge or max(w, h) <= self.edge:
+        s = self.edge / max(w, h) if self.edge else 1.0
+        if self.max_pixels and w * h > self.max_pixels:
+            s = min(s, (self.max_pixels / (w * h)) ** 0.5)
+        if s >= 1.0:
             return part.pil()
         if part.uuid and part.uuid in self._fitted:
             self._fitted.move_to_end(part.uuid)
             return self._fitted[part.uuid]
         from PIL import Image
 
-        s = self.edge / max(w, h)
         src, box = part.image, part.box
         if box is not None:  # a region: cut it from a proxy at twice the model's resolution
             src, f = self._proxy(part.image)
