@@ -5,6 +5,12 @@
 perceiver resampler (8 latents, so 8 `<image>` tokens per image), Mistral text model, a ~1000-token
 BPE tokenizer with SentencePiece-style '▁' spaces, an Idefics2 image processor without splitting, and
 the Idefics2 / Mantis chat template. Random weights, seeded: the same seed gives the same files.
+
+The registry's other families, built the same way (a second, a few MB):
+`make_tiny_idefics3` (a SmolVLM-style Idefics3: pixel-shuffle connector, Llama text model, byte-level
+BPE, image splitting off, SmolVLM-Instruct's chat template) and `make_tiny_qwen2_5_vl` (Qwen2.5-VL:
+windowed ViT with patch merging, multimodal rotary positions, Qwen2's special tokens, min/max
+pixels for 4 to 16 image tokens, the Qwen2.5-VL-Instruct chat template).
 """
 
 from __future__ import annotations
@@ -195,4 +201,199 @@ def build_idefics2(out_dir: str | Path, shape: str = "tiny", *, seed: int = 0, s
     return out, model
 
 
-__all__ = ["IDEFICS2_CHAT_TEMPLATE", "SHAPES", "build_idefics2", "make_tiny_idefics2"]
+# --- Idefics3 / SmolVLM ------------------------------------------------------------------------
+
+# The chat template of HuggingFaceTB/SmolVLM-Instruct (an Idefics3): "<|im_start|>" once (its
+# tokenizer adds no BOS), then "User:<image>text<end_of_utterance>\nAssistant:" as in Idefics2.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# SmolVLM's specials, in its order: <|endoftext|> 0, <|im_start|> 1 (BOS), <|im_end|> 2 (pad); then
+# after the BPE vocabulary the image tokens, the global-image tag and the 6 x 6 tile tags.
+SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SMOLVLM_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+IDEFICS3_IMAGE_SIZE = 112  # one 112 px tile: 8 x 8 patches, pixel-shuffled by 2 -> 16 <image> tokens
+IDEFICS3_PATCH_SIZE = 14
+IDEFICS3_SCALE_FACTOR = 2
+IDEFICS3_IMAGE_SEQ_LEN = (IDEFICS3_IMAGE_SIZE // IDEFICS3_PATCH_SIZE) ** 2 // IDEFICS3_SCALE_FACTOR ** 2
+
+# --- Qwen2.5-VL ------------------------------------------------------------------------------
+
+# The chat template of Qwen/Qwen2.5-VL-7B-Instruct: ChatML, a default system turn, each image as
+# "<|vision_start|><|image_pad|><|vision_end|>" (the processor repeats <|image_pad|> per token),
+# turns end with "<|im_end|>\n", the generation prompt is "<|im_start|>assistant\n".
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2's specials (after its BPE vocabulary, in this order, as in the real tokenizer).
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2's pre-tokenizer split (each digit alone, as `\p{N}`), before the byte-level mapping.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_PATCH_SIZE = 14
+QWEN_MERGE_SIZE = 2
+QWEN_MIN_PIXELS = 2 * 2 * 28 * 28  # a token covers 28 x 28 pixels: 4 to 16 tokens an image
+QWEN_MAX_PIXELS = 4 * 4 * 28 * 28
+
+
+def _train_bytelevel_tokenizer(seed: int, specials: list[str], tail: list[str], vocab_size: int,
+                               split: str | None = None):
+    """A GPT-2 style byte-level BPE ('Ġ' spaces, single digits, no BOS added): `specials` take the
+    first ids, `tail` (added special tokens) the last; filler tokens pad the vocabulary between."""
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def pre() -> Any:
+        if split is not None:  # Qwen2: one regex split, then bytes
+            return pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),  # SmolLM
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail), special_tokens=specials,
+                                  initial_alphabet=alphabet, min_frequency=1, show_progress=False)
+    trainer_tok.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    learned = sorted((i, t) for t, i in model["vocab"].items() if t not in specials)
+    tokens = specials + [t for _, t in learned]
+    tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
+    tokens += tail
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + tail])
+    tok.pre_tokenizer = pre()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _fast_tokenizer(tok: Any, **kwargs: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **kwargs)
+
+
+def _save(out: Path, processor: Any, config: Any, gen: Any, model_cls: Any, seed: int) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    processor.save_pretrained(out)
+    model = model_cls(config).eval()
+    model.generation_config = gen
+    model.save_pretrained(out)
+    return out
+
+
+def make_tiny_idefics3(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random SmolVLM (Idefics3 architecture) in `out_dir`: SigLIP-style vision tower, pixel
+    shuffle connector (16 `<image>` tokens an image, one 112 px tile: image splitting off), Llama
+    text model, a byte-level BPE tokenizer with SmolVLM's special tokens and its chat template."""
+    from transformers import (
+        GenerationConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = VOCAB_SIZE
+    tokenizer = _fast_tokenizer(
+        _train_bytelevel_tokenizer(seed, SMOLVLM_SPECIALS, SMOLVLM_IMAGE_TOKENS, vocab_size),
+        bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>", extra_special_tokens=SMOLVLM_IMAGE_TOKENS, model_max_length=8192)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIALS + SMOLVLM_IMAGE_TOKENS}
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": IDEFICS3_IMAGE_SIZE},
+        max_image_size={"longest_edge": IDEFICS3_IMAGE_SIZE})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=IDEFICS3_IMAGE_SEQ_LEN, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=256, intermediate_size=512,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                max_position_embeddings=8192, rms_norm_eps=1e-5, pad_token_id=ids["<|im_end|>"],
+                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=False)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=IDEFICS3_IMAGE_SIZE, patch_size=IDEFICS3_PATCH_SIZE),
+        text_config=text, scale_factor=IDEFICS3_SCALE_FACTOR, image_token_id=ids["<image>"],
+        pad_token_id=ids["<|im_end|>"], tie_word_embeddings=False)
+    gen = GenerationConfig(bos_token_id=ids["<|im_start|>"], pad_token_id=ids["<|im_end|>"],
+                           eos_token_id=[ids["<end_of_utterance>"], ids["<|endoftext|>"]])
+    return _save(out, processor, config, gen, Idefics3ForConditionalGeneration, seed)
+
+
+def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen2.5-VL in `out_dir`: windowed ViT with 2 x 2 patch merging (a token per
+    28 x 28 pixels; min/max pixels keep an image at 4 to 16 tokens), Qwen2 text model with
+    multimodal rotary positions (mrope), a byte-level BPE tokenizer with Qwen2's special tokens,
+    the Qwen2.5-VL-Instruct chat template."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = VOCAB_SIZE
+    tokenizer = _fast_tokenizer(
+        _train_bytelevel_tokenizer(seed, [], QWEN_SPECIALS, vocab_size, split=QWEN_SPLIT),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=QWEN_SPECIALS[1:],
+        model_max_length=32768)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    image_processor = Qwen2VLImageProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                                            patch_size=QWEN_PATCH_SIZE, merge_size=QWEN_MERGE_SIZE,
+                                            temporal_patch_size=2)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                                            patch_size=QWEN_PATCH_SIZE, merge_size=QWEN_MERGE_SIZE)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=video_processor, chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
+    hidden, heads = 128, 4  # head_dim 32: mrope sections (t, h, w) of 16 frequencies
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0})
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=QWEN_PATCH_SIZE,
+                  spatial_merge_size=QWEN_MERGE_SIZE, temporal_patch_size=2, window_size=56,
+                  fullatt_block_indexes=[1], out_hidden_size=hidden)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    gen = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                           eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
+    return _save(out, processor, config, gen, Qwen2_5_VLForConditionalGeneration, seed)
+
+
+__all__ = ["IDEFICS2_CHAT_TEMPLATE", "QWEN2_5_VL_CHAT_TEMPLATE", "SHAPES", "SMOLVLM_CHAT_TEMPLATE", "build_idefics2",
+           "make_tiny_idefics2", "make_tiny_idefics3", "make_tiny_qwen2_5_vl"]
