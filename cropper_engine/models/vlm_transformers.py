@@ -1,8 +1,12 @@
-"""The transformers VLM backend: multi-image chat models (Idefics2 / Mantis) run in-process.
+"""The transformers VLM backend: multi-image chat models (Idefics2 / Mantis, Idefics3 / SmolVLM,
+Qwen2.5-VL) run in-process.
 
 Loads offline only: a local folder, or a hub id already in the local Hugging Face cache.
 Conversations are batched (left padding); each prompt is prefilled once and its KV cache copied
 to its `params.n` sample rows; `params.grammar` (a BoxGrammar) constrains decoding.
+Models with multimodal rotary positions (Qwen2-VL / Qwen2.5-VL) decode at the positions their
+`get_rope_index` gives, and run their images through the vision tower on every call (no cached
+image features, no prefix reuse).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from cropper_engine.errors import InputError, ModelNotFoundError
 from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
-from cropper_engine.models.images import ImageFitter, longest_edge
+from cropper_engine.models.images import ImageFitter, longest_edge, max_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ class TransformersVLM:
         self.feature_cache_size = 256
         self._features: OrderedDict[str, Any] = OrderedDict()
         self._feature_mode: str | None = None
+        self._image_text: str | None = None  # an image's tokens as text, for processors that need pixels
         self.image_cache_hits = self.image_cache_misses = 0
         self.prefix_store: PrefixStore | None = PrefixStore(_prefix_budget(self.device)) if prefix_cache else None
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
@@ -143,6 +148,15 @@ class TransformersVLM:
         if attention == "auto" and self.device == "cpu" and _use_gqa_attention(self.model):
             self.attention = GQA_ATTENTION
         self.load_seconds = time.perf_counter() - t0
+        # Multimodal rotary positions (Qwen2-VL / Qwen2.5-VL "mrope"): image tokens get 3-D
+        # positions from the model's `get_rope_index`, so prompts cannot be positioned by counting
+        # tokens. The tree decoder takes those positions from the model; image features are not
+        # cached and the prefix store is bypassed (both assume 1-D positions).
+        self._rope_index = _rope_index_fn(self.model)
+        if self._rope_index is not None:
+            logger.info("%s uses multimodal rotary positions: grouped sampling takes them from the model's "
+                        "get_rope_index; cached image features and prefix reuse are off, and shared-prefill "
+                        "sampling repeats prompts as transformers' generate does", type(self.model).__name__)
 
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
@@ -162,7 +176,7 @@ class TransformersVLM:
         self.pad_token_id = int(pad)
         self.longest_edge = longest_edge(self.processor)
         self.image_edge = self.longest_edge  # the longest image side the model reads (None: any)
-        self._fit = ImageFitter(self.longest_edge)
+        self._fit = ImageFitter(self.longest_edge, max_pixels=max_pixels(self.processor))
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -211,9 +225,36 @@ class TransformersVLM:
             ip = getattr(self.processor, "image_processor", None)
             ok = (key and hasattr(self.model, "get_image_features") and ip is not None
                   and not getattr(ip, "do_image_splitting", False)
-                  and getattr(self.processor, "image_token", None) is not None)
+                  and getattr(self.processor, "image_token", None) is not None
+                  and self._rope_index is None)  # mrope: a prompt's positions depend on its images
+            if ok:
+                ok = self._init_image_text()
             self._feature_mode = key if ok else ""
         return bool(self._feature_mode)
+
+    def _init_image_text(self) -> bool:
+        """How a prompt's image placeholder becomes the model's image tokens without pixels.
+
+        Idefics2's processor expands `<image>` in text alone; Idefics3's expands it only when given
+        the images (its tokens name the tiles). With splitting off an image is one tile, so its
+        tokens are the processor's own replacement for a 0 x 0 grid, the same for every image.
+        """
+        self._image_text = None
+        token = str(self.processor.image_token)
+        try:
+            self.processor(text=[token], return_tensors="pt")
+            return True
+        except ValueError:  # "found <image> tokens in the text but no images were passed"
+            pass
+        try:
+            text = self.processor.replace_image_token({"rows": [[0]], "cols": [[0]]}, 0)
+        except (AttributeError, TypeError, KeyError, IndexError) as e:
+            logger.info("image features are not cached: the processor expands images only with pixels (%s)", e)
+            return False
+        if not isinstance(text, str) or token not in text:
+            return False
+        self._image_text = text
+        return True
 
     def _image_features(self, parts: list[ImagePart]) -> Any:
         """Pooled image features [n_images, tokens, hidden] in order; recurring images (by uuid)
@@ -270,7 +311,12 @@ class TransformersVLM:
             parts.extend(row)
             counts.append(len(row))
             uuids.append([p.uuid for p in row])
-        inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
+        if self._image_text is not None:
+            token = str(self.processor.image_token)
+            texts = [t.replace(token, self._image_text) for t in texts]
+            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt"))
+        else:
+            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         inputs["_feats"] = self._image_features(parts) if parts else None
         inputs["_counts"] = counts
@@ -404,6 +450,8 @@ class TransformersVLM:
         return out
 
     def _can_share_prefill(self, inputs: Any) -> bool:
+        if self._rope_index is not None:  # generate would continue the cache at 1-D positions
+            return False
         image_token = getattr(self.model.config, "image_token_id", None)
         return image_token is None or not bool((inputs["input_ids"][:, -1] == image_token).any())
 
@@ -550,18 +598,23 @@ class TransformersVLM:
         t0 = time.perf_counter()
         plan = keys = None
         self.last_cached = [0] * len(rows)
-        if counts is not None and self.prefix_store is not None:
+        if counts is not None and self.prefix_store is not None and self._rope_index is None:
             keys = [image_keys(r, u, self._image_token_id()) for r, u in zip(rows, uuids, strict=True)]
             plan = self.prefix_store.plan(rows, keys, self._image_token_id())
         if plan is None:
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            row_pos = positions[:, -1]
+            if self._rope_index is not None and extra.get("image_grid_thw") is not None:
+                # 3-D positions [3, B, T]; the answer continues after the largest of a row's positions
+                positions = self._rope_index(ids, mask, extra)
+                row_pos = positions.amax(dim=(0, 2))
             if counts is not None:
                 extra.update(self._feature_kwargs(feats))
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **extra)
             cache, t = out.past_key_values, ids.shape[1]
             spans = [[(t - len(r), t)] for r in rows]
-            row_mask, row_pos = mask, positions[:, -1]
+            row_mask = mask
         else:
             cache, feed, row_mask, pos, spans = plan.build(self.pad_token_id, self.device)
             # the images of the part that runs: each row's images after those inside its prefix
@@ -611,6 +664,29 @@ class TransformersVLM:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size, "sampling": self.sampling,
                 "attention": self.attention}
+
+
+def _rope_index_fn(model: Any) -> Any:
+    """For a model with multimodal rotary positions (it has `get_rope_index`, as Qwen2-VL and
+    Qwen2.5-VL do), a function (ids, mask, processor outputs) -> 3-D position ids [3, B, T];
+    None for a model with ordinary 1-D positions."""
+    import inspect
+
+    inner = getattr(model, "model", None)
+    fn = getattr(model, "get_rope_index", None) or getattr(inner, "get_rope_index", None)
+    if fn is None:
+        return None
+    params = inspect.signature(fn).parameters
+
+    def rope_index(ids: Any, mask: Any, extra: dict[str, Any]) -> Any:
+        kwargs = {k: extra[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+                  if k in params and extra.get(k) is not None}
+        if "mm_token_type_ids" in params and "mm_token_type_ids" not in kwargs:
+            image_token = getattr(model.config, "image_token_id", None)
+            kwargs["mm_token_type_ids"] = (ids == image_token).int()
+        return fn(input_ids=ids, attention_mask=mask, **kwargs)[0]
+
+    return rope_index
 
 
 SAMPLING_MODES = ("grouped", "shared-prefill", "hf")
