@@ -214,7 +214,10 @@ def _processor_edge(path: Any) -> int | None:
                 d = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            size = d.get("size") or d.get("image_processor", {}).get("size") or {}
+            ip = d.get("image_processor", d)
+            if "merge_size" in ip or "temporal_patch_size" in ip:  # Qwen2-VL style: a pixel budget, no edge
+                return None
+            size = d.get("size") or ip.get("size") or {}
             if isinstance(size, dict) and size.get("longest_edge"):
                 return int(size["longest_edge"])
     return None

@@ -1,0 +1,38 @@
+"""What VLLMBackend reads without vLLM running: the block size when none was asked for (from the
+built engine, guarded by getattr) and the image edge from a model folder's processor config."""
+
+import json
+from types import SimpleNamespace
+
+from cropper_engine.models.vlm_vllm import _engine_block_size, _processor_edge
+
+
+def test_block_size_from_vllm_config():
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(
+        vllm_config=SimpleNamespace(cache_config=SimpleNamespace(block_size=128))))
+    assert _engine_block_size(llm) == 128
+
+
+def test_block_size_from_older_cache_config():
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(cache_config=SimpleNamespace(block_size=16)))
+    assert _engine_block_size(llm) == 16
+
+
+def test_block_size_unknown_is_none():
+    assert _engine_block_size(object()) is None
+    assert _engine_block_size(SimpleNamespace(llm_engine=SimpleNamespace(
+        vllm_config=SimpleNamespace(cache_config=SimpleNamespace(block_size=None))))) is None
+
+
+def test_processor_edge_from_the_model_folder(tmp_path):
+    idefics = tmp_path / "idefics2"
+    idefics.mkdir()
+    (idefics / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"longest_edge": 980, "shortest_edge": 378}, "do_image_splitting": False}))
+    assert _processor_edge(idefics) == 980
+    qwen = tmp_path / "qwen"  # its "longest_edge" is a pixel budget, not an edge
+    qwen.mkdir()
+    (qwen / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"longest_edge": 12845056, "shortest_edge": 3136}, "merge_size": 2, "temporal_patch_size": 2}))
+    assert _processor_edge(qwen) is None
+    assert _processor_edge(tmp_path / "missing") is None
