@@ -61,3 +61,31 @@ def fcdb() -> Path:
     if not (d / "val.jsonl").exists():
         pytest.skip("FCDB data not present")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_dir):
+    """The tiny open_clip model of `tiny_dir`, loaded once."""
+    from cropper_engine.models.embedders import load_embedder
+
+    return load_embedder(f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def example_index(tmp_path_factory, photos, tiny_clip):
+    """An index of the sample photos with made-up ground-truth crops (and MOS), for the loop tests."""
+    from PIL import Image
+
+    from cropper_engine.data.example import Example
+    from cropper_engine.index.store import ExampleIndex
+    from cropper_engine.types import Box
+
+    examples = []
+    for p in photos:
+        w, h = Image.open(p).size
+        crops = [Box(0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h), Box(0, 0, 0.6 * w, 0.6 * h), Box(0.2 * w, 0, w, h)]
+        examples.append(Example(p.name, str(p), w, h, crops, [4.2, 3.1, 3.9], None,
+                                Box(0.4 * w, 0.4 * h, 0.6 * w, 0.6 * h)))
+    out = tmp_path_factory.mktemp("idx") / "index"
+    ExampleIndex.build(examples, tiny_clip, out)
+    return out

@@ -7,34 +7,10 @@ import pytest
 from PIL import Image
 
 from cropper_engine.config import load_config
-from cropper_engine.data.example import Example
 from cropper_engine.engine.loop import Cropper
 from cropper_engine.errors import CropperError
 from cropper_engine.models.base import Generation
-from cropper_engine.types import Box, CropRequest, Ratio, Task
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_dir):
-    from cropper_engine.models.embedders import load_embedder
-
-    return load_embedder(f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def example_index(tmp_path_factory, photos, tiny_clip):
-    """An index of the sample photos with made-up ground-truth crops (and MOS)."""
-    from cropper_engine.index.store import ExampleIndex
-
-    examples = []
-    for p in photos:
-        w, h = Image.open(p).size
-        crops = [Box(0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h), Box(0, 0, 0.6 * w, 0.6 * h), Box(0.2 * w, 0, w, h)]
-        examples.append(Example(p.name, str(p), w, h, crops, [4.2, 3.1, 3.9], None,
-                                Box(0.4 * w, 0.4 * h, 0.6 * w, 0.6 * h)))
-    out = tmp_path_factory.mktemp("idx") / "index"
-    ExampleIndex.build(examples, tiny_clip, out)
-    return out
+from cropper_engine.types import CropRequest, Ratio, Task
 
 
 @pytest.fixture(scope="module")

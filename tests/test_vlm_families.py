@@ -11,7 +11,7 @@ from PIL import Image
 
 from cropper_engine.engine.grammar import BoxGrammar, parse_boxes
 from cropper_engine.models.base import GenerationParams, ImagePart, Message
-from cropper_engine.types import Box, CropRequest, Task
+from cropper_engine.types import CropRequest, Task
 
 FAMILIES = ("idefics3", "qwen2_5_vl")
 
@@ -178,30 +178,6 @@ def test_gqa_attention_equals_stock_attention(vlms, family_dirs, family):
         assert torch.allclose(vlm.model(**inputs).logits, stock.model(**inputs).logits, atol=1e-5, rtol=1e-5)
     params = GenerationParams(n=3, max_new_tokens=16, temperature=1.0, seed=9)
     assert [g.texts for g in vlm.generate(convs, params)] == [g.texts for g in stock.generate(convs, params)]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_dir):
-    from cropper_engine.models.embedders import load_embedder
-
-    return load_embedder(f"open_clip-dir:{tiny_dir / 'clip' / 'open_clip'}", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def example_index(tmp_path_factory, photos, tiny_clip):
-    """The sample photos with made-up ground-truth crops (as tests/test_loop.py's index)."""
-    from cropper_engine.data.example import Example
-    from cropper_engine.index.store import ExampleIndex
-
-    examples = []
-    for p in photos:
-        w, h = Image.open(p).size
-        crops = [Box(0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h), Box(0, 0, 0.6 * w, 0.6 * h), Box(0.2 * w, 0, w, h)]
-        examples.append(Example(p.name, str(p), w, h, crops, [4.2, 3.1, 3.9], None,
-                                Box(0.4 * w, 0.4 * h, 0.6 * w, 0.6 * h)))
-    out = tmp_path_factory.mktemp("idx") / "index"
-    ExampleIndex.build(examples, tiny_clip, out)
-    return out
 
 
 def test_loop_crops_with_the_vlm(vlms, family, photos, tiny_clip, example_index):
