@@ -2,8 +2,9 @@
 Qwen2.5-VL) run in-process.
 
 Loads offline only: a local folder, or a hub id already in the local Hugging Face cache.
-Conversations are batched (left padding); each prompt is prefilled once and its KV cache copied
-to its `params.n` sample rows; `params.grammar` (a BoxGrammar) constrains decoding.
+Conversations are batched (left padding); each prompt is prefilled once and its `params.n`
+samples decode as branches of that one sequence (grouped sampling, `_decode_grouped`);
+`params.grammar` (a BoxGrammar) constrains decoding.
 Models with multimodal rotary positions (Qwen2-VL / Qwen2.5-VL) decode at the positions their
 `get_rope_index` gives, and run their images through the vision tower on every call (no cached
 image features, no prefix reuse).
