@@ -247,7 +247,13 @@ def precheck_sizes(sources: tuple[str, ...], out_dir: str | None = None) -> list
 
     files = [src for src in sources if Path(src).is_file() and is_image_path(src)]
     if files:
-        return [(src, *image_size(src)) for src in files]
+        sizes = []
+        for src in files:
+            try:
+                sizes.append((src, *image_size(src)))
+            except ImageError:  # a broken file is reported when its turn comes; the others go on
+                continue
+        return sizes
     for item in iter_inputs(sources, lambda _m: None, out_dir):
         if item.mask is not None or item.subject is not None:  # a manifest line's own subject
             continue

@@ -282,3 +282,13 @@ def test_many_skipped_records_are_grouped():
     assert "50 x image file … not found; skipped" in out
     assert any(line.startswith("1 x crop") for line in out)
     assert summarise_skipped(msgs[:3]) == msgs[:3]
+
+
+def test_a_broken_file_does_not_stop_the_subject_precheck(photos, tmp_path):
+    """Checking --subject against the named images before work skips an unreadable one: the good
+    images are still cropped, the broken one is named in its turn."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not a jpeg")
+    res = run("crop", bad, photos[1], "--subject", "100,100", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "bad.jpg: not an image" in res.output and f"{Path(photos[1]).name}\tsubject" in res.output
