@@ -333,6 +333,12 @@ class TransformersVLM:
             return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
         return {"image_hidden_states": feats}
 
+    def answer_token_limit(self, grammar: Any) -> int:
+        """The token limit an answer of `grammar` needs with this tokenizer (engine/grammar.py)."""
+        from cropper_engine.engine.grammar import answer_token_limit
+
+        return answer_token_limit(self.tokenizer, grammar, self.eos_token_ids)
+
     def count_prompt_tokens(self, conversation: Conversation) -> int:
         return int(self._inputs([conversation])["attention_mask"].sum())
 
@@ -424,9 +430,10 @@ class TransformersVLM:
         eos = set(self.eos_token_ids)
         results = []
         for b in range(len(conversations)):
-            texts, generated = [], 0
+            texts, cut, generated = [], [], 0
             for row in new[b * n_run:(b + 1) * n_run]:
                 end = next((k + 1 for k, t in enumerate(row) if t in eos), None)
+                limited = end is None
                 if end is None:  # stopped by the token limit or a stop string: trailing pads are not output
                     end = len(row)
                     while end and row[end - 1] == self.pad_token_id:
@@ -434,12 +441,14 @@ class TransformersVLM:
                 generated += end
                 text = self.tokenizer.decode(row[:end], skip_special_tokens=True,
                                              clean_up_tokenization_spaces=False)
-                texts.append(_cut_at_stop(text, params.stop))
+                stopped = _cut_at_stop(text, params.stop)
+                texts.append(stopped)
+                cut.append(limited and stopped == text)  # neither the end token nor a stop string
             if n_run != params.n:
-                texts = texts * params.n
+                texts, cut = texts * params.n, cut * params.n
             results.append(Generation(texts=texts, prompt_tokens=int(prompt_tokens[b]),
                                       generated_tokens=generated, cached_tokens=int(cached[b]),
-                                      shared_tokens=int(shared[b])))
+                                      shared_tokens=int(shared[b]), truncated=cut))
         return results
 
     @staticmethod
