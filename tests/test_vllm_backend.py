@@ -127,7 +127,7 @@ def test_a_refused_prompt_does_not_take_its_batch_down(engine_parts):
     _cfg, _emb, _index, vlm = engine_parts
     long = [Message("user", ["crop " * 3000])]  # over the test engine's 2048 tokens
     short = [Message("user", ["Propose a crop."])]
-    gens = vlm.generate([short, long, short], GenerationParams(n=2, max_new_tokens=33, temperature=0.0,
+    gens = vlm.generate([short, long, short], GenerationParams(n=2, max_new_tokens=33, temperature=0.5,
                                                                grammar=BoxGrammar(1)))
     assert [len(g.texts) for g in gens] == [2, 0, 2]
     assert all(BoxGrammar(1).matches(t) for t in gens[0].texts + gens[2].texts)
