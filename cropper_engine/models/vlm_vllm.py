@@ -190,8 +190,15 @@ class VLLMBackend:
                 generated_tokens=sum(len(o.token_ids) for o in out.outputs),
                 cached_tokens=out.num_cached_tokens or 0,
                 shared_tokens=shared,
+                truncated=[o.finish_reason == "length" for o in out.outputs],
             ))
         return gens
+
+    def answer_token_limit(self, grammar: Any) -> int:
+        """The token limit an answer of `grammar` needs with the engine's tokenizer (engine/grammar.py)."""
+        from cropper_engine.engine.grammar import answer_token_limit
+
+        return answer_token_limit(self.llm.get_tokenizer(), grammar)
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "engine": self.engine_config.kwargs()}
