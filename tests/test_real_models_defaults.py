@@ -29,7 +29,7 @@ def index_30x5(tmp_path_factory, tiny_clip):
     folder = tmp_path_factory.mktemp("photos30")
     examples = []
     for k in range(36):
-        w, h = int(rng.integers(160, 320)), int(rng.integers(120, 240))
+        w, h = 1024, int(rng.integers(560, 800))  # photo-sized: tokens per image grow with pixels (Qwen)
         small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
         path = folder / f"p{k:02d}.jpg"
         Image.fromarray(small).resize((w, h), Image.BILINEAR).save(path)
@@ -44,7 +44,7 @@ def index_30x5(tmp_path_factory, tiny_clip):
     return out
 
 
-def _crop_at_defaults(model_dir, tiny_clip, index_dir, photos, backend: str):
+def _crop_at_defaults(model_dir, tiny_clip, index_dir, photos, backend: str, context: int):
     from cropper_engine.config import load_config
     from cropper_engine.engine.loop import Cropper
     from cropper_engine.index.store import ExampleIndex
@@ -55,7 +55,13 @@ def _crop_at_defaults(model_dir, tiny_clip, index_dir, photos, backend: str):
     prompts: list[int] = []
     generate = cropper.vlm.generate
 
+    count = getattr(cropper.vlm, "count_prompt_tokens", None)
+
     def recording(convs, params):  # the real generate; records each prompt's length
+        if count is not None:  # a prompt past the context fails here, before it is run (memory)
+            for conv in convs:
+                n = count(conv)
+                assert n <= context, f"a prompt of {n} tokens was sent to a model of context {context}"
         gens = generate(convs, params)
         prompts.extend(g.prompt_tokens for g in gens)
         return gens
@@ -76,7 +82,8 @@ def test_defaults_on_the_transformers_backend(name, tmp_path_factory, tiny_clip,
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows, prompts, cropper = _crop_at_defaults(model_dir, tiny_clip, index_30x5, photos, "transformers")
+        rows, prompts, cropper = _crop_at_defaults(model_dir, tiny_clip, index_30x5, photos, "transformers",
+                                                   sheet["config"]["text"]["context"])
     finally:
         torch.set_num_threads(before)
     assert len(rows) == 2

@@ -416,9 +416,10 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
 #   tokens, which cross it as the real model's prompts do.
 
 LIKE_NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b", "smolvlm-instruct", "qwen2.5-vl-7b")
-_LIKE_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16)
-_LIKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+# head dims of 32: a size vLLM's CPU attention kernels take
+_LIKE_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+_LIKE_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
 
 
 def _like_corpus(seed: int) -> list[str]:
@@ -580,7 +581,7 @@ def _like_idefics2(out: Path, sheet: dict[str, Any], seed: int) -> Path:
         vision_config=dict(_LIKE_VISION, image_size=edge, patch_size=14),
         perceiver_config=dict(hidden_size=_LIKE_TEXT["hidden_size"], rms_norm_eps=1e-5,
                               resampler_n_latents=sheet["config"]["connector"]["resampler_n_latents"],
-                              resampler_depth=1, resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1),
+                              resampler_depth=1, resampler_n_heads=2, resampler_head_dim=32, num_key_value_heads=1),
         text_config=text, image_token_id=ids["<image>"], tie_word_embeddings=False)
     gen = GenerationConfig(bos_token_id=ids["<s>"], pad_token_id=ids["<unk>"],
                            eos_token_id=[ids["</s>"], ids["<end_of_utterance>"]])
@@ -670,7 +671,7 @@ def _like_qwen2_5_vl(out: Path, sheet: dict[str, Any], seed: int) -> Path:
                 rope_parameters={"rope_type": "default", "mrope_section": sections,
                                  "rope_theta": real["rope"]["rope_theta"]},
                 **{k: v for k, v in _LIKE_TEXT.items() if k != "head_dim"})
-    vis = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=vision["patch_size"],
+    vis = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=vision["patch_size"],
                spatial_merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"],
                window_size=vision["window_size"], fullatt_block_indexes=[1], out_hidden_size=_LIKE_TEXT["hidden_size"])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vis, image_token_id=ids["<|image_pad|>"],
