@@ -33,7 +33,7 @@ def engine_parts(tiny_dir, photos, tmp_path_factory):
     idx_dir = tmp_path_factory.mktemp("vidx") / "index"
     ExampleIndex.build(examples, emb, idx_dir)
     cfg = load_config(env={}, overrides={"retrieval.examples": 3, "vlm.candidates": 3, "vlm.rounds": 2,
-                                         "vlm.max_new_tokens": 40, "vlm.dtype": "float32",
+                                         "vlm.dtype": "float32",
                                          "vlm.max_model_len": 2048, "vlm.batch_size": 4})
     vlm = VLLMBackend.from_config(cfg, resolve_model(str(tiny_dir / "idefics2")))
     return cfg, emb, ExampleIndex.load(idx_dir, embedder=emb), vlm
@@ -112,3 +112,7 @@ def test_same_prompt_ids_and_greedy_boxes_as_transformers(engine_parts, tiny_dir
     assert list(out.prompt_token_ids) == ref["ids"]
     assert out.outputs[0].text.strip() == ref["text"].strip()
     assert BoxGrammar(1).matches(out.outputs[0].text)
+    # the token budget's count without pixels is vLLM's count; the engine's settings reached vLLM
+    assert vlm.prompt_token_estimate(conv) == len(ref["ids"])
+    assert vlm.image_tokens == 10 and vlm.engine_config.mm_processor_kwargs == {"do_image_splitting": False}
+    assert vlm.answer_token_limit(BoxGrammar(1)) == len(BoxGrammar(1).longest()) + 1

@@ -438,6 +438,7 @@ class Cropper:
 
     # ----------------------------------------------------------------------------------
     def _run_vlm(self, jobs: list[Job], batch: BatchContext, timings: dict[str, float], t: float) -> float:
+        from cropper_engine.engine.budget import fit_to_context
         from cropper_engine.engine.grammar import BoxGrammar
 
         sal = batch.saliency
@@ -464,6 +465,10 @@ class Cropper:
                 sc = Box(cx, cy, cx, cy).to_norm(w, h)[:2]
             job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples,
                                   n_boxes, job.ratio, sc, query_uuid="q-" + job.image.uid)
+            job.spec, note = fit_to_context(job.spec, self.templates, self.vlm, cfg.candidates, cfg.rounds,
+                                            params.max_new_tokens)  # fewer examples if S would not fit
+            if note:
+                job.notes.append(note)
         t = tick("prompt", t)
 
         # round 0 with one retry, then the classical fallback for jobs still without boxes

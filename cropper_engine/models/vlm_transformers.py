@@ -101,7 +101,13 @@ class TransformersVLM:
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
                  batch_size: int = 8, sampling: str = "grouped", attention: str = "auto",
-                 prefix_cache: bool = True, preloaded: Any = None):
+                 prefix_cache: bool = True, preloaded: Any = None, spec: Any = None,
+                 context_length: int | None = None, processor_settings: dict[str, Any] | None = None,
+                 vision_chunk: int = 4):
+        """`spec` (a registry ModelSpec) gives the trained context and the processor settings;
+        `processor_settings` overrides those (default: the registry's for the model's family);
+        `context_length` the context prompts must fit; `vision_chunk` images go through the
+        vision tower at once."""
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
@@ -122,7 +128,9 @@ class TransformersVLM:
         self._feature_mode: str | None = None
         self._image_text: str | None = None  # an image's tokens as text, for processors that need pixels
         self.image_cache_hits = self.image_cache_misses = 0
-        self.prefix_store: PrefixStore | None = PrefixStore(_prefix_budget(self.device)) if prefix_cache else None
+        self.prefix_store: PrefixStore | None = PrefixStore(2 << 30) if prefix_cache else None
+        self.vision_chunk = max(1, int(vision_chunk))
+        self.notes: list[str] = []  # what the backend changed about the snapshot (a chat template)
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
         self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
@@ -137,6 +145,10 @@ class TransformersVLM:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = preloaded if preloaded is not None else \
                 AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            self.processor_settings, note = self._configure_processor(path, spec, processor_settings)
+            if note:
+                logger.warning("%s: %s", path, note)
+                self.notes.append(note)
         except OSError as e:  # a partial download: config.json there, weights or tokenizer not
             raise ModelNotFoundError(f"model {str(model)!r} in {path} is incomplete ({e}); download it "
                                      "again with `huggingface-cli download` on a machine with internet") from e
@@ -186,6 +198,47 @@ class TransformersVLM:
         self.longest_edge = longest_edge(self.processor)
         self.image_edge = self.longest_edge  # the longest image side the model reads (None: any)
         self._fit = ImageFitter(self.longest_edge, max_pixels=max_pixels(self.processor))
+        from cropper_engine.models.images import PromptCounter
+        from cropper_engine.models.registry import context_length as trained_context
+        from cropper_engine.models.registry import kv_bytes_per_token
+
+        # tokens per image measured from the processor at these settings (not from a table)
+        self._counter = PromptCounter(self.processor)
+        self.image_tokens = self._counter.image_tokens
+        self.context_length = context_length or trained_context(spec, self.model.config, self.tokenizer)
+        if self.prefix_store is not None and self.device.startswith("cuda"):
+            # a batch's round-0 prompts at the full context (what `memory_need` counts), at most a
+            # quarter of the GPU
+            kv = kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
+            self.prefix_store.max_bytes = min(_prefix_budget(self.device),
+                                              kv * (self.context_length or 8192) * self.batch_size)
+
+    def _configure_processor(self, path: Path, spec: Any, settings: dict[str, Any] | None
+                             ) -> tuple[dict[str, Any], str | None]:
+        """The engine's processor settings (registry.PROCESSOR_SETTINGS: image splitting off, a
+        pixel budget) set on the processor, and a chat template where the snapshot has none."""
+        from cropper_engine.models.images import apply_processor_settings
+        from cropper_engine.models.registry import ensure_chat_template, family_of, processor_settings
+
+        if settings is None:
+            settings = spec.processor_settings if spec is not None else \
+                processor_settings(family_of(getattr(self.model.config, "model_type", None)))
+        applied = apply_processor_settings(self.processor, settings)
+        return applied, ensure_chat_template(self.processor, path)
+
+    def prompt_token_estimate(self, conversation: Conversation) -> int:
+        """The conversation's prompt tokens without its pixels (the token budget, engine/budget.py):
+        exact where each image has a fixed count, an upper bound for Qwen2.5-VL."""
+        return self._counter(conversation)
+
+    def memory_need(self, context: int | None = None) -> Any:
+        """GPU memory this model needs at its batch size and context (registry.memory_need)."""
+        from cropper_engine.models.registry import memory_need
+
+        params = sum(p.numel() for p in self.model.parameters())
+        return memory_need(self.model.config, context or self.context_length or 8192, self.batch_size,
+                           "transformers", self.processor_settings, self.vision_chunk,
+                           self.model.dtype.itemsize, params=params)
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -221,7 +274,7 @@ class TransformersVLM:
                                   "return_tensors": "pt"}
         if any(images):
             kwargs["images"] = images
-        return self.processor(**kwargs)
+        return self.processor(**kwargs, add_special_tokens=self._counter.add_special_tokens)
 
     def _features_supported(self) -> bool:
         """Whether image features can be computed apart and fed back (Idefics2 / Idefics3 style)."""
@@ -281,8 +334,8 @@ class TransformersVLM:
                 key = ("new", dup if dup is not None else i)
             keys.append(key)
         new: dict[int, Any] = {}
-        if todo:
-            order = list(todo)
+        for c in range(0, len(todo), self.vision_chunk):  # a chunk at a time: bounded activations
+            order = list(todo)[c: c + self.vision_chunk]
             pix = self.processor.image_processor([[self._fit(todo[i])] for i in order], return_tensors="pt")
             pv = pix["pixel_values"].to(self.device, self.dtype)
             pam = pix.get("pixel_attention_mask")
@@ -323,9 +376,11 @@ class TransformersVLM:
         if self._image_text is not None:
             token = str(self.processor.image_token)
             texts = [t.replace(token, self._image_text) for t in texts]
-            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt"))
+            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                                         add_special_tokens=self._counter.add_special_tokens))
         else:
-            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
+            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                                         add_special_tokens=self._counter.add_special_tokens))
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         inputs["_feats"] = self._image_features(parts) if parts else None
         inputs["_counts"] = counts
@@ -700,7 +755,9 @@ class TransformersVLM:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size, "sampling": self.sampling,
-                "attention": self.attention}
+                "attention": self.attention, "sliding_window": self.window,
+                "processor_settings": self.processor_settings, "image_tokens": self.image_tokens,
+                "context_length": self.context_length, "notes": list(self.notes)}
 
 
 def sliding_window(model: Any) -> int | None:
