@@ -196,6 +196,18 @@ def test_tiny_tokens_per_image_as_the_real_model(name, processors):
         assert n >= 13 * hub["image_seq_len"]
 
 
+def test_tokens_per_image_at_the_engine_settings(name, tinies):
+    """The engine's per-model processor settings on the tiny's processor (the hub's processor
+    config): the measured tokens per image are the sheet's, and the registry's."""
+    from transformers import AutoProcessor
+
+    from cropper_engine.models.images import apply_processor_settings, measure_image_tokens
+
+    proc = AutoProcessor.from_pretrained(tinies[name], local_files_only=True)
+    apply_processor_settings(proc, MODELS[name].processor_settings)
+    assert measure_image_tokens(proc) == load_sheet(name)["tokens_per_image"]["engine"]
+
+
 def test_tiny_config_keeps_context_rope_and_window(name, tinies, processors):
     import json
 

@@ -82,8 +82,8 @@ def test_defaults_on_the_transformers_backend(name, tmp_path_factory, tiny_clip,
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows, prompts, cropper = _crop_at_defaults(model_dir, tiny_clip, index_30x5, photos, "transformers",
-                                                   sheet["config"]["text"]["context"])
+        rows, prompts, _ = _crop_at_defaults(model_dir, tiny_clip, index_30x5, photos, "transformers",
+                                             sheet["config"]["text"]["context"])
     finally:
         torch.set_num_threads(before)
     assert len(rows) == 2

