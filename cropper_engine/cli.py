@@ -593,18 +593,36 @@ def models_list(as_json: bool) -> None:
 
 @models.command("make-tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--like", "like", default=None, metavar="NAME",
+              help="Build a tiny model that behaves like the registry model NAME (see `models list`) in "
+                   "OUT/NAME: its tokenizer rules, special tokens, chat template, processor settings, tokens "
+                   "per image, rope, context and sliding window; only the sizes shrink.")
 @friendly_errors
-def models_make_tiny(out_dir: str) -> None:
+def models_make_tiny(out_dir: str, like: str | None) -> None:
     """Build tiny random models offline (seconds): OUT/idefics2 (a VLM) and OUT/clip (CLIP).
+
+    With --like NAME, OUT/NAME instead: a tiny random model that keeps everything of the real
+    model's config but its sizes (tested against models/sheets/NAME.json), e.g.
+    `make-tiny tiny/ --like mantis-8b-idefics2`, then `crop ... --vlm tiny/mantis-8b-idefics2`.
 
     They crop nothing well: they exercise the real code paths in tests and CPU benchmarks.
     """
     from pathlib import Path
 
+    out = Path(out_dir)
+    if like is not None:
+        from cropper_engine.models.tiny_vlm import LIKE_NAMES, make_tiny_like
+
+        name = like.lower()
+        if name not in LIKE_NAMES:
+            raise click.BadParameter(f"unknown model {like!r}; one of: {', '.join(LIKE_NAMES)}", param_hint="--like")
+        vlm = make_tiny_like(out / name, name)
+        click.echo(f"tiny VLM like {name}: {vlm}   (use: --vlm {vlm} --backend transformers)")
+        return
+
     from cropper_engine.models.tiny import make_tiny_clip
     from cropper_engine.models.tiny_vlm import make_tiny_idefics2
 
-    out = Path(out_dir)
     vlm = make_tiny_idefics2(out / "idefics2")
     clip = make_tiny_clip(out / "clip")
     click.echo(f"tiny VLM:  {vlm}   (use: --vlm {vlm} --backend transformers)")

@@ -395,5 +395,292 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
     return _save(out, processor, config, gen, Qwen2_5_VLForConditionalGeneration, seed)
 
 
-__all__ = ["IDEFICS2_CHAT_TEMPLATE", "QWEN2_5_VL_CHAT_TEMPLATE", "SHAPES", "SMOLVLM_CHAT_TEMPLATE", "build_idefics2",
-           "make_tiny_idefics2", "make_tiny_idefics3", "make_tiny_qwen2_5_vl"]
+
+
+
+# --- `--like NAME`: tiny models that keep a registry model's real behaviour -----------------------
+#
+# `make_tiny_like(out, name)` builds a tiny random model that keeps everything of the real model's
+# config that the engine depends on (models/sheets/NAME.json) and shrinks only its sizes (hidden
+# widths, layers, vocabulary, image resolution where the token count does not depend on it):
+# - tokenizer behaviour: the real model's kind of BPE ('▁' SentencePiece with byte fallback and the
+#   legacy '▁' at the start of every text run / byte-level), its digit rule (one token per digit,
+#   or Llama 3's groups of up to three), the real special token strings in the real order (specials
+#   first, added tokens last, as in the real vocabularies) and BOS handling;
+# - the real chat template (the sheet's), processor settings (image splitting as the hub files say:
+#   the engine decides what it turns off), tokens per image (Mantis / idefics2: 64 perceiver latents,
+#   66 an image unsplit; Idefics3: 364 px tiles of 169; SmolVLM: 384 px tiles of 81; Qwen2.5-VL: a
+#   token per 28 x 28 px within the real min / max pixels), rope settings and context length;
+# - the sliding window: Mistral's real 4096 is KEPT, not scaled down: the tests at the defaults
+#   (S=30, T=5) send prompts of real length (real tokens per image, real box token counts), ~6-7k
+#   tokens, which cross it as the real model's prompts do.
+
+LIKE_NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b", "smolvlm-instruct", "qwen2.5-vl-7b")
+# head dims of 32: a size vLLM's CPU attention kernels take
+_LIKE_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+_LIKE_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _like_corpus(seed: int) -> list[str]:
+    """Prompt-like text: the instructions, many boxes and numbers, and every integer to 1000."""
+    rng = random.Random(seed)
+    lines = _corpus(rng)
+    for _ in range(300):
+        boxes = ", ".join(f"({rng.choice(['5', f'{rng.randint(0, 9)}.{rng.randint(0, 99)}'])}, {rng.randint(1, 1000)}, "
+                          f"{rng.randint(1, 1000)}, {rng.randint(1, 1000)}, {rng.randint(1, 1000)})" for _ in range(3))
+        lines.append(f"Query image. Answer with {rng.randint(1, 9)} region(s) as (s, x1, y1, x2, y2).\n{boxes}.\n")
+        lines.append(f"\n{boxes}\n")  # an example's boxes, as the prompt writes them
+    return lines
+
+
+def _sp_like_tokenizer(seed: int, vocab_size: int, specials: list[str], added: list[str]):
+    """A Mistral-like tokenizer: SentencePiece-style BPE ('▁' spaces, a '▁' before every text run as
+    the legacy Llama / Mistral tokenizer.json, digits one by one, bytes for what the vocabulary
+    lacks: '<0x0A>' for a newline); `specials` first, the 256 byte tokens, the learned pieces,
+    fillers, then `added` last (Mistral's 32000..32002 in idefics2)."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    def pre() -> Any:
+        return pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+                                        pre_tokenizers.Digits(individual_digits=True)])
+
+    n_bytes = 256
+    learn = vocab_size - len(specials) - len(added) - n_bytes
+    trainer_tok = Tokenizer(models.BPE(unk_token=specials[0]))
+    trainer_tok.pre_tokenizer = pre()
+    trainer = trainers.BpeTrainer(vocab_size=learn + len(specials), special_tokens=specials,
+                                  initial_alphabet=[chr(c) for c in range(32, 127)] + ["▁"], min_frequency=2,
+                                  show_progress=False)
+    trainer_tok.train_from_iterator(_like_corpus(seed), trainer=trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    printable = set(map(chr, range(32, 127))) | {"▁"}  # a newline is a byte token, '<0x0A>', as in Mistral's
+    learned = sorted((i, t) for t, i in model["vocab"].items() if t not in specials and set(t) <= printable)
+    tokens = specials + [f"<0x{b:02X}>" for b in range(n_bytes)] + [t for _, t in learned]
+    tokens += [f"▁<filler{i}>" for i in range(vocab_size - len(added) - len(tokens))]
+    tokens += added
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = [m for m in merges if m[0] + m[1] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=specials[0], fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + added])
+    tok.pre_tokenizer = pre()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return tok
+
+
+def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail: list[str], split: str,
+                              digit_groups: bool, bos: str | None = None):
+    """A byte-level BPE ('Ġ' for a space, no unknown tokens) with a regex pre-tokenizer: Qwen2's
+    (`\\p{N}`: one token per digit), Llama 3's (`\\p{N}{1,3}`: every 1-3 digit number is one token,
+    so the vocabulary holds all 1110 of them, as Llama 3's does) or SmolLM2's digit split.
+    `head` specials take the first ids, `tail` (the real model's specials and added tokens) the last."""
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    def pre() -> Any:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    numbers = [str(i) for i in range(10)] + [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
+    numbers = list(dict.fromkeys(numbers)) if digit_groups else []
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(numbers), special_tokens=head,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    trainer_tok.train_from_iterator(_like_corpus(seed), trainer=trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    learned = [t for _, t in sorted((i, t) for t, i in model["vocab"].items() if t not in head)]
+    if digit_groups:  # every 2- and 3-digit string a token, reachable whichever pair merges first
+        learned = [t for t in learned if not (t.isdigit() and len(t) > 1)]
+        merges = [m for m in merges if not (m[0].isdigit() and m[1].isdigit())]
+        two = [f"{i:02d}" for i in range(100)]
+        three = [f"{i:03d}" for i in range(1000)]
+        merges += [(s[0], s[1]) for s in two] + [(s[:2], s[2]) for s in three] + [(s[0], s[1:]) for s in three]
+        learned += two + three
+    tokens = head + learned
+    tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
+    tokens += tail
+    assert len(tokens) == vocab_size, (len(tokens), vocab_size)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in head + tail])
+    tok.pre_tokenizer = pre()
+    tok.decoder = decoders.ByteLevel()
+    if bos is not None:  # Llama 3's tokenizer adds <|begin_of_text|>
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    return tok
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# SmolLM2: GPT-2's split with every digit alone.
+SMOLLM_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
+IDEFICS3_ADDED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+
+
+def _like_sheet(name: str) -> dict[str, Any]:
+    from cropper_engine.models.sheets import load_sheet
+
+    if name not in LIKE_NAMES:
+        raise ValueError(f"unknown model {name!r} for --like; one of: {', '.join(LIKE_NAMES)}")
+    return load_sheet(name)
+
+
+def make_tiny_like(out_dir: str | Path, name: str, seed: int = 0) -> Path:
+    """A tiny random model in `out_dir` that behaves like the registry model `name` (see above)."""
+    sheet = _like_sheet(name)
+    build = {"idefics2": _like_idefics2, "idefics3": _like_idefics3, "qwen2_5_vl": _like_qwen2_5_vl}[sheet["family"]]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return build(out, sheet, seed)
+
+
+def _like_idefics2(out: Path, sheet: dict[str, Any], seed: int) -> Path:
+    from transformers import (
+        GenerationConfig,
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        Idefics2ImageProcessor,
+        Idefics2Processor,
+    )
+
+    real = sheet["config"]["text"]
+    hub = sheet["processor"]["hub"]
+    vocab_size = 2003  # 2000 + the 3 added tokens, as 32000 + 3
+    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    tokenizer = _fast_tokenizer(_sp_like_tokenizer(seed, vocab_size, ["<unk>", "<s>", "</s>"], added),
+                                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+                                extra_special_tokens=added, model_max_length=real["context"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<unk>", "<s>", "</s>", *added]}
+    edge = 56  # tokens per image do not depend on the resolution (the perceiver's latents): 4 x 4 patches
+    image_processor = Idefics2ImageProcessor(do_image_splitting=hub["do_image_splitting"],
+                                             size={"shortest_edge": 28, "longest_edge": edge})
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=hub["image_seq_len"], chat_template=sheet["chat_template"]["template"])
+    assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
+    text = dict(model_type="mistral", vocab_size=vocab_size, rms_norm_eps=1e-5, pad_token_id=ids["<unk>"],
+                bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                max_position_embeddings=real["max_position_embeddings"],
+                sliding_window=real["sliding_window"], rope_parameters=dict(real["rope"]), **_LIKE_TEXT)
+    config = Idefics2Config(
+        vision_config=dict(_LIKE_VISION, image_size=edge, patch_size=14),
+        perceiver_config=dict(hidden_size=_LIKE_TEXT["hidden_size"], rms_norm_eps=1e-5,
+                              resampler_n_latents=sheet["config"]["connector"]["resampler_n_latents"],
+                              resampler_depth=1, resampler_n_heads=2, resampler_head_dim=32, num_key_value_heads=1),
+        text_config=text, image_token_id=ids["<image>"], tie_word_embeddings=False)
+    gen = GenerationConfig(bos_token_id=ids["<s>"], pad_token_id=ids["<unk>"],
+                           eos_token_id=[ids["</s>"], ids["<end_of_utterance>"]])
+    return _save(out, processor, config, gen, Idefics2ForConditionalGeneration, seed)
+
+
+def _like_idefics3(out: Path, sheet: dict[str, Any], seed: int) -> Path:
+    from transformers import (
+        GenerationConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    real = sheet["config"]["text"]
+    hub = sheet["processor"]["hub"]
+    tile = sheet["config"]["vision"]["image_size"]
+    scale = sheet["config"]["connector"]["scale_factor"]
+    if sheet["name"] == "idefics3-8b":  # Llama 3.1: regular tokens, 256 specials, then the added tokens
+        head, tail = [], LLAMA3_SPECIALS + IDEFICS3_ADDED
+        vocab_size = 2400 + len(tail)
+        tok = _bytelevel_like_tokenizer(seed, vocab_size, head, tail, LLAMA3_SPLIT, digit_groups=True,
+                                        bos="<|begin_of_text|>")
+        specials = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                        pad_token=sheet["special_tokens"]["pad"][0])
+    else:  # SmolLM2: <|endoftext|>, <|im_start|>, <|im_end|> first, the image tokens last
+        head, tail = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], IDEFICS3_ADDED
+        vocab_size = 1200 + len(tail)
+        tok = _bytelevel_like_tokenizer(seed, vocab_size, head, tail, SMOLLM_SPLIT, digit_groups=False)
+        specials = dict(bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<|endoftext|>",
+                        pad_token="<|im_end|>")
+    tokenizer = _fast_tokenizer(tok, extra_special_tokens=IDEFICS3_ADDED, model_max_length=real["context"], **specials)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in head + tail}
+    image_processor = Idefics3ImageProcessor(do_image_splitting=hub["do_image_splitting"], size=dict(hub["size"]),
+                                             max_image_size=dict(hub["max_image_size"]))
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=hub["image_seq_len"],
+                                  chat_template=sheet["chat_template"]["template"])
+    assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
+    bos = ids[specials["bos_token"]]
+    pad = ids[specials["pad_token"]]
+    eos = [ids["<end_of_utterance>"]] + ([ids["<|end_of_text|>"], ids["<|eot_id|>"]] if not head
+                                         else [ids["<|endoftext|>"]])
+    rope = dict(real["rope"])
+    text = dict(model_type="llama", vocab_size=vocab_size, rms_norm_eps=1e-5, pad_token_id=pad, bos_token_id=bos,
+                eos_token_id=eos[0],
+                max_position_embeddings=max(real["context"], rope.get("original_max_position_embeddings", 0)),
+                rope_parameters=rope, tie_word_embeddings=False, **_LIKE_TEXT)
+    config = Idefics3Config(vision_config=dict(_LIKE_VISION, image_size=tile, patch_size=14), text_config=text,
+                            scale_factor=scale, image_token_id=ids["<image>"], pad_token_id=pad,
+                            tie_word_embeddings=False)
+    gen = GenerationConfig(bos_token_id=bos, pad_token_id=pad, eos_token_id=eos)
+    return _save(out, processor, config, gen, Idefics3ForConditionalGeneration, seed)
+
+
+def _like_qwen2_5_vl(out: Path, sheet: dict[str, Any], seed: int) -> Path:
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    real = sheet["config"]["text"]
+    hub = sheet["processor"]["hub"]
+    vision = sheet["config"]["vision"]
+    vocab_size = 1500
+    tok = _bytelevel_like_tokenizer(seed, vocab_size, [], QWEN_SPECIALS, QWEN_SPLIT, digit_groups=False)
+    tokenizer = _fast_tokenizer(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                extra_special_tokens=QWEN_SPECIALS[1:],
+                                model_max_length=real["context"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    pix = dict(min_pixels=hub["min_pixels"], max_pixels=hub["max_pixels"], patch_size=hub["patch_size"],
+               merge_size=hub["merge_size"])
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(temporal_patch_size=2, **pix),
+                                    video_processor=Qwen2VLVideoProcessor(**pix), tokenizer=tokenizer,
+                                    chat_template=sheet["chat_template"]["template"])
+    assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
+    head_dim = _LIKE_TEXT["head_dim"]  # mrope sections scaled from [16, 24, 24] of 64 frequencies to 8
+    sections = [s * head_dim // 2 // sum(real["rope"]["mrope_section"]) for s in real["rope"]["mrope_section"]]
+    text = dict(vocab_size=vocab_size, rms_norm_eps=1e-6, max_position_embeddings=real["max_position_embeddings"],
+                use_sliding_window=False, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "mrope_section": sections,
+                                 "rope_theta": real["rope"]["rope_theta"]},
+                **{k: v for k, v in _LIKE_TEXT.items() if k != "head_dim"})
+    vis = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=vision["patch_size"],
+               spatial_merge_size=vision["spatial_merge_size"], temporal_patch_size=vision["temporal_patch_size"],
+               window_size=vision["window_size"], fullatt_block_indexes=[1], out_hidden_size=_LIKE_TEXT["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vis, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    gen = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                           eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
+    return _save(out, processor, config, gen, Qwen2_5_VLForConditionalGeneration, seed)
+
+
+__all__ = ["IDEFICS2_CHAT_TEMPLATE", "LIKE_NAMES", "QWEN2_5_VL_CHAT_TEMPLATE", "SHAPES", "SMOLVLM_CHAT_TEMPLATE",
+           "build_idefics2", "make_tiny_idefics2", "make_tiny_idefics3", "make_tiny_like", "make_tiny_qwen2_5_vl"]

@@ -1,0 +1,104 @@
+"""The VLM loop at the shipped defaults on vllm-cpu (.venv-vllm) for `--like` tiny models: Mantis
+and idefics2 (through cropper-engine's Idefics2 plugin) and the natively supported Idefics3:
+S=30, T=5, R=6, L=2, max_new_tokens and the context as the engine sets them. Every row `vlm`,
+none cut at the token limit, every prompt within the real context."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cropper_engine.models.sheets import load_sheet
+from cropper_engine.types import CropRequest, Task
+
+vllm = pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# Mantis and idefics2 through the plugin (idefics2's hub processor splits images: the engine's
+# setting reaches vLLM as mm_processor_kwargs); Idefics3 natively. Qwen2.5-VL is left out here:
+# its HF processor folder holds a video processor that needs torchvision, which vllm-cpu's
+# environment cannot have (the engine's processor load fails there; on a GPU venv it has it).
+NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b")
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_dir):
+    from cropper_engine.models.embedders import load_embedder
+
+    return load_embedder(f"hf-clip:{tiny_dir / 'clip' / 'hf_clip'}", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def index_30x5(tmp_path_factory, embedder):
+    """36 photo-sized images (random colour fields) with 5 ground-truth crops and MOS each."""
+    from cropper_engine.data.example import Example
+    from cropper_engine.index.store import ExampleIndex
+    from cropper_engine.types import Box
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("vphotos30")
+    examples = []
+    for k in range(36):
+        w, h = 1024, int(rng.integers(560, 800))
+        path = folder / f"p{k:02d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR).save(path)
+        crops = []
+        for _ in range(5):
+            x1, y1 = rng.uniform(0, 0.3) * w, rng.uniform(0, 0.3) * h
+            crops.append(Box(x1, y1, x1 + rng.uniform(0.5, 0.7) * w, y1 + rng.uniform(0.5, 0.7) * h))
+        examples.append(Example(path.name, str(path), w, h, crops, sorted(rng.uniform(2, 5, 5).tolist(), reverse=True)))
+    out = tmp_path_factory.mktemp("vidx30") / "index"
+    ExampleIndex.build(examples, embedder, out)
+    return ExampleIndex.load(out, embedder=embedder)
+
+
+def _make_like(out, name: str):
+    """Built in a fresh process (an in-process vLLM engine rewrites transformers' model classes), by
+    the main .venv beside .venv-vllm where there is one: Qwen2.5-VL's video processor, which its
+    processor folder holds, needs torchvision, which vllm-cpu's environment cannot have."""
+    code = "import sys; from cropper_engine.models.tiny_vlm import make_tiny_like as m; m(sys.argv[1], sys.argv[2])"
+    main_venv = Path(sys.executable).parents[2] / ".venv" / "bin" / "python"
+    python = str(main_venv) if main_venv.is_file() else sys.executable
+    subprocess.run([python, "-c", code, str(out), name], check=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_on_vllm(name, tmp_path_factory, embedder, index_30x5, photos):
+    from cropper_engine.config import load_config
+    from cropper_engine.engine.loop import Cropper
+
+    sheet = load_sheet(name)
+    context = sheet["config"]["text"]["context"]
+    model_dir = _make_like(tmp_path_factory.mktemp("vlike") / name, name)
+    cfg = load_config(env={}, overrides={"vlm.model": str(model_dir), "vlm.backend": "vllm"})
+    assert (cfg.retrieval.examples, cfg.retrieval.crops_free, cfg.vlm.candidates, cfg.vlm.rounds) == (30, 5, 6, 2)
+    cropper = Cropper.from_config(cfg, embedder=embedder, index=index_30x5)
+    prompts: list[int] = []
+    generate = cropper.vlm.generate
+
+    def recording(convs, params):  # the real generate; records each prompt's length
+        gens = generate(convs, params)
+        prompts.extend(g.prompt_tokens for g in gens)
+        return gens
+
+    cropper.vlm.generate = recording
+    try:
+        outs = cropper.crop_batch([CropRequest(photos[0], Task.FREE), CropRequest(photos[1], Task.FREE)])
+    finally:
+        cropper.vlm.close() if hasattr(cropper.vlm, "close") else None
+    rows = [r for out in outs for r in out]
+    assert len(rows) == 2
+    for r in rows:
+        assert r.pipeline == "vlm", (r.pipeline, r.notes)
+        assert not any("cut at the token limit" in n for n in r.notes), r.notes
+    assert prompts and max(prompts) <= context
