@@ -64,7 +64,7 @@ def test_prompt_layout_and_shared_prefix():
     # crop shows the documented constant, and the instruction says so
     assert "(4.5, 1, 1, 500, 500), (5, 101, 101, 1000, 1000)" in first[2]
     assert "without MOS are shown with s = 5" in first[0]
-    assert "one region" in first[-1]
+    assert first[-1] == "\nQuery image. Answer with one region as (s, x1, y1, x2, y2).\n"
     refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.71234, 4.0)])[0].content
     # everything of round 0 but its last text is a prefix of the refinement prompt
     assert refined[: len(first) - 1] == first[:-1]
@@ -80,7 +80,7 @@ def test_prompt_layout_and_shared_prefix():
 def test_list_mode_asks_for_r_boxes_every_round():
     spec = _spec(n_boxes=6)
     first = build_messages(spec, load_templates(None))[0].content
-    assert "Answer with 6 different regions, separated by commas" in first[-1]
+    assert "Answer with 6 different regions, each as (s, x1, y1, x2, y2), separated by commas." in first[-1]
     refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.7, None)])[0].content
     assert "Propose 6 different similar crops that have high scores." in refined[-1]
 

@@ -58,13 +58,11 @@ class PromptTemplates:
     box_ratio: str = "{box} aspect ratio {aspect}"
     subject_group: str = "Subject ({subject}): {boxes}"  # the crops of one subject of an example
     subject_group_sep: str = ". "
-    query_free: str = "\nQuery image. Answer with {regions} as (s, x1, y1, x2, y2).\n"
-    query_subject: str = "\nQuery image. Subject ({subject}). Answer with {regions} as " \
-        "(s, x1, y1, x2, y2) that keep the subject.\n"
-    query_ratio: str = "\nQuery image. Aspect ratio {ratio}. Answer with {regions} as " \
-        "(s, x1, y1, x2, y2) with that aspect ratio.\n"
-    regions_one: str = "one region"
-    regions_many: str = "{n} different regions, separated by commas"
+    query_free: str = "\nQuery image. Answer with {regions}.\n"
+    query_subject: str = "\nQuery image. Subject ({subject}). Answer with {regions}; each keeps the subject.\n"
+    query_ratio: str = "\nQuery image. Aspect ratio {ratio}. Answer with {regions}, with that aspect ratio.\n"
+    regions_one: str = "one region as (s, x1, y1, x2, y2)"
+    regions_many: str = "{n} different regions, each as (s, x1, y1, x2, y2), separated by commas"
     zero_shot_note: str = "No example images are given; use your own judgement.\n"
     refine_intro: str = "Here are crops of the query image with their scores.\n"
     refine_candidate: str = "\n{box}, Score is {score}\n"
