@@ -15,7 +15,7 @@ from PIL import Image
 from cropper_engine.cli import main
 from cropper_engine.config import load_config
 from cropper_engine.engine.loop import Cropper
-from cropper_engine.models.base import Generation, ImagePart
+from cropper_engine.models.base import Generation
 from cropper_engine.types import CropRequest, Task
 
 
@@ -184,7 +184,8 @@ def test_crop_save_prompts_with_the_tiny_model(photos, tiny_dir, masked_index, t
     assert "Answer with 3 different regions" in prompt
     assert prompt.count("4:3") == 1 and "Query image. Aspect ratio 4:3." in prompt
     # each example's crops with their own aspect ratio (width / height in pixels)
-    meta = {json.loads(ln)["image"]: json.loads(ln) for ln in (masked_index / "metadata.jsonl").read_text().splitlines()}
+    lines = (masked_index / "metadata.jsonl").read_text().splitlines()
+    meta = {json.loads(ln)["image"]: json.loads(ln) for ln in lines}
     blocks = re.split(r"<image: ", prompt)[1:]
     examples = [b for b in blocks if b.startswith("example ")]
     assert len(examples) == 3
