@@ -390,6 +390,8 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     for key in ("embedder", "index", "scorer", "zero_shot"):
         if key in info["reasons"]:
             click.echo(f"{key}: {info['reasons'][key]}", err=True)
+    if save_prompts and cropper.vlm is None:
+        click.echo("--save-prompts: no VLM in this run (pipeline no-vlm), so there are no prompts to save", err=True)
     rep = None
     if report:
         from pathlib import Path

@@ -216,3 +216,10 @@ def test_crop_save_prompts_with_the_tiny_model(photos, tiny_dir, masked_index, t
     assert f"Query image. Subject ({want})." in text
     assert text.count("Subject (") == 4  # three examples (subject boxes from their masks) and the query
     assert Path(out2 / row["prompts"][0]).parent.name == Path(row["output"]).stem
+
+
+def test_save_prompts_needs_out_and_says_when_there_is_no_vlm(photos, tmp_path):
+    res = run("crop", photos[0], "--save-prompts", ok=False)
+    assert "--save-prompts needs --out DIR" in res.output and "Traceback" not in res.output
+    res = run("crop", photos[0], "--vlm", "none", "--out", tmp_path / "o", "--save-prompts")
+    assert "no VLM in this run" in res.output and not (tmp_path / "o" / "prompts").exists()
