@@ -353,7 +353,9 @@ def write_prompts(out_dir: Path, output: Path, row: dict[str, Any], prompts: lis
     files = []
     for p in prompts:
         name = f"round{p['round']}" + (f"-attempt{p['attempt']}" if p.get("attempt", 1) > 1 else "") + ".txt"
-        answers = "".join(f"\n===== answer {k} (raw) =====\n{a}\n" for k, a in enumerate(p["answers"], 1)) \
+        cut = p.get("cut") or [False] * len(p["answers"])
+        answers = "".join(f"\n===== answer {k} (raw{', cut at the token limit: not used' if c else ''}) =====\n{a}\n"
+                          for k, (a, c) in enumerate(zip(p["answers"], cut, strict=False), 1)) \
             or "\n===== no answer (the VLM call failed; see the row's notes) =====\n"
         text = (f"# image: {row['image']}\n# task: {what}; round {p['round']}, attempt {p.get('attempt', 1)}\n"
                 "# The text the VLM read, each image named where it stands as <image: ...>; the model's chat\n"

@@ -575,20 +575,27 @@ def models() -> None:
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def models_list(as_json: bool) -> None:
-    """The model registry, and whether each model's weights are in the local HF cache."""
+    """The model registry: hub id and pinned revision, context, the processor settings the
+    engine uses, tokens per image (measured from the processor where its files are here), and
+    whether each model's weights are in the local HF cache."""
     from cropper_engine.models.registry import hf_cache_dir, list_models
 
     rows = list_models()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<20} {'hub id':<34} {'params':>6} {'img tok':>7}  {'local':<5}  backends")
+    click.echo(f"{'name':<20} {'hub id':<34} {'revision':<12} {'params':>6} {'context':>7} {'img tok':>7}  "
+               f"{'local':<5}  processor settings")
     for r in rows:
         star = "*" if r["default"] else " "
-        click.echo(f"{star}{r['name']:<19} {r['hub_id']:<34} {r['params_b']:>5}B {r['image_tokens']:>7}  "
-                   f"{'yes' if r['local'] else 'no':<5}  {', '.join(r['backends'])}")
-    click.echo(f"(* default; weights looked up in {hf_cache_dir()}; any local model folder works "
-               "with --vlm PATH)")
+        rev = str(r["revision"])[:10] if r["revision"] else "-"
+        tokens = r["image_tokens"] if r["image_tokens"] is not None else "-"
+        settings = ", ".join(f"{k}={v}" for k, v in r["processor_settings"].items())  # type: ignore[union-attr]
+        click.echo(f"{star}{r['name']:<19} {r['hub_id']:<34} {rev:<12} {r['params_b']:>5}B {r['context']:>7} "
+                   f"{tokens:>7}  {'yes' if r['local'] else 'no':<5}  {settings}")
+    click.echo(f"(* default; weights looked up in {hf_cache_dir()}; any local model folder works with --vlm "
+               "PATH; img tok: measured from the processor at these settings when its files are here; "
+               "revision -: not pinned, --json says why)")
 
 
 @models.command("make-tiny")

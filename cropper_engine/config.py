@@ -43,7 +43,7 @@ class VLMConfig:
     constrained: bool = True  # force the answer to the box grammar
     parallel: bool = False  # false (the paper's): one answer lists R boxes, every round; true: R
     # one-box samples (n=R), which a trained model at a low temperature mostly makes alike
-    max_new_tokens: int = 24  # per box: an answer of R boxes may take R x this
+    max_new_tokens: int = 0  # 0: from the model's tokenizer and the box grammar; else tokens per box
     seed: int = 0
     batch_size: int = 8
     base_url: str = "http://127.0.0.1:8001/v1"  # for the openai backend
@@ -246,7 +246,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be positive, got {v}")
 
     positive("vlm.candidates", cfg.vlm.candidates)
-    positive("vlm.max_new_tokens", cfg.vlm.max_new_tokens)
+    if cfg.vlm.max_new_tokens < 0:
+        raise ConfigError(f"vlm.max_new_tokens must be 0 (from the model) or more, got {cfg.vlm.max_new_tokens}")
     positive("vlm.batch_size", cfg.vlm.batch_size)
     positive("max_pixels", cfg.max_pixels)
     if cfg.vlm.rounds < 0:

@@ -78,11 +78,11 @@ def test_several_boxes_and_no_score():
 
 def test_longest_answer_is_the_longest_the_grammar_allows():
     for g in (BoxGrammar(1), BoxGrammar(6), BoxGrammar(3, score=False), BoxGrammar(2, leading_space=False)):
-        text = g.longest_answer()
+        text = g.longest()
         assert g.matches(text) and g.boxes == text.count("(")
         state = g.walk(g.start(), text)
         assert g.is_final(state)  # nothing may follow: no longer answer exists on this path
-    assert BoxGrammar(6).longest_answer() == " " + ", ".join(["(99.99, 1000, 1000, 1000, 1000)"] * 6)
+    assert BoxGrammar(6).longest() == " " + ", ".join(["(99.99, 1000, 1000, 1000, 1000)"] * 6)
 
 
 def test_dfa_final_state_allows_only_eos():
@@ -196,6 +196,26 @@ def test_token_constraint_byte_level():
         assert eos in row, "every row must finish with EOS"
         text = tok.decode(row[:row.index(eos)], clean_up_tokenization_spaces=False)
         assert parse_boxes(text, grammar) is not None, text
+
+
+def test_answer_token_limit_holds_every_constrained_answer():
+    """The limit is the longest answer in the tokenizer's tokens + the end token: with a token per
+    grammar character (as Mistral's, Llama 3's and Qwen2's), the characters + 1; sampling through
+    the constraint from random logits (any tokenization) always ends with EOS within it."""
+    from cropper_engine.engine.grammar import TokenConstraint, answer_token_limit
+
+    tok = _byte_level_tokenizer()
+    for boxes in (1, 6):
+        grammar = BoxGrammar(boxes)
+        limit = answer_token_limit(tok, grammar)
+        assert limit == len(grammar.longest()) + 1 == 1 + boxes * 31 + (boxes - 1) * 2 + 1
+        assert grammar.matches(grammar.longest())
+        assert len(tok(grammar.longest()).input_ids) < limit  # the canonical tokens merge digits
+    grammar = BoxGrammar(2)
+    limit = answer_token_limit(tok, grammar)
+    out = _drive(TokenConstraint(tok, grammar), len(tok), rows=16, steps=limit, seed=4)
+    for row in out.tolist():
+        assert tok.eos_token_id in row, "an answer ran past the limit"
 
 
 def test_logits_processor_type_and_reset():

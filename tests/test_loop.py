@@ -24,7 +24,7 @@ def make_cropper(cfg_over, tiny_clip, example_index, vlm):
     from cropper_engine.index.store import ExampleIndex
 
     cfg = load_config(env={}, overrides={"retrieval.examples": 3, "vlm.candidates": 3, "vlm.rounds": 2,
-                                         "vlm.max_new_tokens": 40, **cfg_over})
+                                         **cfg_over})
     idx = ExampleIndex.load(example_index, embedder=tiny_clip)
     return Cropper.from_config(cfg, embedder=tiny_clip, index=idx, vlm=vlm)
 
@@ -92,20 +92,46 @@ def test_an_image_is_never_its_own_example(photos, tiny_clip, example_index):
 
 
 class ScriptedVLM:
-    """Test double: answers each round with the given texts, in order."""
+    """Test double: answers each round with the given texts, in order (a text in a 1-tuple: an
+    answer the backend reports as cut at the token limit)."""
 
     id = "scripted"
 
     def __init__(self, answers):
         self.answers = list(answers)
         self.calls = 0
+        self.params = []
 
     def generate(self, conversations, params):
         self.calls += 1
+        self.params.append(params)
         text = self.answers.pop(0) if self.answers else "nothing useful"
         if isinstance(text, Exception):
             raise text
-        return [Generation([text] * params.n, 10, 5) for _ in conversations]
+        cut = isinstance(text, tuple)
+        text = text[0] if cut else text
+        return [Generation([text] * params.n, 10, 5, truncated=[cut] * params.n) for _ in conversations]
+
+
+def test_answers_cut_at_the_token_limit_are_never_parsed(photos, tiny_clip, example_index):
+    """A box cut short ("(4.5, 123, 456, 789, 100" has five numbers) counts as no answer: retried,
+    then the fallback, and the row says why; the limit follows the grammar when not configured."""
+    cut = ("(4.5, 123, 456, 789, 100",)
+    vlm = ScriptedVLM([cut, ("(4.5, 123, 456, 789, 1000)",)])  # even a complete-looking cut text
+    cropper = make_cropper({}, tiny_clip, example_index, vlm)
+    res = cropper.crop(CropRequest(photos[0], Task.FREE))[0]
+    assert res.pipeline == "vlm-fallback" and vlm.calls == 2
+    assert any("cut at the token limit" in n for n in res.notes), res.notes
+    # no tokenizer known (this double has none): the longest answer's characters + the end token
+    # the default list mode: R=3 boxes joined by ", "
+    assert vlm.params[0].max_new_tokens == 1 + 3 * 31 + 2 * 2 + 1
+    one = ScriptedVLM(["(4, 100, 100, 900, 900)"] * 3)
+    make_cropper({"vlm.parallel": True}, tiny_clip, example_index, one).crop(CropRequest(photos[0], Task.FREE))
+    assert one.params[0].max_new_tokens == len(" (99.99, 1000, 1000, 1000, 1000)") + 1  # one box a sample
+    explicit = ScriptedVLM(["(4, 100, 100, 900, 900)"] * 3)
+    make_cropper({"vlm.max_new_tokens": 40}, tiny_clip, example_index, explicit).crop(
+        CropRequest(photos[0], Task.FREE))
+    assert explicit.params[0].max_new_tokens == 40 * 3  # tokens per box, R boxes in one answer
 
 
 def test_unusable_answers_retry_then_fallback(photos, tiny_clip, example_index):

@@ -50,6 +50,15 @@ def test_too_many_and_too_few():
     assert len(few.boxes) == 1 and any("1 of 6" in r for r in few.repairs)
 
 
+def test_an_answer_cut_short_is_no_box():
+    """Read in order, the numbers of a cut box would make a wrong box: (123, 100, 789, 456)."""
+    res = parse_boxes("(4.5, 123, 456, 789, 100", expected=1)
+    assert not res.ok and "unfinished box at the end dropped" in res.repairs
+    two = parse_boxes("(4.5, 100, 200, 800, 900), (3, 1, 1, 10", expected=2)
+    assert coords(two) == [(100, 200, 800, 900)]
+    assert coords(parse_boxes("(4.5, 100, 200, 800, 900)")) == [(100, 200, 800, 900)]
+
+
 def test_degenerate_and_garbage():
     res = parse_boxes("(5, 100, 100, 100, 900)")  # a line: widened to one unit, not lost
     assert coords(res) == [(99.5, 100, 100.5, 900)] and "degenerate boxes widened" in res.repairs

@@ -139,6 +139,24 @@ def test_constrained_greedy_and_seed(vlm):
     assert vlm.generate([conv], params)[0].texts == vlm.generate([conv], params)[0].texts
 
 
+def test_answers_at_the_token_limit_are_flagged(vlm):
+    """At the limit the grammar gives (the longest answer in this tokenizer's tokens + the end
+    token) every sample at temperature 1 of a random model ends with EOS; below it, samples are
+    cut and say so."""
+    grammar = BoxGrammar(2)
+    limit = vlm.answer_token_limit(grammar)
+    assert limit == len(grammar.longest()) + 1  # the tiny tokenizer has a token per grammar character
+    conv = _conversation(1, seed=9)
+    full = vlm.generate([conv], GenerationParams(n=8, max_new_tokens=limit, temperature=1.0, seed=4,
+                                                 grammar=grammar))[0]
+    assert full.truncated == [False] * 8 and all(parse_boxes(t.strip(), grammar) for t in full.texts)
+    short = vlm.generate([conv], GenerationParams(n=3, max_new_tokens=6, temperature=1.0, seed=4,
+                                                  grammar=grammar))[0]
+    assert short.truncated == [True] * 3 and not any(parse_boxes(t.strip(), grammar) for t in short.texts)
+    greedy = vlm.generate([conv], GenerationParams(n=2, max_new_tokens=6, temperature=0.0, grammar=grammar))[0]
+    assert greedy.truncated == [True, True]
+
+
 def test_stop_strings_cut_the_text(vlm):
     params = GenerationParams(n=2, max_new_tokens=40, temperature=1.0, seed=1, grammar=BoxGrammar(2),
                               stop=[", "])

@@ -112,14 +112,37 @@ def _vlm(cfg: Config, reasons: dict[str, str]) -> Any:
             reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.hub_id} is not in the local Hugging Face cache "
                                    f"(pass --vlm NAME|FOLDER to use another model)")
             return None
-        need = DEFAULT_MODEL.gpu_memory_gb
         have = gpu_memory_gb()
-        if have < need:
-            reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.name} is here but needs a GPU with ~{need:.0f} GB "
-                                   f"free ({have:.0f} GB found); pass --vlm {DEFAULT_MODEL.name} to run it anyway")
+        if have <= 0:
+            reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.name} is here but no GPU is; pass --vlm "
+                                   f"{DEFAULT_MODEL.name} to run it anyway (slow on a CPU)")
+            return None
+        need = vlm_memory_need(cfg, resolved)
+        if have < need.total:
+            reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.name} is here but needs a GPU with {need.describe()} "
+                                   f"({have:.1f} GB free); lower vlm.batch_size or pass --vlm "
+                                   f"{DEFAULT_MODEL.name} to run it anyway")
             return None
         return load_vlm(cfg, resolved, reasons)
     return load_vlm(cfg, resolve_model(name), reasons)
+
+
+def vlm_memory_need(cfg: Config, resolved: Any) -> Any:
+    """The GPU memory a resolved model needs with this config (registry.memory_need): its
+    parameters counted from its config.json, KV at the context prompts may fill, the backend
+    `auto` would pick."""
+    from transformers import AutoConfig
+
+    from cropper_engine.models.registry import context_length, family_of, memory_need, processor_settings
+
+    config = AutoConfig.from_pretrained(resolved.path, local_files_only=True)
+    spec = resolved.spec
+    context = cfg.vlm.max_model_len or context_length(spec, config) or 8192
+    backend = cfg.vlm.backend
+    if backend == "auto":
+        backend = "vllm" if backend_available("vllm") and "vllm" in _backends(resolved) else "transformers"
+    settings = spec.processor_settings if spec is not None else processor_settings(family_of(config.model_type))
+    return memory_need(config, context, cfg.vlm.batch_size, backend, settings)
 
 
 def load_vlm(cfg: Config, resolved: Any, reasons: dict[str, str]) -> Any:
@@ -139,7 +162,8 @@ def load_vlm(cfg: Config, resolved: Any, reasons: dict[str, str]) -> Any:
         from cropper_engine.models.vlm_transformers import TransformersVLM
 
         vlm = TransformersVLM(str(resolved.path), device=cfg.vlm.device, dtype=cfg.vlm.dtype,
-                              batch_size=cfg.vlm.batch_size)
+                              batch_size=cfg.vlm.batch_size, spec=resolved.spec,
+                              context_length=cfg.vlm.max_model_len or None)
     elif backend == "vllm":
         if not backend_available("vllm"):
             raise BackendUnavailableError("the vllm backend needs vLLM: pip install 'cropper-engine[vllm]' "

@@ -2,7 +2,7 @@
 
 An answer is exactly `boxes` boxes `(s, x1, y1, x2, y2)` separated by ", " (the loop asks for R
 in one answer by default, one per sample in parallel mode; `BoxGrammar.boxes` says how many one
-answer holds, `longest_answer()` is its longest text), with coordinates integers 1..1000 (no
+answer holds, `longest()` is its longest text), with coordinates integers 1..1000 (no
 leading zeros) and `s` a score like `4`, `4.5` or `0.73` (at most 2 digits either side of the
 point). `score=False` drops `s`. One optional space may lead the answer: after
 "Assistant:" a SentencePiece model naturally starts with a '▁'-prefixed token such as "▁(".
@@ -92,16 +92,14 @@ class BoxGrammar:
         body = box if self.boxes == 1 else box + "(, " + box + "){" + str(self.boxes - 1) + "}"
         return ("( )?" if self.leading_space else "") + body
 
-    def longest_answer(self) -> str:
-        """The longest text the grammar allows (every number at its longest, the optional space
-        taken): `boxes` boxes of `(99.99, 1000, 1000, 1000, 1000)`. With a tokenizer that gives
-        one token per digit, its token count (plus the end token) bounds an answer's length."""
-        box = "(" + ", ".join((["99.99"] if self.score else []) + ["1000"] * 4) + ")"
-        return (" " if self.leading_space else "") + ", ".join([box] * self.boxes)
-
     def example(self) -> str:
         box = "(" + ", ".join((["4.5"] if self.score else []) + ["1", "1", "1000", "1000"]) + ")"
         return ", ".join([box] * self.boxes)
+
+    def longest(self) -> str:
+        """The longest answer the grammar allows, in characters (a score of 5, coordinates of 4)."""
+        box = "(" + ", ".join((["99.99"] if self.score else []) + ["1000"] * 4) + ")"
+        return (" " if self.leading_space else "") + ", ".join([box] * self.boxes)
 
     # --- the DFA ------------------------------------------------------------------------
     def start(self) -> int:
@@ -282,6 +280,35 @@ class _Compiled:
         return mask
 
 
+def answer_token_limit(tokenizer: Any, grammar: BoxGrammar, eos_token_ids: Iterable[int] | None = None) -> int:
+    """The most tokens an answer of `grammar` can take with this tokenizer, plus the end token.
+
+    The longest path through the grammar's DFA where every step is one token the constraint
+    allows: any answer the constrained decoder can write fits, however it splits the text into
+    tokens. With a tokenizer that has a token for each grammar character (Mistral, Llama 3 and
+    Qwen2 have, and give every digit its own) it is the longest answer's length in characters + 1.
+    """
+    eos = list(eos_token_ids) if eos_token_ids is not None else (_default_eos_ids(tokenizer) or [-1])
+    compiled = compile_constraint(tokenizer, grammar, eos)  # the end ids do not change the count
+    longest: dict[int, int] = {}
+
+    def walk(state: int) -> int:  # tokens still to come from `state`, the end token included
+        hit = longest.get(state)
+        if hit is None:
+            best = 1 if grammar.is_accepting(state) else -(1 << 30)
+            for nxt in set(compiled.allowed(state)[1].values()):  # the DFA is acyclic: tokens add text
+                best = max(best, 1 + walk(nxt))
+            hit = longest[state] = best
+        return hit
+
+    out = walk(grammar.start())
+    if out < 1:
+        from cropper_engine.errors import InputError
+
+        raise InputError("the tokenizer cannot write a box of the grammar (no token for its characters)")
+    return out
+
+
 _TOKENIZERS: dict[int, tuple[Any, dict[int, str]]] = {}
 _COMPILED: dict[tuple[int, BoxGrammar, tuple[int, ...]], _Compiled] = {}
 
@@ -384,5 +411,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [  # noqa: F822 - TokenConstraint comes from the module __getattr__
-    "GRAMMAR_CHARS", "BoxGrammar", "TokenConstraint", "compile_constraint", "parse_boxes", "token_strings",
+    "GRAMMAR_CHARS", "BoxGrammar", "TokenConstraint", "answer_token_limit", "compile_constraint", "parse_boxes",
+    "token_strings",
 ]

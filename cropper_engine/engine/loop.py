@@ -455,16 +455,18 @@ class Cropper:
 
     # ----------------------------------------------------------------------------------
     def _run_vlm(self, jobs: list[Job], batch: BatchContext, timings: dict[str, float], t: float) -> float:
+        from cropper_engine.engine.budget import fit_to_context
         from cropper_engine.engine.grammar import BoxGrammar
 
         sal = batch.saliency
         cfg = self.cfg.vlm
         n_boxes = 1 if cfg.parallel else cfg.candidates
+        grammar = BoxGrammar(boxes=n_boxes)
         params = GenerationParams(
             n=cfg.candidates if cfg.parallel else 1,
-            max_new_tokens=cfg.max_new_tokens * n_boxes,
+            max_new_tokens=cfg.max_new_tokens * n_boxes if cfg.max_new_tokens else self.answer_limit(grammar),
             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-            grammar=BoxGrammar(boxes=n_boxes) if cfg.constrained else None,
+            grammar=grammar if cfg.constrained else None,
         )
 
         def tick(stage: str, t0: float) -> float:
@@ -477,6 +479,10 @@ class Cropper:
             job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples, n_boxes, job.ratio,
                                   job.subject if job.task is Task.SUBJECT else None,
                                   query_uuid="q-" + job.image.uid, query_name=str(job.image.path))
+            job.spec, note = fit_to_context(job.spec, self.templates, self.vlm, cfg.candidates, cfg.rounds,
+                                            params.max_new_tokens)  # fewer examples if S would not fit
+            if note:
+                job.notes.append(note)
             if self.record_prompts:
                 job.prompts = []
         t = tick("prompt", t)
@@ -558,13 +564,26 @@ class Cropper:
             return
         for job, conv, gen in zip(jobs, convs, gens, strict=True):
             if job.prompts is not None:
+                cut = list(getattr(gen, "truncated", None) or [])
                 job.prompts.append({"round": r, "attempt": attempt + 1, "prompt": render_text(conv),
-                                    "answers": list(gen.texts)})
+                                    "answers": list(gen.texts), "cut": cut + [False] * (len(gen.texts) - len(cut))})
+
+    def answer_limit(self, grammar: Any) -> int:
+        """max_new_tokens from the model: the longest answer of `grammar` in its tokens + the end
+        token (the backend's tokenizer), else its length in characters + 1 (no token is shorter)."""
+        fn = getattr(self.vlm, "answer_token_limit", None)
+        return int(fn(grammar)) if fn is not None else len(grammar.longest()) + 1
 
     def _add_vlm_boxes(self, job: Job, gen: Any, r: int, n_boxes: int) -> int:
         w, h = job.size
         boxes: list[Candidate] = []
-        for text in gen.texts:
+        cut = list(getattr(gen, "truncated", None) or []) + [False] * len(gen.texts)
+        if any(cut[:len(gen.texts)]):  # never parsed: a box cut short reads as other numbers
+            job.notes.append(f"round {r}: {sum(cut[:len(gen.texts)])} of {len(gen.texts)} answers "
+                             "cut at the token limit, not used")
+        for text, was_cut in zip(gen.texts, cut, strict=False):
+            if was_cut:
+                continue
             parsed = parse_boxes(text, n_boxes)
             for pb in parsed.boxes:
                 box = self._constrain(job, Box.from_norm(pb.as_tuple(), w, h))

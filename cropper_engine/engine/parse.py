@@ -106,6 +106,12 @@ def _parse_into(text: str, expected: int | None, res: ParseResult) -> None:
     if "```" in text:
         res.repairs.append("code fences ignored")
         text = text.replace("```", " ")
+    opened = max(text.rfind(c) for c in "([{<")
+    if opened > max(text.rfind(c) for c in ")]}>") and _NUM_RE.search(text[opened:]):
+        # an answer cut short: "(4.5, 123, 456, 789, 100" is no box (its numbers read in order
+        # would make one of the wrong values)
+        res.repairs.append("unfinished box at the end dropped")
+        text = text[:opened]
     groups, chunked = _groups(text)
     if not groups:
         res.repairs.append("no box found")

@@ -120,6 +120,7 @@ class Generation:
     cached_tokens: int | None = None  # prompt tokens served from a prefix cache (vLLM with n > 1:
     # its count also includes the n samples reusing their own prompt's blocks)
     shared_tokens: int | None = None  # prompt tokens shared with an earlier prompt (cacheable)
+    truncated: list[bool] = field(default_factory=list)  # per text: ended by the token limit (empty: unknown)
 
 
 @runtime_checkable

@@ -33,8 +33,103 @@ def longest_edge(processor: Any) -> int | None:
     """The longest image edge a HF processor resizes to (None if it has no such bound)."""
     if max_pixels(processor) is not None:  # its "longest_edge" is a number of pixels
         return None
-    edge = _size_value(getattr(getattr(processor, "image_processor", None), "size", None), "longest_edge")
+    ip = getattr(processor, "image_processor", None)
+    tile = _size_value(getattr(ip, "max_image_size", None), "longest_edge")
+    if tile and getattr(ip, "do_image_splitting", True) is False:  # Idefics3 without tiles: one image of a tile
+        return int(tile)
+    edge = _size_value(getattr(ip, "size", None), "longest_edge")
     return int(edge) if edge else None
+
+
+def apply_processor_settings(processor: Any, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Set the engine's per-model settings on a loaded HF processor (registry.PROCESSOR_SETTINGS):
+    `do_image_splitting` where the image processor has it, `max_pixels` as a pixel budget where
+    it resizes by area (never raised above the processor's own). Returns what was applied, which
+    is what vLLM gets as `mm_processor_kwargs`."""
+    ip = getattr(processor, "image_processor", None)
+    applied: dict[str, Any] = {}
+    if ip is None or not settings:
+        return applied
+    if "do_image_splitting" in settings and hasattr(ip, "do_image_splitting"):
+        ip.do_image_splitting = bool(settings["do_image_splitting"])
+        applied["do_image_splitting"] = ip.do_image_splitting
+    budget = settings.get("max_pixels")
+    current = max_pixels(processor)
+    if budget and current is not None:
+        budget = min(int(budget), current)
+        size = getattr(ip, "size", None)
+        if isinstance(size, dict):
+            ip.size = {**size, "longest_edge": budget}
+        elif size is not None:
+            size.longest_edge = budget
+        if hasattr(ip, "max_pixels"):
+            ip.max_pixels = budget
+        applied["max_pixels"] = budget
+    return applied
+
+
+# Image shapes the tokens per image are measured at: square, landscape, portrait, panoramas;
+# large enough to reach any pixel budget the engine sets.
+_PROBE_SHAPES = ((1024, 1024), (1024, 576), (576, 1024), (2048, 512), (512, 2048))
+
+
+def measure_image_tokens(processor: Any) -> int:
+    """The most prompt tokens one image takes with this processor at its current settings: the
+    processor's expansion of its image token, measured by running it (not read from a table).
+    Processors whose count depends on the image's size (Qwen2.5-VL) give their largest."""
+    from PIL import Image
+
+    token = str(getattr(processor, "image_token", None) or "<image>")
+    tok = processor.tokenizer
+    base = len(tok([token])["input_ids"][0])
+    most = 0
+    for w, h in _PROBE_SHAPES:
+        out = processor(text=[token], images=[[Image.new("RGB", (w, h), (127, 127, 127))]])
+        most = max(most, len(out["input_ids"][0]) - base + 1)
+        if max_pixels(processor) is None and getattr(getattr(processor, "image_processor", None),
+                                                     "do_image_splitting", False) is False:
+            break  # a fixed number per image
+    return most
+
+
+def template_writes_bos(processor: Any) -> bool:
+    """Whether the chat template itself starts the prompt with the tokenizer's BOS (then the
+    tokenizer must not add another). Idefics2's writes none: the BOS comes from the tokenizer."""
+    bos = getattr(getattr(processor, "tokenizer", None), "bos_token", None)
+    if not bos:
+        return False
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception:  # no template: the caller finds out when it renders
+        return False
+    return str(text).startswith(str(bos))
+
+
+class PromptCounter:
+    """Prompt tokens of a conversation without pixels: the chat template's text tokenized, each
+    image counted at `measure_image_tokens` (exact for a fixed count per image, an upper bound
+    for Qwen2.5-VL). For the token budget (engine/budget.py)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.image_tokens = measure_image_tokens(processor)
+        self.add_special_tokens = not template_writes_bos(processor)
+
+    def __call__(self, conversation: Any) -> int:
+        messages, n_images = [], 0
+        for msg in conversation:
+            content: list[dict[str, Any]] = []
+            for part in msg.content:
+                if isinstance(part, ImagePart):
+                    content.append({"type": "image"})
+                    n_images += 1
+                else:
+                    content.append({"type": "text", "text": str(part)})
+            messages.append({"role": msg.role, "content": content or [{"type": "text", "text": ""}]})
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.processor.tokenizer([text], add_special_tokens=self.add_special_tokens)["input_ids"][0]
+        return len(ids) + n_images * (self.image_tokens - 1)
 
 
 class ImageFitter:

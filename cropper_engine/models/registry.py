@@ -12,39 +12,83 @@ from pathlib import Path
 
 from cropper_engine.errors import ModelNotFoundError
 
+# The engine's processor settings per family: S=30 examples + the query + R crops must fit the
+# model's context. Idefics2 splits an image into 4 quarters + the whole by default (5 x 64 + 6 =
+# 326 tokens instead of 66); Idefics3 / SmolVLM tile an image up to 4 x 4 tiles + a global one
+# (each 169 / 81 tokens): splitting off, one tile an image. Qwen2.5-VL's budget of 12.8M pixels
+# gives a 1024-px photo ~1.3k tokens: at most 256 tokens (a 28 x 28 patch each) an image.
+PROCESSOR_SETTINGS: dict[str, dict[str, object]] = {
+    "idefics2": {"do_image_splitting": False},
+    "idefics3": {"do_image_splitting": False},
+    "qwen2_5_vl": {"max_pixels": 256 * 28 * 28},
+}
+
+
+def family_of(model_type: str | None) -> str | None:
+    """A config.json `model_type` -> the registry family it runs as (None if unknown)."""
+    t = (model_type or "").lower()
+    return {"idefics2": "idefics2", "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_5_vl": "qwen2_5_vl",
+            "qwen2_vl": "qwen2_5_vl"}.get(t)
+
+
+def processor_settings(family: str | None) -> dict[str, object]:
+    return dict(PROCESSOR_SETTINGS.get(family or "", {}))
+
+
+def context_length(spec: ModelSpec | None, config: object = None, tokenizer: object = None) -> int | None:
+    """The context a prompt must fit: the registry's trained context for a known model, else the
+    text config's `max_position_embeddings` (capped by the tokenizer's `model_max_length`)."""
+    if spec is not None:
+        return spec.context
+    text = getattr(config, "text_config", None) or config
+    n = getattr(text, "max_position_embeddings", None)
+    cap = getattr(tokenizer, "model_max_length", None)
+    if isinstance(cap, int) and 0 < cap < 10**7:
+        n = min(n, cap) if n else cap
+    return int(n) if n else None
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     hub_id: str
     family: str  # idefics2 | idefics3 | qwen2_5_vl
-    params_b: float  # billions of parameters
-    image_tokens: int  # prompt tokens per image at the default resolution
+    params_b: float  # billions of parameters (for the listing; memory comes from the config)
     backends: tuple[str, ...]  # where it runs: transformers, vllm (native or via our plugin), openai
     context: int  # trained context length
     notes: str = ""
     default: bool = False
+    revision: str | None = None  # the hub commit the engine was checked against (None: not pinned)
+    revision_source: str = ""  # where that commit hash was read
 
     @property
-    def gpu_memory_gb(self) -> float:
-        """bf16 weights plus ~25% for activations and the KV cache."""
-        return self.params_b * 2 * 1.25
+    def processor_settings(self) -> dict[str, object]:
+        """What the engine sets on the processor (and passes to vLLM as mm_processor_kwargs)."""
+        return processor_settings(self.family)
 
 
+_UNPINNED = "not pinned: no published commit hash of this repo could be read from this machine (no hub access)"
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
-        ModelSpec("mantis-8b-idefics2", "TIGER-Lab/Mantis-8B-Idefics2", "idefics2", 8.0, 66,
+        ModelSpec("mantis-8b-idefics2", "TIGER-Lab/Mantis-8B-Idefics2", "idefics2", 8.0,
                   ("transformers", "vllm", "openai"), 8192,
-                  "the paper's open model; vLLM through cropper-engine's Idefics2 plugin", default=True),
-        ModelSpec("idefics2-8b", "HuggingFaceM4/idefics2-8b", "idefics2", 8.0, 66,
-                  ("transformers", "vllm", "openai"), 8192, "vLLM through cropper-engine's Idefics2 plugin"),
-        ModelSpec("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3", 8.5, 169,
-                  ("transformers", "vllm", "openai"), 10240, "native in vLLM"),
-        ModelSpec("smolvlm-instruct", "HuggingFaceTB/SmolVLM-Instruct", "idefics3", 2.2, 81,
-                  ("transformers", "vllm", "openai"), 16384, "native in vLLM; small enough for 8 GB GPUs"),
-        ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 8.3, 256,
-                  ("transformers", "vllm", "openai"), 32768, "native in vLLM; tokens grow with image size"),
+                  "the paper's open model; vLLM through cropper-engine's Idefics2 plugin", default=True,
+                  revision_source=_UNPINNED),
+        ModelSpec("idefics2-8b", "HuggingFaceM4/idefics2-8b", "idefics2", 8.0,
+                  ("transformers", "vllm", "openai"), 8192, "vLLM through cropper-engine's Idefics2 plugin",
+                  revision_source=_UNPINNED),
+        ModelSpec("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3", "idefics3", 8.5,
+                  ("transformers", "vllm", "openai"), 10240, "native in vLLM", revision_source=_UNPINNED),
+        ModelSpec("smolvlm-instruct", "HuggingFaceTB/SmolVLM-Instruct", "idefics3", 2.2,
+                  ("transformers", "vllm", "openai"), 16384, "native in vLLM; small enough for 8 GB GPUs",
+                  revision_source=_UNPINNED),
+        ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 8.3,
+                  ("transformers", "vllm", "openai"), 32768, "native in vLLM; at most 256 tokens an image",
+                  revision="cc594898137f460bfe9f0759e9844b3ce807cfb5",
+                  revision_source="cited (model card at this commit, 2025-04-06) by public documents that "
+                                  "link huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/blob/<commit>/README.md; "
+                                  "not checked against the hub from here"),
     )
 }
 DEFAULT_MODEL = next(m for m in MODELS.values() if m.default)
@@ -58,12 +102,15 @@ def hf_cache_dir() -> Path:
     return Path(home) / "hub"
 
 
-def cached_snapshot(hub_id: str) -> Path | None:
-    """The local snapshot folder of a hub repo in the HF cache, if its config is there."""
+def cached_snapshot(hub_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot folder of a hub repo in the HF cache, if its config is there: the pinned
+    `revision` when that snapshot is here, else the one `main` points to, else the newest."""
     repo = hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))
     snaps = repo / "snapshots"
     if not snaps.is_dir():
         return None
+    if revision and (snaps / revision / "config.json").exists():
+        return snaps / revision
     ref = repo / "refs" / "main"
     if ref.is_file():
         cand = snaps / ref.read_text().strip()
@@ -87,7 +134,9 @@ class ResolvedModel:
 
 
 def how_to_get(hub_id: str) -> str:
-    return (f"get the weights on a machine with internet: `huggingface-cli download {hub_id}` "
+    spec = next((m for m in MODELS.values() if m.hub_id == hub_id), None)
+    rev = f" --revision {spec.revision}" if spec is not None and spec.revision else ""
+    return (f"get the weights on a machine with internet: `huggingface-cli download {hub_id}{rev}` "
             f"(then copy ~/.cache/huggingface here), or pass a local folder with --vlm /path/to/model")
 
 
@@ -117,7 +166,7 @@ def resolve_model(name: str) -> ResolvedModel:
     if spec is None and "/" not in name:
         raise ModelNotFoundError(
             f"unknown model {name!r}: not a folder, not a hub id, not one of: {', '.join(MODELS)}")
-    snap = cached_snapshot(hub_id)
+    snap = cached_snapshot(hub_id, spec.revision if spec else None)
     if snap is None or not has_weights(snap):
         raise ModelNotFoundError(f"{hub_id} is not in the local Hugging Face cache ({hf_cache_dir()}); "
                                  + how_to_get(hub_id))
@@ -126,17 +175,168 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(snap, spec, name)
 
 
-def list_models() -> list[dict[str, object]]:
+def list_models(measure: bool = True) -> list[dict[str, object]]:
+    """The registry; for a model whose files are here, its tokens per image measured from its
+    processor at the engine's settings (None when not here: never written by hand)."""
     rows = []
     for m in MODELS.values():
-        snap = cached_snapshot(m.hub_id)
+        snap = cached_snapshot(m.hub_id, m.revision)
+        tokens = None
+        if snap is not None and measure:
+            try:
+                tokens = image_tokens_of(snap, m.processor_settings)
+            except Exception:  # a partial snapshot: the listing still works
+                tokens = None
         rows.append({
             "name": m.name, "hub_id": m.hub_id, "family": m.family, "params_b": m.params_b,
-            "image_tokens": m.image_tokens, "backends": list(m.backends), "default": m.default,
+            "revision": m.revision, "revision_source": m.revision_source,
+            "snapshot": snap.name if snap else None,
+            "processor_settings": m.processor_settings, "image_tokens": tokens, "context": m.context,
+            "backends": list(m.backends), "default": m.default,
             "local": bool(snap and has_weights(snap)), "path": str(snap) if snap else None,
             "notes": m.notes,
         })
     return rows
+
+
+def load_processor(path: str | Path, settings: dict[str, object] | None = None) -> tuple[object, str | None]:
+    """A model folder's HF processor with the engine's settings applied, and a chat template
+    filled in where the snapshot has none (returns the note saying so, else None)."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from cropper_engine.models.images import apply_processor_settings
+
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    if settings is None:
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+        settings = processor_settings(family_of(model_type))
+    apply_processor_settings(processor, settings)
+    return processor, ensure_chat_template(processor, Path(path))
+
+
+def image_tokens_of(path: str | Path, settings: dict[str, object] | None = None) -> int:
+    from cropper_engine.models.images import measure_image_tokens
+
+    return measure_image_tokens(load_processor(path, settings)[0])
+
+
+def fallback_chat_template(family: str | None) -> str | None:
+    """The chat template a family's published snapshots carry (older Mantis snapshots carry
+    none: transformers then refuses to render a prompt)."""
+    from cropper_engine.models import tiny_vlm
+
+    return {"idefics2": tiny_vlm.IDEFICS2_CHAT_TEMPLATE, "idefics3": tiny_vlm.SMOLVLM_CHAT_TEMPLATE,
+            "qwen2_5_vl": tiny_vlm.QWEN2_5_VL_CHAT_TEMPLATE}.get(family or "")
+
+
+def ensure_chat_template(processor: object, path: Path | None = None) -> str | None:
+    """Give a processor without a chat template its family's; the note saying so, or None."""
+    import json
+
+    if getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                             "chat_template", None):
+        return None
+    model_type = None
+    if path is not None:
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            pass
+    family = family_of(model_type)
+    template = fallback_chat_template(family)
+    if template is None:
+        return None
+    processor.chat_template = template  # type: ignore[attr-defined]
+    return (f"the snapshot has no chat template: using cropper-engine's copy of the {family} template "
+            "(as in the current hub snapshots)")
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """GPU memory a VLM needs, from its real config, in GB (1e9 bytes)."""
+
+    weights: float
+    kv: float  # the decode's KV slab: `batch` prompts of `context` tokens
+    prefix_store: float  # round-0 prompts kept for the refinement rounds (transformers backend)
+    activations: float  # the text model's prefill of a batch (MLP intermediates at full length)
+    vision: float  # one chunk of images through the vision tower
+    overhead: float = 1.0  # CUDA context, allocator slack
+    context: int = 0
+    batch: int = 1
+    vision_chunk: int = 1
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv + self.prefix_store + self.activations + self.vision + self.overhead
+
+    def describe(self) -> str:
+        return (f"~{self.total:.1f} GB: weights {self.weights:.1f}, KV {self.kv:.1f} ({self.batch} prompt(s) x "
+                f"{self.context} tokens), prefix store {self.prefix_store:.1f}, prefill activations "
+                f"{self.activations:.1f}, vision {self.vision:.1f} ({self.vision_chunk} image(s) a chunk), "
+                f"overhead {self.overhead:.1f}")
+
+
+def count_parameters(config: object) -> int:
+    """Parameters of the model a config describes, counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def kv_bytes_per_token(config: object, dtype_bytes: int = 2) -> int:
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def vision_bytes_per_image(config: object, settings: dict[str, object] | None = None, dtype_bytes: int = 2) -> int:
+    """The vision tower's peak for one image: one layer's activations, with the attention scores
+    materialised (the math kernel: an upper bound where a fused kernel runs)."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 0
+    patch = getattr(vision, "patch_size", 14) or 14
+    budget = (settings or {}).get("max_pixels")
+    if budget:  # Qwen2.5-VL: patches follow the pixel budget
+        patches = int(budget) // (patch * patch)
+    else:
+        patches = (getattr(vision, "image_size", 384) // patch) ** 2
+    hidden = getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", 1024)
+    inter = getattr(vision, "intermediate_size", 4 * hidden)
+    heads = getattr(vision, "num_attention_heads", None) or getattr(vision, "num_heads", 16)
+    return patches * (4 * hidden + 2 * inter) * dtype_bytes + heads * patches * patches * dtype_bytes
+
+
+def memory_need(config: object, context: int, batch: int = 1, backend: str = "transformers",
+                settings: dict[str, object] | None = None, vision_chunk: int = 4,
+                dtype_bytes: int = 2, params: int | None = None) -> MemoryNeed:
+    """Memory for a VLM from its config (a transformers PretrainedConfig): bf16 weights, the KV of
+    `batch` prompts at `context` tokens (the transformers backend also keeps them in its prefix
+    store; vLLM needs one sequence's at least), the prefill's activations, one vision chunk."""
+    gb = 1e9
+    n = params if params is not None else count_parameters(config)
+    text = getattr(config, "text_config", None) or config
+    rows = batch if backend == "transformers" else 1
+    kv = kv_bytes_per_token(config, dtype_bytes) * context * rows
+    inter = getattr(text, "intermediate_size", 4 * text.hidden_size)
+    tokens = context * rows
+    act = tokens * (4 * text.hidden_size + 3 * inter) * dtype_bytes
+    vision = vision_bytes_per_image(config, settings, dtype_bytes) * vision_chunk
+    return MemoryNeed(n * dtype_bytes / gb, kv / gb, kv / gb if backend == "transformers" else 0.0, act / gb,
+                      vision / gb, context=context, batch=rows, vision_chunk=vision_chunk)
 
 
 def gpu_memory_gb() -> float:

@@ -243,6 +243,7 @@ class OpenAIBackend:
         try:
             data = r.json()
             texts = [str((c.get("message") or {}).get("content") or "") for c in data["choices"]]
+            cut = [c.get("finish_reason") == "length" for c in data["choices"]]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise VLMRequestError(f"{self.base_url}: not a chat completion: {r.text[:200]!r}") from None
         usage = data.get("usage") or {}
@@ -252,6 +253,7 @@ class OpenAIBackend:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             generated_tokens=int(usage.get("completion_tokens") or 0),
             cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+            truncated=cut,
         )
 
     def _request(self, method: str, url: str, **kw: Any) -> Any:

@@ -101,7 +101,13 @@ class TransformersVLM:
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
                  batch_size: int = 8, sampling: str = "grouped", attention: str = "auto",
-                 prefix_cache: bool = True, preloaded: Any = None):
+                 prefix_cache: bool = True, preloaded: Any = None, spec: Any = None,
+                 context_length: int | None = None, processor_settings: dict[str, Any] | None = None,
+                 vision_chunk: int = 4):
+        """`spec` (a registry ModelSpec) gives the trained context and the processor settings;
+        `processor_settings` overrides those (default: the registry's for the model's family);
+        `context_length` the context prompts must fit; `vision_chunk` images go through the
+        vision tower at once."""
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this engine never downloads
@@ -122,7 +128,9 @@ class TransformersVLM:
         self._feature_mode: str | None = None
         self._image_text: str | None = None  # an image's tokens as text, for processors that need pixels
         self.image_cache_hits = self.image_cache_misses = 0
-        self.prefix_store: PrefixStore | None = PrefixStore(_prefix_budget(self.device)) if prefix_cache else None
+        self.prefix_store: PrefixStore | None = PrefixStore(2 << 30) if prefix_cache else None
+        self.vision_chunk = max(1, int(vision_chunk))
+        self.notes: list[str] = []  # what the backend changed about the snapshot (a chat template)
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
         self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
@@ -137,6 +145,10 @@ class TransformersVLM:
             self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             self.model = preloaded if preloaded is not None else \
                 AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            self.processor_settings, note = self._configure_processor(path, spec, processor_settings)
+            if note:
+                logger.warning("%s: %s", path, note)
+                self.notes.append(note)
         except OSError as e:  # a partial download: config.json there, weights or tokenizer not
             raise ModelNotFoundError(f"model {str(model)!r} in {path} is incomplete ({e}); download it "
                                      "again with `huggingface-cli download` on a machine with internet") from e
@@ -154,6 +166,14 @@ class TransformersVLM:
         # tokens. The tree decoder takes those positions from the model; image features are not
         # cached and the prefix store is bypassed (both assume 1-D positions).
         self._rope_index = _rope_index_fn(self.model)
+        # Mistral's sliding window (Idefics2 / Mantis: 4096): a token attends to the last `window`
+        # positions, itself included. The prefill, the prefix store and the tree decode keep every
+        # token's KV and apply the window in their masks (transformers' own cache drops old KV).
+        try:
+            self.window = sliding_window(self.model)
+        except NotImplementedError as e:  # transformers' generate handles what the tree decode does not
+            logger.info("grouped sampling is off: %s; sampling through transformers' generate", e)
+            self.window, self.sampling = None, "shared-prefill"
         if self._rope_index is not None:
             logger.info("%s uses multimodal rotary positions: grouped sampling takes them from the model's "
                         "get_rope_index; cached image features and prefix reuse are off, and shared-prefill "
@@ -178,6 +198,47 @@ class TransformersVLM:
         self.longest_edge = longest_edge(self.processor)
         self.image_edge = self.longest_edge  # the longest image side the model reads (None: any)
         self._fit = ImageFitter(self.longest_edge, max_pixels=max_pixels(self.processor))
+        from cropper_engine.models.images import PromptCounter
+        from cropper_engine.models.registry import context_length as trained_context
+        from cropper_engine.models.registry import kv_bytes_per_token
+
+        # tokens per image measured from the processor at these settings (not from a table)
+        self._counter = PromptCounter(self.processor)
+        self.image_tokens = self._counter.image_tokens
+        self.context_length = context_length or trained_context(spec, self.model.config, self.tokenizer)
+        if self.prefix_store is not None and self.device.startswith("cuda"):
+            # a batch's round-0 prompts at the full context (what `memory_need` counts), at most a
+            # quarter of the GPU
+            kv = kv_bytes_per_token(self.model.config, self.model.dtype.itemsize)
+            self.prefix_store.max_bytes = min(_prefix_budget(self.device),
+                                              kv * (self.context_length or 8192) * self.batch_size)
+
+    def _configure_processor(self, path: Path, spec: Any, settings: dict[str, Any] | None
+                             ) -> tuple[dict[str, Any], str | None]:
+        """The engine's processor settings (registry.PROCESSOR_SETTINGS: image splitting off, a
+        pixel budget) set on the processor, and a chat template where the snapshot has none."""
+        from cropper_engine.models.images import apply_processor_settings
+        from cropper_engine.models.registry import ensure_chat_template, family_of, processor_settings
+
+        if settings is None:
+            settings = spec.processor_settings if spec is not None else \
+                processor_settings(family_of(getattr(self.model.config, "model_type", None)))
+        applied = apply_processor_settings(self.processor, settings)
+        return applied, ensure_chat_template(self.processor, path)
+
+    def prompt_token_estimate(self, conversation: Conversation) -> int:
+        """The conversation's prompt tokens without its pixels (the token budget, engine/budget.py):
+        exact where each image has a fixed count, an upper bound for Qwen2.5-VL."""
+        return self._counter(conversation)
+
+    def memory_need(self, context: int | None = None) -> Any:
+        """GPU memory this model needs at its batch size and context (registry.memory_need)."""
+        from cropper_engine.models.registry import memory_need
+
+        params = sum(p.numel() for p in self.model.parameters())
+        return memory_need(self.model.config, context or self.context_length or 8192, self.batch_size,
+                           "transformers", self.processor_settings, self.vision_chunk,
+                           self.model.dtype.itemsize, params=params)
 
     def _torch_dtype(self, dtype: str | Any) -> Any:
         import torch
@@ -213,7 +274,7 @@ class TransformersVLM:
                                   "return_tensors": "pt"}
         if any(images):
             kwargs["images"] = images
-        return self.processor(**kwargs)
+        return self.processor(**kwargs, add_special_tokens=self._counter.add_special_tokens)
 
     def _features_supported(self) -> bool:
         """Whether image features can be computed apart and fed back (Idefics2 / Idefics3 style)."""
@@ -273,8 +334,8 @@ class TransformersVLM:
                 key = ("new", dup if dup is not None else i)
             keys.append(key)
         new: dict[int, Any] = {}
-        if todo:
-            order = list(todo)
+        for c in range(0, len(todo), self.vision_chunk):  # a chunk at a time: bounded activations
+            order = list(todo)[c: c + self.vision_chunk]
             pix = self.processor.image_processor([[self._fit(todo[i])] for i in order], return_tensors="pt")
             pv = pix["pixel_values"].to(self.device, self.dtype)
             pam = pix.get("pixel_attention_mask")
@@ -315,9 +376,11 @@ class TransformersVLM:
         if self._image_text is not None:
             token = str(self.processor.image_token)
             texts = [t.replace(token, self._image_text) for t in texts]
-            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt"))
+            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                                         add_special_tokens=self._counter.add_special_tokens))
         else:
-            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
+            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
+                                         add_special_tokens=self._counter.add_special_tokens))
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         inputs["_feats"] = self._image_features(parts) if parts else None
         inputs["_counts"] = counts
@@ -332,6 +395,12 @@ class TransformersVLM:
 
             return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
         return {"image_hidden_states": feats}
+
+    def answer_token_limit(self, grammar: Any) -> int:
+        """The token limit an answer of `grammar` needs with this tokenizer (engine/grammar.py)."""
+        from cropper_engine.engine.grammar import answer_token_limit
+
+        return answer_token_limit(self.tokenizer, grammar, self.eos_token_ids)
 
     def count_prompt_tokens(self, conversation: Conversation) -> int:
         return int(self._inputs([conversation])["attention_mask"].sum())
@@ -424,9 +493,10 @@ class TransformersVLM:
         eos = set(self.eos_token_ids)
         results = []
         for b in range(len(conversations)):
-            texts, generated = [], 0
+            texts, cut, generated = [], [], 0
             for row in new[b * n_run:(b + 1) * n_run]:
                 end = next((k + 1 for k, t in enumerate(row) if t in eos), None)
+                limited = end is None
                 if end is None:  # stopped by the token limit or a stop string: trailing pads are not output
                     end = len(row)
                     while end and row[end - 1] == self.pad_token_id:
@@ -434,12 +504,14 @@ class TransformersVLM:
                 generated += end
                 text = self.tokenizer.decode(row[:end], skip_special_tokens=True,
                                              clean_up_tokenization_spaces=False)
-                texts.append(_cut_at_stop(text, params.stop))
+                stopped = _cut_at_stop(text, params.stop)
+                texts.append(stopped)
+                cut.append(limited and stopped == text)  # neither the end token nor a stop string
             if n_run != params.n:
-                texts = texts * params.n
+                texts, cut = texts * params.n, cut * params.n
             results.append(Generation(texts=texts, prompt_tokens=int(prompt_tokens[b]),
                                       generated_tokens=generated, cached_tokens=int(cached[b]),
-                                      shared_tokens=int(shared[b])))
+                                      shared_tokens=int(shared[b]), truncated=cut))
         return results
 
     @staticmethod
@@ -501,6 +573,9 @@ class TransformersVLM:
         impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
         if "flash" in impl:  # caught by the caller, which samples through transformers' generate
             raise NotImplementedError(f"tree decoding needs an attention that takes a 4D mask, not {impl}")
+        window = self.window
+        if window is not None and self._rope_index is not None:
+            raise NotImplementedError("a sliding window with multimodal rotary positions")
         ids = inputs["input_ids"]
         dev = ids.device
         cache, logits, row_mask, row_pos = self._prefill(inputs)
@@ -509,6 +584,9 @@ class TransformersVLM:
         gen_cap = params.max_new_tokens * n  # tree slots: a step adds at most n rows per prompt
         cache = slab_cache(cache, b, t_prompt + gen_cap)
         prompt_mask = row_mask.bool()
+        # the prompt's keys at their positions (real tokens are consecutive: prefix, then the rest)
+        key_pos = prompt_mask.long().cumsum(-1) - 1
+        slot_step = torch.zeros(gen_cap, dtype=torch.long, device=dev)  # the step that filled a tree slot
         eos = set(self.eos_token_ids)
         compiled = None
         if params.grammar is not None:
@@ -571,7 +649,14 @@ class TransformersVLM:
             seen[torch.arange(len(children), device=dev), used + q_idx] = True
             tree = torch.zeros((b, q, used + q), dtype=torch.bool, device=dev)
             tree[p_idx, q_idx] = seen[:, : used + q]  # unused queries see the prompt alone
-            mask = torch.cat([prompt_mask[:, None, :].expand(b, q, t_prompt), tree], dim=2)[:, None]
+            visible = prompt_mask
+            if window is not None:  # the query is at position row_pos + step + 1; it sees `window` back
+                slot_step[used: used + q] = step
+                tree &= (step - slot_step[: used + q] < window)[None, None, :]
+                qs = torch.arange(q, device=dev)
+                tree[:, qs, used + qs] = True  # each query sees itself: no row is fully masked
+                visible = prompt_mask & (key_pos > (row_pos + step + 1 - window)[:, None])
+            mask = torch.cat([visible[:, None, :].expand(b, q, t_prompt), tree], dim=2)[:, None]
             tokens = torch.full((b, q), self.pad_token_id, dtype=ids.dtype, device=dev)
             tokens[p_idx, q_idx] = torch.tensor([c[1][-1] for c in children], dtype=ids.dtype, device=dev)
             positions = (row_pos + step + 1)[:, None].expand(b, q)
@@ -611,6 +696,10 @@ class TransformersVLM:
                 row_pos = positions.amax(dim=(0, 2))
             if counts is not None:
                 extra.update(self._feature_kwargs(feats))
+            if self.window is not None:  # a cache of full layers: keep every token's KV for the decode
+                from transformers import DynamicCache
+
+                extra["past_key_values"] = DynamicCache()
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **extra)
             cache, t = out.past_key_values, ids.shape[1]
@@ -625,7 +714,9 @@ class TransformersVLM:
                     keep.extend(range(start + skip, start + c))
                     start += c
                 extra.update(self._feature_kwargs(feats[keep] if keep else None))
-            out = self.model(input_ids=feed, attention_mask=row_mask, position_ids=pos, past_key_values=cache,
+            # with a window the gap between the stored prefix and the rest must not count as distance
+            fwd_mask = row_mask if self.window is None else window_mask(row_mask, feed.shape[1], self.window)
+            out = self.model(input_ids=feed, attention_mask=fwd_mask, position_ids=pos, past_key_values=cache,
                              use_cache=True, logits_to_keep=1, **extra)
             cache = out.past_key_values
             row_pos = pos[:, -1]
@@ -664,7 +755,40 @@ class TransformersVLM:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size, "sampling": self.sampling,
-                "attention": self.attention}
+                "attention": self.attention, "sliding_window": self.window,
+                "processor_settings": self.processor_settings, "image_tokens": self.image_tokens,
+                "context_length": self.context_length, "notes": list(self.notes)}
+
+
+def sliding_window(model: Any) -> int | None:
+    """The text model's sliding attention window when every layer uses it (Mistral: Idefics2,
+    Mantis), None when none does; NotImplementedError for a model that mixes both."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    types = getattr(text, "layer_types", None)
+    if types and any(t != "sliding_attention" for t in types):
+        raise NotImplementedError(f"layers of mixed attention types ({sorted(set(types))})")
+    return int(window)
+
+
+def window_mask(key_mask: Any, q_len: int, window: int) -> Any:
+    """A 4D boolean mask [B, 1, q_len, K] for a sliding window: the last `q_len` columns of
+    `key_mask` [B, K] (1 = a real token) are the queries; a query sees the real keys at positions
+    p - window < k <= p, positions counted over real tokens only (padding between a stored prefix
+    and the rest is no distance). A padding query sees itself (a row of no key gives NaN)."""
+    import torch
+
+    real = key_mask.bool()
+    k = key_mask.shape[1]
+    pos = real.long().cumsum(-1) - 1
+    qpos = pos[:, -q_len:, None]
+    vis = real[:, None, :] & (pos[:, None, :] <= qpos) & (pos[:, None, :] > qpos - window)
+    own = torch.zeros((q_len, k), dtype=torch.bool, device=key_mask.device)
+    own[torch.arange(q_len), torch.arange(k - q_len, k)] = True
+    return torch.where(real[:, -q_len:, None], vis, own[None])[:, None]
 
 
 def _rope_index_fn(model: Any) -> Any:
@@ -840,6 +964,9 @@ class PrefixStore:
         import torch
 
         layers = [(layer.keys, layer.values) for layer in cache.layers]
+        ends = [z for sp in spans for _, z in sp]
+        if ends and any(k.shape[2] < max(ends) for k, _ in layers):
+            return  # a cache that dropped tokens (a sliding window's): its KV would not match the ids
         for i, r, sp in zip(rows if rows is not None else range(len(keys)), keys, spans, strict=True):
             kv = []
             for k, v in layers:

@@ -53,6 +53,7 @@ class VLLMEngineConfig:
     kv_cache_memory_bytes: int | None = None
     enable_chunked_prefill: bool | None = None
     max_num_batched_tokens: int | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # the engine's processor settings (registry)
 
     def kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -96,7 +97,10 @@ def lcp(a: np.ndarray, b: np.ndarray) -> int:
 class VLLMBackend:
     """The VLM protocol on an in-process vLLM engine."""
 
-    def __init__(self, engine: VLLMEngineConfig, longest_edge: int | None = None) -> None:
+    def __init__(self, engine: VLLMEngineConfig, longest_edge: int | None = None, processor: Any = None,
+                 chat_template: str | None = None) -> None:
+        """`processor`: the model's HF processor with the engine's settings applied (token budget,
+        tokens per image, the image fitter); `chat_template`: one to use where the snapshot has none."""
         try:
             import vllm
         except ImportError as exc:
@@ -115,17 +119,34 @@ class VLLMBackend:
         self.llm = LLM(**engine.kwargs())
         self.id = f"vllm:{engine.model}"
         self._lock = threading.Lock()
-        self._fit = ImageFitter(longest_edge)
+        self._fit = ImageFitter(longest_edge, max_pixels=(engine.mm_processor_kwargs or {}).get("max_pixels"))
         self.image_edge = longest_edge  # the longest image side the model reads (None: any)
+        self.chat_template = chat_template
+        self.context_length = engine.max_model_len
+        self._counter = None
+        if processor is not None:
+            from cropper_engine.models.images import PromptCounter
+
+            self._counter = PromptCounter(processor)
+        self.image_tokens = self._counter.image_tokens if self._counter is not None else None
+        # BOS from the tokenizer unless the chat template writes it (Idefics2's does not)
+        self.add_special_tokens = self._counter.add_special_tokens if self._counter is not None else True
         self._recent: deque[np.ndarray] = deque(maxlen=512)  # recent prompts, for the cacheable count
         # the KV block size the engine runs with: vLLM picks one when none is given
         self.block_size = engine.block_size or _engine_block_size(self.llm)
 
     @classmethod
     def from_config(cls, cfg: Any, resolved: Any) -> VLLMBackend:
+        from cropper_engine.models.images import longest_edge
+        from cropper_engine.models.registry import load_processor
+
         v = cfg.vlm
         s, r = cfg.retrieval.examples, v.candidates
         max_len = v.max_model_len or (resolved.spec.context if resolved.spec else None)
+        # the engine's processor settings (image splitting off, a pixel budget), applied here to
+        # count tokens and given to vLLM's processor; a chat template where the snapshot has none
+        processor, note = load_processor(resolved.path, resolved.spec.processor_settings if resolved.spec else None)
+        mm_kwargs = _applied_settings(processor)
         engine = VLLMEngineConfig(
             model=str(resolved.path),
             dtype=v.dtype if v.dtype != "auto" else "auto",
@@ -142,8 +163,14 @@ class VLLMBackend:
             # does not use offset"): whole prompts in one step on the CPU
             enable_chunked_prefill=None if _has_cuda() else False,
             max_num_batched_tokens=None if _has_cuda() else max(max_len or 8192, 8192),
+            mm_processor_kwargs=mm_kwargs or None,
         )
-        return cls(engine, longest_edge=_processor_edge(resolved.path))
+        if note:
+            import logging
+
+            logging.getLogger(__name__).warning("%s: %s", resolved.path, note)
+        return cls(engine, longest_edge=longest_edge(processor), processor=processor,
+                   chat_template=processor.chat_template if note else None)
 
     # ----------------------------------------------------------------------------------
     def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
@@ -178,7 +205,9 @@ class VLLMBackend:
         sp = self.sampling_params(params)
         with self._lock:
             # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
-            outs = self.llm.chat(msgs, sp, use_tqdm=False, tokenization_kwargs={"add_special_tokens": True})
+            kw: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template else {}
+            outs = self.llm.chat(msgs, sp, use_tqdm=False,
+                                 tokenization_kwargs={"add_special_tokens": self.add_special_tokens}, **kw)
         gens = []
         for out in outs:
             ids = np.asarray(out.prompt_token_ids or [], dtype=np.int64)
@@ -190,8 +219,19 @@ class VLLMBackend:
                 generated_tokens=sum(len(o.token_ids) for o in out.outputs),
                 cached_tokens=out.num_cached_tokens or 0,
                 shared_tokens=shared,
+                truncated=[o.finish_reason == "length" for o in out.outputs],
             ))
         return gens
+
+    def prompt_token_estimate(self, conversation: Conversation) -> int | None:
+        """Prompt tokens without pixels (the token budget, engine/budget.py); None without a processor."""
+        return self._counter(conversation) if self._counter is not None else None
+
+    def answer_token_limit(self, grammar: Any) -> int:
+        """The token limit an answer of `grammar` needs with the engine's tokenizer (engine/grammar.py)."""
+        from cropper_engine.engine.grammar import answer_token_limit
+
+        return answer_token_limit(self.llm.get_tokenizer(), grammar)
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "engine": self.engine_config.kwargs()}
@@ -200,6 +240,19 @@ class VLLMBackend:
         llm = getattr(self, "llm", None)
         self.llm = None
         del llm
+
+
+def _applied_settings(processor: Any) -> dict[str, Any]:
+    """The settings `load_processor` applied for the model's family, as mm_processor_kwargs."""
+    from cropper_engine.models.images import max_pixels
+
+    ip = getattr(processor, "image_processor", None)
+    out: dict[str, Any] = {}
+    if ip is not None and hasattr(ip, "do_image_splitting"):
+        out["do_image_splitting"] = bool(ip.do_image_splitting)
+    if max_pixels(processor) is not None:
+        out["max_pixels"] = max_pixels(processor)
+    return out
 
 
 def _processor_edge(path: Any) -> int | None:
