@@ -72,7 +72,7 @@ class TermWeights:
 class ScoringConfig:
     """The VLM loop's scorer: a weighted mean of the terms, with weights per task. A term whose
     model is missing (no CLIP weights, no aesthetic head) is replaced by the classical
-    composition score, which then takes its weight."""
+    composition score (`classical`), which then takes its weight."""
 
     free: TermWeights = field(default_factory=TermWeights)
     subject: TermWeights = field(default_factory=TermWeights)

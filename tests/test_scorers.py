@@ -67,9 +67,9 @@ def test_fused_scores_equal_per_crop_scores(clip):
             alone = scorer.score([img], [[b]])
             for name, vals in fused.components[i].items():
                 assert vals[j] == pytest.approx(alone.components[0][name][0], abs=1e-5), name
-    # no aesthetic head: composition stands in for it, with its weight
-    assert set(fused.components[0]) == {"area", "composition", "clip"}
-    assert scorer.weights_for("free") == {"area": 1.0, "clip": 1.0, "composition": 1.0}
+    # no aesthetic head: the classical composition score stands in for it, with its weight
+    assert set(fused.components[0]) == {"area", "classical", "clip"}
+    assert scorer.weights_for("free") == {"area": 1.0, "clip": 1.0, "classical": 1.0}
     # CLIP similarity of the full box with the full image is 1
     full = scorer.score([imgs[0]], [[Box.full(*imgs[0].size)]])
     assert full.components[0]["clip"][0] == pytest.approx(1.0, abs=1e-5)
@@ -97,21 +97,21 @@ def test_aesthetic_heads_both_formats(tmp_path, clip):
         AestheticHead(tmp_path / "missing.pth")
     scorer = FusedScorer(clip, head)
     out = scorer.score(_images()[:1], [_boxes(_images()[0], 3)])
-    # every part present: the paper's scorer, no composition term
+    # every part present: the paper's scorer, no classical term
     assert "aesthetic" in out.components[0] and scorer.components == ["aesthetic", "area", "clip"]
-    assert "composition" not in out.components[0]
+    assert "classical" not in out.components[0]
 
 
-def test_without_clip_composition_stands_in_for_clip_and_aesthetics():
+def test_without_clip_the_classical_term_stands_in_for_clip_and_aesthetics():
     from cropper_engine.models.classical import ClassicalEmbedder
 
     scorer = FusedScorer(ClassicalEmbedder())  # no encode_pixels: never used for crops
-    assert scorer.components == ["area", "composition"]
-    assert scorer.weights_for("ratio") == {"area": 1.0, "composition": 2.0}
+    assert scorer.components == ["area", "classical"]
+    assert scorer.weights_for("ratio") == {"area": 1.0, "classical": 2.0}
     out = scorer.score(_images()[:1], [_boxes(_images()[0], 4)])
     assert all(0 <= v <= 1 for v in out.total[0])
     c = out.components[0]
-    np.testing.assert_allclose(out.total[0], (c["area"] + 2 * c["composition"]) / 3)
+    np.testing.assert_allclose(out.total[0], (c["area"] + 2 * c["classical"]) / 3)
 
 
 def test_weights_per_task_are_config_data(clip, tmp_path):
@@ -123,10 +123,10 @@ def test_weights_per_task_are_config_data(clip, tmp_path):
     cfg = load_config(f, env={"CROPPER_SCORING_FREE_CLIP": "2"})
     assert (cfg.scoring.ratio.area, cfg.scoring.ratio.clip, cfg.scoring.free.clip) == (3.0, 0.5, 2.0)
     scorer = _scorer(cfg, clip, {})
-    # no aesthetic head here: composition takes the aesthetic weight (none in the subject task)
-    assert scorer.weights_for("ratio") == {"area": 3.0, "clip": 0.5, "composition": 1.0}
+    # no aesthetic head here: classical (composition) takes the aesthetic weight (none in the subject task)
+    assert scorer.weights_for("ratio") == {"area": 3.0, "clip": 0.5, "classical": 1.0}
     assert scorer.weights_for("subject") == {"area": 1.0, "clip": 1.0}
-    assert scorer.weights_for("free") == {"area": 1.0, "clip": 2.0, "composition": 1.0}
+    assert scorer.weights_for("free") == {"area": 1.0, "clip": 2.0, "classical": 1.0}
     imgs = _images()[:2]
     boxes = [_boxes(im, 3) for im in imgs]
     out = scorer.score(imgs, boxes, tasks=["ratio", "subject"])

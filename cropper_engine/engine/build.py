@@ -79,7 +79,8 @@ def _scorer(cfg: Config, embedder: Any, reasons: dict[str, str]) -> Any:
     scorer = FusedScorer(tensor, head, task_weights={t: getattr(sc, t) for t in ("free", "subject", "ratio")},
                          classical_weight=sc.classical_weight)
     missing = [name for name, ok in (("CLIP weights", tensor), ("aesthetic head", head)) if not ok]
-    reasons["scorer"] = scorer.describe() + (f" (no {' or '.join(missing)}: composition stands in)" if missing else "")
+    stand_in = f" (no {' or '.join(missing)}: the classical composition term stands in)" if missing else ""
+    reasons["scorer"] = scorer.describe() + stand_in
     return scorer
 
 

@@ -11,8 +11,8 @@
 The terms: `aesthetic` (a LAION aesthetic head on the crop's CLIP embedding, 1..10 mapped to
 0..1), `clip` (cosine similarity of the crop's and the whole image's CLIP embeddings, clipped to
 0..1), `area` (crop area / image area, 0..1). A term whose model is missing (no CLIP weights, no
-aesthetic head) is replaced by `composition` (classical saliency / layout features through a
-logistic, 0..1), which takes the missing terms' weights; random weights never score.
+aesthetic head) is replaced by `classical`, the composition score (saliency / layout features
+through a logistic, 0..1), which takes the missing terms' weights; random weights never score.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _task_key(task: Any) -> str:
 
 class FusedScorer:
     """Weighted mean of the paper's terms (aesthetic, clip, area) with per-task weights;
-    `composition` stands in for a term whose model is missing."""
+    `classical` (composition) stands in for a term whose model is missing."""
 
     def __init__(self, embedder: Any | None = None, aesthetic: AestheticHead | None = None,
                  *, task_weights: Mapping[str, Any] | None = None, classical_weight: float = 1.0,
@@ -193,14 +193,14 @@ class FusedScorer:
             self.task_weights[task] = self._effective(raw)
         free = self.task_weights["free"]
         # the legacy single view, read by the no-VLM default's CLIP re-rank (engine/default_pipeline.py)
-        self.weights = {"classical": classical_weight, **{k: v for k, v in free.items() if k != "composition"}}
+        self.weights = {"classical": classical_weight, **{k: v for k, v in free.items() if k != "classical"}}
 
     def _effective(self, raw: dict[str, float]) -> dict[str, float]:
         present = {"area": True, "clip": self.embedder is not None, "aesthetic": self.aesthetic is not None}
         out = {t: raw[t] for t in TERMS if present[t] and raw[t] > 0}
         missing = sum(raw[t] for t in TERMS if not present[t])
         if missing > 0:
-            out["composition"] = missing
+            out["classical"] = missing
         return out
 
     def weights_for(self, task: Any) -> dict[str, float]:
@@ -213,7 +213,7 @@ class FusedScorer:
 
     @property
     def _composition(self) -> bool:
-        return any("composition" in w for w in self.task_weights.values())
+        return any("classical" in w for w in self.task_weights.values())
 
     def describe(self) -> str:
         def one(w: dict[str, float]) -> str:
@@ -313,7 +313,7 @@ class FusedScorer:
             weights = self.weights_for(tasks[i] if tasks is not None else "free")
             c: dict[str, np.ndarray] = {"area": (u[:, 2] - u[:, 0]) * (u[:, 3] - u[:, 1])}
             if self._composition:
-                c["composition"] = self.classical.score(f) if m else np.zeros(0)
+                c["classical"] = self.classical.score(f) if m else np.zeros(0)
             if emb is not None:
                 full, crops = emb[pos], emb[pos + 1:pos + 1 + m]
                 c["clip"] = np.clip(crops @ full, 0.0, 1.0)
