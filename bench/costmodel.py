@@ -125,6 +125,11 @@ class LoopCost:
     text_per_box: int = 22  # "(4.5, 123, 456, 789, 1000), " in Mistral tokens (digits one by one)
     text_fixed: int = 160  # instruction + query line
     answer_tokens: int = 24  # one box and EOS
+    separator_tokens: int = 2  # ", " between the boxes of one answer
+
+    def list_answer_tokens(self) -> int:
+        """One answer listing R boxes (the default list mode): R boxes, R-1 separators, one EOS."""
+        return self.R * (self.answer_tokens - 1) + (self.R - 1) * self.separator_tokens + 1
 
     def prompt_tokens(self, shape: Shape) -> dict[str, int]:
         img = shape.image_tokens()
@@ -134,7 +139,7 @@ class LoopCost:
                 "images_round0": self.S + 1, "images_refinement": self.S + 1 + self.R}
 
     def stages(self, shape: Shape, device: dict, *, prefix_cache: bool = True, vision_cache: bool = True,
-               parallel: bool = True, batch: int = 1) -> dict[str, dict[str, float]]:
+               parallel: bool = False, batch: int = 1) -> dict[str, dict[str, float]]:
         """FLOPs, bytes and time at the device's limit for each stage of one query (amortised
         over a batch of `batch` queries for the decode weights)."""
         tok = self.prompt_tokens(shape)
@@ -149,10 +154,11 @@ class LoopCost:
                 pre += shape.prefill_flops(tok["refinement"] - tok["shared_with_round0"], tok["shared_with_round0"])
             else:
                 pre += shape.prefill_flops(tok["refinement"])
-        # decode: n=R samples share the prompt (one prefill); each step reads the weights once per
-        # batch and every row's KV; without parallel sampling the R boxes come one after another
+        # decode: each step reads the weights once per batch and every row's KV. List mode (the
+        # default): one row per prompt whose answer lists the R boxes one after another; parallel
+        # mode: n=R one-box samples share the prompt (one prefill), R rows of one box each
         ctx = tok["refinement"]
-        steps = self.answer_tokens * (1 if parallel else self.R)
+        steps = self.answer_tokens if parallel else self.list_answer_tokens()
         rows = self.R if parallel else 1
         dec_flops = rounds * steps * rows * shape.decode_flops(ctx)
         dec_bytes = rounds * steps * shape.decode_bytes(rows * batch, ctx) / batch
@@ -168,10 +174,10 @@ class LoopCost:
 
 def report(shape: Shape, device: dict, loop: LoopCost, batch: int = 1) -> dict:
     variants = {
-        "engine (prefix cache, vision reuse, n=R)": {},
+        "engine, list mode (R boxes in one answer)": {},
         "no prefix cache": {"prefix_cache": False},
         "no vision-feature reuse": {"vision_cache": False},
-        "R boxes one after another": {"parallel": False},
+        "parallel mode (n=R one-box samples)": {"parallel": True},
     }
     out = {"device": device["name"], "loop": asdict(loop), "batch": batch,
            "prompt_tokens": loop.prompt_tokens(shape), "text_params_b": shape.text_params() / 1e9,

@@ -152,7 +152,7 @@ def main() -> None:
     mantis = MODELS["mantis-8b-idefics2"]  # its context (8192) and processor settings
     for b in (int(x) for x in args.batches.split(",")):
         cfg = load_config(env={}, overrides={
-            "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
+            "retrieval.examples": args.S, "retrieval.crops": args.T, "vlm.candidates": args.R,
             "vlm.rounds": args.L, "vlm.batch_size": args.vlm_batch or b,
             "loop.select_free": "best", "loop.keep_faces": "off"})  # the VLM's figures alone
         vlm = TransformersVLM(str(model_dir), device=args.device, batch_size=args.vlm_batch or b, preloaded=model,

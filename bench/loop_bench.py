@@ -113,7 +113,7 @@ class NaiveLoop:
             ex = self.index.example(h.row)
             img = open_image(ex.image_path).image  # no cache: a plain loop reloads
             img.thumbnail((1024, 1024))
-            sel = select_crops(ex, Task.FREE, cfg.retrieval.crops_free)
+            sel = select_crops(ex, Task.FREE, cfg.retrieval.crops)
             examples.append(PromptExample(img, ex.width, ex.height, sel))
         t = self._t("retrieve", t)
         w, h = image.size
@@ -183,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--index-size", type=int, default=64)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive reference loop")
+    ap.add_argument("--parallel", action="store_true",
+                    help="the engine samples R one-box answers (vlm.parallel) instead of one list of R boxes")
+    ap.add_argument("--no-mode-probe", action="store_true",
+                    help="skip the probe of distinct candidates per round in both modes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json-out", default=None, help="also write the JSON figures to this file")
     ap.add_argument("--out", action="store_true", help="write JSON, markdown and PNG to bench/results/")
@@ -250,8 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     index = ExampleIndex.load(work / "index", embedder=emb)
 
     cfg = load_config(env={}, overrides={
-        "retrieval.examples": args.S, "retrieval.crops_free": args.T, "vlm.candidates": args.R,
-        "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best",
+        "retrieval.examples": args.S, "retrieval.crops": args.T, "vlm.candidates": args.R,
+        "vlm.rounds": args.L, "vlm.batch_size": args.batch, "loop.select_free": "best", "vlm.parallel": args.parallel,
         "vlm.block_size": args.block_size, "vlm.dtype": args.dtype, "vlm.load_format": args.load_format,
         # the loops are compared; keeping faces whole (bench/subject_bench.py) is not in the naive loop
         "loop.keep_faces": "off"})
@@ -312,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eng_lat, eng_wall, stages, eng_tokens, prompt_tokens = [], [], {}, 0, 0
     refine = {"prompt": 0, "shared": 0, "cached": 0}
     pipelines: dict[str, int] = {}
+    rows: list[Any] = []
     interleave = naive is not None and args.backend != "vllm"
     if interleave:
         naive.crop(queries[0])  # type: ignore[union-attr]  # warm-up
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eng_wall.append(time.perf_counter() - t0)
         eng_lat += lat
         for out in outs:
+            rows.extend(out)
             for r in out:
                 pipelines[r.pipeline] = pipelines.get(r.pipeline, 0) + 1
                 eng_tokens += r.extra.get("tokens", {}).get("generated", 0)
@@ -386,6 +392,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": "tiny-idefics2" if not args.model else args.model, "torch_threads": torch.get_num_threads(),
         "git": git_sha(), "torch": torch.__version__,
     })
+    figures["mode"] = "parallel" if args.parallel else "list"
+    figures["distinct_per_round"] = distinct_per_round(rows)
+    if not args.no_mode_probe:
+        figures["mode_probe"] = mode_probe(cfg, emb, index, vlm, probe_queries)
     figures["limits"] = achieved_fractions(model_dir, figures, vlm)
     print_report(figures)
     if args.json_out:
@@ -416,6 +426,40 @@ def prefix_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -
                         tot[k] += t[k]
     tot["hit_rate"] = round(tot["cached"] / tot["shared"], 4) if tot["shared"] else None
     return tot
+
+
+def distinct_per_round(rows: list[Any]) -> list[dict[str, Any]]:
+    """Per round, the mean number of usable boxes the VLM gave per image and of distinct ones
+    (after the dedupe at loop.nms_iou), from the rows' `distinct_by_round`."""
+    acc: dict[int, list[tuple[int, int]]] = {}
+    for r in rows:
+        for d in r.extra.get("distinct_by_round", []):
+            acc.setdefault(d["round"], []).append((d["boxes"], d["distinct"]))
+    return [{"round": k, "boxes": round(float(np.mean([b for b, _ in v])), 2),
+             "distinct": round(float(np.mean([d for _, d in v])), 2), "images": len(v)} for k, v in sorted(acc.items())]
+
+
+def mode_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -> dict[str, Any]:
+    """Both ways of getting R candidates on the same fresh images (one batch, after a warm-up on
+    the first): one answer listing R boxes (the default) and R one-box samples (vlm.parallel).
+    Distinct candidates per round and images/s for each. The tiny model's random weights make its
+    samples differ; a trained model's samples at the loop's temperature mostly agree (the test
+    double in tests/test_loop_paper.py shows what that does to the parallel mode)."""
+    import dataclasses
+
+    out: dict[str, Any] = {"images": len(queries)}
+    for mode, parallel in (("list", False), ("parallel", True)):
+        probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, parallel=parallel))
+        engine = Cropper.from_config(probe_cfg, embedder=emb, index=index, vlm=vlm)
+        reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]
+        engine.crop_batch(reqs[:1])  # warm-up
+        t0 = time.perf_counter()
+        res = [r for o in engine.crop_batch(reqs) for r in o]
+        wall = time.perf_counter() - t0
+        out[mode] = {"images_per_s": round(len(reqs) / wall, 3), "distinct_per_round": distinct_per_round(res),
+                     "generated_tokens_per_image": round(
+                         sum(r.extra.get("tokens", {}).get("generated", 0) for r in res) / max(len(res), 1), 1)}
+    return out
 
 
 def _resized(paths: list[str], side: int, work: Path) -> list[str]:
@@ -489,6 +533,15 @@ def print_report(f: dict[str, Any]) -> None:
     if lim:
         print(f"limits ({lim['device']}, {lim['peak_tflops']} TFLOP/s, {lim['bandwidth_gbs']} GB/s): " + ", ".join(
             f"{k} {v['fraction_of_limit']}" for k, v in lim.items() if isinstance(v, dict)) + " of the limit")
+    def per_round(d: list[dict[str, Any]]) -> str:
+        return " / ".join(f"{x['distinct']:g} of {x['boxes']:g}" for x in d) or "-"
+
+    print(f"distinct candidates per round ({f['mode']} mode, mean per image): {per_round(f['distinct_per_round'])}")
+    for mode in ("list", "parallel"):
+        m = (f.get("mode_probe") or {}).get(mode)
+        if m:
+            print(f"  probe, {mode} mode: {per_round(m['distinct_per_round'])} distinct per round, "
+                  f"{m['images_per_s']} images/s, {m['generated_tokens_per_image']} generated tokens/image")
     print(f"peak RSS {f['peak_rss_mb']} MB, peak GPU {f['peak_gpu_mb']} MB")
 
 
@@ -506,6 +559,15 @@ def markdown(f: dict[str, Any]) -> str:
               "", f"speedup: {f.get('speedup')}; prefix-cache hit rate: "
               f"{f['prefix_cache_hit_rate']} ({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')}; "
               f"block size {f['block_size']}); peak RSS {f['peak_rss_mb']} MB; git {f['git']}"]
+    dist = " / ".join(f"{x['distinct']:g} of {x['boxes']:g}" for x in f.get("distinct_per_round", []))
+    lines += ["", f"Engine mode: {f.get('mode', 'list')}; distinct candidates per round (mean per image, of the "
+              f"usable boxes the VLM gave): {dist or '-'}"]
+    for mode in ("list", "parallel"):
+        m = (f.get("mode_probe") or {}).get(mode)
+        if m:
+            d = " / ".join(f"{x['distinct']:g} of {x['boxes']:g}" for x in m["distinct_per_round"])
+            lines.append(f"- probe ({f['mode_probe']['images']} fresh images), {mode} mode: {d} distinct per round, "
+                         f"{m['images_per_s']} images/s, {m['generated_tokens_per_image']} generated tokens/image")
     if f.get("refine_cached_tokens_note"):
         lines += ["", f"refine_cached_tokens {f['refine_cached_tokens']} of {f['refine_cacheable_tokens']} cacheable: "
                   f"{f['refine_cached_tokens_note']}."]

@@ -22,6 +22,7 @@ from cropper_engine.types import CropRequest, CropResult, Ratio, Task
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
+PROMPTS = "prompts"
 
 
 @dataclass
@@ -221,12 +222,18 @@ def run_batch(
     report: Any | None = None,
     subject: Any = None,
     keep_faces: bool | None = None,
+    save_prompts: bool = False,
 ) -> BatchSummary:
     """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given).
 
     `subject` (a `--subject` spec) and `keep_faces` apply to every input; a manifest line's own
-    "subject" or "mask" wins over them."""
+    "subject" or "mask" wins over them. `save_prompts`: every VLM prompt and raw answer goes to
+    OUT/prompts/<the crop's name>/round<r>.txt, listed in the row's "prompts"."""
     summary = BatchSummary()
+    if save_prompts:
+        if not out_dir:
+            raise InputError("--save-prompts needs --out DIR (the prompts are written to DIR/prompts/)")
+        cropper.record_prompts = True
 
     def err(msg: str) -> None:
         summary.errors.append(msg)
@@ -317,6 +324,11 @@ def _flush(cropper: Any, batch: list[tuple[InputItem, CropRequest]], summary: Ba
                 except (ImageError, OSError) as exc:
                     err(f"{item.path}: cannot write the crop ({exc})")
                     continue
+                if r.prompts:
+                    try:
+                        row["prompts"] = write_prompts(writer.out_dir, Path(row["output"]), row, r.prompts)
+                    except OSError as exc:
+                        err(f"{item.path}: cannot write its prompts ({exc})")
             if results_fh:
                 results_fh.write(json.dumps(row) + "\n")
                 results_fh.flush()
@@ -329,3 +341,26 @@ def _flush(cropper: Any, batch: list[tuple[InputItem, CropRequest]], summary: Ba
         if on_progress:
             on_progress(1)
     batch.clear()
+
+
+def write_prompts(out_dir: Path, output: Path, row: dict[str, Any], prompts: list[dict[str, Any]]) -> list[str]:
+    """OUT/prompts/<crop name>/round<r>[-attempt<k>].txt: each VLM call's prompt text (images named
+    where they stand) and its raw answers. Returns the files, relative to OUT."""
+    rel = output.relative_to(out_dir / "crops").with_suffix("")
+    folder = out_dir / PROMPTS / rel
+    folder.mkdir(parents=True, exist_ok=True)
+    what = row["task"] + (f" {row['ratio']}" if row.get("ratio") else "")
+    files = []
+    for p in prompts:
+        name = f"round{p['round']}" + (f"-attempt{p['attempt']}" if p.get("attempt", 1) > 1 else "") + ".txt"
+        cut = p.get("cut") or [False] * len(p["answers"])
+        answers = "".join(f"\n===== answer {k} (raw{', cut at the token limit: not used' if c else ''}) =====\n{a}\n"
+                          for k, (a, c) in enumerate(zip(p["answers"], cut, strict=False), 1)) \
+            or "\n===== no answer (the VLM call failed; see the row's notes) =====\n"
+        text = (f"# image: {row['image']}\n# task: {what}; round {p['round']}, attempt {p.get('attempt', 1)}\n"
+                "# The text the VLM read, each image named where it stands as <image: ...>; the model's chat\n"
+                "# template wraps it (role markers, image tokens).\n"
+                f"===== prompt =====\n{p['prompt']}\n{answers}")
+        (folder / name).write_text(text, encoding="utf-8")
+        files.append(str((folder / name).relative_to(out_dir)))
+    return files

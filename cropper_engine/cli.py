@@ -323,6 +323,9 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
 @click.option("--json", "as_json", is_flag=True, help="Print each results.jsonl line to stdout.")
 @click.option("--report", is_flag=True, help="Write an HTML contact sheet to OUT/report/index.html.")
 @click.option("--resume", is_flag=True, help="Skip images already in OUT/results.jsonl.")
+@click.option("--save-prompts", is_flag=True,
+              help="Write every VLM prompt (its text, each image named where it stands) and raw answer to "
+                   "OUT/prompts/<crop name>/round<r>.txt; the report links them.")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=None, help="Images per engine batch.")
 @click.option("--candidates", "-R", type=click.IntRange(1, 64), default=None, help="VLM candidates R.")
 @click.option("--rounds", "-L", type=click.IntRange(0, 10), default=None, help="Refinement rounds L.")
@@ -333,7 +336,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
              mask: str | None, subject_text: str | None, keep_faces: bool | None, index_dir: str | None,
              vlm: str | None, backend: str | None,
              out_dir: str | None, size_text: str | None, as_json: bool, report: bool, resume: bool,
-             batch_size: int | None, candidates: int | None, rounds: int | None,
+             save_prompts: bool, batch_size: int | None, candidates: int | None, rounds: int | None,
              examples: int | None) -> None:
     """Crop images (files, directories, or .txt / .jsonl manifests).
 
@@ -376,6 +379,8 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
     if resume and not out_dir:
         raise InputError("--resume needs --out DIR (it reads DIR/results.jsonl)")
+    if save_prompts and not out_dir:
+        raise InputError("--save-prompts needs --out DIR (the prompts are written to DIR/prompts/)")
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
                            "vlm.batch_size": batch_size, "vlm.candidates": candidates,
                            "vlm.rounds": rounds, "retrieval.examples": examples})
@@ -385,6 +390,8 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     for key in ("embedder", "index", "scorer", "zero_shot"):
         if key in info["reasons"]:
             click.echo(f"{key}: {info['reasons'][key]}", err=True)
+    if save_prompts and cropper.vlm is None:
+        click.echo("--save-prompts: no VLM in this run (pipeline no-vlm), so there are no prompts to save", err=True)
     rep = None
     if report:
         from pathlib import Path
@@ -406,7 +413,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             cropper, inputs, task=t, ratios=ratios, mask=mask, out_dir=out_dir, size=size,
             resume=resume, batch_size=cfg.vlm.batch_size, emit=emit, subject=spec, keep_faces=keep_faces,
             on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
-            on_progress=bar.update, report=rep,
+            on_progress=bar.update, report=rep, save_prompts=save_prompts,
         )
     cropper.close()
     if rep is not None:

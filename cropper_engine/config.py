@@ -25,8 +25,7 @@ ENV_PREFIX = "CROPPER_"
 class RetrievalConfig:
     embedder: str = "auto"  # auto | classical | open_clip:MODEL[:TAG|:FILE] | hf-clip:ID|DIR
     examples: int = 30  # S: examples shown per query
-    crops_free: int = 5  # T for the free-form task (highest MOS first)
-    crops_other: int = 1  # T for the subject and ratio tasks
+    crops: int = 5  # T: ground-truth crops shown per example, every task, ordered by the task's G
     exact_below: int = 20_000  # exact (brute force) search for indexes smaller than this
     ef: int = 0  # hnswlib query-time ef; 0: the value the index was built with
 
@@ -42,7 +41,8 @@ class VLMConfig:
     temperature: float = 0.05
     top_p: float = 1.0
     constrained: bool = True  # force the answer to the box grammar
-    parallel: bool = True  # R samples in parallel (n=R) rather than one list of R boxes
+    parallel: bool = False  # false (the paper's): one answer lists R boxes, every round; true: R
+    # one-box samples (n=R), which a trained model at a low temperature mostly makes alike
     max_new_tokens: int = 0  # 0: from the model's tokenizer and the box grammar; else tokens per box
     seed: int = 0
     batch_size: int = 8
@@ -60,11 +60,24 @@ class VLMConfig:
 
 
 @dataclass(frozen=True)
+class TermWeights:
+    """The weights of the paper's three scorer terms for one task (README: The VLM loop)."""
+
+    aesthetic: float = 1.0  # the aesthetic head on CLIP features (the paper: VILA)
+    clip: float = 1.0  # content preservation: CLIP similarity of crop and image
+    area: float = 1.0  # the crop's share of the image
+
+
+@dataclass(frozen=True)
 class ScoringConfig:
-    clip_weight: float = 1.0
-    aesthetic_weight: float = 1.0
-    area_weight: float = 1.0
-    classical_weight: float = 1.0  # composition features, used when no CLIP is present
+    """The VLM loop's scorer: a weighted mean of the terms, with weights per task. A term whose
+    model is missing (no CLIP weights, no aesthetic head) is replaced by the classical
+    composition score (`classical`), which then takes its weight."""
+
+    free: TermWeights = field(default_factory=TermWeights)
+    subject: TermWeights = field(default_factory=TermWeights)
+    ratio: TermWeights = field(default_factory=TermWeights)
+    classical_weight: float = 1.0  # no-VLM default only: its fitted model's weight when CLIP re-ranks
     aesthetic_head: str = ""  # a LAION aesthetic predictor file (.pth / .safetensors)
     device: str = "auto"
 
@@ -75,7 +88,7 @@ class LoopConfig:
     select_subject: str = "final"
     select_ratio: str = "best"
     nms_iou: float = 0.9  # duplicate suppression among candidates
-    min_side: float = 0.1  # candidates narrower or shorter than this share of the image are dropped
+    min_side: float = 0.1  # candidates narrower or shorter than this share of the image are grown to it
     retries: int = 1  # extra VLM attempts before the non-VLM fallback
     keep_faces: str = "auto"  # auto: no crop cuts a face when a face detector is installed | on | off
 
@@ -173,8 +186,14 @@ def _env_updates(env: Mapping[str, str], base: Config) -> dict[str, Any]:
         section, _, key = rest.partition("_")
         if section in sections and key:
             sub = getattr(base, section)
-            if key in {f.name for f in dataclasses.fields(sub)}:
+            names = {f.name for f in dataclasses.fields(sub)}
+            if key in names and not dataclasses.is_dataclass(getattr(sub, key)):
                 out.setdefault(section, {})[key] = value
+                continue
+            inner, _, leaf = key.partition("_")  # CROPPER_SCORING_FREE_CLIP -> scoring.free.clip
+            if inner in names and dataclasses.is_dataclass(getattr(sub, inner)) and leaf in {
+                    f.name for f in dataclasses.fields(getattr(sub, inner))}:
+                out.setdefault(section, {}).setdefault(inner, {})[leaf] = value
     return out
 
 
@@ -233,6 +252,14 @@ def validate(cfg: Config) -> None:
     positive("max_pixels", cfg.max_pixels)
     if cfg.vlm.rounds < 0:
         raise ConfigError(f"vlm.rounds must be 0 or more, got {cfg.vlm.rounds}")
+    positive("retrieval.crops", cfg.retrieval.crops)
+    for task in ("free", "subject", "ratio"):
+        w = getattr(cfg.scoring, task)
+        for term in ("aesthetic", "clip", "area"):
+            if getattr(w, term) < 0:
+                raise ConfigError(f"scoring.{task}.{term} must be 0 or more, got {getattr(w, term)}")
+        if w.aesthetic + w.clip + w.area <= 0:
+            raise ConfigError(f"scoring.{task}: at least one of aesthetic, clip, area must be positive")
     if cfg.retrieval.examples < 0:
         raise ConfigError(f"retrieval.examples must be 0 or more, got {cfg.retrieval.examples}")
     for task in ("free", "subject", "ratio"):

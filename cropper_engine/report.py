@@ -24,7 +24,7 @@ h1{font-weight:600;font-size:20px} .legend span{margin-right:14px}
 .pair{display:flex;gap:8px;align-items:flex-start}
 .orig{position:relative;line-height:0} .orig svg{position:absolute;left:0;top:0}
 .crop img{max-width:%(cw)spx;max-height:%(ch)spx;border:2px solid %(chosen)s}
-.meta{font-size:12px;color:#bbb;margin-top:6px;line-height:1.4;word-break:break-all}
+.meta{font-size:12px;color:#bbb;margin-top:6px;line-height:1.4;word-break:break-all} .meta a{color:#93c5fd}
 .sw{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 """
 
@@ -104,6 +104,11 @@ class HtmlReport:
         if row.get("faces"):
             meta += f' · {len(row["faces"])} face{"s" if len(row["faces"]) > 1 else ""}'
             meta += " kept whole" if row.get("keep_faces") else ""
+        if row.get("distinct_by_round"):
+            meta += " · distinct VLM boxes per round " + "/".join(str(d["distinct"]) for d in row["distinct_by_round"])
+        if row.get("prompts"):  # crop --save-prompts: OUT/prompts/..., the report is in OUT/report/
+            meta += "<br>prompts: " + " ".join(
+                f'<a href="../{html.escape(f)}">{html.escape(Path(f).stem)}</a>' for f in row["prompts"])
         if row.get("notes"):
             meta += "<br>" + "<br>".join(html.escape(n) for n in row["notes"][:4])
         card = (f'<div class="card"><div class="pair"><div class="orig"><img src="thumbs/{name}.jpg" '

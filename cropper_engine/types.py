@@ -278,6 +278,9 @@ class CropResult:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     loaded: Any = field(default=None, repr=False, compare=False)  # the decoded image, not serialised
+    prompts: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)  # see below
+    # `prompts` (not serialised): with `Cropper.record_prompts`, each VLM call's prompt text and raw
+    # answers as {"round", "attempt", "prompt", "answers"}; `crop --save-prompts` writes them
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -51,3 +51,9 @@ def test_loop_bench_reports_speedup_and_cache(tmp_path):
     assert fig["tokens_ratio"] > 0 and fig["engine_tokens_per_image"] > 0
     assert fig["prefix_cache_hit_rate"] == 1.0 and fig["prefix_cache_hit_rate_source"] == "all refinement rounds"
     assert {"vision", "prefill", "decode"} <= set(fig["limits"])
+    # distinct candidates per round, for the run's mode (the default list) and both modes in the probe
+    assert fig["mode"] == "list" and [d["round"] for d in fig["distinct_per_round"]] == [0, 1]
+    assert all(0 <= d["distinct"] <= d["boxes"] <= 2 for d in fig["distinct_per_round"])
+    for mode in ("list", "parallel"):
+        probe = fig["mode_probe"][mode]
+        assert probe["images_per_s"] > 0 and [d["round"] for d in probe["distinct_per_round"]] == [0, 1]

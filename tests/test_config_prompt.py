@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from cropper_engine.config import load_config
-from cropper_engine.engine.prompt import PromptExample, PromptSpec, build_messages, load_templates
+from cropper_engine.engine.prompt import PromptExample, PromptSpec, build_messages, load_templates, render_text
 from cropper_engine.errors import ConfigError
 from cropper_engine.models.base import ImagePart
 from cropper_engine.types import Box, Ratio, Task
@@ -40,11 +40,14 @@ def test_bad_config_values_named(tmp_path):
         load_config(tmp_path / "missing.toml", env={})
 
 
-def _spec(task=Task.FREE, ratio=None, n_examples=2):
+def _spec(task=Task.FREE, ratio=None, n_examples=2, n_boxes=1):
     img = Image.new("RGB", (64, 48))
-    exs = [PromptExample(img, 640, 480, [(Box(0, 0, 320, 240), 4.5), (Box(64, 48, 640, 480), None)], f"u{i}")
+    subjects = [Box(64, 48, 320, 240), Box(64, 48, 320, 240)] if task is Task.SUBJECT else None
+    exs = [PromptExample(img, 640, 480, [(Box(0, 0, 320, 240), 4.5), (Box(64, 48, 640, 480), None)], f"u{i}",
+                         subjects, f"/data/ex{i}.jpg")
            for i in range(n_examples)]
-    return PromptSpec(task, img, 800, 600, exs, 1, ratio, (500, 400) if task is Task.SUBJECT else None)
+    return PromptSpec(task, img, 800, 600, exs, n_boxes, ratio,
+                      Box(80, 60, 400, 300) if task is Task.SUBJECT else None, query_name="/photos/q.jpg")
 
 
 def test_prompt_layout_and_shared_prefix():
@@ -57,25 +60,57 @@ def test_prompt_layout_and_shared_prefix():
     for i, p in enumerate(first[:-1]):
         if isinstance(p, ImagePart):
             assert first[i + 1].startswith("\n")
-    # the example's boxes in 1..1000: (0,0,320,240) of 640x480 -> (1, 1, 500, 500)
+    # the example's boxes in 1..1000: (0,0,320,240) of 640x480 -> (1, 1, 500, 500); the unscored
+    # crop shows the documented constant, and the instruction says so
     assert "(4.5, 1, 1, 500, 500), (5, 101, 101, 1000, 1000)" in first[2]
+    assert "without MOS are shown with s = 5" in first[0]
+    assert first[-1] == "\nQuery image. Answer with one region as (s, x1, y1, x2, y2).\n"
     refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.71234, 4.0)])[0].content
     # everything of round 0 but its last text is a prefix of the refinement prompt
     assert refined[: len(first) - 1] == first[:-1]
     assert refined[len(first) - 1].startswith(first[-1])
     assert "(4, 1, 1, 500, 500), Score is 0.712" in refined[-1]
-    assert refined[-1].rstrip().endswith("(s, x1, y1, x2, y2).")
+    # one box asked for: the paper's words
+    assert refined[-1].rstrip().endswith("Propose similar crop that has high score. The region should be "
+                                         "represented by (s, x1, y1, x2, y2).")
     crop = [p for p in refined if isinstance(p, ImagePart)][-1]
     assert crop.box == (0, 0, 400, 300) and crop.pil().size == (400, 300) and crop.size == (400, 300)
 
 
-def test_prompt_tasks_and_zero_shot():
-    ratio = build_messages(_spec(Task.RATIO, Ratio(16, 9)), load_templates(None))[0].content
-    assert "Aspect ratio 16:9" in ratio[-1]
+def test_list_mode_asks_for_r_boxes_every_round():
+    spec = _spec(n_boxes=6)
+    first = build_messages(spec, load_templates(None))[0].content
+    assert "Answer with 6 different regions, each as (s, x1, y1, x2, y2), separated by commas." in first[-1]
+    refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.7, None)])[0].content
+    assert "Propose 6 different similar crops that have high scores." in refined[-1]
+
+
+def test_prompt_labels_are_true_of_each_example():
+    # ratio task: the target ratio said once (the query line), each example crop with its own ratio
+    conv = build_messages(_spec(Task.RATIO, Ratio(16, 9)), load_templates(None))
+    text = render_text(conv)
+    assert text.count("16:9") == 1 and "Query image. Aspect ratio 16:9." in conv[0].content[-1]
+    # (0,0,320,240) is 4:3 -> 1.33; (64,48,640,480) is 576x432 -> 1.33 as well; both shown per crop
+    assert "(4.5, 1, 1, 500, 500) aspect ratio 1.33, (5, 101, 101, 1000, 1000) aspect ratio 1.33" in text
+    # subject task: the query's subject box and each example crop's subject box, in 1..1000
     subj = build_messages(_spec(Task.SUBJECT), load_templates(None))[0].content
-    assert "Subject centre (500, 400)" in subj[-1]
+    assert "Subject (101, 101, 500, 500)" in subj[-1]  # (80, 60, 400, 300) of 800x600
+    assert "Subject (101, 101, 500, 500): (4.5, 1, 1, 500, 500), (5, 101, 101, 1000, 1000)" in subj[2]
+    assert "centre" not in render_text([build_messages(_spec(Task.SUBJECT), load_templates(None))[0]])
     zero = build_messages(_spec(n_examples=0), load_templates(None))[0].content
     assert len([p for p in zero if isinstance(p, ImagePart)]) == 1 and "No example images" in zero[0]
+
+
+def test_saved_prompt_text_names_every_image_where_it_stands():
+    conv = build_messages(_spec(Task.RATIO, Ratio(4, 3)), load_templates(None), [(Box(0, 0, 400, 300), 0.5, 4.0)])
+    text = render_text(conv)
+    marks = [line for line in text.split("<image: ")[1:]]
+    assert [m.split(">")[0] for m in marks] == ["example 1: /data/ex0.jpg", "example 2: /data/ex1.jpg",
+                                                "query: /photos/q.jpg",
+                                                "candidate 1: the query cropped to [0, 0, 400, 300] px"]
+    # every text part is there verbatim, in order
+    assert "".join(p for p in conv[0].content if isinstance(p, str)) == \
+        "".join(part.split(">", 1)[-1] if i else part for i, part in enumerate(text.split("<image: ")))
 
 
 def test_template_override(tmp_path):

@@ -76,6 +76,15 @@ def test_several_boxes_and_no_score():
         assert grammar.matches(grammar.example())
 
 
+def test_longest_answer_is_the_longest_the_grammar_allows():
+    for g in (BoxGrammar(1), BoxGrammar(6), BoxGrammar(3, score=False), BoxGrammar(2, leading_space=False)):
+        text = g.longest()
+        assert g.matches(text) and g.boxes == text.count("(")
+        state = g.walk(g.start(), text)
+        assert g.is_final(state)  # nothing may follow: no longer answer exists on this path
+    assert BoxGrammar(6).longest() == " " + ", ".join(["(99.99, 1000, 1000, 1000, 1000)"] * 6)
+
+
 def test_dfa_final_state_allows_only_eos():
     g = BoxGrammar(2)
     state = g.walk(g.start(), "(4.5, 1, 2, 3, 4), (4.5, 1, 2, 3, 4)")

@@ -50,7 +50,7 @@ def _crop_at_defaults(model_dir, tiny_clip, index_dir, photos, backend: str, con
     from cropper_engine.index.store import ExampleIndex
 
     cfg = load_config(env={}, overrides={"vlm.model": str(model_dir), "vlm.backend": backend})
-    assert (cfg.retrieval.examples, cfg.retrieval.crops_free, cfg.vlm.candidates, cfg.vlm.rounds) == (30, 5, 6, 2)
+    assert (cfg.retrieval.examples, cfg.retrieval.crops, cfg.vlm.candidates, cfg.vlm.rounds) == (30, 5, 6, 2)
     cropper = Cropper.from_config(cfg, embedder=tiny_clip, index=ExampleIndex.load(index_dir, embedder=tiny_clip))
     prompts: list[int] = []
     generate = cropper.vlm.generate

@@ -81,7 +81,7 @@ def test_defaults_on_vllm(name, tmp_path_factory, embedder, index_30x5, photos):
     context = sheet["config"]["text"]["context"]
     model_dir = _make_like(tmp_path_factory.mktemp("vlike") / name, name)
     cfg = load_config(env={}, overrides={"vlm.model": str(model_dir), "vlm.backend": "vllm"})
-    assert (cfg.retrieval.examples, cfg.retrieval.crops_free, cfg.vlm.candidates, cfg.vlm.rounds) == (30, 5, 6, 2)
+    assert (cfg.retrieval.examples, cfg.retrieval.crops, cfg.vlm.candidates, cfg.vlm.rounds) == (30, 5, 6, 2)
     cropper = Cropper.from_config(cfg, embedder=embedder, index=index_30x5)
     prompts: list[int] = []
     generate = cropper.vlm.generate

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cropper_engine.engine.features import FEATURE_NAMES, SaliencyTable, box_features
-from cropper_engine.errors import ModelNotFoundError
+from cropper_engine.errors import ConfigError, ModelNotFoundError
 from cropper_engine.models.scorers import (
     CANVAS_FACTOR,
     AestheticHead,
@@ -67,7 +67,9 @@ def test_fused_scores_equal_per_crop_scores(clip):
             alone = scorer.score([img], [[b]])
             for name, vals in fused.components[i].items():
                 assert vals[j] == pytest.approx(alone.components[0][name][0], abs=1e-5), name
+    # no aesthetic head: the classical composition score stands in for it, with its weight
     assert set(fused.components[0]) == {"area", "classical", "clip"}
+    assert scorer.weights_for("free") == {"area": 1.0, "clip": 1.0, "classical": 1.0}
     # CLIP similarity of the full box with the full image is 1
     full = scorer.score([imgs[0]], [[Box.full(*imgs[0].size)]])
     assert full.components[0]["clip"][0] == pytest.approx(1.0, abs=1e-5)
@@ -95,16 +97,47 @@ def test_aesthetic_heads_both_formats(tmp_path, clip):
         AestheticHead(tmp_path / "missing.pth")
     scorer = FusedScorer(clip, head)
     out = scorer.score(_images()[:1], [_boxes(_images()[0], 3)])
-    assert "aesthetic" in out.components[0] and scorer.components == ["aesthetic", "area", "classical", "clip"]
+    # every part present: the paper's scorer, no classical term
+    assert "aesthetic" in out.components[0] and scorer.components == ["aesthetic", "area", "clip"]
+    assert "classical" not in out.components[0]
 
 
-def test_without_clip_only_classical_and_area():
+def test_without_clip_the_classical_term_stands_in_for_clip_and_aesthetics():
     from cropper_engine.models.classical import ClassicalEmbedder
 
     scorer = FusedScorer(ClassicalEmbedder())  # no encode_pixels: never used for crops
     assert scorer.components == ["area", "classical"]
+    assert scorer.weights_for("ratio") == {"area": 1.0, "classical": 2.0}
     out = scorer.score(_images()[:1], [_boxes(_images()[0], 4)])
     assert all(0 <= v <= 1 for v in out.total[0])
+    c = out.components[0]
+    np.testing.assert_allclose(out.total[0], (c["area"] + 2 * c["classical"]) / 3)
+
+
+def test_weights_per_task_are_config_data(clip, tmp_path):
+    from cropper_engine.config import load_config
+    from cropper_engine.engine.build import _scorer
+
+    f = tmp_path / "c.toml"
+    f.write_text("[scoring.ratio]\narea = 3.0\nclip = 0.5\n[scoring.subject]\naesthetic = 0\n")
+    cfg = load_config(f, env={"CROPPER_SCORING_FREE_CLIP": "2"})
+    assert (cfg.scoring.ratio.area, cfg.scoring.ratio.clip, cfg.scoring.free.clip) == (3.0, 0.5, 2.0)
+    scorer = _scorer(cfg, clip, {})
+    # no aesthetic head here: classical (composition) takes the aesthetic weight (none in the subject task)
+    assert scorer.weights_for("ratio") == {"area": 3.0, "clip": 0.5, "classical": 1.0}
+    assert scorer.weights_for("subject") == {"area": 1.0, "clip": 1.0}
+    assert scorer.weights_for("free") == {"area": 1.0, "clip": 2.0, "classical": 1.0}
+    imgs = _images()[:2]
+    boxes = [_boxes(im, 3) for im in imgs]
+    out = scorer.score(imgs, boxes, tasks=["ratio", "subject"])
+    for i, task in enumerate(("ratio", "subject")):
+        w = scorer.weights_for(task)
+        want = sum(v * out.components[i][k] for k, v in w.items()) / sum(w.values())
+        np.testing.assert_allclose(out.total[i], want, rtol=1e-6)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scoring.free]\naesthetic = 0\nclip = 0\narea = 0\n")
+    with pytest.raises(ConfigError, match="scoring.free"):
+        load_config(bad, env={})
 
 
 def test_saliency_features_by_hand():

@@ -76,9 +76,11 @@ def _scorer(cfg: Config, embedder: Any, reasons: dict[str, str]) -> Any:
         if head.dim != tensor.dim:
             raise ConfigError(f"the aesthetic head expects {head.dim}-d embeddings but {tensor.id} "
                               f"gives {tensor.dim}-d: use the head trained for this CLIP model")
-    scorer = FusedScorer(tensor, head, clip_weight=sc.clip_weight, aesthetic_weight=sc.aesthetic_weight,
-                         area_weight=sc.area_weight, classical_weight=sc.classical_weight)
-    reasons["scorer"] = scorer.describe() + ("" if tensor else " (no CLIP weights: classical features)")
+    scorer = FusedScorer(tensor, head, task_weights={t: getattr(sc, t) for t in ("free", "subject", "ratio")},
+                         classical_weight=sc.classical_weight)
+    missing = [name for name, ok in (("CLIP weights", tensor), ("aesthetic head", head)) if not ok]
+    stand_in = f" (no {' or '.join(missing)}: the classical composition term stands in)" if missing else ""
+    reasons["scorer"] = scorer.describe() + stand_in
     return scorer
 
 

@@ -1,8 +1,10 @@
 """The answer format of the paper as a grammar: a regex, a character DFA and a token constraint.
 
-An answer is `boxes` boxes `(s, x1, y1, x2, y2)` separated by ", ", with coordinates integers
-1..1000 (no leading zeros) and `s` a score like `4`, `4.5` or `0.73` (at most 2 digits either side
-of the point). `score=False` drops `s`. One optional space may lead the answer: after
+An answer is exactly `boxes` boxes `(s, x1, y1, x2, y2)` separated by ", " (the loop asks for R
+in one answer by default, one per sample in parallel mode; `BoxGrammar.boxes` says how many one
+answer holds, `longest()` is its longest text), with coordinates integers 1..1000 (no
+leading zeros) and `s` a score like `4`, `4.5` or `0.73` (at most 2 digits either side of the
+point). `score=False` drops `s`. One optional space may lead the answer: after
 "Assistant:" a SentencePiece model naturally starts with a '▁'-prefixed token such as "▁(".
 
 `TokenConstraint` turns the DFA into a transformers LogitsProcessor: only tokens that keep the text

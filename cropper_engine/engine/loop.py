@@ -26,7 +26,6 @@ from cropper_engine.engine.geometry import (
     expand_to_contain,
     fit_ratio,
     mask_bbox,
-    mask_center,
     shift_inside,
 )
 from cropper_engine.engine.parse import parse_boxes
@@ -36,6 +35,7 @@ from cropper_engine.engine.prompt import (
     PromptTemplates,
     build_messages,
     load_templates,
+    render_text,
 )
 from cropper_engine.engine.proposers import propose
 from cropper_engine.errors import CropperError, ImageError
@@ -68,6 +68,8 @@ class Job:
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
     round_tokens: list[dict[str, int]] = field(default_factory=list)
     faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject.py)
+    distinct: dict[int, dict[str, int]] = field(default_factory=dict)  # round -> VLM boxes, distinct ones
+    prompts: list[dict[str, Any]] | None = None  # with `Cropper.record_prompts`: every prompt and answer
     subject_info: Any = None  # engine/subject.py's Subject: what the result row says of the subject
 
     @property
@@ -136,6 +138,7 @@ class Cropper:
         self.reasons = reasons or {}
         self.example_images = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
         self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
+        self.record_prompts = False  # keep every prompt's text and raw answers (crop --save-prompts)
         self.zero_shot = vlm is not None and (index is None or not index.has_images())
         if self.zero_shot:
             self.reasons.setdefault("zero_shot", "no example index with images: the VLM runs zero-shot (S=0)")
@@ -324,35 +327,48 @@ class Cropper:
         return t
 
     def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
-        from cropper_engine.index.select import select_crops
+        """The S examples shown to the VLM, each with its T best crops by the task's G (and, for
+        the subject task, each crop's subject box; examples without one are not shown), and the
+        neighbours' best crops for the no-VLM proposers."""
+        from cropper_engine.index.select import crop_subject_boxes, select_indices
 
         if not hits:
             return
         w, h = job.size
         center_unit = None
-        if job.mask is not None:
-            cx, cy = mask_center(job.mask)
+        if job.subject is not None:  # G: the query's subject box centre, as the examples' (index/select.py)
+            cx, cy = job.subject.center
             center_unit = (cx / w, cy / h)
-        t_crops = self.cfg.retrieval.crops_free if job.task is Task.FREE else self.cfg.retrieval.crops_other
+        t_crops = self.cfg.retrieval.crops
         examples: list[PromptExample] = []
-        for n_i, hit in enumerate(hits):
+        for hit in hits:
             ex = self.index.example(hit.row)
-            sel = select_crops(ex, job.task, t_crops, ratio=job.ratio, mask_center_unit=center_unit)
+            task = job.task if job.task is not Task.SUBJECT or center_unit is not None else Task.FREE
+            order = select_indices(ex, task, t_crops, ratio=job.ratio, mask_center_unit=center_unit)
+            scores = ex.scores if ex.scores is not None and len(ex.scores) == len(ex.crops) else None
+            sel = [(ex.crops[i], float(scores[i]) if scores is not None else None) for i in order]
             for b, _ in sel[:1]:
                 job.neighbours_unit.append(list(b.to_unit(ex.width, ex.height)))
                 job.neighbour_weights.append(max(hit.similarity, 0.0))
-            if self.vlm is None or self.zero_shot or n_i >= self.cfg.retrieval.examples:
+            if self.vlm is None or self.zero_shot or len(examples) >= self.cfg.retrieval.examples:
                 continue
+            subjects = None
+            if job.task is Task.SUBJECT:
+                per_crop = crop_subject_boxes(ex)
+                subjects = [per_crop[i] for i in order]
+                if all(b is None for b in subjects):
+                    continue  # no subject box: not an example of the subject task
             try:
                 img = self.example_images.get(ex.image_path)
             except ImageError as exc:
                 job.notes.append(f"example {ex.id} skipped: {exc}")
                 continue
-            sc = None
-            if ex.mask_box is not None:
-                sc = ex.mask_box.to_norm(ex.width, ex.height)
-                sc = ((sc[0] + sc[2]) // 2, (sc[1] + sc[3]) // 2)
-            examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), sc))
+            examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), subjects,
+                                          ex.image_path))
+        if job.task is Task.SUBJECT and self.vlm is not None and not self.zero_shot \
+                and len(examples) < self.cfg.retrieval.examples:
+            job.notes.append(f"{len(examples)} of {self.cfg.retrieval.examples} examples shown: "
+                             "the others retrieved have no subject box")
         job.examples = examples
 
     def _propose_classical(self, job: Job, saliency: np.ndarray, analysis: Any = None, model: Any = None,
@@ -430,7 +446,8 @@ class Cropper:
     def _score(self, jobs: Sequence[Job], saliency: Sequence[np.ndarray], only_round: int | None = None) -> None:
         """Score the (unscored) candidates of all jobs in one fused batch."""
         todo = [[c for c in j.candidates if (only_round is None or c.round == only_round)] for j in jobs]
-        out = self.scorer.score([j.image.image for j in jobs], [[c.box for c in cs] for cs in todo], saliency)
+        out = self.scorer.score([j.image.image for j in jobs], [[c.box for c in cs] for cs in todo], saliency,
+                                [j.task for j in jobs])
         for cs, total, comps in zip(todo, out.total, out.components, strict=True):
             for k, c in enumerate(cs):
                 c.score = float(total[k])
@@ -459,16 +476,15 @@ class Cropper:
 
         for job in jobs:
             w, h = job.size
-            sc = None
-            if job.mask is not None:
-                cx, cy = mask_center(job.mask)
-                sc = Box(cx, cy, cx, cy).to_norm(w, h)[:2]
-            job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples,
-                                  n_boxes, job.ratio, sc, query_uuid="q-" + job.image.uid)
+            job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples, n_boxes, job.ratio,
+                                  job.subject if job.task is Task.SUBJECT else None,
+                                  query_uuid="q-" + job.image.uid, query_name=str(job.image.path))
             job.spec, note = fit_to_context(job.spec, self.templates, self.vlm, cfg.candidates, cfg.rounds,
                                             params.max_new_tokens)  # fewer examples if S would not fit
             if note:
                 job.notes.append(note)
+            if self.record_prompts:
+                job.prompts = []
         t = tick("prompt", t)
 
         # round 0 with one retry, then the classical fallback for jobs still without boxes
@@ -480,6 +496,7 @@ class Cropper:
             t = tick("prompt", t)
             gens = self._generate(convs, params, attempt, pending, 0)
             t = tick("generate", t)
+            self._record(pending, convs, gens, 0, attempt)
             still = []
             for job, gen in zip(pending, gens, strict=True):
                 added = self._add_vlm_boxes(job, gen, 0, n_boxes)
@@ -506,6 +523,7 @@ class Cropper:
             t = tick("prompt", t)
             gens = self._generate(convs, params, r + 10, active, r)
             t = tick("generate", t)
+            self._record(active, convs, gens, r, 0)
             for job, gen in zip(active, gens, strict=True):
                 if not self._add_vlm_boxes(job, gen, r, n_boxes):
                     job.notes.append(f"round {r}: no usable box; kept round {r - 1}")
@@ -540,6 +558,16 @@ class Cropper:
                                      "cached": g.cached_tokens or 0, "shared": g.shared_tokens or 0})
         return gens
 
+    def _record(self, jobs: list[Job], convs: list[Any], gens: list[Any], r: int, attempt: int) -> None:
+        """Keep each job's prompt text (images named where they stand) and raw answers."""
+        if not self.record_prompts:
+            return
+        for job, conv, gen in zip(jobs, convs, gens, strict=True):
+            if job.prompts is not None:
+                cut = list(getattr(gen, "truncated", None) or [])
+                job.prompts.append({"round": r, "attempt": attempt + 1, "prompt": render_text(conv),
+                                    "answers": list(gen.texts), "cut": cut + [False] * (len(gen.texts) - len(cut))})
+
     def answer_limit(self, grammar: Any) -> int:
         """max_new_tokens from the model: the longest answer of `grammar` in its tokens + the end
         token (the backend's tokenizer), else its length in characters + 1 (no token is shorter)."""
@@ -565,6 +593,7 @@ class Cropper:
                 job.notes.append(f"round {r} parse: {'; '.join(parsed.repairs)}")
         keep = dedupe([c.box for c in boxes], self.cfg.loop.nms_iou)
         job.candidates.extend(boxes[i] for i in keep)
+        job.distinct[r] = {"round": r, "boxes": len(boxes), "distinct": len(keep)}
         return len(keep)
 
     def _select(self, job: Job) -> CropResult:
@@ -587,6 +616,8 @@ class Cropper:
         if job.pipeline != PIPELINE_NO_VLM:
             extra["tokens"] = dict(job.tokens)
             extra["tokens_by_round"] = list(job.round_tokens)
+            # per round: the usable boxes the VLM gave and how many of them differ (IoU < loop.nms_iou)
+            extra["distinct_by_round"] = [job.distinct[r] for r in sorted(job.distinct)]
         if job.subject is not None:
             extra["subject_box"] = job.subject.as_int()
         if job.subject_info is not None:  # --subject / keep_faces: the source, faces, focal points
@@ -595,4 +626,4 @@ class Cropper:
             extra.update(result_extra(job, best.box))
         return CropResult(job.image.path, w, h, best.box.rounded(), best.score, job.task, job.ratio,
                           job.pipeline, list(job.candidates), {}, list(dict.fromkeys(job.notes)), extra,
-                          loaded=job.image)
+                          loaded=job.image, prompts=job.prompts)

@@ -32,30 +32,44 @@ _COORDS = (
 class PromptTemplates:
     """Every piece of prompt text; a TOML file can override any of them (`load_templates`).
 
-    Placeholders: {ratio} (W:H), {cx} {cy} (subject centre, 1..1000), {boxes}, {box}, {score},
-    {n} (boxes asked for).
+    Placeholders: {ratio} (the target W:H, said once, in the query line), {aspect} (an example
+    crop's own width / height in pixels, 2 decimals), {subject} (a subject box x1, y1, x2, y2 in
+    1..1000), {boxes}, {box}, {score}, {n} (boxes asked for), {regions} (`regions_one`, or
+    `regions_many` with {n} filled), {s} (`unscored_s`).
+
+    `unscored_s` is the one constant a prompt may show: the s of a ground-truth crop whose
+    dataset has no MOS (FCDB, SACD); `unscored_note` then tells the model so, in the instruction.
     """
 
     instruction_free: str = "Localize the aesthetic part of the image. " + _COORDS + \
         " We provide several images here."
     instruction_subject: str = "Localize the aesthetic part of the image that keeps the subject. " + \
-        _COORDS + " The subject's centre is given as (cx, cy) in the same coordinates. " \
-        "We provide several images here."
+        _COORDS + " The subject is given as a box (x1, y1, x2, y2) in the same coordinates, and each " \
+        "crop keeps its subject. We provide several images here."
     instruction_ratio: str = "Localize the aesthetic part of the image with the given aspect ratio " \
-        "(width:height). " + _COORDS + " We provide several images here."
+        "(width:height). " + _COORDS + " Each example crop is followed by its own aspect ratio " \
+        "(width / height in pixels). We provide several images here."
+    unscored_s: str = "5"
+    unscored_note: str = " Crops from datasets without MOS are shown with s = {s}."
     example_free: str = "\n{boxes}\n"
-    example_subject: str = "\nSubject centre ({cx}, {cy}). {boxes}\n"
-    example_ratio: str = "\nAspect ratio {ratio}. {boxes}\n"
-    query_free: str = "\nQuery image. Answer with {n} region(s) as (s, x1, y1, x2, y2).\n"
-    query_subject: str = "\nQuery image. Subject centre ({cx}, {cy}). Answer with {n} region(s) " \
-        "as (s, x1, y1, x2, y2) that contain the subject.\n"
-    query_ratio: str = "\nQuery image. Aspect ratio {ratio}. Answer with {n} region(s) as " \
-        "(s, x1, y1, x2, y2) with that aspect ratio.\n"
+    example_subject: str = "\n{boxes}\n"
+    example_ratio: str = "\n{boxes}\n"
+    box_free: str = "{box}"
+    box_ratio: str = "{box} aspect ratio {aspect}"
+    subject_group: str = "Subject ({subject}): {boxes}"  # the crops of one subject of an example
+    subject_group_sep: str = ". "
+    query_free: str = "\nQuery image. Answer with {regions}.\n"
+    query_subject: str = "\nQuery image. Subject ({subject}). Answer with {regions}; each keeps the subject.\n"
+    query_ratio: str = "\nQuery image. Aspect ratio {ratio}. Answer with {regions}, with that aspect ratio.\n"
+    regions_one: str = "one region as (s, x1, y1, x2, y2)"
+    regions_many: str = "{n} different regions, each as (s, x1, y1, x2, y2), separated by commas"
     zero_shot_note: str = "No example images are given; use your own judgement.\n"
     refine_intro: str = "Here are crops of the query image with their scores.\n"
     refine_candidate: str = "\n{box}, Score is {score}\n"
     refine_ask: str = "Propose similar crop that has high score. The region should be represented " \
-        "by (s, x1, y1, x2, y2)."
+        "by (s, x1, y1, x2, y2)."  # the paper's words, when one box is asked for
+    refine_ask_many: str = "Propose {n} different similar crops that have high scores. The regions " \
+        "should be represented by (s, x1, y1, x2, y2), separated by commas."
 
 
 def load_templates(path: str | Path | None) -> PromptTemplates:
@@ -78,25 +92,34 @@ def load_templates(path: str | Path | None) -> PromptTemplates:
     return dataclasses.replace(base, **{k: str(v) for k, v in data.items()})
 
 
-def fmt_score(s: float | None) -> str:
-    return "5" if s is None else f"{s:.2f}".rstrip("0").rstrip(".")
+def fmt_score(s: float | None, unscored: str = "5") -> str:
+    return unscored if s is None else f"{s:.2f}".rstrip("0").rstrip(".")
 
 
-def fmt_box(norm: tuple[int, int, int, int], s: float | None) -> str:
+def fmt_box(norm: tuple[int, int, int, int], s: float | None, unscored: str = "5") -> str:
     x1, y1, x2, y2 = norm
-    return f"({fmt_score(s)}, {x1}, {y1}, {x2}, {y2})"
+    return f"({fmt_score(s, unscored)}, {x1}, {y1}, {x2}, {y2})"
+
+
+def fmt_aspect(box: Box) -> str:
+    """A crop's own aspect ratio, width / height in pixels."""
+    return f"{box.width / box.height:.2f}" if box.height > 0 else "0"
 
 
 @dataclass
 class PromptExample:
-    """One retrieved example: its image and its selected crops (pixels) with MOS."""
+    """One retrieved example: its image and its selected crops (pixels) with MOS, best first.
+
+    `crop_subjects` (subject task): the subject box (pixels) of each crop, aligned with `crops`;
+    `name` says which image it is where a saved prompt shows it (its path)."""
 
     image: Any  # PIL image
     width: int
     height: int
     crops: list[tuple[Box, float | None]]
     uuid: str | None = None
-    subject_center_norm: tuple[int, int] | None = None
+    crop_subjects: list[Box | None] | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -106,10 +129,11 @@ class PromptSpec:
     width: int
     height: int
     examples: list[PromptExample]
-    n_boxes: int = 1  # boxes asked for per answer (1 when R samples run in parallel)
+    n_boxes: int = 1  # boxes asked for per answer (R in one answer; 1 when R samples run in parallel)
     ratio: Ratio | None = None
-    subject_center_norm: tuple[int, int] | None = None
+    subject: Box | None = None  # the query's subject box (pixels), subject task
     query_uuid: str | None = None
+    query_name: str | None = None
 
 
 def _fill(template: str, **kw: Any) -> str:
@@ -119,31 +143,73 @@ def _fill(template: str, **kw: Any) -> str:
         raise ConfigError(f"prompt template {template!r} has a bad placeholder: {exc}") from None
 
 
+def _norm_str(box: Box, w: int, h: int) -> str:
+    return ", ".join(str(v) for v in box.to_norm(w, h))
+
+
+def _example_boxes(ex: PromptExample, task: str, tpl: PromptTemplates) -> str:
+    unscored = tpl.unscored_s
+    if task == "subject":  # crops grouped by their subject box, in the crops' order
+        groups: dict[str, list[str]] = {}
+        subjects = ex.crop_subjects or [None] * len(ex.crops)
+        for (b, s), sub in zip(ex.crops, subjects, strict=True):
+            if sub is None:
+                continue
+            key = _norm_str(sub, ex.width, ex.height)
+            groups.setdefault(key, []).append(fmt_box(b.to_norm(ex.width, ex.height), s, unscored))
+        return tpl.subject_group_sep.join(
+            _fill(tpl.subject_group, subject=k, boxes=", ".join(v)) for k, v in groups.items())
+    box_tpl = tpl.box_ratio if task == "ratio" else tpl.box_free
+    return ", ".join(_fill(box_tpl, box=fmt_box(b.to_norm(ex.width, ex.height), s, unscored), aspect=fmt_aspect(b))
+                     for b, s in ex.crops)
+
+
+def regions(n: int, tpl: PromptTemplates) -> str:
+    return _fill(tpl.regions_one) if n == 1 else _fill(tpl.regions_many, n=n)
+
+
 def build_messages(spec: PromptSpec, tpl: PromptTemplates,
                    refinement: list[tuple[Box, float, float | None]] | None = None) -> list[Message]:
     """The conversation for one round; `refinement` = [(box px, score, s), ...]: each candidate
-    is shown as its region of the query image, then its box and score."""
+    is shown as its region of the query image, then its box and score. Every image part carries
+    a name (the example's path, the query's, the crop's box) for saved prompts."""
     task = spec.task.value
     ratio = str(spec.ratio) if spec.ratio else ""
-    cx, cy = spec.subject_center_norm or (500, 500)
-    parts: list[str | ImagePart] = [_fill(getattr(tpl, f"instruction_{task}"))]
+    subject = _norm_str(spec.subject, spec.width, spec.height) if spec.subject is not None else ""
+    instruction = _fill(getattr(tpl, f"instruction_{task}"))
+    if any(s is None for ex in spec.examples for _, s in ex.crops):
+        instruction += _fill(tpl.unscored_note, s=tpl.unscored_s)
+    parts: list[str | ImagePart] = [instruction]
     if not spec.examples:
         parts.append("\n" + tpl.zero_shot_note)
-    for ex in spec.examples:
-        boxes = ", ".join(fmt_box(b.to_norm(ex.width, ex.height), s) for b, s in ex.crops)
-        ecx, ecy = ex.subject_center_norm or (500, 500)
-        parts.append(ImagePart(ex.image, ex.uuid))
-        parts.append(_fill(getattr(tpl, f"example_{task}"), boxes=boxes, ratio=ratio, cx=ecx, cy=ecy))
-    parts.append(ImagePart(spec.query_image, spec.query_uuid))
-    parts.append(_fill(getattr(tpl, f"query_{task}"), n=spec.n_boxes, ratio=ratio, cx=cx, cy=cy))
+    for i, ex in enumerate(spec.examples, 1):
+        parts.append(ImagePart(ex.image, ex.uuid, name=f"example {i}: {ex.name or ex.uuid or 'image'}"))
+        parts.append(_fill(getattr(tpl, f"example_{task}"), boxes=_example_boxes(ex, task, tpl)))
+    parts.append(ImagePart(spec.query_image, spec.query_uuid, name=f"query: {spec.query_name or 'image'}"))
+    n = spec.n_boxes
+    parts.append(_fill(getattr(tpl, f"query_{task}"), n=n, regions=regions(n, tpl), ratio=ratio,
+                       subject=subject))
     if refinement:
         parts.append(tpl.refine_intro)
-        for box, score, s in refinement:
-            parts.append(ImagePart(spec.query_image, None, tuple(box.as_int())))
-            parts.append(_fill(tpl.refine_candidate, box=fmt_box(box.to_norm(spec.width, spec.height), s),
+        for k, (box, score, s) in enumerate(refinement, 1):
+            px = tuple(box.as_int())
+            parts.append(ImagePart(spec.query_image, None, px,
+                                   name=f"candidate {k}: the query cropped to {list(px)} px"))
+            parts.append(_fill(tpl.refine_candidate,
+                               box=fmt_box(box.to_norm(spec.width, spec.height), s, tpl.unscored_s),
                                score=f"{score:.3f}"))
-        parts.append(tpl.refine_ask)
+        parts.append(_fill(tpl.refine_ask) if n == 1 else _fill(tpl.refine_ask_many, n=n))
     return [Message("user", _merge_text(parts))]
+
+
+def render_text(conversation: list[Message]) -> str:
+    """A conversation as the text the VLM reads, each image named where it stands as
+    `<image: NAME>` (the backend's chat template adds role markers and image tokens)."""
+    out = []
+    for msg in conversation:
+        for p in msg.content:
+            out.append(p if isinstance(p, str) else f"<image: {p.name or 'unnamed'}>")
+    return "".join(out)
 
 
 def _merge_text(parts: list[str | ImagePart]) -> list[str | ImagePart]:

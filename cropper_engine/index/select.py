@@ -30,8 +30,9 @@ def _unit_center(box: Box, example: Example) -> tuple[float, float]:
     return (cx / example.width, cy / example.height)
 
 
-def _crop_mask_boxes(example: Example) -> list[Box | None]:
-    """The subject box of each crop: per-crop boxes from extra["mask_boxes"], else mask_box."""
+def crop_subject_boxes(example: Example) -> list[Box | None]:
+    """The subject box of each crop (pixels): per-crop boxes from extra["mask_boxes"], else
+    `mask_box` (given by the dataset, or derived from its mask file at index build)."""
     per_crop = example.extra.get("mask_boxes") if example.extra else None
     if isinstance(per_crop, list) and len(per_crop) == len(example.crops):
         return [Box(*map(float, b)) if b is not None else None for b in per_crop]
@@ -56,7 +57,7 @@ def mask_center(mask: Any) -> tuple[float, float]:
 def mask_center_distance(example: Example, mask_center_unit: tuple[float, float]) -> float | None:
     """L2 distance (unit coordinates) from the query mask's centre to the example's nearest
     subject centre; None when the example has no subject mask."""
-    boxes = [b for b in {*_crop_mask_boxes(example), example.mask_box} if b is not None]
+    boxes = [b for b in {*crop_subject_boxes(example), example.mask_box} if b is not None]
     if not boxes:
         return None
     return min(_distance(mask_center_unit, _unit_center(b, example)) for b in boxes)
@@ -71,6 +72,14 @@ def _scores(example: Example) -> list[float | None]:
 def select_crops(example: Example, task: Task | str, t: int, *, ratio: Ratio | None = None,
                  mask_center_unit: tuple[float, float] | None = None) -> list[tuple[Box, float | None]]:
     """Up to `t` (box, MOS or None) pairs of the example's ground-truth crops, best first."""
+    scores = _scores(example)
+    return [(example.crops[i], scores[i])
+            for i in select_indices(example, task, t, ratio=ratio, mask_center_unit=mask_center_unit)]
+
+
+def select_indices(example: Example, task: Task | str, t: int, *, ratio: Ratio | None = None,
+                   mask_center_unit: tuple[float, float] | None = None) -> list[int]:
+    """The indices (into `example.crops`) of `select_crops`' choice, best first."""
     task = Task.parse(task)
     if t < 1:
         raise InputError(f"the number of crops per example must be at least 1, got {t}")
@@ -86,7 +95,7 @@ def select_crops(example: Example, task: Task | str, t: int, *, ratio: Ratio | N
     elif task is Task.SUBJECT:
         if mask_center_unit is None:
             raise InputError("subject-aware crop selection needs the query mask's centre (mask_center_unit)")
-        masks = _crop_mask_boxes(example)
+        masks = crop_subject_boxes(example)
 
         def subject_key(i: int) -> tuple[float, float, int]:
             box = masks[i]
@@ -105,11 +114,11 @@ def select_crops(example: Example, task: Task | str, t: int, *, ratio: Ratio | N
             return (_quantise(d), *mos_key(i))
 
         order.sort(key=ratio_key)
-    return [(example.crops[i], scores[i]) for i in order[:t]]
+    return order[:t]
 
 
 def _quantise(d: float) -> float:
     return d if math.isinf(d) else round(d / _TIE) * _TIE
 
 
-__all__ = ["mask_center", "mask_center_distance", "select_crops"]
+__all__ = ["crop_subject_boxes", "mask_center", "mask_center_distance", "select_crops", "select_indices"]

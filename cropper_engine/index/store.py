@@ -35,6 +35,7 @@ import numpy as np
 
 from cropper_engine.data.example import Example
 from cropper_engine.errors import ExampleIndexError, ImageError, InputError
+from cropper_engine.types import Box
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -292,6 +293,8 @@ def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: i
             skip(f"{ex.id}: {exc}")
             continue
         seen.add(ex.id)
+        if ex.mask_path:
+            _derive_subject_box(ex)
         batch_images.append(image)
         batch_examples.append(ex)
         if len(batch_images) >= batch_size:
@@ -300,6 +303,25 @@ def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: i
     bar.close()
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
     return vectors, kept, skipped
+
+
+def _derive_subject_box(ex: Example) -> None:
+    """The subject box of an example with a mask file: the mask's tight box (scaled to the image
+    when the mask has another size), the same way the loop derives a query's; stored in the
+    metadata as `mask_box` with extra["mask_box_from"] = "mask". An unreadable or empty mask
+    leaves the dataset's own `mask_box` (if any)."""
+    from cropper_engine.engine.geometry import mask_bbox
+    from cropper_engine.imageio import load_mask
+
+    try:
+        mask = load_mask(ex.mask_path)
+        box = mask_bbox(mask)
+    except (ImageError, ValueError, OSError):
+        return
+    h, w = mask.shape
+    sx, sy = ex.width / w, ex.height / h
+    ex.mask_box = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
+    ex.extra = {**ex.extra, "mask_box_from": "mask"}
 
 
 # --- the index --------------------------------------------------------------------------

@@ -48,12 +48,14 @@ class ImagePart:
     """An image inside a conversation; `uuid` is stable for images that recur (examples).
 
     With `box` (pixels x1, y1, x2, y2) the part is that region of `image`: backends cut and
-    resize it in one step instead of copying the crop at full resolution first.
+    resize it in one step instead of copying the crop at full resolution first. `name` says
+    which image it is in a saved prompt (`crop --save-prompts`); backends ignore it.
     """
 
     image: Any  # PIL.Image.Image
     uuid: str | None = None
     box: tuple[int, int, int, int] | None = None
+    name: str | None = None
 
     def pil(self) -> Any:
         """The image as PIL, the region cut out."""

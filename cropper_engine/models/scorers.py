@@ -1,4 +1,4 @@
-"""Scoring candidate crops: CLIP similarity, aesthetics, area, classical composition.
+"""Scoring candidate crops the paper's way: aesthetics, content preservation (CLIP), area.
 
 `FusedScorer` scores all candidates of all images of a batch in ONE forward pass:
 - prepare (CPU): each image -> a uint8 tensor, boxes -> unit coordinates;
@@ -6,16 +6,20 @@
   sit side by side in one wide tensor, and one `grid_sample` cuts and resizes every crop and
   every full image to the embedder's input size; one embedder pass embeds them all; the
   aesthetic head reads the same embeddings;
-- finish (CPU): per-component scores in 0..1 and their weighted mean.
-Without a CLIP model, the classical composition score (saliency, layout) stands in; random
-weights are never used for scoring.
+- finish (CPU): per-term scores in 0..1 and their weighted mean, with the weights of each
+  image's task (`scoring.free / subject / ratio`).
+The terms: `aesthetic` (a LAION aesthetic head on the crop's CLIP embedding, 1..10 mapped to
+0..1), `clip` (cosine similarity of the crop's and the whole image's CLIP embeddings, clipped to
+0..1), `area` (crop area / image area, 0..1). A term whose model is missing (no CLIP weights, no
+aesthetic head) is replaced by `classical`, the composition score (saliency / layout features
+through a logistic, 0..1), which takes the missing terms' weights; random weights never score.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,32 +159,70 @@ class ScoreOutput:
     components: list[dict[str, np.ndarray]]
 
 
+TERMS = ("aesthetic", "clip", "area")
+TASKS = ("free", "subject", "ratio")
+
+
+def _task_key(task: Any) -> str:
+    v = getattr(task, "value", task)
+    return v if v in TASKS else "free"
+
+
 class FusedScorer:
-    """Weighted mean of the components present: clip, aesthetic, area, classical."""
+    """Weighted mean of the paper's terms (aesthetic, clip, area) with per-task weights;
+    `classical` (composition) stands in for a term whose model is missing."""
 
     def __init__(self, embedder: Any | None = None, aesthetic: AestheticHead | None = None,
-                 *, clip_weight: float = 1.0, aesthetic_weight: float = 1.0, area_weight: float = 1.0,
-                 classical_weight: float = 1.0, classical: ClassicalScorer | None = None,
-                 saliency_size: int = 64) -> None:
+                 *, task_weights: Mapping[str, Any] | None = None, classical_weight: float = 1.0,
+                 classical: ClassicalScorer | None = None, saliency_size: int = 64) -> None:
+        """task_weights: {task: {"aesthetic", "clip", "area"} or an object with those attributes}
+        (config.TermWeights); tasks left out weigh the three terms equally, as the paper does.
+        classical_weight: the no-VLM default's model weight in its CLIP re-rank (`weights`)."""
         self.embedder = embedder if embedder is not None and hasattr(embedder, "encode_pixels") else None
         self.aesthetic = aesthetic if self.embedder is not None else None
         self.classical = classical or ClassicalScorer()
         self.saliency_size = saliency_size
         self._images: OrderedDict[int, tuple[Any, Any, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
-        self.weights = {"area": area_weight, "classical": classical_weight}
-        if self.embedder is not None:
-            self.weights["clip"] = clip_weight
-        if self.aesthetic is not None:
-            self.weights["aesthetic"] = aesthetic_weight
-        self.weights = {k: v for k, v in self.weights.items() if v > 0}
+        given = dict(task_weights or {})
+        self.task_weights: dict[str, dict[str, float]] = {}
+        for task in TASKS:
+            w = given.get(task)
+            raw = {t: float(w[t] if isinstance(w, Mapping) else getattr(w, t)) for t in TERMS} if w is not None \
+                else dict.fromkeys(TERMS, 1.0)
+            self.task_weights[task] = self._effective(raw)
+        free = self.task_weights["free"]
+        # the legacy single view, read by the no-VLM default's CLIP re-rank (engine/default_pipeline.py)
+        self.weights = {"classical": classical_weight, **{k: v for k, v in free.items() if k != "classical"}}
+
+    def _effective(self, raw: dict[str, float]) -> dict[str, float]:
+        present = {"area": True, "clip": self.embedder is not None, "aesthetic": self.aesthetic is not None}
+        out = {t: raw[t] for t in TERMS if present[t] and raw[t] > 0}
+        missing = sum(raw[t] for t in TERMS if not present[t])
+        if missing > 0:
+            out["classical"] = missing
+        return out
+
+    def weights_for(self, task: Any) -> dict[str, float]:
+        """The weights the total of a candidate of `task` uses (term -> weight)."""
+        return self.task_weights[_task_key(task)]
 
     @property
     def components(self) -> list[str]:
-        return sorted(self.weights)
+        return sorted({k for w in self.task_weights.values() for k in w})
+
+    @property
+    def _composition(self) -> bool:
+        return any("classical" in w for w in self.task_weights.values())
 
     def describe(self) -> str:
-        return " + ".join(f"{w:g}*{k}" for k, w in sorted(self.weights.items()))
+        def one(w: dict[str, float]) -> str:
+            return " + ".join(f"{v:g}*{k}" for k, v in sorted(w.items()))
+
+        views = {t: one(w) for t, w in self.task_weights.items()}
+        if len(set(views.values())) == 1:
+            return views["free"]
+        return "; ".join(f"{t}: {v}" for t, v in views.items())
 
     # -- the three stages ----------------------------------------------------------------
     def prepare(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
@@ -192,7 +234,7 @@ class FusedScorer:
             u = np.array([b.to_unit(w, h) for b in bxs], dtype=np.float64).reshape(-1, 4)
             units.append(u)
             per = self._per_image(img, saliency[i] if saliency is not None else None)
-            if "classical" in self.weights:
+            if self._composition:
                 feats.append(box_features(per["table"], u, w / h))
             else:
                 feats.append(np.zeros((len(u), len(FEATURE_NAMES))))
@@ -216,7 +258,7 @@ class FusedScorer:
 
         w, h = img.size
         per: dict[str, Any] = {}
-        if "classical" in self.weights:
+        if self._composition:
             if sal is None:
                 sal = spectral_residual_saliency(
                     np.asarray(img.convert("L").resize(_small(w, h)), dtype=np.float32), self.saliency_size)
@@ -261,15 +303,16 @@ class FusedScorer:
                 out["aesthetic_raw"] = self.aesthetic(vecs)
         return out
 
-    def finish(self, prep: Prepared, out: dict[str, Any]) -> ScoreOutput:
+    def finish(self, prep: Prepared, out: dict[str, Any], tasks: Sequence[Any] | None = None) -> ScoreOutput:
         totals, comps = [], []
         emb = out["emb"].float().cpu().numpy() if out else None
         aes = out["aesthetic_raw"].float().cpu().numpy() if out and "aesthetic_raw" in out else None
         pos = 0
-        for u, f in zip(prep.boxes_unit, prep.features, strict=True):
+        for i, (u, f) in enumerate(zip(prep.boxes_unit, prep.features, strict=True)):
             m = len(u)
+            weights = self.weights_for(tasks[i] if tasks is not None else "free")
             c: dict[str, np.ndarray] = {"area": (u[:, 2] - u[:, 0]) * (u[:, 3] - u[:, 1])}
-            if "classical" in self.weights:
+            if self._composition:
                 c["classical"] = self.classical.score(f) if m else np.zeros(0)
             if emb is not None:
                 full, crops = emb[pos], emb[pos + 1:pos + 1 + m]
@@ -277,16 +320,17 @@ class FusedScorer:
                 if aes is not None:
                     c["aesthetic"] = AestheticHead.to_unit(aes[pos + 1:pos + 1 + m])
                 pos += m + 1
-            wsum = sum(self.weights.values()) or 1.0
-            total = sum(self.weights[k] * c[k] for k in self.weights if k in c) / wsum
+            wsum = sum(weights.values()) or 1.0
+            total = sum(weights[k] * c[k] for k in weights if k in c) / wsum
             totals.append(np.asarray(total, dtype=np.float64).reshape(m))
             comps.append(c)
         return ScoreOutput(totals, comps)
 
     def score(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
-              saliency: Sequence[np.ndarray] | None = None) -> ScoreOutput:
+              saliency: Sequence[np.ndarray] | None = None, tasks: Sequence[Any] | None = None) -> ScoreOutput:
+        """tasks: each image's task (Task or its name), which picks its weights; default free."""
         prep = self.prepare(images, boxes, saliency)
-        return self.finish(prep, self.forward(prep))
+        return self.finish(prep, self.forward(prep), tasks)
 
 
 def _small(w: int, h: int, side: int = 160) -> tuple[int, int]:
