@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
 
 
 def free_port() -> int:
@@ -308,8 +311,7 @@ def main() -> None:
                     "load_avg_at_end": os.getloadavg()[0]},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    save_json(args.out, out)
     print(f"\nwrote {args.out}")
 
 

@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
 LIMIT_MS = 30.0
 
@@ -131,8 +133,7 @@ def main() -> None:
           f"{found['faces']} images with faces, {found['persons']} with persons; load {figures['load_avg_1m']}")
     for k, v in figures["ms"].items():
         print(f"{k:8s} mean {v['mean']:6.2f}  median {v['median']:6.2f}  p90 {v['p90']:6.2f}  max {v['max']:6.2f} ms")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(figures, indent=2) + "\n")
+    save_json(a.out, figures)
     print(json.dumps(figures))
 
 

