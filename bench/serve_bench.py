@@ -190,7 +190,7 @@ def start_vllm(model: str, work: Path) -> tuple[subprocess.Popen, str]:
     """`python -m vllm.entrypoints.openai.api_server` from .venv-vllm on a free loopback port."""
     import httpx
 
-    py = ROOT / ".venv-vllm" / "bin" / "python"
+    py = Path(os.environ.get("CROPPER_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
     if not py.exists():
         raise SystemExit(".venv-vllm is not installed (make install-vllm), or pass --vlm-url")
     port = free_port()

@@ -15,7 +15,8 @@ import httpx
 from needs import missing
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+# the interpreter of .venv-vllm (CROPPER_VLLM_PYTHON: another one, e.g. a checkout's without its own venvs)
+VLLM_PY = Path(os.environ.get("CROPPER_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
 
 
 def free_port() -> int:
