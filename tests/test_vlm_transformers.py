@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -290,10 +289,9 @@ def test_hub_id_not_cached_fails_at_once(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError) as err:
         TransformersVLM("TIGER-Lab/Mantis-8B-Idefics2")
-    assert time.perf_counter() - t0 < 2.0
+    assert err.traceback[-1].name == "resolve_model_dir"  # refused by the local lookup, before any loading
     msg = str(err.value)
     assert "huggingface-cli download TIGER-Lab/Mantis-8B-Idefics2" in msg
     assert str(tmp_path / "hf") in msg
