@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# where result files go: bench/results (committed, what the README quotes), or $CROPPER_BENCH_RESULTS
+# (`python -m bench all --quick` writes its smoke-size figures elsewhere)
+RESULTS = Path(os.environ.get("CROPPER_BENCH_RESULTS") or ROOT / "bench" / "results")
 # the machine's load when this process started (before the benchmark's own work): a figure taken
 # with other work running is marked so in its result file
 LOAD_AT_START = os.getloadavg()

@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("-L", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", nargs="?", const="bench/results/costmodel.json", default=None, metavar="PATH",
+    ap.add_argument("--out", nargs="?", const="-", default=None, metavar="PATH",
                     help="write the limits at batch 1 and 8 (the README's figures) to PATH "
                          "[default: bench/results/costmodel.json]")
     args = ap.parse_args()
@@ -203,11 +203,11 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bench.common import ROOT, save_json
+        from bench.common import RESULTS, save_json
 
         loop = LoopCost(args.S, args.T, args.R, args.L)
         reps = {f"batch_{b}": report(shape, DEVICES[args.device], loop, b) for b in (1, 8)}
-        path = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+        path = RESULTS / "costmodel.json" if args.out == "-" else Path(args.out)
         save_json(path, {"what": "the cost model's limits (docs/COST_MODEL.md), not a measurement", **reps})
         print(f"wrote {path}")
     rep = report(shape, DEVICES[args.device], LoopCost(args.S, args.T, args.R, args.L), args.batch)

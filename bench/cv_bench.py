@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
-DEFAULT_OUT = ROOT / "bench" / "results" / "default_cv.json"
+DEFAULT_OUT = RESULTS / "default_cv.json"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,12 +31,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_mb, save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, peak_rss_mb, save_json  # noqa: E402  (first: it notes the load at the start)
 from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.types import CropRequest, Ratio, Task  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
-DEFAULT_OUT = ROOT / "bench" / "results" / "default_bench.json"
+DEFAULT_OUT = RESULTS / "default_bench.json"
 LIMIT_MS = 200.0
 LIMIT_STAT = "wall_ms_median"
 

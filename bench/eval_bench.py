@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
-DEFAULT_OUT = ROOT / "bench" / "results" / "fcdb_val_eval.json"
+DEFAULT_OUT = RESULTS / "fcdb_val_eval.json"
 RUNS = [  # (row, eval arguments)
     ("center", ["--method", "center", "--ratio-from-gt"]),
     ("full", ["--method", "full"]),

@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import save_json  # first: it notes the load at the start
+from bench.common import RESULTS, save_json  # first: it notes the load at the start
 from cropper_engine.index.store import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -61,7 +61,7 @@ TARGET_RECALL = 0.99
 TARGET_P50_MS = 1.0
 TARGET_LOAD_S = 1.0
 EMBEDDER = {"id": "synthetic", "dim": DIM}
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "bench" / "results" / "index_bench.json"
+DEFAULT_OUT = RESULTS / "index_bench.json"
 OFFLINE_EMBEDDERS = ("classical", "tiny_open_clip", "vit_b32_random")
 QUICK_EMBEDDERS = ("classical", "tiny_open_clip")
 

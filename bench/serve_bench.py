@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
 
 def free_port() -> int:
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--task", default="free", help="free | ratio (16:9)")
     ap.add_argument("--quick", action="store_true", help="20 s windows")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
+    ap.add_argument("--out", default=str(RESULTS / "serve_bench.json"))
     args = ap.parse_args()
     duration = 20.0 if args.quick else args.duration
     levels = [int(c) for c in args.clients.split(",")]

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
-DEFAULT_OUT = ROOT / "bench" / "results" / "server_load_tests.json"
+DEFAULT_OUT = RESULTS / "server_load_tests.json"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
 LIMIT_MS = 30.0
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024, help="longest side of the inputs, px")
     ap.add_argument("--repeat", type=int, default=3, help="passes over the images (the median is kept per image)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="the FCDB folder")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "subject_bench.json"))
+    ap.add_argument("--out", default=str(RESULTS / "subject_bench.json"))
     a = ap.parse_args()
     n, repeat = (20, 2) if a.quick else (a.n, a.repeat)
 
