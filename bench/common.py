@@ -44,6 +44,9 @@ def git_state() -> dict[str, Any]:
         return {"commit": "unknown", "dirty": None}
 
 
+GIT_AT_START = git_state()
+
+
 def machine_load() -> dict[str, Any]:
     """Load averages (1, 5, 15 min) when the process started and now, against the cores; `busy`
     when other work kept more than half the cores busy at the start."""
@@ -55,9 +58,17 @@ def machine_load() -> dict[str, Any]:
             else "quiet machine"}
 
 
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].startswith("python -m "):  # `python -m bench NAME` (bench/__main__.py names it so)
+        return " ".join(argv)
+    return " ".join(["python", *argv])
+
+
 def provenance(command: str | None = None) -> dict[str, Any]:
-    """What every result file carries: the command, the commit, the machine and its load, versions."""
-    return {"command": command or " ".join(["python", *sys.argv]), "git": git_state(),
+    """What every result file carries: the command, the commit the process started on (and whether
+    the code differed from it then), the machine and its load, versions."""
+    return {"command": command or _command(), "git": GIT_AT_START,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - STARTED, 1), "machine": {**device_info(), **machine_load()},
             "versions": versions()}
