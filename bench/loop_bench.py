@@ -258,12 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop.keep_faces": "off"})
     naive = None
     if not args.no_naive:
-        # the naive loop runs transformers as it comes: stock attention, its own generate
-        # the same attention kernel as the engine; no prefix store (generate does not use it)
+        # the same model, attention kernel and scorer as the engine; no prefix store (generate does not use it)
         from cropper_engine.engine.build import _scorer
 
         naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, prefix_cache=False)
         naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None), _scorer(cfg, emb, {}))
+
     def run_queries(k: int) -> list[str]:
         return queries[k * n_images:(k + 1) * n_images]
 
