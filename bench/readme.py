@@ -97,7 +97,8 @@ def _loop_row(label: str, f: dict[str, Any] | None) -> str:
     return (f"| {label} | {f['engine_images_per_s']:.2f} | {f.get('naive_images_per_s', 0):.2f} | "
             f"**{f.get('speedup', 0):.2f}x** | {f['engine_p50_s']:.2f} / {f.get('naive_p50_s', 0):.2f} | "
             f"{f['engine_tokens_per_image']:.0f} / {f.get('naive_tokens_per_image', 0):.0f} | "
-            f"{fmt(hit)} ({tok} shared tokens; blocks of {f['block_size']}) |")
+            f"{fmt(hit)} ({tok} shared tokens; "
+            f"{'token by token' if f['block_size'] == 1 else 'blocks of ' + str(f['block_size'])}) |")
 
 
 def b_loop() -> str:

