@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' (exit {rc})' if rc else ''}{f'; not written: {missing}' if missing else ''}"
               f"{f'; {note}' if note else ''}", file=sys.stderr, flush=True)
     failed = [x["step"] for x in summary if not x["ok"]]
-    save_json(results / "bench_all.json", {"quick": a.quick, "steps": summary, "failed": failed,
-                                            "minutes": round((time.time() - t_all) / 60, 1)})
+    if len(steps) == len(STEPS):  # the summary the README quotes is of a whole run
+        save_json(results / "bench_all.json", {"quick": a.quick, "steps": summary, "failed": failed,
+                                                "minutes": round((time.time() - t_all) / 60, 1)})
     # the README's figure blocks from the result files (a failed step leaves its old file, and its figures)
     rc_readme = 0
     if committed:
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"results in {results}; README.md left alone (its figures come from bench/results)", file=sys.stderr)
     print(f"\n{len(summary) - len(failed)} of {len(summary)} steps ok in {(time.time() - t_all) / 60:.1f} min"
-          + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; summary in {results / 'bench_all.json'}",
+          + (f"; FAILED: {', '.join(failed)}" if failed else "")
+          + (f"; summary in {results / 'bench_all.json'}" if len(steps) == len(STEPS) else ""),
           file=sys.stderr)
     return 1 if failed or rc_readme else 0
 
