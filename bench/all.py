@@ -64,7 +64,7 @@ STEPS = [
     Step("serve-openai", ["serve", "--backend", "openai", "--quick", "--out", "{results}/serve_bench_openai.json"],
          ["serve", "--backend", "openai", "--duration", "6", "--clients", "1,4", "--out",
           "{results}/serve_bench_openai.json"], ["serve_bench_openai.json"], 3.5),
-    Step("server-tests", ["server-tests"], ["server-tests", "--seconds", "10"], ["server_load_tests.json"], 3.5),
+    Step("server-tests", ["server-tests"], ["server-tests", "--seconds", "20"], ["server_load_tests.json"], 3.5),
     Step("cost", ["cost", "--out"], ["cost", "--out"], ["costmodel.json"], 0.1),
     Step("cv", ["cv"], ["cv", "--limit", "60", "--folds", "2"], ["default_cv.json"], 6.0),
 ]

@@ -61,11 +61,12 @@ def b_eval() -> str:
              "cropper_ratio": "**cropper, no VLM (the default), ratio given**",
              "cropper_free": "**cropper, no VLM (the default), free-form**"}
     n = {r["n"] for r in f["runs"]}
-    lines = [f"| method (FCDB val, {'/'.join(map(str, sorted(n)))} images) | IoU | Disp | alpha-recall | command |",
-             "|---|---|---|---|---|"]
+    prefix = "cropper-engine eval --dataset fcdb --annotations ../shared/data/fcdb/val.jsonl "
+    lines = [f"| method (FCDB val, {'/'.join(map(str, sorted(n)))} images) | IoU | Disp | alpha-recall | "
+             f"`{prefix}...` |", "|---|---|---|---|---|"]
     for r in f["runs"]:
         lines.append(f"| {label.get(r['row'], r['row'])} | {r['iou']:.3f} | {r['disp']:.3f} | "
-                     f"{r['alpha_recall']:.3f} | `{r['command'].replace('cropper-engine eval --dataset fcdb ', '')}` |")
+                     f"{r['alpha_recall']:.3f} | `{r['command'].replace(prefix, '')}` |")
     lines += ["", f"({source('fcdb_val_eval.json', f, bool(f.get('limit')))}; `python -m bench eval`.)"]
     return "\n".join(lines)
 
