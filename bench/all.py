@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     committed = results == (ROOT / "bench" / "results").resolve()
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "CROPPER_BENCH_RESULTS": str(results), "PYTHONPATH": path, "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "CROPPER_VLLM_PYTHON": a.vllm_python}
+           "TRANSFORMERS_OFFLINE": "1", "CROPPER_VLLM_PYTHON": a.vllm_python,
+           "CROPPER_BENCH_SMOKE": "1" if a.quick else ""}
     summary = []
     t_all = time.time()
     for k, s in enumerate(steps):

@@ -69,6 +69,8 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     """What every result file carries: the command, the commit the process started on (and whether
     the code differed from it then), the machine and its load, versions."""
     return {"command": command or _command(), "git": GIT_AT_START,
+            # `python -m bench all --quick` marks its smoke-size runs, whatever sizes each bench calls quick
+            "smoke": bool(os.environ.get("CROPPER_BENCH_SMOKE")),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - STARTED, 1), "machine": {**device_info(), **machine_load()},
             "versions": versions()}

@@ -32,8 +32,8 @@ def load(name: str) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def source(name: str, f: dict[str, Any] | None, quick: bool | None = None) -> str:
-    """`bench/results/NAME` with its commit, date, and the machine's state."""
+def source(name: str, f: dict[str, Any] | None, quick: bool | None = None, measured: bool = True) -> str:
+    """`bench/results/NAME` with its commit, date, and the machine's state (where it `measured`)."""
     if f is None:
         return f"`bench/results/{name}`: not written yet (`python -m bench all`)"
     p = f.get("provenance")
@@ -42,7 +42,9 @@ def source(name: str, f: dict[str, Any] | None, quick: bool | None = None) -> st
     m, g = p["machine"], p["git"]
     load_s = f"load {m['load_avg_start'][0]:.1f} on {m['cores']} cores"
     state = f"**busy machine** ({load_s}: indicative only)" if m.get("busy") else f"quiet machine ({load_s})"
-    quick = f.get("quick") if quick is None else quick
+    quick = bool(f.get("quick") if quick is None else quick) or bool(p.get("smoke"))
+    if not measured:
+        return f"`bench/results/{name}`: commit {g['commit'][:8]}{' + local changes' if g.get('dirty') else ''}"
     return (f"`bench/results/{name}`: commit {g['commit'][:8]}{' + local changes' if g.get('dirty') else ''}, "
             f"{p['created'][:10]}, {state}{', **quick (smoke-size) run**' if quick else ''}, {p['seconds']:.0f} s")
 
@@ -233,7 +235,7 @@ def b_cost() -> str:
             f"{b8['variants']['engine (prefix cache, vision reuse, n=R)']['total_limit_ms'] / 1000:.2f} s per query at "
             f"batch 8; without prefix caching +{d['no prefix cache']:.0f} ms, without vision-feature reuse "
             f"+{d['no vision-feature reuse']:.0f} ms, R boxes one after another instead of n=R "
-            f"+{d['R boxes one after another'] / 1000:.1f} s ({source('costmodel.json', f, False)})")
+            f"+{d['R boxes one after another'] / 1000:.1f} s ({source('costmodel.json', f, False, measured=False)})")
 
 
 def b_bench_all() -> str:

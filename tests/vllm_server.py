@@ -47,9 +47,11 @@ def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None =
     proc = start(model_dir, port, log_path)
     if not wait_up(port, proc, timeout):
         stop(proc)
-        tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        first = text.find("Traceback")  # the root cause, not only the shutdown that follows it
+        excerpt = text[first:first + 3000] if first >= 0 else text[-1500:]
         missing(f"the vLLM server did not come up in {timeout:.0f} s (exit status {proc.returncode}; is "
-                f"cropper_engine installed in .venv-vllm for the Idefics2 plugin?); log tail:\n{tail}")
+                f"cropper_engine installed in .venv-vllm for the Idefics2 plugin?); its log:\n{excerpt}")
     return proc
 
 
