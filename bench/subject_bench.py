@@ -125,7 +125,7 @@ def main() -> None:
         "images_with_faces": found["faces"], "images_with_persons": found["persons"],
         "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "ms": {k: stats([statistics.median(v) for v in per[k]]) for k in tasks},
-        "limit_ms": LIMIT_MS,
+        "limit_ms": LIMIT_MS, "quick": bool(a.quick),
     }
     figures["ok"] = figures["ms"]["both"]["median"] <= LIMIT_MS
     print(f"subject detection on {len(imgs)} images at {a.side} px (longest side), downscaled to "
