@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     for k, s in enumerate(steps):
         py = a.vllm_python if s.vllm else sys.executable
-        args = [x.replace("{results}", str(results)) for x in (s.quick if a.quick else s.args)]
+        shown = results.relative_to(ROOT.resolve()) if results.is_relative_to(ROOT.resolve()) else results
+        args = [x.replace("{results}", str(shown)) for x in (s.quick if a.quick else s.args)]
         cmd = [py, "-m", "bench", *args]
         print(f"\n=== [{k + 1}/{len(steps)}] {s.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.time()
