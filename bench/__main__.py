@@ -1,12 +1,17 @@
 """`python -m bench NAME [args]`: the benchmarks, one entry point.
 
+    python -m bench all [--quick]                 every figure the README quotes (about 25 min on 2 cores)
+    python -m bench readme [--write]              the README's figure blocks from bench/results (check / rewrite)
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
-    python -m bench cost [--device h100]          the cost model's limits at full size
+    python -m bench cost [--device h100] [--out]  the cost model's limits at full size
     python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage
-    python -m bench subject [--quick]             face and person detection, ms per 1024-px image
-    python -m bench serve                         the HTTP service under 1, 4 and 16 clients
+    python -m bench subject [--quick] [--out P]   face and person detection, ms per 1024-px image
+    python -m bench serve [--backend openai]      the HTTP service under 1, 4 and 16 clients
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
+    python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
+    python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
+    python -m bench server-tests                  the slow server load / fault tests' figures
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import sys
 
 COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
-            "fullsize": "bench.fullsize"}
+            "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
+            "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme"}
 
 
 def main() -> None:
@@ -26,7 +32,8 @@ def main() -> None:
     name = sys.argv.pop(1)
     sys.argv[0] = f"python -m bench {name}"
     mod = importlib.import_module(COMMANDS[name])
-    mod.main()
+    rc = mod.main()
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

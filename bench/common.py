@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# where result files go: bench/results (committed, what the README quotes), or $CROPPER_BENCH_RESULTS
+# (`python -m bench all --quick` writes its smoke-size figures elsewhere)
+RESULTS = Path(os.environ.get("CROPPER_BENCH_RESULTS") or ROOT / "bench" / "results")
+# the machine's load when this process started (before the benchmark's own work): a figure taken
+# with other work running is marked so in its result file
+LOAD_AT_START = os.getloadavg()
+STARTED = time.time()
 
 
 def git_sha() -> str:
@@ -20,6 +28,60 @@ def git_sha() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran on, and whether the tracked code differed from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "cropper_engine", "bench",
+                    ":(exclude)bench/results")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+GIT_AT_START = git_state()
+
+
+def machine_load() -> dict[str, Any]:
+    """Load averages (1, 5, 15 min) when the process started and now, against the cores; `busy`
+    when other work kept more than half the cores busy at the start."""
+    cores = os.cpu_count() or 1
+    busy = LOAD_AT_START[0] > 0.5 * cores
+    return {"cores": cores, "load_avg_start": [round(x, 2) for x in LOAD_AT_START],
+            "load_avg_end": [round(x, 2) for x in os.getloadavg()], "busy": busy,
+            "note": "busy machine: other work was running, figures are indicative" if busy
+            else "quiet machine"}
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].startswith("python -m "):  # `python -m bench NAME` (bench/__main__.py names it so)
+        return " ".join(argv)
+    return " ".join(["python", *argv])
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """What every result file carries: the command, the commit the process started on (and whether
+    the code differed from it then), the machine and its load, versions."""
+    return {"command": command or _command(), "git": GIT_AT_START,
+            # `python -m bench all --quick` marks its smoke-size runs, whatever sizes each bench calls quick
+            "smoke": bool(os.environ.get("CROPPER_BENCH_SMOKE")),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - STARTED, 1), "machine": {**device_info(), **machine_load()},
+            "versions": versions()}
+
+
+def save_json(path: str | Path, figures: dict[str, Any], command: str | None = None) -> Path:
+    """Write the figures with their provenance (under "provenance") to PATH; returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**figures, "provenance": provenance(command)}, indent=2, default=str) + "\n")
+    return path
 
 
 def versions() -> dict[str, str]:
@@ -103,15 +165,16 @@ def device_limits() -> dict[str, Any]:
 
 
 def write_results(name: str, figures: dict[str, Any], table_md: str, plot: Any | None = None) -> dict[str, str]:
-    """bench/results/<name>-<UTC time>.json / .md / .png; returns the paths."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = RESULTS / f"{name}-{stamp}"
-    figures = {**figures, "git": git_sha(), "device": device_info(), "versions": versions(),
-               "created": stamp}
+    """bench/results/<name>.json (with provenance) / .md / .png; returns the paths. One file per
+    benchmark configuration, overwritten by each run: the README quotes it by name."""
+    base = RESULTS / name
     paths = {"json": str(base.with_suffix(".json")), "md": str(base.with_suffix(".md"))}
-    Path(paths["json"]).write_text(json.dumps(figures, indent=2, default=str))
-    Path(paths["md"]).write_text(table_md)
+    save_json(paths["json"], figures)
+    prov = provenance()
+    Path(paths["md"]).write_text(table_md + f"\n{prov['machine']['note']} (load {prov['machine']['load_avg_start']} "
+                                 f"at the start, {prov['machine']['cores']} cores); commit "
+                                 f"{prov['git']['commit'][:10]}{' (modified)' if prov['git']['dirty'] else ''}, "
+                                 f"{prov['created']}\n")
     if plot is not None:
         try:
             import matplotlib

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # Idefics2-8B / Mantis-8B-Idefics2 (the published config.json: SigLIP-so400m vision tower at
 # 980 px / patch 14, perceiver resampler to 64 latents, Mistral-7B text model).
@@ -199,8 +200,22 @@ def main() -> None:
     ap.add_argument("-L", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", nargs="?", const="-", default=None, metavar="PATH",
+                    help="write the limits at batch 1 and 8 (the README's figures) to PATH "
+                         "[default: bench/results/costmodel.json]")
     args = ap.parse_args()
     shape = Shape.from_dict(IDEFICS2_8B)
+    if args.out:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.common import RESULTS, save_json
+
+        loop = LoopCost(args.S, args.T, args.R, args.L)
+        reps = {f"batch_{b}": report(shape, DEVICES[args.device], loop, b) for b in (1, 8)}
+        path = RESULTS / "costmodel.json" if args.out == "-" else Path(args.out)
+        save_json(path, {"what": "the cost model's limits (docs/COST_MODEL.md), not a measurement", **reps})
+        print(f"wrote {path}")
     rep = report(shape, DEVICES[args.device], LoopCost(args.S, args.T, args.R, args.L), args.batch)
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -31,11 +31,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, peak_rss_mb, save_json  # noqa: E402  (first: it notes the load at the start)
 from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.types import CropRequest, Ratio, Task  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
-DEFAULT_OUT = ROOT / "bench" / "results" / "default_bench.json"
+DEFAULT_OUT = RESULTS / "default_bench.json"
 LIMIT_MS = 200.0
 LIMIT_STAT = "wall_ms_median"
 
@@ -133,13 +134,9 @@ def main() -> None:
 
 def write(path: Path, figures: dict[str, Any], n: int) -> None:
     """PATH (JSON, with provenance) and PATH.md, as bench.common.write_results writes them."""
-    from bench.common import device_info, git_sha, peak_rss_mb, versions
-
-    out = {"bench": "default", **figures, "peak_rss_mb": round(peak_rss_mb(), 1), "git": git_sha(),
-           "device": device_info(), "versions": versions(),
-           "created": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    out = {"bench": "default", **figures, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    save_json(path, out)
+    out = json.loads(path.read_text())
     path.with_suffix(".md").write_text(markdown(out, n))
     print(f"results: {path}, {path.with_suffix('.md')}", file=sys.stderr)
 
@@ -154,8 +151,9 @@ def markdown(f: dict[str, Any], n: int) -> str:
                      + " | ".join(str(t["stages_ms"].get(k, "")) for k in keys) + f" | {t['ok']} |")
     lines += ["", f"stages in ms per image (the engine's timings); limit {f['limit_ms']:.0f} ms per image "
               f"({f['limit_stat']}): {'ok' if f['ok'] else 'NOT met'}; model load {f['load_ms']} ms; "
-              f"pipeline {f['pipeline']}; {f['cores']} cores, load {f['load_avg_1m']}; git {f['git']}, "
-              f"{f['created']}"]
+              f"pipeline {f['pipeline']}; {f['cores']} cores, load {f['load_avg_1m']} "
+              f"({f['provenance']['machine']['note']}); commit {f['provenance']['git']['commit'][:10]}, "
+              f"{f['provenance']['created']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import RESULTS, save_json  # first: it notes the load at the start
 from cropper_engine.index.store import (
     DEFAULT_EF,
     DEFAULT_EF_CONSTRUCTION,
@@ -60,7 +61,7 @@ TARGET_RECALL = 0.99
 TARGET_P50_MS = 1.0
 TARGET_LOAD_S = 1.0
 EMBEDDER = {"id": "synthetic", "dim": DIM}
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "bench" / "results" / "index_bench.json"
+DEFAULT_OUT = RESULTS / "index_bench.json"
 OFFLINE_EMBEDDERS = ("classical", "tiny_open_clip", "vit_b32_random")
 QUICK_EMBEDDERS = ("classical", "tiny_open_clip")
 
@@ -335,13 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets_met": targets, "seconds": round(time.perf_counter() - t_all, 1),
     }
     if args.out:
-        from bench.common import device_info, git_sha, versions
-
-        summary.update({"git": git_sha(), "device": device_info(), "versions": versions(),
-                        "load_avg_1m": round(os.getloadavg()[0], 2),
-                        "created": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())})
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        save_json(args.out, summary)
         log(f"[index-bench] results: {args.out}")
     print(json.dumps(summary))
     return 0

@@ -1,13 +1,15 @@
 """The engine's loop against a naive reference loop, side by side on the same model and inputs.
 
-    python bench/loop_bench.py [--quick] [--model DIR] [--batch 8] [-S 8] [-R 6] [-L 2]
+    python -m bench loop [--quick] [--out] [--model DIR] [--batch 8] [-S 8] [-R 6] [-L 2]
 
-The naive loop is what a plain, competent re-implementation does: the model loaded once,
-HF `generate` with its KV cache, the same dtype, max_new_tokens, box grammar and stop rules
-as the engine, but one image at a time, one generate call per round (n=R samples through
-num_return_sequences) and each crop scored on its own through the embedder's PIL path.
-The engine batches all images of a round into one call, prefills each prompt once for its R
-samples, and scores all crops of the batch in one fused pass.
+The naive loop (`NaiveLoop`) is what a careful user writes around HF `generate`: it shares the
+model, its attention kernel, dtype, token limit, box grammar and sampling settings, images
+decoded and resized once, each image's saliency computed once and one scorer. It differs only in
+what the engine claims: batching across images, one prefill per prompt for its R samples, the
+tree decode, prefix (and image feature) reuse across rounds, and fused scoring. Both loops warm up
+first (always, --quick too), then run on images they have not seen; the report gives each
+stage's speed-up and the p50 latency of both (the engine answers a batch at once: batching trades
+latency for throughput).
 
 Without --model it builds the tiny random Idefics2 and CLIP (offline, seconds). Inputs are
 FCDB images from ../shared/data (an index of --index-size train images; queries from val),
@@ -30,10 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import git_sha, peak_gpu_mb, peak_rss_mb, write_results  # noqa: E402
+from bench.common import peak_gpu_mb, peak_rss_mb, write_results  # noqa: E402
 from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.data.example import Example  # noqa: E402
-from cropper_engine.engine.features import SaliencyTable, box_features  # noqa: E402
 from cropper_engine.engine.geometry import dedupe  # noqa: E402
 from cropper_engine.engine.loop import Cropper  # noqa: E402
 from cropper_engine.engine.parse import parse_boxes  # noqa: E402
@@ -64,10 +65,24 @@ def load_inputs(data: Path, index_size: int, n_queries: int, work: Path) -> tupl
 
 
 class NaiveLoop:
-    """One image at a time; one generate call per round; crops scored one by one."""
+    """What a careful user writes around transformers' `generate`, one image at a time.
 
-    def __init__(self, vlm: Any, embedder: Any, index: Any, cfg: Any, templates: Any) -> None:
-        self.vlm, self.emb, self.index, self.cfg, self.tpl = vlm, embedder, index, cfg, templates
+    It shares with the engine what such a user would write: the model loaded once with the same
+    attention kernel, dtype, token limit, box grammar and sampling settings; each query decoded
+    once, example images decoded once (kept, at the size the VLM reads) and every image resized
+    once for the model (the same fitter); each image's saliency computed once and one scorer
+    (built once, the engine's). It differs only in what the engine claims: one image at a time (no
+    batching across images), one `generate` call per round with num_return_sequences=R (every
+    sample prefills the prompt again: no shared prefill, no tree decode), every round's prompt
+    run from its start through the vision tower (no prefix or feature reuse), and each crop scored
+    by its own scorer call (no fused scoring across crops and images).
+    """
+
+    def __init__(self, vlm: Any, embedder: Any, index: Any, cfg: Any, templates: Any, scorer: Any) -> None:
+        from cropper_engine.engine.loop import ImageCache
+
+        self.vlm, self.emb, self.index, self.cfg, self.tpl, self.scorer = vlm, embedder, index, cfg, templates, scorer
+        self.examples = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
         self.stages: dict[str, float] = {}
         self.generated = 0
 
@@ -76,95 +91,79 @@ class NaiveLoop:
         self.stages[stage] = self.stages.get(stage, 0.0) + t1 - t0
         return t1
 
-    def score(self, image: Any, boxes: list[Box]) -> list[float]:
-        from cropper_engine.models.saliency import spectral_residual_saliency
-
-        w, h = image.size
-        full = self.emb.embed([image])[0]
-        s = 160 / max(w, h)
-        small = image.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
-        table = SaliencyTable.from_map(spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64))
-        from cropper_engine.models.scorers import ClassicalScorer
-
-        out = []
-        for b in boxes:  # per crop: cut with PIL, embed alone
-            crop = image.crop(tuple(b.as_int()))
-            clip = float(np.clip(self.emb.embed([crop])[0] @ full, 0, 1))
-            u = np.array([b.to_unit(w, h)])
-            classical = float(ClassicalScorer().score(box_features(table, u, w / h))[0])
-            out.append((clip + (b.area / (w * h)) + classical) / 3)
-        return out
-
     def crop(self, path: str) -> Box:
         import torch
 
         from cropper_engine.engine.grammar import BoxGrammar, TokenConstraint
-        from cropper_engine.models.vlm_transformers import _conversation_to_chat
+        from cropper_engine.engine.loop import _uuid
+        from cropper_engine.models.saliency import spectral_residual_saliency
 
         cfg = self.cfg
         t = time.perf_counter()
-        image = open_image(path).image
+        loaded = open_image(path, cfg.max_pixels)
+        image = loaded.image
+        w, h = image.size
         t = self._t("decode", t)
         vec = self.emb.embed([image])
         t = self._t("embed", t)
         hits = self.index.query(vec, cfg.retrieval.examples, exclude={Path(path).name})[0]
         examples = []
-        for h in hits:
-            ex = self.index.example(h.row)
-            img = open_image(ex.image_path).image  # no cache: a plain loop reloads
-            img.thumbnail((1024, 1024))
+        for hit in hits:
+            ex = self.index.example(hit.row)
             sel = select_crops(ex, Task.FREE, cfg.retrieval.crops)
-            examples.append(PromptExample(img, ex.width, ex.height, sel))
+            examples.append(PromptExample(self.examples.get(ex.image_path), ex.width, ex.height, sel,
+                                          _uuid(ex.image_path)))
         t = self._t("retrieve", t)
-        w, h = image.size
-        spec = PromptSpec(Task.FREE, image, w, h, examples, 1)
-        model, proc, tok = self.vlm.model, self.vlm.processor, self.vlm.tokenizer
-        grammar = BoxGrammar(boxes=1)
+        s = 160 / max(w, h)
+        small = image.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
+        sal = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
+        t = self._t("saliency", t)
+        # the engine's answer mode: R boxes in one answer (the default), or R one-box samples
+        n_boxes = 1 if cfg.vlm.parallel else cfg.vlm.candidates
+        spec = PromptSpec(Task.FREE, image, w, h, examples, n_boxes, query_uuid="q-" + loaded.uid)
+        vlm, tok = self.vlm, self.vlm.tokenizer
+        grammar = BoxGrammar(boxes=n_boxes)
+        eos = set(vlm.eos_token_ids)
         refine = None
         best: tuple[float, Box] | None = None
         for r in range(cfg.vlm.rounds + 1):
-            conv = build_messages(spec, self.tpl, refine)
-            # as a plain loop does: full-resolution PIL images (crops cut out), the processor resizes
-            messages, imgs = _conversation_to_chat(conv)
-            text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = proc(text=[text], images=[imgs], return_tensors="pt")
+            text, imgs = vlm.render(build_messages(spec, self.tpl, refine))  # images fitted once (by uuid)
+            inputs = vlm.processor(text=[text], images=[imgs], return_tensors="pt").to(vlm.device)
             t = self._t("prompt", t)
             torch.manual_seed(cfg.vlm.seed + r)
             with torch.inference_mode():
-                seq = model.generate(
-                    **inputs, max_new_tokens=cfg.vlm.max_new_tokens or self.vlm.answer_token_limit(grammar),
-                    num_return_sequences=cfg.vlm.candidates,
+                seq = vlm.model.generate(
+                    **inputs, max_new_tokens=cfg.vlm.max_new_tokens or vlm.answer_token_limit(grammar),
+                    num_return_sequences=cfg.vlm.candidates if cfg.vlm.parallel else 1,
                     do_sample=True, temperature=cfg.vlm.temperature, top_p=cfg.vlm.top_p, top_k=0,
-                    eos_token_id=self.vlm.eos_token_ids, pad_token_id=self.vlm.pad_token_id,
-                    logits_processor=[TokenConstraint(tok, grammar, eos_token_ids=self.vlm.eos_token_ids)])
-            new = seq[:, inputs["input_ids"].shape[1]:].tolist()
-            eos = set(self.vlm.eos_token_ids)
+                    eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
+                    logits_processor=[TokenConstraint(tok, grammar, eos_token_ids=vlm.eos_token_ids)])
             texts = []
-            for row in new:
+            for row in seq[:, inputs["input_ids"].shape[1]:].tolist():
                 end = next((k + 1 for k, tk in enumerate(row) if tk in eos), len(row))
                 self.generated += end
                 texts.append(tok.decode(row[:end], skip_special_tokens=True))
             t = self._t("generate", t)
             boxes = []
             for tx in texts:
-                for pb in parse_boxes(tx, 1).boxes:
+                for pb in parse_boxes(tx, n_boxes).boxes:
                     b = Box.from_norm(pb.as_tuple(), w, h).clamp(w, h)
-                    if b.width >= 2 and b.height >= 2:  # a plain loop drops what it can't cut out
+                    if b.width >= 2 and b.height >= 2:
                         boxes.append(b)
             boxes = [boxes[i] for i in dedupe(boxes, cfg.loop.nms_iou)]
-            scores = self.score(image, boxes)
+            scores = [float(self.scorer.score([image], [[b]], [sal]).total[0][0]) for b in boxes]  # one crop a call
             t = self._t("score", t)
-            for s, b in zip(scores, boxes, strict=True):
-                if best is None or s > best[0]:
-                    best = (s, b)
-            refine = [(b, s, None) for s, b in
+            for sc, b in zip(scores, boxes, strict=True):
+                if best is None or sc > best[0]:
+                    best = (sc, b)
+            refine = [(b, sc, None) for sc, b in
                       sorted(zip(scores, boxes, strict=True), key=lambda p: -p[0])[: cfg.vlm.candidates]]
         return best[1] if best else Box.full(w, h)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one timed repeat (under 3 minutes here)")
+    ap.add_argument("--quick", action="store_true", help="one timed repeat after the warm-up (about a minute here)")
     ap.add_argument("--model", default=None, help="a VLM folder [default: build the tiny Idefics2]")
     ap.add_argument("--clip", default=None, help="embedder spec [default: the tiny open_clip, else hf-clip]")
     ap.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
@@ -180,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-R", type=int, default=6)
     ap.add_argument("-L", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each loop first (at least 1)")
     ap.add_argument("--index-size", type=int, default=64)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive reference loop")
     ap.add_argument("--parallel", action="store_true",
@@ -190,11 +189,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json-out", default=None, help="also write the JSON figures to this file")
     ap.add_argument("--out", action="store_true", help="write JSON, markdown and PNG to bench/results/")
-    ap.add_argument("--name", default="loop", help="result file prefix with --out")
+    ap.add_argument("--name", default=None, help="result file name with --out [default: loop, loop-vllm]")
     ap.add_argument("--block-size", type=int, default=0, help="vLLM KV block size (0: vLLM's default)")
     ap.add_argument("--load-format", default="auto", help='vLLM load format; "dummy": random weights from '
                     "the model folder's config.json (full-size timing without weights)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1: a timed run that includes the warm-up understates the speed-up")
+    return args
 
 
 def resolve_backend(name: str) -> str:
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           else " (auto: no vllm here)" if asked == "auto" else ""), file=sys.stderr)
 
     import torch
+    import transformers
 
     from cropper_engine.index.store import ExampleIndex
     from cropper_engine.models.embedders import load_embedder
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from cropper_engine.models.tiny_vlm import make_tiny_idefics2
     from cropper_engine.models.vlm_transformers import TransformersVLM
 
+    transformers.logging.set_verbosity_error()  # the processor's notes on tiny crops, every round
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
@@ -261,9 +265,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop.keep_faces": "off"})
     naive = None
     if not args.no_naive:
-        # the naive loop runs transformers as it comes: stock attention, its own generate
-        naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, attention="stock")
-        naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None))
+        # the same model, attention kernel and scorer as the engine; no prefix store (generate does not use it)
+        from cropper_engine.engine.build import _scorer
+
+        naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, prefix_cache=False)
+        naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None), _scorer(cfg, emb, {}))
+
     def run_queries(k: int) -> list[str]:
         return queries[k * n_images:(k + 1) * n_images]
 
@@ -277,10 +284,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     naive_lat, naive_wall = [], []
 
-    def naive_phase() -> None:
-        naive.crop(queries[0])  # type: ignore[union-attr]  # warm-up
+    def naive_warmup() -> None:
+        # the engine's warm-up images: both loops enter the timed runs with the same caches filled
+        for k in range(args.warmup):
+            run_naive(k)
         naive.stages.clear()  # type: ignore[union-attr]
         naive.generated = 0  # type: ignore[union-attr]
+
+    def naive_phase() -> None:
+        naive_warmup()
         for run_k in range(args.warmup, runs):
             t0 = time.perf_counter()
             naive_lat.extend(run_naive(run_k))
@@ -313,15 +325,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine.vlm_stage_times.clear()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    eng_lat, eng_wall, stages, eng_tokens, prompt_tokens = [], [], {}, 0, 0
-    refine = {"prompt": 0, "shared": 0, "cached": 0}
-    pipelines: dict[str, int] = {}
+    eng_lat, eng_wall = [], []
+    tally = Tally()
     rows: list[Any] = []
     interleave = naive is not None and args.backend != "vllm"
     if interleave:
-        naive.crop(queries[0])  # type: ignore[union-attr]  # warm-up
-        naive.stages.clear()  # type: ignore[union-attr]
-        naive.generated = 0  # type: ignore[union-attr]
+        naive_warmup()
     for run_k in range(args.warmup, runs):
         t0 = time.perf_counter()
         lat, outs = run_engine(run_k)
@@ -330,21 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for out in outs:
             rows.extend(out)
             for r in out:
-                pipelines[r.pipeline] = pipelines.get(r.pipeline, 0) + 1
-                eng_tokens += r.extra.get("tokens", {}).get("generated", 0)
-                prompt_tokens += r.extra.get("tokens", {}).get("prompt", 0)
-                for k, v in r.timings.items():
-                    stages[k] = stages.get(k, 0.0) + v
-                for t in r.extra.get("tokens_by_round", []):
-                    if t["round"] >= 1:  # refinement rounds: what a prefix cache can serve
-                        for key in refine:
-                            refine[key] += t[key]
+                tally.add(r)
         if interleave:  # engine and naive take turns, so machine noise hits both alike
             t0 = time.perf_counter()
             naive_lat += run_naive(run_k)
             naive_wall.append(time.perf_counter() - t0)
     n = n_images
     per = repeats * n
+    stages, refine, pipelines = tally.stages, tally.refine, tally.pipelines
+    eng_tokens, prompt_tokens = tally.generated, tally.prompt
     for k, v in engine.vlm_stage_times.items():  # the backend's split of "generate"
         stages[f"vlm_{k}"] = v
     eng_ips = n / statistics.median(eng_wall)
@@ -365,7 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "naive_tokens_per_image": round(naive_tok, 1),
             "tokens_ratio": round(eng_tok / naive_tok, 3) if naive_tok else None,
             "naive_stage_s_per_image": {k: round(v / per, 5) for k, v in naive.stages.items()},
+            "naive_loop": "NaiveLoop: one image at a time, generate with num_return_sequences=R per round, "
+                          "each crop scored alone; same model, attention kernel, image fitting and scorer",
         })
+        figures["stage_speedup"] = stage_speedups(figures["engine_stage_s_per_image"],
+                                                  figures["naive_stage_s_per_image"])
     block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
     hit_rate = refine["cached"] / refine["shared"] if refine["shared"] else None
     hit_source = "all refinement rounds"
@@ -388,9 +395,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prefix_cache_hit_rate_source": hit_source,
         "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": peak_gpu_mb(),
         "pipelines": pipelines, "batch": args.batch, "images": n, "S": args.S, "T": args.T, "R": args.R,
-        "L": args.L, "repeats": repeats, "backend": args.backend, "device_arg": args.device,
+        "L": args.L, "repeats": repeats, "warmup_runs": args.warmup, "quick": bool(args.quick),
+        "backend": args.backend, "device_arg": args.device,
         "model": "tiny-idefics2" if not args.model else args.model, "torch_threads": torch.get_num_threads(),
-        "git": git_sha(), "torch": torch.__version__,
+        "torch": torch.__version__,
+        "latency_note": "engine p50 is the wall time of the batch each image is in (batching trades latency "
+                        "for throughput); naive p50 is one image's own time",
     })
     figures["mode"] = "parallel" if args.parallel else "list"
     figures["distinct_per_round"] = distinct_per_round(rows)
@@ -401,10 +411,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2))
     if args.out:
-        paths = write_results(args.name, figures, markdown(figures), lambda: plot(figures))
+        name = args.name or ("loop-vllm" if args.backend == "vllm" else "loop")
+        paths = write_results(name, figures, markdown(figures), lambda: plot(figures))
         print(f"results: {paths}", file=sys.stderr)
     print(json.dumps(figures))
     return figures
+
+
+class Tally:
+    """The engine's figures summed over the results of the timed runs."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.refine = {"prompt": 0, "shared": 0, "cached": 0}
+        self.pipelines: dict[str, int] = {}
+        self.generated = self.prompt = 0
+
+    def add(self, r: Any) -> None:
+        self.pipelines[r.pipeline] = self.pipelines.get(r.pipeline, 0) + 1
+        self.generated += r.extra.get("tokens", {}).get("generated", 0)
+        self.prompt += r.extra.get("tokens", {}).get("prompt", 0)
+        for k, v in r.timings.items():
+            self.stages[k] = self.stages.get(k, 0.0) + v
+        for t in r.extra.get("tokens_by_round", []):
+            if t["round"] >= 1:  # refinement rounds: what a prefix cache can serve
+                for key in self.refine:
+                    self.refine[key] += t[key]
+
+
+STAGES = ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score")
+
+
+def stage_speedups(engine: dict[str, float], naive: dict[str, float]) -> dict[str, float | None]:
+    """naive / engine seconds per image, per stage (None where the engine's time is 0)."""
+    return {k: round(naive[k] / engine[k], 3) if engine.get(k) else None
+            for k in STAGES if k in engine and k in naive}
 
 
 def prefix_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -> dict[str, Any]:
@@ -506,12 +547,14 @@ def achieved_fractions(model_dir: str, fig: dict[str, Any], vlm: Any) -> dict[st
 
 def print_report(f: dict[str, Any]) -> None:
     es, ns = f["engine_stage_s_per_image"], f.get("naive_stage_s_per_image", {})
-    print(f"\n{'stage':<14} {'engine s/img':>13} {'naive s/img':>12}")
+    sp = f.get("stage_speedup", {})
+    print(f"\n{'stage':<14} {'engine s/img':>13} {'naive s/img':>12} {'speed-up':>9}")
     keys = ["decode", "embed", "retrieve", "saliency", "prompt", "generate", "vlm_vision", "vlm_prefill",
             "vlm_decode", "score"]
     for k in keys:
         if k in es or k in ns:
-            print(f"{k:<14} {es.get(k, 0.0):>13.4f} {ns.get(k, 0.0) if k in ns else float('nan'):>12.4f}")
+            x = f"{sp[k]:.2f}x" if sp.get(k) else ""
+            print(f"{k:<14} {es.get(k, 0.0):>13.4f} {ns.get(k, 0.0) if k in ns else float('nan'):>12.4f} {x:>9}")
     print(f"\n{'':<22} {'engine':>10} {'naive':>10}")
     print(f"{'images/s':<22} {f['engine_images_per_s']:>10.3f} {f.get('naive_images_per_s', float('nan')):>10.3f}")
     print(f"{'p50 s/image':<22} {f['engine_p50_s']:>10.3f} {f.get('naive_p50_s', float('nan')):>10.3f}")
@@ -547,10 +590,13 @@ def print_report(f: dict[str, Any]) -> None:
 
 def markdown(f: dict[str, Any]) -> str:
     es, ns = f["engine_stage_s_per_image"], f.get("naive_stage_s_per_image", {})
+    sp = f.get("stage_speedup", {})
     lines = [f"# loop benchmark ({f['backend']}, {f['model']}, batch {f['batch']}, S={f['S']} T={f['T']} "
-             f"R={f['R']} L={f['L']})", "", "| stage | engine s/image | naive s/image |", "|---|---|---|"]
+             f"R={f['R']} L={f['L']})", "",
+             "| stage | engine s/image | naive s/image | speed-up |", "|---|---|---|---|"]
     for k in sorted(set(es) | set(ns)):
-        lines.append(f"| {k} | {es.get(k, float('nan')):.4f} | {ns.get(k, float('nan')):.4f} |")
+        x = f"{sp[k]}x" if sp.get(k) else ""
+        lines.append(f"| {k} | {es.get(k, float('nan')):.4f} | {ns.get(k, float('nan')):.4f} | {x} |")
     lines += ["", "| figure | engine | naive |", "|---|---|---|",
               f"| images/s | {f['engine_images_per_s']} | {f.get('naive_images_per_s')} |",
               f"| p50 s/image | {f['engine_p50_s']} | {f.get('naive_p50_s')} |",
@@ -558,7 +604,8 @@ def markdown(f: dict[str, Any]) -> str:
               f"| generated tokens/image | {f['engine_tokens_per_image']} | {f.get('naive_tokens_per_image')} |",
               "", f"speedup: {f.get('speedup')}; prefix-cache hit rate: "
               f"{f['prefix_cache_hit_rate']} ({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')}; "
-              f"block size {f['block_size']}); peak RSS {f['peak_rss_mb']} MB; git {f['git']}"]
+              f"block size {f['block_size']}); peak RSS {f['peak_rss_mb']} MB; "
+              f"{f['warmup_runs']} warm-up run(s) of each loop, then {f['repeats']} timed"]
     dist = " / ".join(f"{x['distinct']:g} of {x['boxes']:g}" for x in f.get("distinct_per_round", []))
     lines += ["", f"Engine mode: {f.get('mode', 'list')}; distinct candidates per round (mean per image, of the "
               f"usable boxes the VLM gave): {dist or '-'}"]

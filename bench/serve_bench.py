@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
 
 
 def free_port() -> int:
@@ -187,7 +190,7 @@ def start_vllm(model: str, work: Path) -> tuple[subprocess.Popen, str]:
     """`python -m vllm.entrypoints.openai.api_server` from .venv-vllm on a free loopback port."""
     import httpx
 
-    py = ROOT / ".venv-vllm" / "bin" / "python"
+    py = Path(os.environ.get("CROPPER_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
     if not py.exists():
         raise SystemExit(".venv-vllm is not installed (make install-vllm), or pass --vlm-url")
     port = free_port()
@@ -228,7 +231,7 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--task", default="free", help="free | ratio (16:9)")
     ap.add_argument("--quick", action="store_true", help="20 s windows")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_bench.json"))
+    ap.add_argument("--out", default=str(RESULTS / "serve_bench.json"))
     args = ap.parse_args()
     duration = 20.0 if args.quick else args.duration
     levels = [int(c) for c in args.clients.split(",")]
@@ -308,8 +311,7 @@ def main() -> None:
                     "load_avg_at_end": os.getloadavg()[0]},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    save_json(args.out, out)
     print(f"\nwrote {args.out}")
 
 

@@ -33,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
 LIMIT_MS = 30.0
 
@@ -73,7 +75,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024, help="longest side of the inputs, px")
     ap.add_argument("--repeat", type=int, default=3, help="passes over the images (the median is kept per image)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="the FCDB folder")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "subject_bench.json"))
+    ap.add_argument("--out", default=str(RESULTS / "subject_bench.json"))
     a = ap.parse_args()
     n, repeat = (20, 2) if a.quick else (a.n, a.repeat)
 
@@ -123,7 +125,7 @@ def main() -> None:
         "images_with_faces": found["faces"], "images_with_persons": found["persons"],
         "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "ms": {k: stats([statistics.median(v) for v in per[k]]) for k in tasks},
-        "limit_ms": LIMIT_MS,
+        "limit_ms": LIMIT_MS, "quick": bool(a.quick),
     }
     figures["ok"] = figures["ms"]["both"]["median"] <= LIMIT_MS
     print(f"subject detection on {len(imgs)} images at {a.side} px (longest side), downscaled to "
@@ -131,8 +133,7 @@ def main() -> None:
           f"{found['faces']} images with faces, {found['persons']} with persons; load {figures['load_avg_1m']}")
     for k, v in figures["ms"].items():
         print(f"{k:8s} mean {v['mean']:6.2f}  median {v['median']:6.2f}  p90 {v['p90']:6.2f}  max {v['max']:6.2f} ms")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(figures, indent=2) + "\n")
+    save_json(a.out, figures)
     print(json.dumps(figures))
 
 

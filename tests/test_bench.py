@@ -41,19 +41,87 @@ def test_fullsize_cpu_check():
 
 
 @pytest.mark.slow
-def test_loop_bench_reports_speedup_and_cache(tmp_path):
+def test_loop_bench_figures_are_consistent(tmp_path):
+    """The loop bench's figures agree with each other (ratios with their parts, stage times with
+    their total, the hit rate with its token counts); how fast is for the benchmark to say."""
     fig = run_bench("bench/loop_bench.py", "--backend", "transformers", "--batch", "2", "--images", "2", "-S", "2",
                     "-R", "2", "-L", "1", "--repeats", "1", "--warmup", "1", "--index-size", "20",
                     "--json-out", str(tmp_path / "loop.json"))
     assert fig == json.loads((tmp_path / "loop.json").read_text())
-    assert fig["speedup"] > 0 and fig["engine_images_per_s"] > 0 and fig["naive_images_per_s"] > 0
-    assert fig["pipelines"] == {"vlm": 2}
-    assert fig["tokens_ratio"] > 0 and fig["engine_tokens_per_image"] > 0
-    assert fig["prefix_cache_hit_rate"] == 1.0 and fig["prefix_cache_hit_rate_source"] == "all refinement rounds"
-    assert {"vision", "prefill", "decode"} <= set(fig["limits"])
+    assert fig["pipelines"] == {"vlm": fig["images"] * fig["repeats"]}
+    assert fig["warmup_runs"] >= 1
+    approx = lambda x: pytest.approx(x, rel=2e-3, abs=2e-4)  # noqa: E731 - the figures are rounded
+    assert fig["speedup"] == approx(fig["engine_images_per_s"] / fig["naive_images_per_s"])
+    assert fig["tokens_ratio"] == approx(fig["engine_tokens_per_image"] / fig["naive_tokens_per_image"])
+    es, ns = fig["engine_stage_s_per_image"], fig["naive_stage_s_per_image"]
+    stages = ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score")
+    assert set(fig["stage_speedup"]) == set(stages) <= set(es) & set(ns)
+    for k in stages:
+        assert fig["stage_speedup"][k] == approx(ns[k] / es[k]), k
+    assert es["total"] == approx(sum(es[k] for k in stages))
+    assert es["vlm_vision"] + es["vlm_prefill"] + es["vlm_decode"] <= es["generate"] * 1.001
+    assert fig["engine_p50_s"] <= fig["engine_p95_s"] and fig["naive_p50_s"] <= fig["naive_p95_s"]
+    # the hit rate: tokens served from the prefix store over tokens shared with an earlier prompt,
+    # both counted apart (the shared count from the token ids, not from the store)
+    assert 0 <= fig["refine_cached_tokens"] <= fig["refine_cacheable_tokens"] <= fig["refine_prompt_tokens"]
+    assert fig["refine_cacheable_tokens"] > 0
+    assert fig["prefix_cache_hit_rate"] == approx(fig["refine_cached_tokens"] / fig["refine_cacheable_tokens"])
+    assert fig["prefix_cache_hit_rate_source"] == "all refinement rounds"
+    for k in ("vision", "prefill", "decode"):
+        lim = fig["limits"][k]
+        assert lim["measured_s"] == es[f"vlm_{k}"]
+        assert lim["fraction_of_limit"] == approx(lim["limit_s"] / lim["measured_s"])
+
     # distinct candidates per round, for the run's mode (the default list) and both modes in the probe
     assert fig["mode"] == "list" and [d["round"] for d in fig["distinct_per_round"]] == [0, 1]
     assert all(0 <= d["distinct"] <= d["boxes"] <= 2 for d in fig["distinct_per_round"])
     for mode in ("list", "parallel"):
         probe = fig["mode_probe"][mode]
         assert probe["images_per_s"] > 0 and [d["round"] for d in probe["distinct_per_round"]] == [0, 1]
+
+def test_loop_bench_refuses_to_time_without_a_warm_up():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "bench/loop_bench.py", "--warmup", "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--warmup must be at least 1" in out.stderr
+
+
+def test_result_files_carry_their_provenance(tmp_path):
+    """Every result file records the command, the commit (and whether the code differed from it),
+    the machine's load at the start and end and whether it was busy."""
+    from bench.common import save_json
+
+    path = save_json(tmp_path / "x.json", {"figure": 1.5}, command="python -m bench x")
+    f = json.loads(path.read_text())
+    p = f["provenance"]
+    assert f["figure"] == 1.5 and p["command"] == "python -m bench x"
+    assert len(p["git"]["commit"]) == 40 and p["git"]["dirty"] in (True, False)
+    m = p["machine"]
+    assert len(m["load_avg_start"]) == len(m["load_avg_end"]) == 3 and m["cores"] >= 1
+    assert m["busy"] == (m["load_avg_start"][0] > 0.5 * m["cores"])
+
+
+def test_readme_figures_come_from_the_result_files():
+    """Every figure block of the README is what `python -m bench readme` generates from the
+    committed files in bench/results/ (refresh: python -m bench readme --write)."""
+    from bench import readme
+
+    text = readme.README.read_text()
+    blocks = readme.BLOCK.findall(text)
+    assert {name for _, name, _, _ in blocks} == set(readme.BLOCKS)  # every block present, once each
+    assert len(blocks) == len(readme.BLOCKS)
+    _, changed = readme.render(text)
+    assert not changed, f"README figure blocks out of date: {changed}; run python -m bench readme --write"
+
+
+def test_bench_all_lists_every_result_file_the_readme_reads():
+    """`python -m bench all` writes every file the README's blocks read."""
+    import re
+
+    from bench import all as bench_all
+    from bench import readme
+
+    written = {f for s in bench_all.STEPS for f in s.writes} | {"bench_all.json"}
+    read = set(re.findall(r'load\("([a-z_0-9-]+\.json)"\)', (ROOT / "bench" / "readme.py").read_text()))
+    assert read and read <= written, read - written
+    assert readme.BLOCKS

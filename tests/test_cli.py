@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,16 @@ def run(*args, ok=True):
     return res
 
 
-def test_help_is_instant_and_light():
-    times = []
-    for _ in range(3):  # the best of 3: a busy machine may slow one run
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", "import sys; from cropper_engine.cli import main; "
-                              "main(['--help'], standalone_mode=False); "
-                              "print('HEAVY', [m for m in ('torch', 'transformers', 'open_clip', 'vllm', "
-                              "'hnswlib') if m in sys.modules])"], capture_output=True, text=True, check=True)
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.5, times
-    assert "HEAVY []" in out.stdout
+def test_help_imports_nothing_heavy():
+    """`--help` loads click and the package, no third-party library besides (what it imports
+    decides its start-up time, and unlike a wall-clock bound this holds on a busy machine)."""
+    out = subprocess.run([sys.executable, "-c", "import sys, json; from cropper_engine.cli import main; "
+                          "main(['--help'], standalone_mode=False); "
+                          "print('MODULES', json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"],
+                         capture_output=True, text=True, check=True)
+    mods = json.loads(out.stdout.split("MODULES", 1)[1])
+    third_party = {m for m in mods if m not in sys.stdlib_module_names and not m.startswith("_")}
+    assert third_party == {"click", "cropper_engine"}, third_party
     assert "crop" in out.stdout and "index" in out.stdout and "eval" in out.stdout
 
 
@@ -241,12 +239,27 @@ def test_index_commands_round_trip(photos, tmp_path, tiny_dir):
     assert any(c["source"].startswith("neighbour") for c in row["candidates"])
 
 
-def test_eval_center_on_fcdb_reproduces_literature(fcdb):
-    d = fcdb
-    res = run("eval", "--dataset", "fcdb", "--annotations", d / "val.jsonl", "--method", "center",
+def test_eval_center_on_fcdb_equals_a_hand_computed_baseline(fcdb):
+    """The largest centred crop of the ground truth's ratio, computed here from val.jsonl alone
+    (box, IoU and Disp by hand, none of the package's geometry or metrics), is what `eval` reports."""
+    records = [json.loads(line) for line in (fcdb / "val.jsonl").read_text().splitlines() if line.strip()]
+    ious, disps = [], []
+    for r in records:
+        big_w, big_h = r["width"], r["height"]
+        gx1, gy1, gx2, gy2 = r["crop"]
+        ratio = (gx2 - gx1) / (gy2 - gy1)
+        w, h = (big_h * ratio, big_h) if big_w / big_h > ratio else (big_w, big_w / ratio)
+        x1, y1, x2, y2 = (big_w - w) / 2, (big_h - h) / 2, (big_w + w) / 2, (big_h + h) / 2
+        inter = max(0.0, min(x2, gx2) - max(x1, gx1)) * max(0.0, min(y2, gy2) - max(y1, gy1))
+        ious.append(inter / (w * h + (gx2 - gx1) * (gy2 - gy1) - inter))
+        disps.append(((abs(x1 - gx1) + abs(x2 - gx2)) / big_w + (abs(y1 - gy1) + abs(y2 - gy2)) / big_h) / 4)
+    res = run("eval", "--dataset", "fcdb", "--annotations", fcdb / "val.jsonl", "--method", "center",
               "--ratio-from-gt", "--json")
     s = json.loads(res.output.strip().splitlines()[-1])
-    assert s["n"] == 200 and round(s["iou"], 3) == 0.717 and round(s["disp"], 3) == 0.066
+    assert s["n"] == len(records) == 200 and s["errors"] == 0
+    assert s["iou"] == pytest.approx(np.mean(ious), abs=2e-3)
+    assert s["disp"] == pytest.approx(np.mean(disps), abs=1e-3)
+    assert s["alpha_recall"] == pytest.approx(np.mean(np.asarray(ious) >= 0.75), abs=0.011)
 
 
 def test_eval_bad_inputs(photos, tmp_path):

@@ -23,7 +23,7 @@ from cropper_engine.data.metrics import (
 from cropper_engine.errors import InputError
 from cropper_engine.types import Box
 
-GAICD = Path("/work/shared/data/gaicd")
+GAICD = Path(__file__).resolve().parents[2] / "shared" / "data" / "gaicd"  # ../shared/data beside the checkout
 
 
 def test_iou_hand_computed() -> None:

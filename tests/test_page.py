@@ -1,5 +1,6 @@
 """The page at / in a real headless Chromium (Debian's chromium + chromedriver, driven by selenium):
-upload an image, crop it, read the result from the page. Skipped where that browser is absent."""
+upload an image, crop it, read the result from the page. Skipped where that browser is absent, except
+in CI (`CI` set), which installs it: there a missing browser, driver or selenium fails the run."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import missing, need_module
 
 CHROMIUM = os.environ.get("CROPPER_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CROPPER_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
-    pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install -y chromium chromium-driver)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
-pytest.importorskip("uvicorn")
+    missing(f"{CHROMIUM} / {CHROMEDRIVER} not installed (apt-get install -y chromium chromium-driver)",
+            module_level=True)
+webdriver = need_module("selenium.webdriver", "selenium (the dev extra)", module_level=True)
+need_module("uvicorn", "uvicorn (the server extra)", module_level=True)
 
 pytestmark = pytest.mark.timeout(180)
 

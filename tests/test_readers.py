@@ -14,7 +14,7 @@ from cropper_engine.data.readers import KINDS, Dataset, read_dataset
 from cropper_engine.errors import AnnotationError, InputError
 from cropper_engine.types import Box
 
-FCDB = Path("/work/shared/data/fcdb")
+FCDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "fcdb"  # ../shared/data beside the checkout
 
 
 def make_jpeg(path: Path, w: int, h: int, orientation: int | None = None) -> Path:

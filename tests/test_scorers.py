@@ -1,4 +1,5 @@
-"""Fused scoring equals per-crop scoring; aesthetic heads load; classical scoring without CLIP."""
+"""Fused scoring equals an independent per-crop reference and does not depend on the batch;
+aesthetic heads load; classical scoring without CLIP."""
 
 from __future__ import annotations
 
@@ -57,7 +58,61 @@ def test_cut_and_resize_equals_per_crop_reference():
     assert torch.allclose(fused[0], full[0], atol=1e-5)
 
 
-def test_fused_scores_equal_per_crop_scores(clip):
+def test_fused_scores_equal_an_independent_per_crop_reference(clip, photos):
+    """Each crop cut from its own image (integer pixels) and resized alone with torch, embedded
+    alone, compared with its image embedded alone: the fused pass (canvases side by side, one
+    grid_sample, one embedder call) gives the same CLIP scores, and each fused crop embedding is
+    nearest to its own crop's reference (a crop scored against another crop or image would not be).
+    Area and composition by hand from the box and the image's saliency."""
+    import torch.nn.functional as F
+
+    from cropper_engine.models.saliency import spectral_residual_saliency
+    from cropper_engine.models.scorers import ClassicalScorer
+
+    imgs = [Image.open(p).convert("RGB") for p in photos[:2]]
+    boxes = [[*_boxes(imgs[0], 5), Box(0, 0, 0.3 * imgs[0].width, 0.3 * imgs[0].height)], _boxes(imgs[1], 3)]
+    scorer = FusedScorer(clip)
+    prep = scorer.prepare(imgs, boxes)
+    raw = scorer.forward(prep)
+    out = scorer.finish(prep, raw)
+    fused_emb = raw["emb"].numpy()
+    side = clip.input_size
+
+    def embed_region(img, box):
+        t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        x1, y1, x2, y2 = (round(v) for v in (box.x1, box.y1, box.x2, box.y2))
+        pixels = F.interpolate(t[:, :, y1:y2, x1:x2], size=(side, side), mode="bilinear", antialias=True,
+                               align_corners=False)
+        with torch.inference_mode():
+            return clip.encode_pixels(pixels)[0].numpy()
+
+    refs, row = [], 0
+    for i, img in enumerate(imgs):
+        w, h = img.size
+        full = embed_region(img, Box.full(w, h))
+        small = np.asarray(img.convert("L").resize((160, round(160 * h / w)) if w >= h else (round(160 * w / h), 160)),
+                           dtype=np.float32)
+        table = SaliencyTable.from_map(spectral_residual_saliency(small, 64))
+        row += 1  # the image's own row in the fused batch
+        for j, b in enumerate(boxes[i]):
+            ref = embed_region(img, b)
+            refs.append((row, ref))
+            row += 1
+            c = out.components[i]
+            assert c["clip"][j] == pytest.approx(float(np.clip(ref @ full, 0, 1)), abs=2e-3), (i, j)
+            assert c["area"][j] == pytest.approx(b.width * b.height / (w * h), rel=1e-9)
+            unit = np.array([[b.x1 / w, b.y1 / h, b.x2 / w, b.y2 / h]])
+            assert c["classical"][j] == pytest.approx(
+                float(ClassicalScorer().score(box_features(table, unit, w / h))[0]), abs=1e-9)
+            want = np.mean([c["clip"][j], c["area"][j], c["classical"][j]])  # equal weights by default
+            assert out.total[i][j] == pytest.approx(want, abs=1e-9)
+    ref_mat = np.stack([r for _, r in refs])
+    for row, _ in refs:  # every fused crop embedding is nearest to its own reference
+        sims = ref_mat @ fused_emb[row]
+        assert [r for r, _ in refs][int(np.argmax(sims))] == row
+
+
+def test_a_crop_scores_the_same_alone_and_in_a_batch(clip):
     imgs = _images()
     boxes = [_boxes(imgs[0], 5), _boxes(imgs[1], 3)]
     scorer = FusedScorer(clip)

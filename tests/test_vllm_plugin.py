@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import need_module
 from PIL import Image
 
 from cropper_engine import vllm_plugin
@@ -296,7 +297,7 @@ def _messages(parts: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
+    need_module("vllm", "vLLM (the .venv-vllm environment, make install-vllm)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: starts in ~5 s
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
@@ -317,7 +318,7 @@ def _chat(llm, parts, **sampling):
 
 @pytest.mark.vllm
 def test_entry_point_is_registered():
-    pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
+    need_module("vllm", "vLLM (the .venv-vllm environment, make install-vllm)")
     from importlib.metadata import entry_points
 
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}

