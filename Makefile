@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CUDA build of torch runs on the CPU too and is the one torchvision (open_clip) needs
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[clip,server,scale,dev,subject]'
+	$(BIN)/pip install -q -e '.[clip,server,scale,dev,subject,bench]'
 	# the subject extra's MediaPipe pulls OpenCV's GUI build (same version, pinned): reinstall the
 	# headless build over it, so cv2/ needs no libGL
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless==5.0.0.93
@@ -55,12 +55,13 @@ lint:
 	$(BIN)/ruff check .
 
 # quick runs; each leaves its figures in bench/results/ (index_bench.json, loop-<time>.json/.md/.png,
-# subject_bench.json, default_bench.json/.md)
+# subject_bench.json, default_bench.json/.md, face_bench_quick.json/.md)
 bench: install-main
 	$(BIN)/python bench/index_bench.py --quick --out
 	$(BIN)/python bench/loop_bench.py --quick --out
 	$(BIN)/python bench/subject_bench.py --quick --out bench/results/subject_bench.json
 	$(BIN)/python bench/default_bench.py --quick --out
+	$(BIN)/python bench/face_bench.py --quick --out bench/results/face_bench_quick.json
 
 clean:
 	rm -rf $(VENV) $(VVENV) samples out .pytest_cache
