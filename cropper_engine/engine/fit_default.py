@@ -197,6 +197,8 @@ def _fit(rows: Rows, keep: np.ndarray, params: dict[str, Any], rounds: int) -> A
 
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(rows.group[idx], kind="stable")]  # LambdaRank wants each group contiguous
+    if params.get("objective") in ("regression", "huber", "cross_entropy"):  # pointwise: the IoU itself
+        return lgb.train(params, lgb.Dataset(rows.x[idx], rows.y[idx]), rounds)
     labels = np.clip(np.round(rows.y[idx] * LABEL_LEVELS), 0, LABEL_LEVELS).astype(int)
     _, counts = np.unique(rows.group[idx], return_counts=True)
     p = {**params, "label_gain": [float(v) for v in range(LABEL_LEVELS + 1)]}
