@@ -9,9 +9,12 @@ with numpy. Reads the images from the dataset folder and writes into the package
    1,138 training images; `--skip-table` keeps the one there);
 2. for every training image and its mirror image: the classical descriptor, its 30 nearest
    neighbours in that table leave-one-out (the image itself is never its own neighbour, as at
-   test time), the image analysis, the candidates and their features, for the ratio task (the
-   ground truth's ratio given, as in the literature) and the free-form task; the target is each
-   candidate's IoU with the ground-truth crop;
+   test time), the image analysis, the detected faces (MediaPipe, where installed), the
+   candidates, constrained as the engine constrains them when it keeps faces (grown around the
+   main faces, never cutting one: engine/subject.py), and their features, for the ratio task
+   (the ground truth's ratio given, as in the literature) and the free-form task; the target is
+   each candidate's IoU with the ground-truth crop (`build_rows` takes an FCDB folder or any
+   list of `{"image", "crop"}` records; `--cache FILE.npz` keeps the rows for repeated CV runs);
 3. 5-fold cross-validation grouped by image (a mirror stays with its original) for the figures
    and the blend temperature (default_pipeline.blend), then one LambdaRank model per task on all rows, exported to
    assets/default_model/ (models/default_model.py) with a few rows and LightGBM's outputs for
