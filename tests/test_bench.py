@@ -125,3 +125,35 @@ def test_bench_all_lists_every_result_file_the_readme_reads():
     read = set(re.findall(r'load\("([a-z_0-9-]+\.json)"\)', (ROOT / "bench" / "readme.py").read_text()))
     assert read and read <= written, read - written
     assert readme.BLOCKS
+
+
+FCDB = ROOT.parent / "shared" / "data" / "fcdb"
+
+
+@pytest.mark.slow
+def test_default_bench_runs_smartcrop_beside_the_default(tmp_path):
+    """Both crop the same images (interleaved); the ratio of the medians and both IoUs are reported."""
+    pytest.importorskip("smartcrop")
+    fig = run_bench("bench/default_bench.py", "--n", "2", "--tasks", "ratio", "--out", str(tmp_path / "d.json"))
+    t = fig["tasks"]["ratio"]
+    assert t["images"] == 2 and t["peer"]["name"] == "smartcrop.py" and t["peer"]["wall_ms_median"] > 0
+    assert t["median_ratio_to_peer"] == pytest.approx(t["wall_ms_median"] / t["peer"]["wall_ms_median"], rel=0.02)
+    if (FCDB / "val.jsonl").exists():
+        assert 0 < t["iou"] <= 1 and 0 < t["peer"]["iou"] <= 1
+    assert "smartcrop.py" in (tmp_path / "d.md").read_text()
+
+
+@pytest.mark.slow
+def test_face_bench_reports_the_share_keeping_every_main_face(tmp_path):
+    pytest.importorskip("mediapipe")
+    if not (FCDB / "val.jsonl").exists():
+        pytest.skip("FCDB data not present")
+    fig = run_bench("bench/face_bench.py", "--limit", "1", "--splits", "val", "--out", str(tmp_path / "f.json"))
+    assert fig["images"] == 1 and set(fig["modes"]) == {"whole", "main"}
+    main = fig["modes"]["main"]
+    for name in ("1:1", "4:5", "16:9", "9:16", "gt", "free"):
+        assert main[name]["crops"] == 1
+        if main[name]["ratio_allows"]:
+            assert main[name]["keeps_every_main_face"] == 1.0  # the rule shipped: always, where the ratio allows
+    assert 0 < main["gt"]["iou_val"] <= 1 and 0 < main["free"]["iou_val"] <= 1
+    assert json.loads((tmp_path / "f.json").read_text())["per_image"]["main"][0]["faces"]

@@ -191,3 +191,19 @@ def test_fitting_rows_are_what_the_model_reads(fcdb):
         assert r.y.min() >= 0.0 and r.y.max() <= 1.0 and r.y.max() > 0.8  # a candidate near the truth
         assert set(r.group.tolist()) == {0, 1, 2, 3} and set(r.image.tolist()) == {0, 1}
         assert r.x[:, r.names.index("nb_sim")].max() < 0.999
+
+
+def test_face_features_of_candidate_crops():
+    """features.face_feature_dict (studied by CV, not in the shipped model): which faces are inside,
+    where the largest sits, and the no-face values."""
+    from cropper_engine.engine.features import NO_FACE, face_feature_dict
+
+    boxes = np.array([[0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.0, 1.0], [0.15, 0.1, 0.35, 0.5]])
+    faces = np.array([[0.2, 0.2, 0.3, 0.3], [0.6, 0.2, 0.62, 0.22]])  # a main face and a small one
+    d = face_feature_dict(boxes, faces)
+    assert d["face_n"].tolist() == [2, 2, 2]
+    assert d["face_in"].tolist() == [1.0, 0.5, 0.5] and d["face_main_in"].tolist() == [1.0, 0.0, 1.0]
+    assert d["face_cut"].tolist() == [0, 0, 0]
+    assert d["face_dx"][2] == pytest.approx(0.0) and d["face_top"][2] == pytest.approx(0.25)
+    none = face_feature_dict(boxes, np.zeros((0, 4)))
+    assert none["face_n"].tolist() == [0, 0, 0] and (none["face_dx"] == NO_FACE).all()

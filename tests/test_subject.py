@@ -181,6 +181,61 @@ def test_keep_faces_impossible_keeps_the_largest():
     assert note and "cannot keep the largest face whole" in note
 
 
+def _face(x1, y1, x2, y2):
+    b = Box(x1, y1, x2, y2)
+    return subj.Face(b, 0.9, b)
+
+
+def test_main_faces_are_the_largest_and_those_half_its_size_or_between_them():
+    big, half, small, between = (_face(100, 100, 200, 200), _face(400, 100, 450, 150), _face(700, 50, 730, 80),
+                                 _face(300, 120, 330, 150))
+    assert subj.main_face_indices([big, half, small]) == [0, 1]  # 50 px of 100: main; 30 px: not
+    assert subj.main_face_indices([big, half, between, small]) == [0, 1, 2]  # small but between the main ones
+    assert subj.main_face_indices([]) == []
+
+
+def test_main_faces_are_inside_every_crop_that_can_hold_them():
+    """A crop proposed away from the faces is grown (at its ratio) to hold both main faces; a
+    small face at the edge is not pulled in."""
+    w, h = 1000.0, 600.0
+    faces = [_face(100, 100, 200, 200), _face(400, 100, 460, 160), _face(940, 500, 970, 530)]
+    kept = subj.faces_to_keep(faces, 16 / 9, w, h)
+    assert [k.main for k in kept] == [True, True, False]
+    box, ok = keep_faces_whole(Box(500, 250, 900, 475), kept, w, h, 16 / 9)
+    assert ok and box.contains(faces[0].box) and box.contains(faces[1].box)
+    assert box.aspect == pytest.approx(16 / 9, rel=1e-3)
+    assert not cuts(box, faces[2].box)
+    note = subj.faces_left_out_note(box, faces, kept, "16:9")
+    assert note and "1 small face" in note and "near the image's edge" in note and "main" not in note
+    # a crop already holding them is left alone
+    inside = Box(50, 50, 550, 331.25)
+    assert keep_faces_whole(inside, kept, w, h, 16 / 9)[0] == inside
+
+
+def test_main_faces_that_do_not_fit_one_crop_of_the_ratio():
+    """At 9:16 two main faces far apart cannot share a crop: the largest stays main, the other is
+    only kept whole (never cut) and the note says the ratio could not hold it."""
+    w, h = 1000.0, 600.0
+    faces = [_face(100, 100, 200, 200), _face(800, 100, 880, 180)]
+    kept = subj.faces_to_keep(faces, 9 / 16, w, h)
+    assert [k.main for k in kept] == [True, False]
+    box, ok = keep_faces_whole(Box(600, 0, 937.5, 600), kept, w, h, 9 / 16)
+    assert ok and box.contains(faces[0].box) and not cuts(box, faces[1].box)
+    note = subj.faces_left_out_note(box, faces, kept, "9:16")
+    assert note and "1 main face" in note and "does not hold them" in note
+
+
+def test_main_persons_make_the_subject_when_all_do_not_fit():
+    w, h = 1200.0, 600.0
+    persons = [Box(100, 50, 400, 600), Box(800, 100, 1000, 600), Box(1150, 400, 1190, 500)]
+    sub = subj.Subject("person", "person", None, Box(100, 50, 1190, 600), persons=persons)
+    box, note = subj.job_subject_box(sub, 1.0, w, h)  # a square crop is at most 600 px wide
+    assert box == persons[0] and note and "the largest person" in note
+    box, note = subj.job_subject_box(sub, 16 / 9, w, h)  # 1067 px wide: the two large persons
+    assert box.contains(persons[0]) and box.contains(persons[1]) and "2 largest persons" in note
+    assert subj.job_subject_box(sub, None, w, h) == (sub.box, None)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 380), st.floats(0, 280), st.floats(8, 60)), min_size=1, max_size=4),
        st.tuples(st.floats(0, 399), st.floats(0, 299), st.floats(20, 400), st.floats(20, 300)),
@@ -520,3 +575,28 @@ def test_a_users_mask_survives_keep_faces(photos, tmp_path):
     r = c.crop(CropRequest(img, Task.SUBJECT, mask=mask))[0]
     assert r.extra["keep_faces"] is True and r.extra["faces"]
     assert r.box.contains(Box(200, 300, 330, 420), tol=1), (r.box, r.extra)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 380), st.floats(0, 280), st.floats(8, 60)), min_size=1, max_size=4),
+       st.tuples(st.floats(0, 399), st.floats(0, 299), st.floats(20, 400), st.floats(20, 300)),
+       st.sampled_from([None, 1.0, 4 / 5, 16 / 9, 9 / 16]))
+def test_main_faces_property(faces, crop, ratio):
+    """Whatever the crop: every face `faces_to_keep` marks main is inside the repaired crop, and
+    the largest face is always main when a crop of the ratio can hold it."""
+    from cropper_engine.engine.geometry import fit_ratio
+
+    w, h = 400.0, 300.0
+    found = sorted((_face(x, y, min(w, x + s), min(h, y + s)) for x, y, s in faces), key=lambda f: -f.area)
+    kept = subj.faces_to_keep(found, ratio, w, h)
+    x, y, cw, ch = crop
+    box = Box(x, y, min(w, x + cw), min(h, y + ch))
+    if ratio:
+        box = fit_ratio(box, ratio, w, h)
+    out, _ = keep_faces_whole(box, kept, w, h, ratio, None, 2.0, 2.0)
+    assert kept[0].main == subj.fits(kept[0], ratio, w, h)
+    for k in kept:
+        if k.main:
+            assert out.contains(k, tol=0.5), (k, out)
+    if ratio:
+        assert out.aspect == pytest.approx(ratio, rel=1e-3)

@@ -299,3 +299,40 @@ def crop_features(an: Any, boxes_unit: np.ndarray, ratio: float | None, nb: Neig
     n = len(np.asarray(boxes_unit).reshape(-1, 4))
     return np.stack([np.asarray(d[k], dtype=np.float64).reshape(n) for k in names], axis=1) if names else \
         np.zeros((n, 0))
+
+
+NO_FACE = 9.0  # the value of a face feature when the image has no detected face
+
+
+def face_feature_dict(boxes_unit: np.ndarray, faces_unit: np.ndarray) -> dict[str, np.ndarray]:
+    """Features of candidate crops from the detected faces (unit boxes [n, 4], largest first):
+    how many, how large, which are inside, where the largest sits in the crop and how much room
+    is above it. Images without faces get NO_FACE (or 0 for counts)."""
+    b = np.clip(np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4), 0.0, 1.0)
+    f = np.asarray(faces_unit, dtype=np.float64).reshape(-1, 4)
+    n = len(b)
+    w = np.maximum(b[:, 2] - b[:, 0], 1e-6)
+    h = np.maximum(b[:, 3] - b[:, 1], 1e-6)
+    none = np.full(n, NO_FACE)
+    out = {"face_n": np.full(n, float(min(len(f), 8)))}
+    if len(f) == 0:
+        for k in ("face_area", "face_in", "face_main_in", "face_cut", "face_dx", "face_dy", "face_h", "face_top"):
+            out[k] = none if k not in ("face_area", "face_cut") else np.zeros(n)
+        return out
+    fa = (f[:, 2] - f[:, 0]) * (f[:, 3] - f[:, 1])
+    side = np.sqrt(fa)
+    main = side >= 0.5 * side[0]
+    ix = np.clip(np.minimum(b[:, None, 2], f[None, :, 2]) - np.maximum(b[:, None, 0], f[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(b[:, None, 3], f[None, :, 3]) - np.maximum(b[:, None, 1], f[None, :, 1]), 0, None)
+    share = ix * iy / np.maximum(fa[None, :], 1e-9)  # [N, faces]: the share of each face inside
+    inside = share > 0.98
+    out["face_area"] = np.full(n, fa[0])
+    out["face_in"] = inside.mean(1)
+    out["face_main_in"] = inside[:, main].all(1).astype(np.float64)
+    out["face_cut"] = ((share > 0.02) & ~inside).sum(1).astype(np.float64)
+    fcx, fcy = (f[0, 0] + f[0, 2]) / 2, (f[0, 1] + f[0, 3]) / 2
+    out["face_dx"] = (fcx - (b[:, 0] + b[:, 2]) / 2) / w
+    out["face_dy"] = (fcy - (b[:, 1] + b[:, 3]) / 2) / h
+    out["face_h"] = (f[0, 3] - f[0, 1]) / h
+    out["face_top"] = (f[0, 1] - b[:, 1]) / h
+    return out

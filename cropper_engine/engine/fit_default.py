@@ -9,9 +9,12 @@ with numpy. Reads the images from the dataset folder and writes into the package
    1,138 training images; `--skip-table` keeps the one there);
 2. for every training image and its mirror image: the classical descriptor, its 30 nearest
    neighbours in that table leave-one-out (the image itself is never its own neighbour, as at
-   test time), the image analysis, the candidates and their features, for the ratio task (the
-   ground truth's ratio given, as in the literature) and the free-form task; the target is each
-   candidate's IoU with the ground-truth crop;
+   test time), the image analysis, the detected faces (MediaPipe, where installed), the
+   candidates, constrained as the engine constrains them when it keeps faces (grown around the
+   main faces, never cutting one: engine/subject.py), and their features, for the ratio task
+   (the ground truth's ratio given, as in the literature) and the free-form task; the target is
+   each candidate's IoU with the ground-truth crop (`build_rows` takes an FCDB folder or any
+   list of `{"image", "crop"}` records; `--cache FILE.npz` keeps the rows for repeated CV runs);
 3. 5-fold cross-validation grouped by image (a mirror stays with its original) for the figures
    and the blend temperature (default_pipeline.blend), then one LambdaRank model per task on all rows, exported to
    assets/default_model/ (models/default_model.py) with a few rows and LightGBM's outputs for
@@ -26,7 +29,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,61 +59,105 @@ class Rows:
     boxes: np.ndarray  # [N, 4] unit
     gt: np.ndarray  # [groups, 4] unit
     names: list[str]
+    faces: list[np.ndarray] = field(default_factory=list)  # per group: detected faces [n, 4] unit, largest first
 
 
 _STATE: dict[str, Any] = {}
 
 
-def _init(fcdb: str) -> None:
+def read_fcdb(fcdb: str | Path, split: str = "train.jsonl") -> list[dict[str, Any]]:
+    """FCDB's JSONL records (`image` relative to `images/`, `crop` [x1, y1, x2, y2] in pixels)."""
+    return [json.loads(line) for line in (Path(fcdb) / split).read_text().splitlines() if line.strip()]
+
+
+def _init(images: str, faces: bool = True) -> None:
     from cropper_engine.index.builtin import load_table
     from cropper_engine.models.classical import CLASSICAL_ID, ClassicalEmbedder
 
     _STATE["table"] = load_table(CLASSICAL_ID)
     _STATE["emb"] = ClassicalEmbedder()
-    _STATE["fcdb"] = fcdb
+    _STATE["images"] = images
+    _STATE["faces"] = None
+    if faces:
+        from cropper_engine.engine.subject import face_detector
+
+        _STATE["faces"] = face_detector()
 
 
-def _image_rows(args: tuple[int, str, list[float], bool]) -> dict[str, Any]:
+def keep_faces_unit(boxes_unit: np.ndarray, faces: Sequence[Any], width: int, height: int, ratio: float | None,
+                    min_side: float = 0.1) -> np.ndarray:
+    """Candidates as the engine constrains them when it keeps faces (engine/loop.py `_constrain`):
+    each grown to hold the main faces and repaired so it cuts no face (engine/subject.py)."""
+    if not faces:
+        return boxes_unit
+    from cropper_engine.engine.subject import faces_to_keep, keep_faces_whole
+    from cropper_engine.types import Box
+
+    kept = faces_to_keep(faces, ratio, width, height)
+    min_w, min_h = max(2.0, min_side * width), max(2.0, min_side * height)
+    out = np.empty_like(boxes_unit)
+    for i, u in enumerate(boxes_unit):
+        b, _ = keep_faces_whole(Box.from_unit(u, width, height), kept, width, height, ratio, None, min_w, min_h)
+        out[i] = b.to_unit(width, height)
+    return out
+
+
+def _image_rows(args: tuple[int, str, list[float], bool, str]) -> dict[str, Any]:
     """Features and targets of one training image (mirrored or not), both tasks."""
     from PIL import Image
 
     from cropper_engine.engine.analysis import analyse
     from cropper_engine.engine.default_pipeline import candidates, model_neighbours
+    from cropper_engine.engine.subject import detect_faces
     from cropper_engine.imageio import open_image
 
-    _, image_id, crop, mirror = args
-    image = open_image(str(Path(_STATE["fcdb"]) / "images" / image_id)).image
-    w, h = image.size
+    _, image, crop, mirror, image_id = args
+    path = Path(image) if Path(image).is_absolute() else Path(_STATE["images"]) / image
+    img = open_image(str(path)).image
+    w, h = img.size
     gt = np.array([crop[0] / w, crop[1] / h, crop[2] / w, crop[3] / h])
     if mirror:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         gt = np.array([1 - gt[2], gt[1], 1 - gt[0], gt[3]])
-    vec = _STATE["emb"].embed([image])[0]
+    vec = _STATE["emb"].embed([img])[0]
     nb = model_neighbours(_STATE["table"], vec, {image_id}, NEIGHBOURS_K)
-    an = analyse(image)
-    out: dict[str, Any] = {"gt": gt}
+    an = analyse(img)
+    faces = detect_faces(img, _STATE["faces"]) if _STATE.get("faces") is not None else []
+    out: dict[str, Any] = {"gt": gt, "faces": np.array([f.box.to_unit(w, h) for f in faces]).reshape(-1, 4)}
     for task in TASKS:
         ratio = (crop[2] - crop[0]) / (crop[3] - crop[1]) if task == "ratio" else None
         boxes, _ = candidates(an, ratio, nb)
+        boxes = keep_faces_unit(boxes, faces, w, h, ratio)  # what the engine ranks when it keeps faces
         feats = crop_feature_dict(an, boxes, ratio, nb)
         out[task] = (boxes, feats, _iou_unit(boxes, gt[None]))
     return out
 
 
-def build_rows(fcdb: str | Path, mirror: bool = True, jobs: int = 2, limit: int | None = None,
-               split: str = "train.jsonl") -> dict[str, Rows]:
-    records = [json.loads(line) for line in (Path(fcdb) / split).read_text().splitlines() if line.strip()]
+def build_rows(data: str | Path | Sequence[dict[str, Any]], images: str | Path | None = None, mirror: bool = True,
+               jobs: int = 2, limit: int | None = None, split: str = "train.jsonl",
+               faces: bool = True) -> dict[str, Rows]:
+    """The fitting rows of both tasks for a list of records (`{"image", "crop", "id"?}`: the
+    image relative to `images` or absolute, one ground-truth crop in pixels), or for an FCDB
+    folder (its `split`, images in its `images/`). `faces`: detect faces (MediaPipe, where
+    installed) and constrain the candidates as the engine does when it keeps faces."""
+    if isinstance(data, (str, Path)):
+        records = read_fcdb(data, split)
+        images = Path(data) / "images" if images is None else images
+    else:
+        records = list(data)
     records = records[:limit] if limit else records
-    todo = [(i, r["image"], [float(v) for v in r["crop"]], False) for i, r in enumerate(records)]
+    todo = [(i, r["image"], [float(v) for v in r["crop"]], False, r.get("id", r["image"]))
+            for i, r in enumerate(records)]
     if mirror:
-        todo += [(i, r["image"], [float(v) for v in r["crop"]], True) for i, r in enumerate(records)]
+        todo += [(i, a[1], a[2], True, a[4]) for i, a in enumerate(todo)]
+    init = (str(images or ""), faces)
     if jobs > 1:
         from multiprocessing import get_context
 
-        with get_context("fork").Pool(jobs, initializer=_init, initargs=(str(fcdb),)) as pool:
+        with get_context("fork").Pool(jobs, initializer=_init, initargs=init) as pool:
             res = pool.map(_image_rows, todo, chunksize=8)
     else:
-        _init(str(fcdb))
+        _init(*init)
         res = [_image_rows(a) for a in todo]
     out = {}
     for task in TASKS:
@@ -121,7 +168,30 @@ def build_rows(fcdb: str | Path, mirror: bool = True, jobs: int = 2, limit: int 
         image = np.array([a[0] for a in todo])[group]
         boxes = np.concatenate([r[task][0] for r in res])
         gt = np.stack([r["gt"] for r in res])
-        out[task] = Rows(x, y, group, image, boxes, gt, names)
+        out[task] = Rows(x, y, group, image, boxes, gt, names, [r["faces"] for r in res])
+    return out
+
+
+def save_rows(rows: dict[str, Rows], path: str | Path) -> None:
+    """Cache fitting rows (a few hundred MB for FCDB train with mirrors) for cheap CV runs."""
+    arrays: dict[str, np.ndarray] = {}
+    for task, r in rows.items():
+        for k in ("x", "y", "group", "image", "boxes", "gt"):
+            arrays[f"{task}.{k}"] = getattr(r, k)
+        arrays[f"{task}.names"] = np.array(r.names)
+        arrays[f"{task}.nfaces"] = np.array([len(f) for f in r.faces], dtype=np.int64)
+        arrays[f"{task}.faces"] = np.concatenate(r.faces).reshape(-1, 4) if r.faces else np.zeros((0, 4))
+    np.savez(path, **arrays)
+
+
+def load_rows(path: str | Path) -> dict[str, Rows]:
+    a = np.load(path, allow_pickle=False)
+    out = {}
+    for task in TASKS:
+        n = a[f"{task}.nfaces"]
+        faces = np.split(a[f"{task}.faces"], np.cumsum(n)[:-1]) if len(n) else []
+        out[task] = Rows(a[f"{task}.x"], a[f"{task}.y"], a[f"{task}.group"], a[f"{task}.image"], a[f"{task}.boxes"],
+                         a[f"{task}.gt"], [str(v) for v in a[f"{task}.names"]], list(faces))
     return out
 
 
@@ -130,6 +200,8 @@ def _fit(rows: Rows, keep: np.ndarray, params: dict[str, Any], rounds: int) -> A
 
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(rows.group[idx], kind="stable")]  # LambdaRank wants each group contiguous
+    if params.get("objective") in ("regression", "huber", "cross_entropy"):  # pointwise: the IoU itself
+        return lgb.train(params, lgb.Dataset(rows.x[idx], rows.y[idx]), rounds)
     labels = np.clip(np.round(rows.y[idx] * LABEL_LEVELS), 0, LABEL_LEVELS).astype(int)
     _, counts = np.unique(rows.group[idx], return_counts=True)
     p = {**params, "label_gain": [float(v) for v in range(LABEL_LEVELS + 1)]}
@@ -230,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--folds", type=int, default=5, help="cross-validation folds (0: skip the CV)")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the features")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training images (a smoke test)")
+    ap.add_argument("--cache", default=None, metavar="FILE.npz",
+                    help="the fitting rows: read from FILE when it exists, else computed and written there "
+                         "(for repeated CV runs; delete it after changing a feature)")
     a = ap.parse_args(argv)
 
     from cropper_engine.index.builtin import build_table
@@ -237,7 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not a.skip_table:
         print(f"built-in table: {build_table(a.fcdb)}", flush=True)
-    rows = build_rows(a.fcdb, mirror=not a.no_mirror, jobs=a.jobs, limit=a.limit)
+    if a.cache and Path(a.cache).is_file():
+        rows = load_rows(a.cache)
+        print(f"rows read from {a.cache}", flush=True)
+    else:
+        rows = build_rows(a.fcdb, mirror=not a.no_mirror, jobs=a.jobs, limit=a.limit)
+        if a.cache:
+            save_rows(rows, a.cache)
     print(f"features: {time.perf_counter() - t0:.0f} s", flush=True)
     tasks, cv = {}, {}
     for task in TASKS:

@@ -57,6 +57,8 @@ FACE_MIN_FRACTION = 0.015  # faces smaller than this share of the shorter side a
 FACE_MARGIN = (0.10, 0.25, 0.10, 0.10)  # left, top, right, bottom, as shares of the face's size
 PERSON_MIN_SCORE = 0.5
 MAX_FACES = 16  # a crowd: only the largest faces are kept whole
+MAIN_FACE_SHARE = 0.5  # a face at least this share of the largest face's side is a main face: always inside
+MAIN_PERSON_SHARE = 0.5  # the same for persons (side: square root of the box's area)
 CUT_PAD = 2.0  # px: a kept face is padded by this, so rounding a crop to whole pixels never cuts it
 INSTALL_HINT = "pip install 'cropper-engine[subject]' (MediaPipe, whose wheel ships the detectors' weights)"
 
@@ -755,14 +757,54 @@ def _pad(box: Box, w: float, h: float) -> Box:
     return Box(box.x1 - CUT_PAD, box.y1 - CUT_PAD, box.x2 + CUT_PAD, box.y2 + CUT_PAD).clamp(w, h)
 
 
-def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float) -> list[Box]:
+def _side(b: Box) -> float:
+    return math.sqrt(max(b.area, 0.0))
+
+
+@dataclass(frozen=True)
+class KeptFace(Box):
+    """A face a crop keeps whole (with its margin where the ratio has room for it); a `main` face
+    must also be inside every crop (`keep_faces_whole` grows a crop around the main faces)."""
+
+    main: bool = False
+
+
+def main_face_indices(faces: Sequence[Face]) -> list[int]:
+    """The main faces (largest first): the largest, every face whose side is at least
+    MAIN_FACE_SHARE of its side, and every smaller face lying between them (its centre inside
+    their bounding box). The others are small faces a crop may leave out (passers-by)."""
+    if not faces:
+        return []
+    big = _side(faces[0].box)
+    main = [i for i, f in enumerate(faces) if _side(f.box) >= MAIN_FACE_SHARE * big - 1e-9]
+    u = _union([faces[i].box for i in main])
+    for i, f in enumerate(faces):
+        cx, cy = f.box.center
+        if i not in main and u.x1 <= cx <= u.x2 and u.y1 <= cy <= u.y2:
+            main.append(i)
+    return sorted(main)
+
+
+def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float) -> list[KeptFace]:
     """The boxes a crop of this ratio keeps whole: each face with its margin where a crop of
-    the ratio can hold that, else as detected (padded by CUT_PAD px)."""
-    out = []
-    for f in faces[:MAX_FACES]:  # largest first
+    the ratio can hold that, else as detected (padded by CUT_PAD px). The main faces
+    (`main_face_indices`) are marked `main` as long as one crop of the ratio can hold them all,
+    largest first: a main face that does not fit beside the larger ones is only kept whole."""
+    faces = list(faces[:MAX_FACES])  # largest first
+    boxes = []
+    for f in faces:
         k = _pad(f.keep, width, height)
-        out.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
-    return out
+        boxes.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
+    main: set[int] = set()
+    core: Box | None = None
+    for i in main_face_indices(faces):
+        for b in (boxes[i], _pad(faces[i].box, width, height)):  # with its margin, else as detected
+            u = b if core is None else _union([core, b])
+            if fits(u, ratio, width, height):
+                core, boxes[i] = u, b
+                main.add(i)
+                break
+    return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main) for i, b in enumerate(boxes)]
 
 
 def _union(boxes: Sequence[Box]) -> Box:
@@ -839,10 +881,22 @@ def _shrunk(box: Box, faces: Sequence[Box], ratio: float | None, required: Box |
 
 def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float, ratio: float | None,
                      required: Box | None = None, min_w: float = 2.0, min_h: float = 2.0) -> tuple[Box, bool]:
-    """A crop that cuts through none of `faces`: `box` grown to contain the faces it cuts or
-    shrunk to leave them out, whichever is closer to `box`; both keep `required` (the subject
-    box) inside. When neither exists: `box` grown around the largest face it cuts (or kept, if
+    """A crop that cuts through none of `faces` and holds the main ones: `box` grown first to
+    contain the faces marked `main` (KeptFace, with `required` beside them when one crop of the
+    ratio holds both), then grown to contain the other faces it cuts or shrunk to leave them
+    out, whichever is closer to that box; the main faces and `required` (the subject box) stay
+    inside. When no repair exists: the box grown around the largest face it cuts (or kept, if
     that is impossible too), and False."""
+    mains = [f for f in faces if getattr(f, "main", False)]
+    if mains:
+        core = _union(mains)
+        both = core if required is None else _union([core, required])
+        need = both if fits(both, ratio, width, height) else (required if required is not None else core)
+        if not box.contains(need, tol=0.5):
+            from cropper_engine.engine.geometry import expand_to_contain
+
+            box = expand_to_contain(box, need, width, height, ratio)
+        required = need
     if not any(cuts(box, f) for f in faces):
         return box, True
     cands = [_grown(box, faces, width, height, ratio), _shrunk(box, faces, ratio, required, min_w, min_h)]
@@ -859,6 +913,43 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     return box, False
 
 
+def _where(b: Box, width: float, height: float) -> str:
+    cx, cy = b.center
+    edge = min(cx, width - cx) < 0.2 * width or min(cy, height - cy) < 0.2 * height
+    return "near the image's edge" if edge else "inside the frame"
+
+
+def faces_left_out_note(crop: Box, faces: Sequence[Face], kept: Sequence[Box], ratio_text: str | None) -> str | None:
+    """A note naming the detected faces a crop leaves out entirely, and why: small faces (under
+    MAIN_FACE_SHARE of the largest face's side; passers-by), or main faces that no crop of the
+    ratio holds beside the larger ones."""
+    if not faces:
+        return None
+    main = set(main_face_indices(faces))
+    marked = {i for i, k in enumerate(kept) if getattr(k, "main", False)}
+    out = [i for i, f in enumerate(faces[:MAX_FACES]) if _overlap(crop, f.box)[0] <= 0.5 or
+           _overlap(crop, f.box)[1] <= 0.5]
+    if not out:
+        return None
+    what = f"a {ratio_text} crop" if ratio_text else "the crop"
+    parts = []
+    lost_main = [i for i in out if i in main]
+    small = [i for i in out if i not in main]
+    w = max(crop.x2, *(f.box.x2 for f in faces))
+    h = max(crop.y2, *(f.box.y2 for f in faces))
+    if lost_main:
+        why = "does not hold them beside the larger faces" if any(i not in marked for i in lost_main) else \
+            "was chosen without them"
+        parts.append(f"{len(lost_main)} main face{'s' if len(lost_main) > 1 else ''} "
+                     f"({', '.join(str(faces[i].box.as_int()) for i in lost_main)}): {what} {why}")
+    if small:
+        where = sorted({_where(faces[i].box, w, h) for i in small})
+        parts.append(f"{len(small)} small face{'s' if len(small) > 1 else ''} "
+                     f"({', '.join(str(faces[i].box.as_int()) for i in small)}; under "
+                     f"{MAIN_FACE_SHARE:.0%} of the largest face's size, {' or '.join(where)})")
+    return "faces left out of the crop: " + "; ".join(parts)
+
+
 def face_cut_note(crop: Box, faces: Sequence[Face], ratio_text: str | None) -> str | None:
     """A note when the chosen crop cuts a detected face (the ratio left no way round it)."""
     cut = [f for f in faces if cuts(crop, f.box)]
@@ -872,17 +963,45 @@ def face_cut_note(crop: Box, faces: Sequence[Face], ratio_text: str | None) -> s
     return f"{what} cannot keep the largest face whole: the face is cut"
 
 
+def _greedy_fit(boxes: Sequence[Box], ratio: float | None, width: float, height: float) -> Box | None:
+    """The union of `boxes` (largest first) taken in order while one crop of the ratio holds it."""
+    core = None
+    for b in boxes:
+        u = b if core is None else _union([core, b])
+        if fits(u, ratio, width, height):
+            core = u
+    return core
+
+
 def job_subject_box(sub: Subject, ratio: float | None, width: float, height: float) -> tuple[Box | None, str | None]:
-    """The subject box a crop of this ratio must contain: for faces that do not fit one crop of
-    the ratio together, the largest face (with a note)."""
+    """The subject box a crop of this ratio must contain. Faces or persons that do not fit one
+    crop of the ratio together: the main ones (the largest and those at least half its size),
+    as many as fit, largest first (with a note); the largest alone when even it does not fit."""
     if sub.box is None:
         return None, None
-    if sub.kind != "face" or fits(sub.box, ratio, width, height) or not sub.faces:
+    if fits(sub.box, ratio, width, height):
         return sub.box, None
-    keep = faces_to_keep(sub.faces[:1], ratio, width, height)[0]
-    if len(sub.faces) > 1:
-        return keep, f"the {len(sub.faces)} faces do not fit one crop of this ratio: the subject is the largest face"
-    return keep, None
+    if sub.kind == "face" and sub.faces:
+        kept = faces_to_keep(sub.faces, ratio, width, height)
+        main = [k for k in kept if k.main]
+        if not main:
+            return kept[0], None
+        core = Box(*_union(main).as_list())
+        n = len(sub.faces)
+        if len(main) == n:  # all of them fit without their margins
+            return core, None
+        what = "the largest face" if len(main) == 1 else f"the {len(main)} largest faces"
+        return core, f"the {n} faces do not fit one crop of this ratio: the subject is {what}"
+    if sub.kind == "person" and sub.persons:
+        big = _side(sub.persons[0])
+        main = [b for b in sub.persons if _side(b) >= MAIN_PERSON_SHARE * big - 1e-9]
+        core = _greedy_fit(main, ratio, width, height)
+        if core is None:
+            return sub.persons[0], None  # not even the largest fits: the crop is centred on it (note below)
+        k = sum(1 for b in main if core.contains(b, tol=0.5))
+        what = "the largest person" if k == 1 else f"the {k} largest persons"
+        return core, f"the {len(sub.persons)} persons do not fit one crop of this ratio: the subject is {what}"
+    return sub.box, None
 
 
 def attach_subject(job: Any, sub: Subject) -> None:
@@ -913,9 +1032,11 @@ def result_extra(job: Any, crop: Box) -> dict[str, Any]:
     out = sub.to_extra()
     out["subject_ms"] = {k: round(v, 2) for k, v in sub.ms.items()}
     if job.faces:
-        note = face_cut_note(crop.rounded(), sub.faces, str(job.ratio) if job.ratio else None)
-        if note:
-            job.notes.append(note)
+        ratio_text = str(job.ratio) if job.ratio else None
+        for note in (face_cut_note(crop.rounded(), sub.faces, ratio_text),
+                     faces_left_out_note(crop.rounded(), sub.faces, job.faces, ratio_text)):
+            if note:
+                job.notes.append(note)
     return out
 
 
@@ -927,6 +1048,7 @@ __all__ = [
     "Face",
     "FaceDetector",
     "HaarFaces",
+    "KeptFace",
     "MediaPipeFaces",
     "MediaPipePersons",
     "PersonDetector",
@@ -939,10 +1061,12 @@ __all__ = [
     "detectors_available",
     "face_cut_note",
     "face_detector",
+    "faces_left_out_note",
     "faces_to_keep",
     "fits",
     "job_subject_box",
     "keep_faces_whole",
+    "main_face_indices",
     "parse_subject",
     "person_detector",
     "require_detectors",
