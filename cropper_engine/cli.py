@@ -215,8 +215,13 @@ def format_summary(s: dict[str, Any]) -> str:
 def parse_ratios(text: str | None) -> list[Any]:
     from cropper_engine.types import Ratio
 
-    if not text:
+    if text is None:
         return []
+    if not text.strip(" ,"):
+        from cropper_engine.errors import InputError
+
+        raise InputError(f"--ratio {text!r} names no ratio: give W:H, e.g. --ratio 16:9 or --ratio 1:1,4:5 "
+                         "(leave --ratio out for a free-form crop)")
     return [Ratio.parse(part) for part in text.split(",") if part.strip()] or [Ratio.parse(text)]
 
 
@@ -302,6 +307,12 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
             spec.check(w, h)
 
 
+def max_pixels_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Refuse images of more pixels than this, before decoding [120000000; "
+                             "max_pixels in the config, CROPPER_MAX_PIXELS].")(fn)
+
+
 @main.command("crop")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--task", type=click.Choice(["free", "subject", "ratio"]), default=None,
@@ -309,7 +320,8 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
 @click.option("--ratio", "ratio_text", default=None,
               help="Aspect ratio(s) W:H, comma-separated: one crop per ratio (implies --task ratio).")
 @click.option("--mask", type=click.Path(), default=None,
-              help="Subject mask image (white = subject, the image's size; implies --task subject).")
+              help="Subject mask image (white = subject, the image's size; implies --task subject; with --ratio, "
+                   "every crop keeps it inside).")
 @subject_options
 @click.option("--index", "index_dir", type=click.Path(), default=None,
               help="Example index directory (see `index build`) [default: the built-in table].")
@@ -321,6 +333,7 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
               help="Write crops/ and results.jsonl here [default: only print the results].")
 @click.option("--size", "size_text", default=None, help="Resize each crop to fit WxH (never upscales).")
 @click.option("--json", "as_json", is_flag=True, help="Print each results.jsonl line to stdout.")
+@max_pixels_option
 @click.option("--report", is_flag=True, help="Write an HTML contact sheet to OUT/report/index.html.")
 @click.option("--resume", is_flag=True, help="Skip images already in OUT/results.jsonl.")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=None, help="Images per engine batch.")
@@ -332,7 +345,8 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
 def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, ratio_text: str | None,
              mask: str | None, subject_text: str | None, keep_faces: bool | None, index_dir: str | None,
              vlm: str | None, backend: str | None,
-             out_dir: str | None, size_text: str | None, as_json: bool, report: bool, resume: bool,
+             out_dir: str | None, size_text: str | None, as_json: bool, max_pixels: int | None,
+             report: bool, resume: bool,
              batch_size: int | None, candidates: int | None, rounds: int | None,
              examples: int | None) -> None:
     """Crop images (files, directories, or .txt / .jsonl manifests).
@@ -369,6 +383,13 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if t is Task.FREE and spec is not None:
         raise InputError("--subject applies to the subject task, or with --ratio to every ratio's crop; "
                          "not to --task free (--keep-faces does)")
+    if t is Task.FREE and mask:
+        raise InputError("--mask applies to the subject task, or with --ratio to every ratio's crop (the "
+                         "subject kept inside); not to --task free")
+    if out_dir:  # an unwritable --out is refused before any work
+        from cropper_engine.batch import check_out_dir
+
+        check_out_dir(out_dir)
     if mask:
         precheck_mask(mask, inputs, out_dir)
     precheck_subject(spec, inputs, out_dir)
@@ -378,7 +399,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         raise InputError("--resume needs --out DIR (it reads DIR/results.jsonl)")
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
                            "vlm.batch_size": batch_size, "vlm.candidates": candidates,
-                           "vlm.rounds": rounds, "retrieval.examples": examples})
+                           "vlm.rounds": rounds, "retrieval.examples": examples, "max_pixels": max_pixels})
     cropper = Cropper.from_config(cfg)
     info = cropper.describe()
     click.echo(f"pipeline: {info['reasons'].get('pipeline', info['pipeline'])}", err=True)
@@ -406,6 +427,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             cropper, inputs, task=t, ratios=ratios, mask=mask, out_dir=out_dir, size=size,
             resume=resume, batch_size=cfg.vlm.batch_size, emit=emit, subject=spec, keep_faces=keep_faces,
             on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
+            on_note=lambda msg: tqdm.write(f"note: {msg}", file=sys.stderr),
             on_progress=bar.update, report=rep,
         )
     cropper.close()

@@ -107,7 +107,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
     else:
         p = Path(source)
         if not p.exists():
-            raise ImageError(f"{name}: no such file")
+            raise ImageError(f"{name}: {missing_reason(p)}")
         if p.is_dir():
             raise ImageError(f"{name}: is a directory, not an image")
         if p.stat().st_size == 0:
@@ -150,6 +150,22 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
     except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these on broken headers
         raise ImageError(f"{name}: corrupt image ({exc})") from None
     return LoadedImage(rgb, name, icc, source_mode, rotated)
+
+
+def missing_reason(p: Path) -> str:
+    """Why a path that does not exist cannot be read: no such file, a link loop, a dangling link."""
+    import errno
+
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links (it points back to itself); fix or remove the link"
+        if p.is_symlink():
+            return f"a symbolic link to {os.readlink(p)}, which does not exist"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+    return "no such file"
 
 
 def _rgb_profile(icc: bytes | None, mode: str) -> bytes | None:
