@@ -537,10 +537,12 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def index_info(index_dir: str, as_json: bool) -> None:
-    """Describe an index: embedder, size, graph parameters, source."""
+    """Describe an index: embedder, size, graph parameters, source; checks its files' checksums."""
     from cropper_engine.index.store import ExampleIndex
 
-    info = ExampleIndex.load(index_dir).info()
+    idx = ExampleIndex.load(index_dir)
+    idx.verify()
+    info = idx.info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
