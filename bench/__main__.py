@@ -6,6 +6,7 @@
     python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage
     python -m bench subject [--quick]             face and person detection, ms per 1024-px image
     python -m bench serve                         the HTTP service under 1, 4 and 16 clients
+    python -m bench memory                        the service's resident memory under 12 uploads of 88 MP
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
 """
 
@@ -16,6 +17,7 @@ import sys
 
 COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
+            "memory": "bench.memory_bench",
             "fullsize": "bench.fullsize"}
 
 

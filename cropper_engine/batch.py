@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cropper_engine.errors import CropperError, ImageError, InputError
-from cropper_engine.imageio import IMAGE_SUFFIXES, is_image_path
+from cropper_engine.imageio import IMAGE_SUFFIXES, is_image_path, with_image_notes
 from cropper_engine.types import CropRequest, CropResult, Ratio, Task
 
 RESULTS = "results.jsonl"
@@ -259,6 +259,22 @@ def repair_results(results_path: Path) -> str | None:
             f"set aside in {aside}, its image is cropped again")
 
 
+def warm_face_detector(cropper: Any) -> None:
+    """Build the face detector (if the config may use it) before the first batch: importing
+    MediaPipe keeps the frames it was first imported from alive for the life of the process, and
+    with them the first batch's decoded images (GBs for large ones) when that import happens
+    inside a crop."""
+    cfg = getattr(cropper, "cfg", None)
+    if cfg is None or getattr(cfg.loop, "keep_faces", "off") == "off":
+        return
+    try:
+        from cropper_engine.engine.subject import face_detector
+
+        face_detector()
+    except Exception:  # no detector here: the crop says so in its turn
+        pass
+
+
 def load_done(results_path: Path) -> set[tuple[str, str | None]]:
     """(image path, ratio) pairs already in a results.jsonl (a torn last line is ignored)."""
     done: set[tuple[str, str | None]] = set()
@@ -350,6 +366,7 @@ def run_batch(
             writer.used |= load_outputs(results_path)
         results_fh = results_path.open("a")
         errors_fh = (out / ERRORS).open("a")
+    warm_face_detector(cropper)
     try:
         batch: list[tuple[InputItem, CropRequest]] = []
         for item in iter_inputs(sources, err, out_dir):
@@ -420,7 +437,7 @@ def _flush(cropper: Any, batch: list[tuple[InputItem, CropRequest]], summary: Ba
             continue
         for r in res:
             loaded = r.loaded
-            row = r.to_json()
+            row = with_image_notes(r.to_json(), loaded)
             row["image"] = resolved(item.path)
             if writer is not None:
                 try:

@@ -652,6 +652,7 @@ def models_make_tiny(out_dir: str) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=None,
               help="Seconds a request may take before a 504 [120].")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=None, help="Upload limit [25].")
+@max_pixels_option
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="CPU threads for the engine's torch ops [torch's default: one per core]; 1 is steadier "
                    "on a machine shared with other busy processes.")
@@ -662,7 +663,8 @@ def models_make_tiny(out_dir: str) -> None:
 def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_file: str | None,
               index_dir: str | None, vlm: str | None, backend: str | None, vlm_url: str | None,
               api_key: str | None, max_batch: int | None, batch_wait_ms: float | None, queue_size: int | None,
-              timeout_s: float | None, max_upload_mb: float | None, threads: int | None, log_level: str) -> None:
+              timeout_s: float | None, max_upload_mb: float | None, max_pixels: int | None, threads: int | None,
+              log_level: str) -> None:
     """Serve the engine over HTTP: POST /v1/crop, a page to try it at /, /docs, /metrics.
 
     \b
@@ -678,7 +680,7 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_fil
 
     import uvicorn
 
-    from cropper_engine.server import create_app
+    from cropper_engine.server import create_app, header_timeout_protocol, return_freed_memory
 
     if threads:  # read by torch when the engine loads it
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -688,15 +690,16 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_fil
         "index": index_dir, "vlm.model": vlm, "vlm.backend": backend, "vlm.base_url": vlm_url,
         "server.host": host, "server.port": port, "server.api_key": api_key, "server.max_batch": max_batch,
         "server.batch_wait_ms": batch_wait_ms, "server.queue_size": queue_size,
-        "server.request_timeout_s": timeout_s, "server.max_upload_mb": max_upload_mb})
+        "server.request_timeout_s": timeout_s, "server.max_upload_mb": max_upload_mb, "max_pixels": max_pixels})
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(cfg)
+    return_freed_memory()
     s = cfg.server
     click.echo(f"serving on http://{s.host}:{s.port}/ (API key {'required' if s.api_key else 'not required'}; "
                f"batches of up to {s.max_batch}, queue {s.queue_size})", err=True)
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, timeout_graceful_shutdown=10,
-                    server_header=False)
+                    server_header=False, http=header_timeout_protocol(s.header_timeout_s))
     except SystemExit:
         if not getattr(app.state, "startup_error", None):
             raise
