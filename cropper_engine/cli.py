@@ -171,7 +171,7 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
                           on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr))
     m.close()
     s = report.summary
-    s["skipped"] = len(ds.skipped)
+    s["skipped"] = ds.n_skipped  # records, as `index build` counts them (dropped boxes are not records)
     if rows:
         with open(rows, "w") as fh:
             for r in report.rows:
@@ -467,6 +467,17 @@ def get_embedder(cfg: Any, spec: str | None, quiet: bool = False) -> Any:
     return emb
 
 
+def skipped_count(ds: Any, report: Any) -> str:
+    """'N skipped' counting records, as `eval` does: those the reader skipped and those whose
+    image could not be embedded."""
+    n = ds.n_skipped + len(report.skipped)
+    if not n:
+        return "0 skipped"
+    parts = [f"{what}" for what in (f"{ds.n_skipped} in the annotations" if ds.n_skipped else "",
+                                    f"{len(report.skipped)} unreadable images" if report.skipped else "") if what]
+    return f"{n} skipped ({', '.join(parts)})"
+
+
 @index.command("build")
 @dataset_options
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Index directory to write.")
@@ -503,10 +514,9 @@ def index_build(ctx: click.Context, kind: str, annotations: str, images: str | N
                 "images": str(Path(images).resolve()) if images else None, "split": split},
         **kw,
     )
-    for msg in report.skipped[:20]:
-        click.echo(f"skipped: {msg}", err=True)
-    click.echo(f"wrote {out_dir}: {report.count} examples, {len(report.skipped)} skipped, "
-               f"{report.seconds:.1f} s")
+    for line in summarise_skipped(report.skipped):
+        click.echo(f"skipped: {line}", err=True)
+    click.echo(f"wrote {out_dir}: {report.count} examples, {skipped_count(ds, report)}, {report.seconds:.1f} s")
 
 
 @index.command("add")
@@ -527,9 +537,9 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
     ds = read_examples(kind, annotations, images, split, limit)
     idx = ExampleIndex.load(index_dir, embedder=emb)
     report = idx.add(ds.examples, emb, progress=True)
-    for msg in report.skipped[:20]:
-        click.echo(f"skipped: {msg}", err=True)
-    click.echo(f"added {report.count} examples to {index_dir} ({len(report.skipped)} skipped)")
+    for line in summarise_skipped(report.skipped):
+        click.echo(f"skipped: {line}", err=True)
+    click.echo(f"added {report.count} examples to {index_dir} ({skipped_count(ds, report)})")
 
 
 @index.command("info")
