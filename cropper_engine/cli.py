@@ -386,10 +386,6 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if t is Task.FREE and mask:
         raise InputError("--mask applies to the subject task, or with --ratio to every ratio's crop (the "
                          "subject kept inside); not to --task free")
-    if out_dir:  # an unwritable --out is refused before any work
-        from cropper_engine.batch import check_out_dir
-
-        check_out_dir(out_dir)
     if mask:
         precheck_mask(mask, inputs, out_dir)
     precheck_subject(spec, inputs, out_dir)
@@ -397,6 +393,10 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
     if resume and not out_dir:
         raise InputError("--resume needs --out DIR (it reads DIR/results.jsonl)")
+    if out_dir:  # an unwritable --out is refused before any work
+        from cropper_engine.batch import check_out_dir
+
+        check_out_dir(out_dir)
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
                            "vlm.batch_size": batch_size, "vlm.candidates": candidates,
                            "vlm.rounds": rounds, "retrieval.examples": examples, "max_pixels": max_pixels})
