@@ -502,6 +502,9 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     ratios_in = upload.ratio
     if isinstance(ratios_in, str):
         ratios_in = [p for p in ratios_in.split(",") if p.strip()]
+        if not ratios_in:
+            raise InputError(f"ratio {upload.ratio!r} names no ratio: give W:H, e.g. 16:9 or 1:1,4:5 (leave "
+                             "the field out for a free-form crop)")
     ratios = [Ratio.parse(r) for r in (ratios_in or [])]
     if len(ratios) > 16:
         raise InputError(f"{len(ratios)} ratios in one request; at most 16")
