@@ -17,12 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from cropper_engine.errors import CropperError, ImageError, InputError
-from cropper_engine.imageio import IMAGE_SUFFIXES, is_image_path
+from cropper_engine.imageio import IMAGE_SUFFIXES, is_image_path, with_image_notes
 from cropper_engine.types import CropRequest, CropResult, Ratio, Task
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
 PROMPTS = "prompts"
+PARTIAL = "results.partial.jsonl"  # where resume sets aside a half-written last line
+
+
+def resolved(path: str | os.PathLike[str]) -> str:
+    """The absolute path with links followed where they resolve; a loop of links or a name
+    the file system refuses stays as given (made absolute), for the error to name it."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        return os.path.abspath(path)
 
 
 @dataclass
@@ -46,6 +56,9 @@ def iter_inputs(sources: Sequence[str], on_error: Callable[[str], None],
         skip = frozenset({out, out / "crops", out / "report"})
     for src in sources:
         p = Path(src)
+        if _link_loop(p):
+            on_error(f"{src}: a loop of symbolic links (it points back to itself); fix or remove the link")
+            continue
         if p.is_dir():
             yield from _walk(p, p, skip)
         elif p.suffix.lower() in (".txt", ".jsonl") and p.is_file():
@@ -64,12 +77,32 @@ def _walk(root: Path, d: Path, skip: frozenset[Path] = frozenset()) -> Iterator[
     for e in entries:
         if e.name.startswith("."):
             continue
-        if e.is_dir(follow_symlinks=False):
-            if skip and Path(e.path).resolve() in skip:
+        if _is_dir(e):
+            if skip and Path(resolved(e.path)) in skip:
                 continue
             yield from _walk(root, Path(e.path), skip)
         elif Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
             yield InputItem(e.path, os.path.relpath(e.path, root))
+
+
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _link_loop(p: Path) -> bool:
+    """A symbolic link that never reaches a file (it points, maybe through others, to itself)."""
+    try:
+        if not p.is_symlink():
+            return False
+        os.stat(p)
+    except OSError as exc:
+        import errno
+
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _manifest(p: Path, on_error: Callable[[str], None]) -> Iterator[InputItem]:
@@ -167,12 +200,88 @@ class OutputWriter:
         return out
 
 
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse an --out folder that cannot be written (read-only, /proc, a file), before any work."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder; choose a folder (it is created if missing)")
+    probe = out / f".cropper-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as fh:
+            fh.write("ok\n")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a folder you can "
+                         "write to") from None
+
+
+def repair_results(results_path: Path) -> str | None:
+    """Before resuming: a results.jsonl whose last line was cut short (a run killed mid-write) is
+    cut back to its last whole line, the partial text set aside in results.partial.jsonl (its
+    image is then cropped again); a whole last row missing only its newline gets it. Returns a
+    note saying what was done, or None."""
+    try:
+        size = results_path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with results_path.open("rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return None
+        pos, block = size, 1 << 16
+        start = 0
+        while pos > 0:  # find the last newline, reading backwards
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            chunk = fh.read(step)
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                start = pos + k + 1
+                break
+        fh.seek(start)
+        tail = fh.read()
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except (ValueError, UnicodeDecodeError):
+            whole = False
+        if whole:
+            fh.seek(size)
+            fh.write(b"\n")
+            return f"{results_path}: its last row had no newline; added it"
+        fh.truncate(start)
+    aside = results_path.with_name(PARTIAL)
+    with aside.open("ab") as fh:
+        fh.write(tail + b"\n")
+    return (f"{results_path}: its last line was cut short ({len(tail)} bytes, a run stopped mid-write); "
+            f"set aside in {aside}, its image is cropped again")
+
+
+def warm_face_detector(cropper: Any) -> None:
+    """Build the face detector (if the config may use it) before the first batch: importing
+    MediaPipe keeps the frames it was first imported from alive for the life of the process, and
+    with them the first batch's decoded images (GBs for large ones) when that import happens
+    inside a crop."""
+    cfg = getattr(cropper, "cfg", None)
+    if cfg is None or getattr(cfg.loop, "keep_faces", "off") == "off":
+        return
+    try:
+        from cropper_engine.engine.subject import face_detector
+
+        face_detector()
+    except Exception:  # no detector here: the crop says so in its turn
+        pass
+
+
 def load_done(results_path: Path) -> set[tuple[str, str | None]]:
     """(image path, ratio) pairs already in a results.jsonl (a torn last line is ignored)."""
     done: set[tuple[str, str | None]] = set()
     for d in _rows(results_path):
         try:
-            done.add((str(Path(d["image"]).resolve()), d.get("ratio")))
+            done.add((resolved(d["image"]), d.get("ratio")))
         except (KeyError, TypeError):
             continue
     return done
@@ -180,7 +289,7 @@ def load_done(results_path: Path) -> set[tuple[str, str | None]]:
 
 def load_outputs(results_path: Path) -> set[str]:
     """The crops a results.jsonl already names (resolved paths): no other image may take them."""
-    return {str(Path(d["output"]).resolve()) for d in _rows(results_path) if isinstance(d.get("output"), str)}
+    return {resolved(d["output"]) for d in _rows(results_path) if isinstance(d.get("output"), str)}
 
 
 def _rows(results_path: Path) -> Iterator[dict[str, Any]]:
@@ -223,6 +332,7 @@ def run_batch(
     subject: Any = None,
     keep_faces: bool | None = None,
     save_prompts: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> BatchSummary:
     """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given).
 
@@ -252,33 +362,51 @@ def run_batch(
         if results_path.exists() and not resume:
             raise InputError(f"{results_path} exists from an earlier run: pass --resume to continue it, "
                              "or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        check_out_dir(out)
+        if resume:
+            note = repair_results(results_path)
+            if note and on_note:
+                on_note(note)
         done = load_done(results_path) if resume else set()
         writer = OutputWriter(out, size)
         if resume:  # an earlier run's crops stay theirs
             writer.used |= load_outputs(results_path)
         results_fh = results_path.open("a")
         errors_fh = (out / ERRORS).open("a")
+    warm_face_detector(cropper)
     try:
         batch: list[tuple[InputItem, CropRequest]] = []
         for item in iter_inputs(sources, err, out_dir):
             if writer is not None:
-                writer.inputs.add(str(Path(item.path).resolve()))
+                writer.inputs.add(resolved(item.path))
             it_task = item.task or task
             it_ratios = item.ratios or ratios
             own = item.subject is not None or item.mask is not None  # the line names its subject
             it_subject = item.subject if own else subject
-            if item.task is None and own and task is Task.FREE:  # as the CLI infers it from its flags
-                it_task = Task.RATIO if item.ratios else Task.SUBJECT
+            if item.task is None and item.ratios:  # a line's own ratio makes it a ratio crop
+                it_task = Task.RATIO
+            elif item.task is None and own and task is Task.FREE:  # as the CLI infers it from its flags
+                it_task = Task.SUBJECT
+            problem = None
+            if it_task is Task.RATIO and not it_ratios:
+                problem = ('"task": "ratio" needs a ratio: add "ratio": "W:H" to its manifest line '
+                           "(or pass --ratio W:H)")
+            elif it_task is not Task.RATIO and item.ratios:
+                problem = f'"ratio" only applies to the ratio task (not "task": "{it_task.value}")'
+            if problem:
+                err(f"{item.path}: {problem}")
+                if on_progress:
+                    on_progress(1)
+                continue
             if it_task is Task.RATIO:
-                todo = [r for r in it_ratios if (str(Path(item.path).resolve()), str(r)) not in done]
+                todo = [r for r in it_ratios if (resolved(item.path), str(r)) not in done]
                 if not todo:
                     summary.skipped += 1
                     if on_progress:
                         on_progress(1)
                     continue
                 it_ratios = todo
-            elif (str(Path(item.path).resolve()), None) in done:
+            elif (resolved(item.path), None) in done:
                 summary.skipped += 1
                 if on_progress:
                     on_progress(1)
@@ -316,8 +444,8 @@ def _flush(cropper: Any, batch: list[tuple[InputItem, CropRequest]], summary: Ba
             continue
         for r in res:
             loaded = r.loaded
-            row = r.to_json()
-            row["image"] = str(Path(item.path).resolve())
+            row = with_image_notes(r.to_json(), loaded)
+            row["image"] = resolved(item.path)
             if writer is not None:
                 try:
                     row["output"] = str(writer.write(item, r, loaded.image, loaded.icc_profile))

@@ -216,6 +216,7 @@ class BatchingEngine:
 
     def _run(self) -> None:
         while True:
+            batch: list[_Item] | None = None
             try:
                 batch = self._take()
                 if not batch:
@@ -228,6 +229,7 @@ class BatchingEngine:
                 time.sleep(0.01)
             finally:
                 self._busy = False
+                batch = None  # not held (with its decoded images) while waiting for the next one
 
     def _run_batch(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()

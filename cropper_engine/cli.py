@@ -171,7 +171,7 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
                           on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr))
     m.close()
     s = report.summary
-    s["skipped"] = len(ds.skipped)
+    s["skipped"] = ds.n_skipped  # records, as `index build` counts them (dropped boxes are not records)
     if rows:
         with open(rows, "w") as fh:
             for r in report.rows:
@@ -215,8 +215,13 @@ def format_summary(s: dict[str, Any]) -> str:
 def parse_ratios(text: str | None) -> list[Any]:
     from cropper_engine.types import Ratio
 
-    if not text:
+    if text is None:
         return []
+    if not text.strip(" ,"):
+        from cropper_engine.errors import InputError
+
+        raise InputError(f"--ratio {text!r} names no ratio: give W:H, e.g. --ratio 16:9 or --ratio 1:1,4:5 "
+                         "(leave --ratio out for a free-form crop)")
     return [Ratio.parse(part) for part in text.split(",") if part.strip()] or [Ratio.parse(text)]
 
 
@@ -302,6 +307,12 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
             spec.check(w, h)
 
 
+def max_pixels_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Refuse images of more pixels than this, before decoding [120000000; "
+                             "max_pixels in the config, CROPPER_MAX_PIXELS].")(fn)
+
+
 @main.command("crop")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--task", type=click.Choice(["free", "subject", "ratio"]), default=None,
@@ -309,7 +320,8 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
 @click.option("--ratio", "ratio_text", default=None,
               help="Aspect ratio(s) W:H, comma-separated: one crop per ratio (implies --task ratio).")
 @click.option("--mask", type=click.Path(), default=None,
-              help="Subject mask image (white = subject, the image's size; implies --task subject).")
+              help="Subject mask image (white = subject, the image's size; implies --task subject; with --ratio, "
+                   "every crop keeps it inside).")
 @subject_options
 @click.option("--index", "index_dir", type=click.Path(), default=None,
               help="Example index directory (see `index build`) [default: the built-in table].")
@@ -321,6 +333,7 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
               help="Write crops/ and results.jsonl here [default: only print the results].")
 @click.option("--size", "size_text", default=None, help="Resize each crop to fit WxH (never upscales).")
 @click.option("--json", "as_json", is_flag=True, help="Print each results.jsonl line to stdout.")
+@max_pixels_option
 @click.option("--report", is_flag=True, help="Write an HTML contact sheet to OUT/report/index.html.")
 @click.option("--resume", is_flag=True, help="Skip images already in OUT/results.jsonl.")
 @click.option("--save-prompts", is_flag=True,
@@ -335,8 +348,9 @@ def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = 
 def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, ratio_text: str | None,
              mask: str | None, subject_text: str | None, keep_faces: bool | None, index_dir: str | None,
              vlm: str | None, backend: str | None,
-             out_dir: str | None, size_text: str | None, as_json: bool, report: bool, resume: bool,
-             save_prompts: bool, batch_size: int | None, candidates: int | None, rounds: int | None,
+             out_dir: str | None, size_text: str | None, as_json: bool, max_pixels: int | None,
+             report: bool, resume: bool, save_prompts: bool,
+             batch_size: int | None, candidates: int | None, rounds: int | None,
              examples: int | None) -> None:
     """Crop images (files, directories, or .txt / .jsonl manifests).
 
@@ -372,6 +386,9 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if t is Task.FREE and spec is not None:
         raise InputError("--subject applies to the subject task, or with --ratio to every ratio's crop; "
                          "not to --task free (--keep-faces does)")
+    if t is Task.FREE and mask:
+        raise InputError("--mask applies to the subject task, or with --ratio to every ratio's crop (the "
+                         "subject kept inside); not to --task free")
     if mask:
         precheck_mask(mask, inputs, out_dir)
     precheck_subject(spec, inputs, out_dir)
@@ -381,9 +398,13 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         raise InputError("--resume needs --out DIR (it reads DIR/results.jsonl)")
     if save_prompts and not out_dir:
         raise InputError("--save-prompts needs --out DIR (the prompts are written to DIR/prompts/)")
+    if out_dir:  # an unwritable --out is refused before any work
+        from cropper_engine.batch import check_out_dir
+
+        check_out_dir(out_dir)
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
                            "vlm.batch_size": batch_size, "vlm.candidates": candidates,
-                           "vlm.rounds": rounds, "retrieval.examples": examples})
+                           "vlm.rounds": rounds, "retrieval.examples": examples, "max_pixels": max_pixels})
     cropper = Cropper.from_config(cfg)
     info = cropper.describe()
     click.echo(f"pipeline: {info['reasons'].get('pipeline', info['pipeline'])}", err=True)
@@ -413,6 +434,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             cropper, inputs, task=t, ratios=ratios, mask=mask, out_dir=out_dir, size=size,
             resume=resume, batch_size=cfg.vlm.batch_size, emit=emit, subject=spec, keep_faces=keep_faces,
             on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
+            on_note=lambda msg: tqdm.write(f"note: {msg}", file=sys.stderr),
             on_progress=bar.update, report=rep, save_prompts=save_prompts,
         )
     cropper.close()
@@ -452,6 +474,17 @@ def get_embedder(cfg: Any, spec: str | None, quiet: bool = False) -> Any:
     return emb
 
 
+def skipped_count(ds: Any, report: Any) -> str:
+    """'N skipped' counting records, as `eval` does: those the reader skipped and those whose
+    image could not be embedded."""
+    n = ds.n_skipped + len(report.skipped)
+    if not n:
+        return "0 skipped"
+    parts = [f"{what}" for what in (f"{ds.n_skipped} in the annotations" if ds.n_skipped else "",
+                                    f"{len(report.skipped)} unreadable images" if report.skipped else "") if what]
+    return f"{n} skipped ({', '.join(parts)})"
+
+
 @index.command("build")
 @dataset_options
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Index directory to write.")
@@ -488,10 +521,9 @@ def index_build(ctx: click.Context, kind: str, annotations: str, images: str | N
                 "images": str(Path(images).resolve()) if images else None, "split": split},
         **kw,
     )
-    for msg in report.skipped[:20]:
-        click.echo(f"skipped: {msg}", err=True)
-    click.echo(f"wrote {out_dir}: {report.count} examples, {len(report.skipped)} skipped, "
-               f"{report.seconds:.1f} s")
+    for line in summarise_skipped(report.skipped):
+        click.echo(f"skipped: {line}", err=True)
+    click.echo(f"wrote {out_dir}: {report.count} examples, {skipped_count(ds, report)}, {report.seconds:.1f} s")
 
 
 @index.command("add")
@@ -512,9 +544,9 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
     ds = read_examples(kind, annotations, images, split, limit)
     idx = ExampleIndex.load(index_dir, embedder=emb)
     report = idx.add(ds.examples, emb, progress=True)
-    for msg in report.skipped[:20]:
-        click.echo(f"skipped: {msg}", err=True)
-    click.echo(f"added {report.count} examples to {index_dir} ({len(report.skipped)} skipped)")
+    for line in summarise_skipped(report.skipped):
+        click.echo(f"skipped: {line}", err=True)
+    click.echo(f"added {report.count} examples to {index_dir} ({skipped_count(ds, report)})")
 
 
 @index.command("info")
@@ -522,10 +554,12 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def index_info(index_dir: str, as_json: bool) -> None:
-    """Describe an index: embedder, size, graph parameters, source."""
+    """Describe an index: embedder, size, graph parameters, source; checks its files' checksums."""
     from cropper_engine.index.store import ExampleIndex
 
-    info = ExampleIndex.load(index_dir).info()
+    idx = ExampleIndex.load(index_dir)
+    idx.verify()
+    info = idx.info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -660,6 +694,7 @@ def models_make_tiny(out_dir: str, like: str | None) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=None,
               help="Seconds a request may take before a 504 [120].")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=None, help="Upload limit [25].")
+@max_pixels_option
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="CPU threads for the engine's torch ops [torch's default: one per core]; 1 is steadier "
                    "on a machine shared with other busy processes.")
@@ -670,7 +705,8 @@ def models_make_tiny(out_dir: str, like: str | None) -> None:
 def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_file: str | None,
               index_dir: str | None, vlm: str | None, backend: str | None, vlm_url: str | None,
               api_key: str | None, max_batch: int | None, batch_wait_ms: float | None, queue_size: int | None,
-              timeout_s: float | None, max_upload_mb: float | None, threads: int | None, log_level: str) -> None:
+              timeout_s: float | None, max_upload_mb: float | None, max_pixels: int | None, threads: int | None,
+              log_level: str) -> None:
     """Serve the engine over HTTP: POST /v1/crop, a page to try it at /, /docs, /metrics.
 
     \b
@@ -686,7 +722,7 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_fil
 
     import uvicorn
 
-    from cropper_engine.server import create_app
+    from cropper_engine.server import create_app, header_timeout_protocol, return_freed_memory
 
     if threads:  # read by torch when the engine loads it
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -696,15 +732,16 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_fil
         "index": index_dir, "vlm.model": vlm, "vlm.backend": backend, "vlm.base_url": vlm_url,
         "server.host": host, "server.port": port, "server.api_key": api_key, "server.max_batch": max_batch,
         "server.batch_wait_ms": batch_wait_ms, "server.queue_size": queue_size,
-        "server.request_timeout_s": timeout_s, "server.max_upload_mb": max_upload_mb})
+        "server.request_timeout_s": timeout_s, "server.max_upload_mb": max_upload_mb, "max_pixels": max_pixels})
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(cfg)
+    return_freed_memory()
     s = cfg.server
     click.echo(f"serving on http://{s.host}:{s.port}/ (API key {'required' if s.api_key else 'not required'}; "
                f"batches of up to {s.max_batch}, queue {s.queue_size})", err=True)
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, timeout_graceful_shutdown=10,
-                    server_header=False)
+                    server_header=False, http=header_timeout_protocol(s.header_timeout_s))
     except SystemExit:
         if not getattr(app.state, "startup_error", None):
             raise

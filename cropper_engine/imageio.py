@@ -6,8 +6,11 @@ batch can count and skip a bad image and go on.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ class LoadedImage:
     source_mode: str = "RGB"
     rotated: bool = False
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this decoded image in caches
+    notes: list[str] = field(default_factory=list)  # what decoding changed: frames dropped, alpha flattened
 
     @property
     def size(self) -> tuple[int, int]:
@@ -40,6 +44,44 @@ class LoadedImage:
 
     def array(self) -> np.ndarray:
         return np.asarray(self.image, dtype=np.uint8)
+
+
+RAISE_HINT = "if the image is genuine, raise the limit: --max-pixels N (crop, serve) or CROPPER_MAX_PIXELS"
+_GUARD_LOCK = threading.Lock()
+
+
+def format_pixels(n: int) -> str:
+    """92160000 -> '92.16 MP', 120000000 -> '120 MP', 4096 -> '4,096 pixels'."""
+    return f"{n / 1e6:.4g} MP" if n >= 1_000_000 else f"{n:,} pixels"
+
+
+def too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
+    return (f"{name}: {w}x{h} = {format_pixels(w * h)}, more than the limit of {format_pixels(max_pixels)} "
+            f"(a decompression bomb?); {RAISE_HINT}")
+
+
+def pillow_guard(max_pixels: int) -> None:
+    """Pillow refuses images over its own MAX_IMAGE_PIXELS (89.5 MP, an error at twice that)
+    inside Image.open, before we see the size: it is raised to our limit, which we check
+    ourselves before decoding, and its warning (our limit is the one that counts) silenced.
+    The guard only ever goes up, so concurrent callers with other limits stay safe."""
+    from PIL import Image
+
+    with _GUARD_LOCK:
+        cur = Image.MAX_IMAGE_PIXELS
+        if cur is not None and cur < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        if not getattr(pillow_guard, "silenced", False):
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            pillow_guard.silenced = True  # type: ignore[attr-defined]
+
+
+def with_image_notes(row: dict[str, Any], loaded: LoadedImage | None) -> dict[str, Any]:
+    """A result row with what decoding its image changed (frames dropped, alpha flattened)
+    first among its notes."""
+    if loaded is not None and loaded.notes:
+        row["notes"] = list(dict.fromkeys([*loaded.notes, *row.get("notes", [])]))
+    return row
 
 
 def is_image_path(path: str | os.PathLike[str]) -> bool:
@@ -74,11 +116,14 @@ def _to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side: int | None = None) -> LoadedImage:
+def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side: int | None = None,
+               name: str | None = None) -> LoadedImage:
     """Open a path, bytes, PIL image or uint8 array as an upright RGB image.
 
     draft_side: the caller needs no more than this longest side; a JPEG is then decoded at the
     smallest of 1/2, 1/4, 1/8 scale that still has it (several times faster than a full decode).
+
+    name: what messages call the image (an upload's file name) [default: its path, or "the image"].
 
     Raises ImageError for a missing, unreadable, truncated or oversized image.
     """
@@ -99,49 +144,54 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         return LoadedImage(_to_rgb(ImageOps.exif_transpose(source) or source), "<image>",
                            _rgb_profile(source.info.get("icc_profile"), source.mode), source.mode)
 
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if name is None:
+        name = "the image" if isinstance(source, (bytes, bytearray, io.IOBase)) else str(source)
     if isinstance(source, (bytes, bytearray)):
-        import io
-
         fp: Any = io.BytesIO(source)
+    elif isinstance(source, io.IOBase):
+        fp = source
     else:
         p = Path(source)
         if not p.exists():
-            raise ImageError(f"{name}: no such file")
+            raise ImageError(f"{name}: {missing_reason(p)}")
         if p.is_dir():
             raise ImageError(f"{name}: is a directory, not an image")
         if p.stat().st_size == 0:
             raise ImageError(f"{name}: empty file")
         fp = str(p)
+    pillow_guard(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-            w, h = im.size
-            if w <= 0 or h <= 0:
-                raise ImageError(f"{name}: image has no pixels ({w}x{h})")
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{name}: {w}x{h} = {w * h / 1e6:.0f} MP is more than the limit of "
-                    f"{max_pixels / 1e6:.0f} MP (a decompression bomb?); raise --max-pixels "
-                    "if the image is genuine"
-                )
-            source_mode = im.mode
-            icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
-            if draft_side and im.format == "JPEG" and max(w, h) > 2 * draft_side:
-                s = draft_side / max(w, h)
-                im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
-            im.load()
-            rotated = _orientation(im) not in (None, 1)
-            if rotated:
-                im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
+        im = Image.open(fp)
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+        if w * h > max_pixels:
+            raise ImageError(too_many_pixels(name, w, h, max_pixels))
+        source_mode = im.mode
+        icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if draft_side and im.format == "JPEG" and max(w, h) > 2 * draft_side:
+            s = draft_side / max(w, h)
+            im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+        im.load()
+        rotated = _orientation(im) not in (None, 1)
+        if rotated:
+            im = ImageOps.exif_transpose(im)
+        notes = []
+        if frames > 1:
+            notes.append(f"the first of its {frames} frames was used ({im.format or 'multi-frame'} image)")
+        if _has_transparency(im):
+            notes.append("transparent pixels were composited on white (the crop has no alpha)")
+        rgb = _to_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: too many pixels (a decompression bomb?)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        n = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{format_pixels(int(n.group(1)))}, " if n else ""
+        raise ImageError(f"{name}: {size}more than the limit of {format_pixels(max_pixels)} (a decompression "
+                         f"bomb?); {RAISE_HINT}") from None
     except OSError as exc:
         msg = str(exc)
         if "truncated" in msg:
@@ -149,7 +199,23 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         raise ImageError(f"{name}: cannot read image ({msg})") from None
     except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these on broken headers
         raise ImageError(f"{name}: corrupt image ({exc})") from None
-    return LoadedImage(rgb, name, icc, source_mode, rotated)
+    return LoadedImage(rgb, name, icc, source_mode, rotated, notes=notes)
+
+
+def missing_reason(p: Path) -> str:
+    """Why a path that does not exist cannot be read: no such file, a link loop, a dangling link."""
+    import errno
+
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links (it points back to itself); fix or remove the link"
+        if p.is_symlink():
+            return f"a symbolic link to {os.readlink(p)}, which does not exist"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+    return "no such file"
 
 
 def _rgb_profile(icc: bytes | None, mode: str) -> bytes | None:
@@ -159,6 +225,17 @@ def _rgb_profile(icc: bytes | None, mode: str) -> bytes | None:
     if not icc or mode not in ("RGB", "RGBA", "RGBX", "RGBa", "P"):
         return None
     return icc if icc[16:20] == b"RGB " else None  # the profile header's colour space
+
+
+def _has_transparency(im: Any) -> bool:
+    """Whether an image has pixels that are not fully opaque (its alpha, or a palette's
+    transparent colour)."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        try:
+            return im.getchannel("A").getextrema()[0] < 255
+        except (ValueError, OSError):
+            return True
+    return im.mode == "P" and "transparency" in im.info
 
 
 def _orientation(im: Any) -> int | None:
@@ -184,7 +261,7 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     except OSError as exc:
         raise ImageError(f"{path}: cannot read image ({exc})") from None
     if w * h > max_pixels:
-        raise ImageError(f"{path}: {w}x{h} is more than the limit of {max_pixels / 1e6:.0f} MP")
+        raise ImageError(too_many_pixels(str(path), w, h, max_pixels))
     return w, h
 
 

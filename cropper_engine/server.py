@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import hmac
 import io
@@ -40,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 
 from cropper_engine.config import Config, load_config
 from cropper_engine.errors import ConfigError, CropperError, ImageError, InputError
+from cropper_engine.imageio import format_pixels, with_image_notes
 
 log = logging.getLogger("cropper_engine.server")
 
@@ -69,6 +71,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive within server.body_timeout_s of its headers."""
+
+
 def error_response(status: int, type_: str, message: str, retry_after: int | None = None) -> Any:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
@@ -85,7 +91,16 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(cfg: Config) -> None:
-    """Binding anywhere but loopback needs an API key."""
+    """Binding anywhere but loopback needs an API key; the key and the limits must be usable."""
+    s = cfg.server
+    if s.api_key and s.api_key != s.api_key.strip():
+        what = "blank" if not s.api_key.strip() else "has spaces around it"
+        raise ConfigError(f"the API key is {what}: no request could send it (a Bearer token is trimmed); "
+                          "set a key of visible characters, e.g. CROPPER_SERVER_API_KEY=$(openssl rand -hex 16)")
+    for key in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "decode_wait_s",
+                "max_pixels_in_flight", "max_upload_mb", "max_batch", "queue_size"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"server.{key} must be positive, got {getattr(s, key)}")
     if not is_loopback(cfg.server.host) and not cfg.server.api_key:
         raise ConfigError(
             f"binding {cfg.server.host} exposes the service beyond this machine: set an API key "
@@ -129,6 +144,109 @@ class BodyLimit:
             return msg
 
         await self.app(scope, limited, send)
+
+
+class BodyDeadline:
+    """The whole request body must arrive within `seconds` of the headers: a client that sends
+    half a body and stops gets a 408 and its connection closed, instead of holding a worker."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        complete = False
+
+        async def timed() -> Any:
+            nonlocal complete
+            if complete:  # the body is in: what follows is a wait for a disconnect, unbounded here
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise BodyTimeout(f"the request body did not arrive within {self.seconds:g} s "
+                                  "(server.body_timeout_s)") from None
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                complete = True
+            return msg
+
+        await self.app(scope, timed, send)
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, but a connection whose request headers do not all arrive within
+    `seconds` (from its opening, or from the end of its previous response) is closed, with one
+    log line: uvicorn alone waits for them forever. For `uvicorn.run(..., http=...)`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        header_timeout_s = seconds
+        _header_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request's headers are complete
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()  # the next request's headers are due in their turn
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            partial = bool(self.conn.trailing_data[0])  # some of a request came (else: an idle socket)
+            (log.info if partial else log.debug)(
+                "closed a connection from %s: its request headers did not arrive within %g s "
+                "(server.header_timeout_s)", _peer(self.client), self.header_timeout_s)
+            self.transport.close()
+
+    return HeaderTimeoutH11
+
+
+def return_freed_memory() -> None:
+    """glibc only (elsewhere nothing): large blocks (a decoded image's) are always mmap'd, so
+    freeing them gives the memory back to the system. By default glibc raises that threshold
+    after the first such free, and the next decodes' blocks then stay in the process's heaps,
+    resident long after the request (GBs after a burst of large uploads)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)  # fixed at 1 MiB: no dynamic raise
+    except (OSError, AttributeError):
+        pass
+
+
+def _peer(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if client else "?"
 
 
 class CleanStartupFailure:
@@ -209,6 +327,8 @@ class Metrics:
         self.rejected = Counter("cropper_rejected", "Requests refused before the engine, by reason",
                                 ["reason"], registry=r)
         self.ready = Gauge("cropper_engine_ready", "1 when the engine is loaded", registry=r)
+        self.pixels_in_flight = Gauge("cropper_pixels_in_flight", "Decoded pixels held by requests in flight "
+                                      "(bounded by server.max_pixels_in_flight)", registry=r)
 
     def on_batch(self, info: dict[str, Any]) -> None:
         self.batch_size.observe(info["size"])
@@ -240,6 +360,7 @@ class Upload:
     id: str | None = None
     subject: str | None = None  # auto | face | person | saliency | "x,y" | "x1,y1,x2,y2" (engine/subject.py)
     keep_faces: bool | None = None
+    mask_filename: str = "mask"
 
 
 def _bool_field(value: Any, key: str) -> bool | None:
@@ -361,7 +482,7 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
         mask = await file_field("mask")
         return Upload(image[0], image[1], text_field("task"), text_field("ratio"),
                       mask[0] if mask else None, text_field("id"), text_field("subject") or None,
-                      _bool_field(text_field("keep_faces"), "keep_faces"))
+                      _bool_field(text_field("keep_faces"), "keep_faces"), mask[1] if mask else "mask")
     finally:
         await form.close()
 
@@ -369,10 +490,10 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
 def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from cropper_engine.engine.subject import SubjectSpec, require_detectors
-    from cropper_engine.imageio import load_mask, open_image
+    from cropper_engine.imageio import load_mask, open_image, too_many_pixels
     from cropper_engine.types import CropRequest, Ratio, Task
 
     if len(upload.image) > max_bytes:
@@ -381,6 +502,9 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     ratios_in = upload.ratio
     if isinstance(ratios_in, str):
         ratios_in = [p for p in ratios_in.split(",") if p.strip()]
+        if not ratios_in:
+            raise InputError(f"ratio {upload.ratio!r} names no ratio: give W:H, e.g. 16:9 or 1:1,4:5 (leave "
+                             "the field out for a free-form crop)")
     ratios = [Ratio.parse(r) for r in (ratios_in or [])]
     if len(ratios) > 16:
         raise InputError(f"{len(ratios)} ratios in one request; at most 16")
@@ -397,29 +521,89 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     if task is Task.SUBJECT and upload.mask is None and spec is None:
         raise InputError("the subject task needs a mask (a white-on-black image of the image's size) or a "
                          "subject: auto, face, person, saliency, x,y or x1,y1,x2,y2")
-    if task is not Task.SUBJECT and upload.mask is not None:
-        raise InputError(f"a mask only applies to the subject task (not {task.value})")
-    loaded = open_image(upload.image, max_pixels)
-    loaded.path = upload.filename
+    if task is Task.FREE and upload.mask is not None:
+        raise InputError("a mask applies to the subject task, or with a ratio to every ratio's crop (the subject "
+                         "kept inside); not to the free-form task")
+    loaded = open_image(upload.image, max_pixels, name=upload.filename)
     if spec is not None:
         spec.check(*loaded.size)  # a point outside the image, a box that misses it: 422 now
     require_detectors(spec, upload.keep_faces)
     mask = None
     if upload.mask is not None:
+        mname = f"the mask {upload.mask_filename}"
         try:
             with Image.open(io.BytesIO(upload.mask)) as m:
                 if m.width * m.height > max_pixels:
-                    raise ImageError(f"the mask is {m.width}x{m.height}, over the pixel limit")
+                    raise ImageError(too_many_pixels(mname, m.width, m.height, max_pixels))
                 m.load()
                 mask_img = m.copy()
         except ImageError:
             raise
+        except UnidentifiedImageError:
+            raise ImageError(f"{mname}: not an image Pillow can read") from None
         except Exception as exc:
-            raise ImageError(f"the mask is not an image Pillow can read ({type(exc).__name__}: {exc})") from None
-        mask = load_mask(mask_img, loaded.size)
-        mask = np.ascontiguousarray(mask)
+            raise ImageError(f"{mname}: cannot read it ({type(exc).__name__})") from None
+        try:
+            mask = np.ascontiguousarray(load_mask(mask_img, loaded.size))
+        except ImageError as exc:
+            raise ImageError(f"{mname}: {exc}") from None
     req = CropRequest(loaded, task, ratios, mask, upload.id, subject=spec, keep_faces=upload.keep_faces)
     return req, max(1, len(ratios))
+
+
+def probe_pixels(upload: Upload, max_pixels: int) -> int:
+    """The pixels that decoding an upload will hold (image and mask), from their headers only;
+    a header that cannot be read counts 0 (`prepare` then names the problem)."""
+    from PIL import Image
+
+    from cropper_engine.imageio import pillow_guard
+
+    pillow_guard(max_pixels)
+    total = 0
+    for data in (upload.image, upload.mask):
+        if not data:
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                total += min(im.width * im.height, max_pixels + 1)
+        except Exception:  # not an image, a bomb, a broken header: refused by prepare, without decoding
+            continue
+    return total
+
+
+class PixelBudget:
+    """Decoded pixels held at once by the requests in flight (from decode to answer), at most
+    `total`; requests wait for their share in arrival order. One larger than the whole budget
+    runs alone. Used on the event loop's thread only."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, n: int, timeout: float) -> None:
+        if n <= 0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        self._wake()
+        await asyncio.wait_for(fut, timeout)  # on timeout, fut is cancelled: _wake skips it
+
+    def release(self, n: int) -> None:
+        if n > 0:
+            self.used -= n
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self.used and self.used + n > self.total:
+                return
+            self._waiters.popleft()
+            self.used += n
+            fut.set_result(None)
 
 
 def _filename(name: str) -> str:
@@ -457,6 +641,7 @@ class ServerState:
         self.owns_cropper = cropper is None
         self.engine: Any = None
         self.metrics = Metrics()
+        self.budget = PixelBudget(cfg.server.max_pixels_in_flight)
         self.load_error: str | None = None
         self.loading = False
         self.started = time.time()
@@ -481,6 +666,9 @@ class ServerState:
                 vlm = dataclasses.replace(self.cfg.vlm, batch_size=max(self.cfg.vlm.batch_size,
                                                                        self.cfg.server.max_batch))
                 self.cropper = Cropper.from_config(dataclasses.replace(self.cfg, vlm=vlm))
+            from cropper_engine.batch import warm_face_detector
+
+            warm_face_detector(self.cropper)  # not inside the first batch: see warm_face_detector
             s = self.cfg.server
             self.engine = BatchingEngine(self.cropper, max_batch=s.max_batch, batch_wait_ms=s.batch_wait_ms,
                                          queue_size=s.queue_size, on_batch=self.metrics.on_batch)
@@ -560,6 +748,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     app.state.cropper_state = state
     app.state.startup_error = None
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyDeadline, seconds=s.body_timeout_s)
     if not s.api_key:
         app.add_middleware(LoopbackOrKey)
     app.add_middleware(CleanStartupFailure, state=state)
@@ -669,6 +858,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             raise HTTPError(503, "not_ready", msg, None if state.load_error else 5)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         t = time.perf_counter()
+        from starlette.requests import ClientDisconnect
+
         try:
             if ctype == "multipart/form-data":
                 upload = await parse_form(request, max_image_bytes)
@@ -678,10 +869,35 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
                 raise HTTPError(415, "unsupported_media_type",
                                 "send multipart/form-data (fields image, task, ratio, mask) or "
                                 "application/json ({\"image\": \"<base64>\", ...})")
-            upload.filename = _filename(upload.filename)
-            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes)
         except BodyTooLarge as exc:
             raise HTTPError(413, "too_large", str(exc)) from None
+        except BodyTimeout as exc:
+            m.rejected.labels("body_timeout").inc()
+            log.info("408 for %s: %s", _peer(request.client), exc)
+            raise HTTPError(408, "timeout", str(exc)) from None
+        except ClientDisconnect:
+            m.rejected.labels("client_gone").inc()
+            log.info("client %s went away before its upload was complete", _peer(request.client))
+            raise HTTPError(499, "client_closed", "the client went away mid-upload") from None
+        upload.filename = _filename(upload.filename)
+        # decoded pixels in flight are bounded: a request waits (in arrival order) for its share
+        pixels = await asyncio.to_thread(probe_pixels, upload, cfg.max_pixels)
+        try:
+            await state.budget.acquire(pixels, s.decode_wait_s)
+        except TimeoutError:
+            m.rejected.labels("pixel_budget").inc()
+            raise HTTPError(503, "overloaded", f"the server is busy decoding other large images (its budget is "
+                            f"{format_pixels(s.max_pixels_in_flight)} in flight); retry shortly", 5) from None
+        m.pixels_in_flight.set(state.budget.used)
+        try:
+            return await _crop_decoded(request, return_, upload, t)
+        finally:
+            state.budget.release(pixels)
+            m.pixels_in_flight.set(state.budget.used)
+
+    async def _crop_decoded(request: Request, return_: str, upload: Upload, t: float) -> Any:
+        try:
+            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes)
         except ImageError as exc:
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:
@@ -720,7 +936,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             raise HTTPError(500, "internal", f"internal error: {exc}") from None
         rows = []
         for r in out:
-            row = r.to_json()
+            row = with_image_notes(r.to_json(), r.loaded)
             row["image"] = upload.filename
             if upload.id is not None:
                 row["id"] = upload.id
@@ -757,8 +973,9 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
         d: dict[str, Any] = {
             "ready": state.ready, "loading": state.loading, "error": state.load_error,
             "limits": {"max_upload_mb": s.max_upload_mb, "max_pixels": cfg.max_pixels,
-                       "request_timeout_s": s.request_timeout_s, "max_batch": s.max_batch,
-                       "queue_size": s.queue_size},
+                       "max_pixels_in_flight": s.max_pixels_in_flight, "header_timeout_s": s.header_timeout_s,
+                       "body_timeout_s": s.body_timeout_s, "request_timeout_s": s.request_timeout_s,
+                       "max_batch": s.max_batch, "queue_size": s.queue_size},
             "tasks": ["free", "subject", "ratio"],
         }
         if state.cropper is not None:

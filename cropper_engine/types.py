@@ -8,6 +8,7 @@ left / top edge and 1000 the right / bottom edge; `Box.to_norm` and `Box.from_no
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -232,6 +233,15 @@ class CropRequest:
                                  "not to the free-form task")
         if self.task is Task.RATIO and not self.ratios:
             raise InputError("the ratio task needs at least one aspect ratio, e.g. --ratio 4:3")
+        if self.mask is not None and self.task is not Task.SUBJECT:
+            if self.task is Task.FREE:
+                raise InputError("a subject mask applies to the subject task, or with a ratio to every "
+                                 "ratio's crop (the subject kept inside); not to the free-form task")
+            from cropper_engine.engine.subject import SubjectSpec  # ratio: the mask's subject kept inside
+
+            mask, self.mask = self.mask, None
+            self.subject = SubjectSpec("mask", path=os.fspath(mask)) if isinstance(mask, (str, os.PathLike)) \
+                else SubjectSpec.parse(mask)
         if self.task is Task.SUBJECT and self.mask is None and self.subject is None:
             raise InputError("the subject task needs a subject: a mask (e.g. --mask subject.png) or "
                              "--subject auto | face | person | saliency | X,Y | X1,Y1,X2,Y2")

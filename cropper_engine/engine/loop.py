@@ -70,6 +70,7 @@ class Job:
     faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject.py)
     distinct: dict[int, dict[str, int]] = field(default_factory=dict)  # round -> VLM boxes, distinct ones
     prompts: list[dict[str, Any]] | None = None  # with `Cropper.record_prompts`: every prompt and answer
+    own_seconds: dict[str, float] = field(default_factory=dict)  # stages timed for this job alone
     subject_info: Any = None  # engine/subject.py's Subject: what the result row says of the subject
 
     @property
@@ -90,6 +91,7 @@ class BatchContext:
     neighbours: dict[int, list[Any]]
     exclude_ids: Sequence[set[str] | None] | None
     saliency: dict[int, np.ndarray]
+    own_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # per request: stages timed alone
 
 
 class ImageCache:
@@ -112,6 +114,22 @@ class ImageCache:
         if len(self._d) > self.capacity:
             self._d.popitem(last=False)
         return img
+
+
+def _row_timings(job: Job, timings: dict[str, float], own: dict[int, dict[str, float]], jobs: list[Job],
+                 per_req: dict[int, int]) -> dict[str, float]:
+    """One result's own seconds per stage: what was timed for its image alone (decode, saliency,
+    analysis: shared by that image's ratios) or for its job alone (proposals), plus an equal
+    share of what the batch did for all at once (embedding, retrieval, VLM generation)."""
+    out: dict[str, float] = {}
+    for stage, total in timings.items():
+        req_own = {i: d[stage] for i, d in own.items() if stage in d}
+        job_own = [j.own_seconds[stage] for j in jobs if stage in j.own_seconds]
+        shared = max(total - sum(req_own.values()) - sum(job_own), 0.0) / len(jobs)
+        mine = job.own_seconds.get(stage, 0.0) + req_own.get(job.req, 0.0) / max(per_req.get(job.req, 1), 1)
+        out[stage] = mine + shared
+    out["total"] = sum(out.values())
+    return out
 
 
 @functools.lru_cache(maxsize=65536)
@@ -191,7 +209,9 @@ class Cropper:
         t = time.perf_counter()
         jobs: list[Job] = []
         images: list[LoadedImage | None] = []
+        own: dict[int, dict[str, float]] = {i: {} for i in range(len(requests))}  # per request, timed alone
         for i, req in enumerate(requests):
+            t_own = time.perf_counter()
             try:
                 img = open_image(req.image, self.cfg.max_pixels)
                 mask = subject = sub = None
@@ -216,6 +236,7 @@ class Cropper:
             except CropperError as exc:
                 results[i] = exc
                 images.append(None)
+            own[i]["decode"] = time.perf_counter() - t_own
         t = tick("decode", t)
         live = [i for i, im in enumerate(images) if im is not None]
         if not jobs:
@@ -241,27 +262,29 @@ class Cropper:
 
         sal_cache: dict[int, np.ndarray] = {}
         for i in live:
+            t_own = time.perf_counter()
             im = images[i].image  # type: ignore[union-attr]
             w, h = im.size
             s = 160 / max(w, h)
             small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
             sal_cache[i] = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
+            own[i]["saliency"] = time.perf_counter() - t_own
         t = tick("saliency", t)
 
         for job in jobs:
             self._attach_neighbours(job, neighbours.get(job.req, []))
         t = tick("retrieve", t)
 
-        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache)
+        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache, own)
         if self.vlm is None:
             t = self._default_crop(jobs, PIPELINE_NO_VLM, batch, tick, t)
         else:
             t = self._run_vlm(jobs, batch, timings, t)
 
+        per_req = {i: sum(1 for j in jobs if j.req == i) for i in live}
         for job in jobs:
             res = self._select(job)
-            res.timings = {k: v / len(jobs) for k, v in timings.items()}
-            res.timings["total"] = sum(res.timings.values())
+            res.timings = _row_timings(job, timings, own, jobs, per_req)
             results[job.req].append(res)  # type: ignore[union-attr]
         return results
 
@@ -305,7 +328,9 @@ class Cropper:
         model = default_model()
         if model is None:
             for job in jobs:
+                t_own = time.perf_counter()
                 self._propose_classical(job, sal[job.req])
+                job.own_seconds["propose"] = job.own_seconds.get("propose", 0.0) + time.perf_counter() - t_own
             t = tick("propose", t)
             self._score(jobs, [sal[j.req] for j in jobs])
             return tick("score", t)
@@ -313,13 +338,19 @@ class Cropper:
         from cropper_engine.engine.default_pipeline import rerank_with_clip, retrieve_for_model
 
         reqs = sorted({j.req for j in jobs})
-        analyses = {i: analyse(batch.images[i].image) for i in reqs}  # type: ignore[union-attr]
+        analyses = {}
+        for i in reqs:
+            t_own = time.perf_counter()
+            analyses[i] = analyse(batch.images[i].image)  # type: ignore[union-attr]
+            batch.own_seconds.setdefault(i, {})["analyse"] = time.perf_counter() - t_own
         t = tick("analyse", t)
         model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
                                       reqs, batch.exclude_ids)
         t = tick("retrieve", t)
         for job in jobs:
+            t_own = time.perf_counter()
             self._propose_classical(job, sal[job.req], analyses[job.req], model, model_nb[job.req])
+            job.own_seconds["propose"] = job.own_seconds.get("propose", 0.0) + time.perf_counter() - t_own
         t = tick("propose", t)
         if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
             rerank_with_clip(self.scorer, jobs, [sal[j.req] for j in jobs])

@@ -18,6 +18,7 @@ searched exactly by default.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,7 +98,21 @@ def _hnswlib_version() -> str:
         return "unknown"
 
 
-def _rebuild_hint(path: Path) -> str:
+def _rebuild_hint(path: Path, manifest: dict[str, Any] | None = None) -> str:
+    """The command that rebuilds the index: in full where the manifest names its source."""
+    src = (manifest or {}).get("source") or {}
+    if isinstance(src, dict) and src.get("dataset") and src.get("annotations"):
+        import shlex
+
+        args = ["--dataset", str(src["dataset"]), "--annotations", str(src["annotations"])]
+        for key in ("images", "split"):
+            if src.get(key):
+                args += [f"--{key}", str(src[key])]
+        spec = ((manifest or {}).get("embedder") or {}).get("spec")
+        if spec:
+            args += ["--embedder", str(spec)]
+        cmd = " ".join(shlex.quote(a) for a in args)
+        return f"rebuild it with `cropper-engine index build {cmd} --out {shlex.quote(str(path))} --overwrite`"
     return f"rebuild it with `cropper-engine index build ... --out {path} --overwrite`"
 
 
@@ -224,6 +239,8 @@ def _write_index_dir(tmp: Path, vectors: np.ndarray, lines: Iterable[bytes], gra
         os.fsync(f.fileno())
     graph.save_index(str(tmp / GRAPH))
     _fsync_path(tmp / GRAPH)
+    manifest["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                         for name in (VECTORS, METADATA, GRAPH)}
     part = tmp / (MANIFEST + ".part")
     with open(part, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=False)
@@ -232,6 +249,33 @@ def _write_index_dir(tmp: Path, vectors: np.ndarray, lines: Iterable[bytes], gra
         os.fsync(f.fileno())
     os.replace(part, tmp / MANIFEST)
     _fsync_path(tmp)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sizes(p: Path, manifest: dict[str, Any]) -> None:
+    """Each file's size against the manifest's record of it (indexes written before the record
+    was kept have none): a truncated or replaced file is named at load, with the fix."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return
+    for name, rec in files.items():
+        want = rec.get("bytes") if isinstance(rec, dict) else None
+        if not isinstance(want, int):
+            continue
+        try:
+            got = (p / name).stat().st_size
+        except FileNotFoundError:
+            raise ExampleIndexError(f"the index at {p} has no {name}; {_rebuild_hint(p, manifest)}") from None
+        if got != want:
+            raise ExampleIndexError(f"{p / name} is damaged: {got} bytes but the manifest says {want} "
+                                    f"(truncated or replaced?); {_rebuild_hint(p, manifest)}")
 
 
 def _example_line(row: Example | dict[str, Any]) -> bytes:
@@ -441,7 +485,14 @@ class ExampleIndex:
 
         n_old = len(self)
         graph = hnswlib.Index(space=SPACE, dim=self.dim)
-        graph.load_index(str(self.path / GRAPH), max_elements=n_old + len(kept))
+        try:
+            graph.load_index(str(self.path / GRAPH), max_elements=n_old + len(kept))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise ExampleIndexError(f"{self.path / GRAPH} is damaged ({exc}); "
+                                    f"{_rebuild_hint(self.path, self.manifest)}") from None
+        if graph.get_current_count() != n_old:
+            raise ExampleIndexError(f"{self.path / GRAPH} holds {graph.get_current_count()} items but the "
+                                    f"manifest says {n_old}; {_rebuild_hint(self.path, self.manifest)}")
         graph.add_items(vectors, np.arange(n_old, n_old + len(kept), dtype=np.int64))
         all_vectors = np.concatenate([np.asarray(self.vectors, dtype=np.float32), vectors])
         manifest = dict(self.manifest)
@@ -473,6 +524,7 @@ class ExampleIndex:
         """Open an index; `embedder` (an Embedder or its id) must be the one it was built with."""
         p = Path(path)
         manifest = _read_manifest(p)
+        _check_sizes(p, manifest)
         count, dim = manifest["count"], manifest["dim"]
         try:
             vectors = np.load(p / VECTORS, mmap_mode="r", allow_pickle=False)
@@ -527,11 +579,11 @@ class ExampleIndex:
                         graph.load_index(str(self.path / GRAPH))
                     except (RuntimeError, OSError, ValueError) as exc:
                         raise ExampleIndexError(f"{self.path / GRAPH} is damaged ({exc}); "
-                                                f"{_rebuild_hint(self.path)}") from None
+                                                f"{_rebuild_hint(self.path, self.manifest)}") from None
                     if graph.get_current_count() != len(self):
                         raise ExampleIndexError(
                             f"{self.path / GRAPH} holds {graph.get_current_count()} items but the "
-                            f"manifest says {len(self)}; {_rebuild_hint(self.path)}"
+                            f"manifest says {len(self)}; {_rebuild_hint(self.path, self.manifest)}"
                         )
                     graph.set_ef(self._ef)
                     self._graph = graph
@@ -595,7 +647,7 @@ class ExampleIndex:
                 ex = Example.from_json(json.loads(self._rows()[row]))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ExampleIndexError(f"row {row} of {self.path / METADATA} is damaged ({exc}); "
-                                        f"{_rebuild_hint(self.path)}") from None
+                                        f"{_rebuild_hint(self.path, self.manifest)}") from None
             self._examples[row] = ex
         return ex
 
@@ -610,6 +662,16 @@ class ExampleIndex:
     def find(self, example_id: str) -> int | None:
         """The row of an example id, or None."""
         return self._id_map().get(str(example_id))
+
+    def verify(self) -> None:
+        """Each file's SHA-256 against the manifest (indexes written before it was kept: sizes
+        only). Raises ExampleIndexError naming the damaged file and the rebuild command."""
+        _check_sizes(self.path, self.manifest)
+        for name, rec in (self.manifest.get("files") or {}).items():
+            want = rec.get("sha256") if isinstance(rec, dict) else None
+            if want and _sha256(self.path / name) != want:
+                raise ExampleIndexError(f"{self.path / name} is damaged: its checksum is not the manifest's; "
+                                        f"{_rebuild_hint(self.path, self.manifest)}")
 
     def info(self) -> dict[str, Any]:
         """The manifest plus where the index is and its sizes on disk (for `index info`)."""

@@ -1,0 +1,536 @@
+"""The bad-input catalogue: every kind of bad input and fault a hostile new user tried (issue 12),
+built here, and the exact outcome asserted for the CLI and the server alike: a named error (the
+file, the problem, the fix), the good inputs still cropped, nothing lost, no traceback, the right
+status code. The README's "Reliability" section lists it.
+
+    CLI, one batch over a folder of good and bad files  test_cli_folder_catalogue
+    server, the same files uploaded one by one          test_server_upload_catalogue
+    options and fields refused on both, before work     test_refused_options_cli / _server
+    a mask with a ratio: kept inside, same on both      test_mask_with_ratio_is_kept_inside_on_both
+    manifests (ratio honoured, task ratio without one)  test_manifest_catalogue
+    resume over a half-written last results line        test_resume_over_a_torn_last_line
+    unwritable --out                                    test_unwritable_out_is_refused_before_work
+    a damaged index                                     test_damaged_index_is_named_with_the_rebuild_command
+    pixel limits (Pillow's guard is not the limit)      test_pixel_limit_*
+    server phases: headers, body, disconnects, budget   test_server_* (real uvicorn on 127.0.0.1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from bench.memory_bench import big_png
+from cropper_engine.cli import main
+from cropper_engine.config import load_config
+from cropper_engine.errors import ConfigError, ImageError
+from cropper_engine.imageio import format_pixels, open_image
+
+pytest.importorskip("fastapi", reason="the server extra is not installed")
+uvicorn = pytest.importorskip("uvicorn")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cropper_engine.server import PixelBudget, create_app, header_timeout_protocol  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def cfg(**over):
+    return load_config(env={}, overrides={"vlm.model": "none", "retrieval.embedder": "classical", **over})
+
+
+def cli(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(w=100_000, h=100_000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+# --- the catalogue of files --------------------------------------------------------------------
+
+# name -> what the error must say (None: a good input, cropped; a str in `NOTES`: cropped, with a note)
+BAD_FILES = {
+    "truncated.jpg": "truncated",
+    "header-only.jpg": "cannot read image",
+    "text.jpg": "not an image Pillow can read",
+    "empty.jpg": "empty file",
+    "bomb.png": "more than the limit of 120 MP",
+    "garbage.gif": "not an image Pillow can read",
+}
+LINKS = {  # file-system faults: the CLI only (an upload has no links)
+    "loop.jpg": "a loop of symbolic links",
+    "dangling.jpg": "a symbolic link to nowhere.jpg, which does not exist",
+}
+NOTES = {"animated.gif": "the first of its 3 frames", "transparent.png": "composited on white"}
+
+
+def make_catalogue(folder: Path, photos: list[Path]) -> tuple[set[str], set[str]]:
+    """Good photos, good-with-a-note images and every kind of bad file in one folder:
+    (the good names, the bad names)."""
+    folder.mkdir()
+    good = set()
+    for p in photos:
+        (folder / p.name).write_bytes(p.read_bytes())
+        good.add(p.name)
+    data = photos[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "header-only.jpg").write_bytes(data[:200])
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    (folder / "garbage.gif").write_bytes(b"GIF89a" + b"\x01" * 50)
+    frames = [Image.new("RGB", (160, 120), c) for c in ("red", "green", "blue")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    rgba = np.zeros((120, 160, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 80:, 3] = 255  # the left half transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "transparent.png")
+    g16 = (np.arange(120 * 160, dtype=np.uint16).reshape(120, 160) * 3)
+    Image.fromarray(g16).save(folder / "grey16.png")  # 16-bit grey
+    good |= {"animated.gif", "transparent.png", "grey16.png"}
+    return good, set(BAD_FILES)
+
+
+def test_cli_folder_catalogue(photos, tmp_path):
+    """One `crop DIR --out` over good and bad files: exit 1, each bad file named once with its
+    problem, every good one cropped (with a note where decoding changed it), no traceback."""
+    folder = tmp_path / "in"
+    good, bad = make_catalogue(folder, photos)
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink("nowhere.jpg", folder / "dangling.jpg")
+    out = tmp_path / "out"
+    res = cli("crop", folder, "--out", out)
+    assert res.exit_code == 1
+    errors = [json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    expected = {**BAD_FILES, **LINKS}
+    assert len(errors) == len(expected), errors
+    for name, text in expected.items():
+        hits = [e for e in errors if Path(e.split(":")[0]).name == name]
+        assert len(hits) == 1 and text in hits[0], (name, hits)
+        assert f"{name}: " in res.output  # on the terminal too
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(good)
+    for r in rows:
+        assert Path(r["output"]).is_file()
+        name = Path(r["image"]).name
+        if name in NOTES:
+            assert any(NOTES[name] in n for n in r.get("notes", [])), r.get("notes")
+    assert f"{len(good) + len(bad) + len(LINKS)} images, {len(good)} crops" in res.output
+    assert f"{len(expected)} errors" in res.output
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from cropper_engine.engine.loop import Cropper
+
+    c = Cropper.from_config(cfg())
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(cfg(), cropper=engine)) as c:
+        yield c
+
+
+def error_of(r, status, type_=None):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    if type_:
+        assert err["type"] == type_, err
+    return err["message"]
+
+
+def test_server_upload_catalogue(client, photos, tmp_path):
+    """The same files uploaded: 422 naming the upload and the problem (400 for an empty file),
+    200 for the good ones with the same notes, the engine alive throughout."""
+    good, bad = make_catalogue(tmp_path / "in", photos)
+    for name in sorted(bad):
+        data = (tmp_path / "in" / name).read_bytes()
+        r = client.post("/v1/crop", files={"image": (name, data)})
+        if name == "empty.jpg":
+            assert "empty file" in error_of(r, 400, "bad_request")
+            continue
+        msg = error_of(r, 422, "invalid_image")
+        assert msg.startswith(f"{name}: ") and BAD_FILES[name] in msg, msg
+        assert "<bytes>" not in msg and "BytesIO" not in msg
+    for name in sorted(good):
+        r = client.post("/v1/crop", files={"image": (name, (tmp_path / "in" / name).read_bytes())})
+        assert r.status_code == 200, (name, r.text)
+        if name in NOTES:
+            assert any(NOTES[name] in n for n in r.json().get("notes", [])), r.json()
+    bad_mask = client.post("/v1/crop", files={"image": ("a.jpg", photos[0].read_bytes()),
+                                              "mask": ("subject.png", b"not a png")})
+    msg = error_of(bad_mask, 422, "invalid_image")
+    assert "the mask subject.png" in msg and "BytesIO" not in msg
+    assert client.app.state.cropper_state.engine.alive
+
+
+# --- options refused before any work, the same on both -------------------------------------------
+
+REFUSED = [  # (CLI args after the image, server form fields, what both messages say)
+    (["--ratio", ""], {"ratio": ""}, "names no ratio"),
+    (["--ratio", " , "], {"ratio": " , "}, "names no ratio"),
+    (["--ratio", "0:1"], {"ratio": "0:1"}, "ratio"),
+    (["--ratio", "abc"], {"ratio": "abc"}, "ratio"),
+    (["--task", "ratio"], {"task": "ratio"}, "needs"),
+    (["--task", "free", "--ratio", "1:1"], {"task": "free", "ratio": "1:1"}, "only applies to"),
+    (["--task", "subject"], {"task": "subject"}, "needs"),
+    (["--task", "free", "--mask", "{mask}"], {"task": "free", "mask": "{mask}"}, "not to"),
+    (["--mask", "{small}"], {"mask": "{small}"}, "must have"),
+    (["--subject", "99999,5"], {"subject": "99999,5"}, "outside"),
+]
+
+
+@pytest.fixture
+def masks(photos, tmp_path):
+    w, h = Image.open(photos[0]).size
+    right = np.zeros((h, w), np.uint8)
+    right[h // 3: h // 2, w - 12:] = 255  # the subject at the right edge
+    Image.fromarray(right).save(tmp_path / "mask.png")
+    Image.new("L", (10, 10), 255).save(tmp_path / "small.png")
+    return {"mask": tmp_path / "mask.png", "small": tmp_path / "small.png"}
+
+
+@pytest.mark.parametrize("args,_fields,text", REFUSED)
+def test_refused_options_cli(photos, masks, tmp_path, args, _fields, text):
+    args = [a.format(**masks) for a in args]
+    res = cli("crop", photos[0], *args, "--out", tmp_path / "o")
+    assert res.exit_code != 0 and text in res.output, res.output
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("_args,fields,text", REFUSED)
+def test_refused_options_server(client, photos, masks, _args, fields, text):
+    files = {"image": ("a.jpg", photos[0].read_bytes())}
+    data = {}
+    for k, v in fields.items():
+        if v.startswith("{"):
+            files[k] = ("m.png", Path(v.format(**masks)).read_bytes())
+        else:
+            data[k] = v
+    assert text in error_of(client.post("/v1/crop", files=files, data=data), 422)
+
+
+def test_pixel_limit_small_and_flag(photos, tmp_path):
+    """Over --max-pixels: named with its size, the limit in readable units and the flag, which exists."""
+    res = cli("crop", photos[0], "--max-pixels", "1000")
+    w, h = Image.open(photos[0]).size
+    assert res.exit_code == 1
+    assert f"{w}x{h} = {format_pixels(w * h)}, more than the limit of 1,000 pixels" in res.output
+    assert "--max-pixels N (crop, serve)" in res.output and "0 MP" not in res.output
+    assert cli("crop", photos[0], "--max-pixels", str(w * h)).exit_code == 0
+
+
+def test_pixel_limit_is_ours_not_pillows():
+    """A 92 MP PNG (over Pillow's 89.5 MP guard) is judged by our limit, with its size named."""
+    data = big_png(11_000, 8_378)
+    with pytest.raises(ImageError) as exc:
+        open_image(data, 50_000_000, name="big.png")
+    assert "big.png: 11000x8378 = 92.16 MP, more than the limit of 50 MP" in str(exc.value)
+    with pytest.raises(ImageError) as exc:
+        open_image(bomb_png(), 500_000_000, name="bomb.png")  # 10 000 MP: over ours, whatever Pillow's
+    assert "10000 MP" in str(exc.value) or "1e+04 MP" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_pixel_limit_above_pillows_guard_decodes():
+    """The configured limit is the real one: 92 MP decodes under a 500 MP limit (Pillow alone
+    refuses it as a bomb); /v1/info reports that same limit."""
+    loaded = open_image(big_png(11_000, 8_378), 500_000_000, name="big.png")
+    assert loaded.size == (11_000, 8_378)
+
+
+# --- the mask with a ratio, manifests, resume, --out, the index ----------------------------------
+
+
+def test_mask_with_ratio_is_kept_inside_on_both(client, photos, masks):
+    w, h = Image.open(photos[0]).size
+    res = cli("crop", photos[0], "--ratio", "1:1", "--mask", masks["mask"], "--json")
+    assert res.exit_code == 0, res.output
+    row = next(json.loads(line) for line in res.output.splitlines() if line.startswith("{"))
+    _x1, y1, x2, y2 = row["box"]
+    assert row["ratio"] == "1:1" and x2 >= w - 1 and y1 <= h // 3 and y2 >= h // 2, row  # the subject inside
+    r = client.post("/v1/crop", files={"image": (photos[0].name, photos[0].read_bytes()),
+                                       "mask": ("mask.png", masks["mask"].read_bytes())}, data={"ratio": "1:1"})
+    assert r.status_code == 200 and r.json()["box"] == row["box"], r.text
+
+
+def test_manifest_catalogue(photos, tmp_path, masks):
+    """Each line's own ratio is honoured; task ratio without one, a ratio with task free, bad
+    JSON and a missing image are each a named error; the other lines are cropped."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in photos:
+        (src / p.name).write_bytes(p.read_bytes())
+    a, b, c, d = (p.name for p in photos[:4])
+    lines = [
+        {"image": a, "ratio": "16:9"},
+        {"image": b, "task": "ratio"},
+        {"image": c, "task": "free", "ratio": "1:1"},
+        {"image": d},
+        {"image": a, "ratio": "1:1", "mask": str(masks["mask"])},
+        {"image": "missing.jpg"},
+    ]
+    (src / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    out = tmp_path / "out"
+    res = cli("crop", src / "m.jsonl", "--out", out)
+    assert res.exit_code == 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    got = sorted((Path(r["image"]).name, r["ratio"], r["task"]) for r in rows)
+    assert got == sorted([(a, "16:9", "ratio"), (d, None, "free"), (a, "1:1", "ratio")])
+    assert next(r for r in rows if r["ratio"] == "1:1")["box"][2] >= Image.open(photos[0]).width - 1
+    errors = "\n".join(json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines())
+    assert f'{b}: "task": "ratio" needs a ratio' in errors
+    assert f'{c}: "ratio" only applies to the ratio task' in errors
+    assert "m.jsonl:7: bad manifest line" in errors and "missing.jpg: no such file" in errors
+    assert "0 skipped" in res.output and "4 errors" in res.output
+
+
+def test_resume_over_a_torn_last_line(photos, tmp_path):
+    out = tmp_path / "out"
+    assert cli("crop", *photos, "--out", out).exit_code == 0
+    path = out / "results.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    torn = lines[-1][:40]
+    path.write_bytes(b"".join(lines[:-1]) + torn)  # killed mid-write
+    res = cli("crop", *photos, "--out", out, "--resume")
+    assert res.exit_code == 0 and "cut short" in res.output
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line whole
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in photos)  # nothing lost
+    assert (out / "results.partial.jsonl").read_bytes() == torn + b"\n"
+    # a whole last row missing only its newline is kept, not cropped again
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    res = cli("crop", *photos, "--out", out, "--resume")
+    assert res.exit_code == 0 and f"{len(photos)} skipped" in res.output
+    assert len(path.read_text().splitlines()) == len(photos)
+
+
+@pytest.mark.parametrize("where", ["/proc/cropper-x", "file", "readonly"])
+def test_unwritable_out_is_refused_before_work(photos, tmp_path, where):
+    if where == "file":
+        target = tmp_path / "f"
+        target.write_text("x")
+    elif where == "readonly":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "out"
+    else:
+        target = Path(where)
+    res = cli("crop", photos[0], "--out", target)
+    assert res.exit_code != 0
+    if where == "file":  # click's own check of the option: a usage error naming it
+        assert "'--out'" in res.output and f"{target}' is a file" in res.output
+    else:
+        assert f"cannot write to --out {target}" in res.output
+    assert "pipeline:" not in res.output  # refused before the engine was even built
+
+
+def test_damaged_index_is_named_with_the_rebuild_command(photos, tmp_path):
+    from cropper_engine.data.example import Example
+    from cropper_engine.index.store import ExampleIndex
+    from cropper_engine.models.embedders import resolve_embedder
+    from cropper_engine.types import Box
+
+    emb, _ = resolve_embedder("classical")
+    exs = [Example(id=p.stem, image_path=str(p), width=Image.open(p).width, height=Image.open(p).height,
+                   crops=[Box(0, 0, 50, 50)]) for p in photos]
+    idx_dir = tmp_path / "idx"
+    ExampleIndex.build(exs, emb, idx_dir, source={"dataset": "jsonl", "annotations": "/data/a.jsonl"})
+    assert cli("index", "info", idx_dir).exit_code == 0
+    graph = idx_dir / "graph.bin"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    ann = tmp_path / "a.jsonl"
+    ann.write_text(json.dumps({"image": str(photos[0]), "crop": [0, 0, 50, 50]}) + "\n")
+    for args in (["index", "info", idx_dir], ["index", "query", idx_dir, photos[0]],
+                 ["index", "add", idx_dir, "--dataset", "jsonl", "--annotations", ann],
+                 ["crop", photos[0], "--index", idx_dir]):
+        res = cli(*args)
+        assert res.exit_code == 1, (args, res.output)
+        assert "graph.bin is damaged" in res.output, (args, res.output)
+        assert "index build --dataset jsonl --annotations /data/a.jsonl" in res.output and "--overwrite" in res.output
+
+
+# --- the server's phases (a real uvicorn on 127.0.0.1) ----------------------------------------------
+
+
+class LiveServer:
+    def __init__(self, app, header_timeout_s: float) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="info",
+                                http=header_timeout_protocol(header_timeout_s))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+        return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (the socket's time-out bounds it)."""
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"the server kept the connection open; got {out[:200]!r}") from None
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_server_timeouts_default_to_30_s():
+    s = load_config(env={}).server
+    assert s.header_timeout_s == 30 and s.body_timeout_s == 30
+    assert header_timeout_protocol(s.header_timeout_s).header_timeout_s == 30
+
+
+def test_server_slow_headers_and_half_bodies_are_cut_off(engine, photos, caplog):
+    """Headers that never end: the connection is closed; half a body: 408, then closed. Short
+    limits here (the defaults are 30 s); nothing waits on the clock but the server's own timers."""
+    app = create_app(cfg(**{"server.body_timeout_s": 0.5}), cropper=engine)
+    with LiveServer(app, header_timeout_s=0.5) as srv, caplog.at_level(logging.INFO):
+        s = srv.connect()
+        s.sendall(b"POST /v1/crop HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        assert read_all(s) == b""
+        s.close()
+        body = photos[0].read_bytes()
+        s = srv.connect()
+        s.sendall(b"POST /v1/crop HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        answer = read_all(s)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"did not arrive within 0.5 s" in answer
+        s = srv.connect()  # the server serves on
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 200")
+        s.close()
+    assert "request headers did not arrive within 0.5 s" in caplog.text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_server_client_gone_mid_upload_is_one_quiet_line(engine, photos, caplog):
+    app = create_app(cfg(), cropper=engine)
+    body = photos[0].read_bytes()
+    with LiveServer(app, header_timeout_s=30) as srv, caplog.at_level(logging.INFO):
+        for _ in range(3):
+            s = srv.connect()
+            s.sendall(b"POST /v1/crop HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+                      + f"Content-Length: {len(body) + 200}\r\n\r\n".encode()
+                      + b'--XX\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+                      + body[:1000])
+            s.close()
+        deadline = time.monotonic() + 20
+        metrics = ""
+        while time.monotonic() < deadline and 'status="499"} 3.0' not in metrics:
+            c = srv.connect()
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            metrics = read_all(c).decode()
+            c.close()
+            time.sleep(0.05)
+    assert 'cropper_requests_total{endpoint="crop",status="499"} 3.0' in metrics
+    assert 'status="500"' not in metrics
+    gone = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(gone) == 3 and all(r.levelno == logging.INFO for r in gone)
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_pixel_budget_orders_and_bounds():
+    """At most `total` pixels held at once, in arrival order; one larger than the budget runs
+    alone; a wait past its time-out is a TimeoutError and holds nothing."""
+    async def scenario() -> None:
+        b = PixelBudget(100)
+        await b.acquire(60, 1)
+        assert b.used == 60
+        second = asyncio.ensure_future(b.acquire(50, 30))
+        await asyncio.sleep(0)
+        assert not second.done() and b.used == 60
+        with pytest.raises(TimeoutError):
+            await b.acquire(10, 0.05)  # behind the waiting one, in order
+        b.release(60)
+        await second
+        assert b.used == 50
+        big = asyncio.ensure_future(b.acquire(500, 30))
+        await asyncio.sleep(0)
+        assert not big.done()
+        b.release(50)
+        await big
+        assert b.used == 500
+        b.release(500)
+        assert b.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_server_config_refusals(photos):
+    for key in (" ", "  secret ", "\t"):
+        with pytest.raises(ConfigError, match="API key"):
+            create_app(cfg(**{"server.api_key": key}))
+    res = cli("serve", "--api-key", " ")
+    assert res.exit_code == 1 and "the API key is blank" in res.output
+    with pytest.raises(ConfigError, match="header_timeout_s"):
+        create_app(cfg(**{"server.header_timeout_s": 0}))
+
+
+def test_server_auth_and_limits(engine, photos):
+    """The ones handled before this catalogue: 401 without the key, 413 over the upload limit, 415
+    for another content type, a URL refused (never fetched), 422 over the pixel limit."""
+    data = photos[0].read_bytes()
+    app = create_app(cfg(**{"server.api_key": "k" * 16, "server.max_upload_mb": 0.01}), cropper=engine)
+    with TestClient(app) as c:
+        assert error_of(c.post("/v1/crop", files={"image": ("a.jpg", data)}), 401, "unauthorized")
+        auth = {"Authorization": "Bearer " + "k" * 16}
+        assert error_of(c.post("/v1/crop", files={"image": ("a.jpg", data)}, headers=auth), 413, "too_large")
+        assert error_of(c.post("/v1/crop", content=b"x", headers={**auth, "content-type": "text/plain"}), 415)
+        r = c.post("/v1/crop", json={"image": "https://example.com/a.jpg"}, headers=auth)
+        assert error_of(r, 400, "url_refused")
+    with TestClient(create_app(cfg(max_pixels=1000), cropper=engine)) as c:
+        msg = error_of(c.post("/v1/crop", files={"image": ("a.jpg", data)}), 422, "invalid_image")
+        assert msg.startswith("a.jpg: ") and "more than the limit of 1,000 pixels" in msg
+        assert c.get("/v1/info").json()["limits"]["max_pixels"] == 1000
