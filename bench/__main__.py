@@ -20,9 +20,13 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) < 2 else 2)
+        sys.exit(0)
+    if sys.argv[1] not in COMMANDS:
+        print(f"unknown benchmark {sys.argv[1]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
     name = sys.argv.pop(1)
     sys.argv[0] = f"python -m bench {name}"
     mod = importlib.import_module(COMMANDS[name])

@@ -47,3 +47,14 @@ def test_loop_bench_reports_speedup_and_cache(tmp_path):
     assert fig["tokens_ratio"] > 0 and fig["engine_tokens_per_image"] > 0
     assert fig["prefix_cache_hit_rate"] == 1.0 and fig["prefix_cache_hit_rate_source"] == "all refinement rounds"
     assert {"vision", "prefill", "decode"} <= set(fig["limits"])
+
+
+def test_bench_help_exits_0_and_unknown_name_exits_2():
+    for args in ((), ("--help",), ("-h",)):
+        p = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, (args, p.stderr)
+        assert "python -m bench loop" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "bench", "nosuch"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "unknown benchmark 'nosuch'" in p.stderr
