@@ -2,10 +2,11 @@
 
     python bench/style_experiment.py [--fcdb ../shared/data/fcdb] [--quick]
 
-1. A dataset in one consistent style unlike FCDB's: for every FCDB image, the largest square
-   centred on its annotated crop's centre (shifted inside the image), a "square thumbnail"
-   (FCDB's own crops have any ratio and size). Only boxes and file names are written, to a
-   work folder outside the repository; the images are read in place.
+1. A dataset in one consistent style unlike FCDB's (whose crops have any ratio and size): for
+   every FCDB image, `--style square`: the largest square centred on its annotated crop's
+   centre (shifted inside the image), a "square thumbnail"; `--style tight45`: the largest 4:5
+   portrait box inside the annotated crop, centred on it. Only boxes and file names are
+   written, to a work folder outside the repository; the images are read in place.
 2. FCDB train is shuffled (seed 0): the first 400 images are the fitting pool, the next 200 are
    held out; FCDB val (200 images, which the shipped model never saw) is a second held-out set.
 3. `cropper-engine fit` on the first 25, 50, 100, 200 and 400 images of the pool (a learning
@@ -13,7 +14,7 @@
    and free-form, with the shipped model and with each fitted one (`--default-model`).
 
 Every figure comes from those commands' `--json` output; they are written with the commands to
-bench/results/style_experiment.json (and .md). The shipped model was fitted on FCDB train itself
+bench/results/style_experiment_STYLE.json (and .md). The shipped model was fitted on FCDB train itself
 (with FCDB's crops), which favours it on the held-out train images, not the fitted models.
 """
 
@@ -45,10 +46,25 @@ def square_thumbnail(w: int, h: int, crop: list[float]) -> list[int]:
     return [x1, y1, x1 + side, y1 + side]
 
 
-def write_style(records: list[dict[str, Any]], path: Path) -> Path:
+def tight_4x5(w: int, h: int, crop: list[float]) -> list[int]:
+    """The largest 4:5 (portrait) box inside the crop, centred on it."""
+    cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+    bw, bh = (ch * 0.8, ch) if cw / ch > 0.8 else (cw, cw / 0.8)
+    cx, cy = (crop[0] + crop[2]) / 2, (crop[1] + crop[3]) / 2
+    x1, y1 = int(round(cx - bw / 2)), int(round(cy - bh / 2))
+    return [max(x1, 0), max(y1, 0), min(x1 + int(round(bw)), w), min(y1 + int(round(bh)), h)]
+
+
+STYLES = {"square": (square_thumbnail, "the largest square centred on the FCDB crop's centre, shifted inside "
+                                       "the image", "1:1"),
+          "tight45": (tight_4x5, "the largest 4:5 (portrait) box inside the FCDB crop, centred on it", "4:5")}
+
+
+def write_style(records: list[dict[str, Any]], path: Path, style: str = "square") -> Path:
+    make = STYLES[style][0]
     with path.open("w") as fh:
         for r in records:
-            box = square_thumbnail(int(r["width"]), int(r["height"]), [float(v) for v in r["crop"]])
+            box = make(int(r["width"]), int(r["height"]), [float(v) for v in r["crop"]])
             fh.write(json.dumps({"image": r["image"], "crops": [box], "width": r["width"], "height": r["height"]})
                      + "\n")
     return path
@@ -77,25 +93,27 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=200, help="held-out FCDB train images")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="sizes 50,200 and 100 held-out images, no val")
-    ap.add_argument("--out", default=str(RESULTS / "style_experiment.json"))
+    ap.add_argument("--style", choices=sorted(STYLES), default="square",
+                    help="square: square thumbnails centred on the crop's centre; tight45: tight 4:5 crops")
+    ap.add_argument("--out", default=None, help="[default: bench/results/style_experiment_STYLE.json]")
     a = ap.parse_args()
     sizes = [50, 200] if a.quick else [int(s) for s in a.sizes.split(",")]
     n_test = 100 if a.quick else a.test
-    fcdb, work = Path(a.fcdb), Path(a.work)
+    fcdb, work = Path(a.fcdb), Path(a.work) / a.style
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     train = [json.loads(x) for x in (fcdb / "train.jsonl").read_text().splitlines() if x.strip()]
     random.Random(0).shuffle(train)
     pool, held = train[:max(sizes)], train[max(sizes):max(sizes) + n_test]
-    sets = {"held-out FCDB train": write_style(held, work / "style_test.jsonl")}
+    sets = {"held-out FCDB train": write_style(held, work / "style_test.jsonl", a.style)}
     if not a.quick:
         val = [json.loads(x) for x in (fcdb / "val.jsonl").read_text().splitlines() if x.strip()]
-        sets["FCDB val"] = write_style(val, work / "style_val.jsonl")
+        sets["FCDB val"] = write_style(val, work / "style_val.jsonl", a.style)
     images = str(fcdb / "images")
     log: list[dict[str, Any]] = []
     fits: dict[int, dict[str, Any]] = {}
     for n in sizes:
-        ann = write_style(pool[:n], work / f"style_train_{n}.jsonl")
+        ann = write_style(pool[:n], work / f"style_train_{n}.jsonl", a.style)
         fits[n] = cli(["fit", "--dataset", "jsonl", "--annotations", str(ann), "--images", images,
                        "--out", str(work / f"model_{n}"), "--overwrite", "--jobs", str(a.jobs)], log)
     rows = []
@@ -107,7 +125,7 @@ def main() -> None:
                 if n:
                     args += ["--default-model", str(work / f"model_{n}")]
                 s = cli(args, log)
-                rows.append({"set": set_name, "task": "ratio 1:1 given" if ratio else "free-form",
+                rows.append({"set": set_name, "task": f"ratio {STYLES[a.style][2]} given" if ratio else "free-form",
                              "model": f"fitted on {n}" if n else "shipped", "fit_images": n, "images": s["n"],
                              "iou": round(s["iou"], 4), "disp": round(s["disp"], 4),
                              "alpha_recall": round(s["alpha_recall"], 4)})
@@ -120,7 +138,7 @@ def main() -> None:
         fit_md.append(f"| {n} | {f['seconds']} | {cv['ratio']['iou']:.3f} ({cv['ratio']['shipped_iou']:.3f}) | "
                       f"{cv['free']['iou']:.3f} ({cv['free']['shipped_iou']:.3f}) |")
     figures = {
-        "style": "the largest square centred on the FCDB crop's centre, shifted inside the image",
+        "style": a.style, "style_description": STYLES[a.style][1],
         "split": f"FCDB train shuffled with seed 0: fit on the first N of {max(sizes)}, held out the next {n_test}; "
                  "and FCDB val",
         "rows": rows, "fits": {str(n): f for n, f in fits.items()}, "commands": log,
@@ -128,9 +146,9 @@ def main() -> None:
             [round(v, 2) for v in os.getloadavg()],
         "git": git_sha(), "device": device_info(), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python bench/style_experiment.py" + (" --quick" if a.quick else ""),
+        "command": f"python bench/style_experiment.py --style {a.style}" + (" --quick" if a.quick else ""),
     }
-    out = Path(a.out)
+    out = Path(a.out or RESULTS / f"style_experiment_{a.style}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(md) + "\n\n" + "\n".join(fit_md) + "\n")

@@ -501,7 +501,11 @@ def fit_cmd(kind: str, annotations: str, images: str | None, split: str | None, 
     n_jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     source = {"dataset": kind, "annotations": str(Path(annotations).resolve()),
               "images": str(Path(images).resolve()) if images else None, "split": split,
-              "command": "cropper-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+              "command": shlex.join(["cropper-engine", "fit", "--dataset", kind, "--annotations", annotations,
+                                     *(["--images", images] if images else []), *(["--split", split] if split else []),
+                                     *(["--limit", str(limit)] if limit else []), "--out", out_dir,
+                                     *(["--folds", str(folds)] if folds != 5 else []),
+                                     *(["--no-mirror"] if no_mirror else [])])}
     click.echo(f"fitting on {len(examples)} examples ({n_jobs} processes)", err=True)
     report = fit_model(examples, out_dir, folds=folds, mirror=not no_mirror, jobs=n_jobs, overwrite=overwrite,
                        progress=True, log=lambda m: click.echo(m, err=True), source=source, skipped=skipped)
