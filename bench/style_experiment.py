@@ -89,8 +89,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python bench/style_experiment.py", description=__doc__.split("\n")[0])
     ap.add_argument("--fcdb", default=str(ROOT.parent / "shared" / "data" / "fcdb"))
     ap.add_argument("--work", default="/tmp/cropper-style-experiment", help="for the style JSONL files and models")
-    ap.add_argument("--sizes", default="25,50,100,200,400", help="fitting set sizes (the learning curve)")
-    ap.add_argument("--test", type=int, default=200, help="held-out FCDB train images")
+    ap.add_argument("--sizes", default="25,50,100,200", help="fitting set sizes (the learning curve)")
+    ap.add_argument("--test", type=int, default=150, help="held-out FCDB train images")
+    ap.add_argument("--val-models", default="0,200",
+                    help="the models evaluated on FCDB val too (0: the shipped one; N: fitted on N)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a model of an earlier run in --work (fitted on the same N images) instead of refitting")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="sizes 50,200 and 100 held-out images, no val")
     ap.add_argument("--style", choices=sorted(STYLES), default="square",
@@ -104,7 +108,8 @@ def main() -> None:
     load0 = os.getloadavg()
     train = [json.loads(x) for x in (fcdb / "train.jsonl").read_text().splitlines() if x.strip()]
     random.Random(0).shuffle(train)
-    pool, held = train[:max(sizes)], train[max(sizes):max(sizes) + n_test]
+    pool_size = 400  # fixed, so that the held-out images are the same whatever the sizes
+    pool, held = train[:pool_size], train[pool_size:pool_size + n_test]
     sets = {"held-out FCDB train": write_style(held, work / "style_test.jsonl", a.style)}
     if not a.quick:
         val = [json.loads(x) for x in (fcdb / "val.jsonl").read_text().splitlines() if x.strip()]
@@ -114,12 +119,25 @@ def main() -> None:
     fits: dict[int, dict[str, Any]] = {}
     for n in sizes:
         ann = write_style(pool[:n], work / f"style_train_{n}.jsonl", a.style)
-        fits[n] = cli(["fit", "--dataset", "jsonl", "--annotations", str(ann), "--images", images,
-                       "--out", str(work / f"model_{n}"), "--overwrite", "--jobs", str(a.jobs)], log)
+        model = work / f"model_{n}"
+        args = ["fit", "--dataset", "jsonl", "--annotations", str(ann), "--images", images, "--out", str(model),
+                "--overwrite", "--jobs", str(a.jobs)]
+        meta = json.loads((model / "model.json").read_text()) if (model / "model.json").is_file() else {}
+        on = meta.get("trained_on", {})
+        if a.reuse and on.get("images") == n and Path(str(on.get("annotations"))).name == ann.name:
+            fits[n] = {"out": str(model), "images": n, "cv": meta["cv"], "seconds": meta.get("fit_seconds"),
+                       "reused": True}
+            log.append({"command": "cropper-engine " + shlex.join([*args, "--json"]), "reused": True})
+            print(f"reused {model}", flush=True)
+            continue
+        fits[n] = cli(args, log)
     rows = []
+    val_models = [int(v) for v in a.val_models.split(",")]
     for set_name, ann in sets.items():
         for ratio in (True, False):
             for n in [0, *sizes]:
+                if set_name == "FCDB val" and n not in val_models:
+                    continue
                 args = ["eval", "--dataset", "jsonl", "--annotations", str(ann), "--images", images,
                         "--method", "cropper", *(["--ratio-from-gt"] if ratio else [])]
                 if n:
@@ -132,15 +150,16 @@ def main() -> None:
     md = ["| held-out set | task | model | images | IoU | Disp |", "|---|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['task']} | {r['model']} | {r['images']} | {r['iou']:.3f} | {r['disp']:.3f} |"
            for r in rows]
-    fit_md = ["| fitting images | fit seconds | CV ratio IoU (shipped) | CV free IoU (shipped) |", "|---|---|---|---|"]
+    fit_md = ["| fitting images | fit seconds | CV ratio IoU (shipped) | CV free IoU (shipped) |",
+              "|---|---|---|---|"]
     for n, f in fits.items():
         cv = f["cv"]
         fit_md.append(f"| {n} | {f['seconds']} | {cv['ratio']['iou']:.3f} ({cv['ratio']['shipped_iou']:.3f}) | "
                       f"{cv['free']['iou']:.3f} ({cv['free']['shipped_iou']:.3f}) |")
     figures = {
         "style": a.style, "style_description": STYLES[a.style][1],
-        "split": f"FCDB train shuffled with seed 0: fit on the first N of {max(sizes)}, held out the next {n_test}; "
-                 "and FCDB val",
+        "split": f"FCDB train shuffled with seed 0: fit on the first N of {pool_size}, held out the next {n_test}; "
+                 "and FCDB val (never seen by the shipped model)",
         "rows": rows, "fits": {str(n): f for n, f in fits.items()}, "commands": log,
         "load_average_before": [round(v, 2) for v in load0], "load_average_after":
             [round(v, 2) for v in os.getloadavg()],

@@ -347,7 +347,7 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
         "objective": "lambdarank on IoU with the image's best crop (labels 0..100)", "params": fd.PARAMS,
         "rounds": n_rounds, "row_fraction": fd.ROW_FRACTION, "cv": cv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": (source or {}).get("command", ""),
+        "command": (source or {}).get("command", ""), "fit_seconds": round(time.perf_counter() - t0, 1),
     }
     save_model(DefaultModel(tasks, meta), tmp)
     if out_dir.exists():
