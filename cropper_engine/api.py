@@ -238,10 +238,10 @@ class Cropper:
     Build it once and reuse it (the models load on the first crop and stay loaded):
 
     >>> from cropper_engine import Cropper
-    >>> cropper = Cropper()                                  # defaults, config file / CROPPER_* env applied
-    >>> cropper = Cropper(vlm="none")                        # keyword overrides: the no-VLM default
-    >>> cropper = Cropper("cropper.toml", index="idx/")      # a TOML config, then overrides
-    >>> cropper = Cropper(default_model="my_model/")         # a model of `cropper-engine fit` # doctest: +SKIP
+    >>> cropper = Cropper()                               # defaults; a config file / CROPPER_* env apply
+    >>> cropper = Cropper(vlm="none")                     # keyword overrides: the no-VLM default
+    >>> cropper = Cropper("cropper.toml", index="idx/")   # a TOML config, then overrides  # doctest: +SKIP
+    >>> cropper = Cropper(default_model="my_model/")      # a model of `cropper-engine fit`  # doctest: +SKIP
 
     Keyword overrides: `vlm`, `backend`, `index`, `embedder`, `default_model`, `keep_faces`
     ("auto" | "on" | "off"), `batch_size`, and any other config key as a dotted name in

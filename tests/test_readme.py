@@ -41,6 +41,6 @@ def test_readme_python_examples_run(photos, tmp_path, monkeypatch):
     assert str(ns["square"].ratio) == "1:1" and str(ns["wide"].ratio) == "16:9"
     assert ns["cat"].task.value == "ratio" and ns["rocket"].task.value == "free"
     assert sorted(p.name for p in Path("thumbs").iterdir()) == sorted(p.name for p in photos)
-    assert "skipped samples/missing.jpg: samples/missing.jpg: no such file" in printed
+    assert "skipped: samples/missing.jpg: no such file" in printed
     assert "bad aspect ratio '16-9': write it as W:H, e.g. 16:9 or 1:1" in printed
     assert ns["fast"].config.vlm.model == "none" and ns["fast"].config.retrieval.examples == 10
