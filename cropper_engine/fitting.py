@@ -278,81 +278,85 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
                          f"first problem: {bad[0] if bad else '-'}")
     tmp = out_dir.with_name(f".{out_dir.name}.fitting-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    vec = np.stack(vectors).astype(np.float32)
-    _CTX.update(embedder=emb, mirror=mirror)
-    _write_table(kept, vec, tmp / "table", {**(source or {}), "count": len(kept)})
-    from cropper_engine.index.builtin import _load as load_table_dir
-
-    table = load_table_dir(str(tmp / "table"))
-    assert isinstance(table, ExampleIndex)
-    shipped = default_model()
-    _CTX.update(table=table, builtin=load_table(CLASSICAL_ID), shipped=shipped)
-
-    # 2. features, per image (in `jobs` processes)
-    todo = list(enumerate(kept))
     try:
-        if jobs > 1:
-            from multiprocessing import get_context
+        vec = np.stack(vectors).astype(np.float32)
+        _CTX.update(embedder=emb, mirror=mirror)
+        _write_table(kept, vec, tmp / "table", {**(source or {}), "count": len(kept)})
+        from cropper_engine.index.builtin import _load as load_table_dir
 
-            with get_context("fork").Pool(jobs) as pool:
-                res = list(tqdm(pool.imap(_image_rows, todo, chunksize=2), total=len(todo), desc="fit: features",
-                                unit="img", disable=not progress))
-        else:
-            res = [_image_rows(j) for j in tqdm(todo, desc="fit: features", unit="img", disable=not progress)]
-    finally:
-        load_table_dir.cache_clear()
-    ok = [r for r in res if "error" not in r]
-    bad += [r["error"] for r in res if "error" in r]
-    if len(ok) < MIN_IMAGES:
+        table = load_table_dir(str(tmp / "table"))
+        assert isinstance(table, ExampleIndex)
+        shipped = default_model()
+        _CTX.update(table=table, builtin=load_table(CLASSICAL_ID), shipped=shipped)
+
+        # 2. features, per image (in `jobs` processes)
+        todo = list(enumerate(kept))
+        try:
+            if jobs > 1:
+                from multiprocessing import get_context
+
+                with get_context("fork").Pool(jobs) as pool:
+                    res = list(tqdm(pool.imap(_image_rows, todo, chunksize=2), total=len(todo), desc="fit: features",
+                                    unit="img", disable=not progress))
+            else:
+                res = [_image_rows(j) for j in tqdm(todo, desc="fit: features", unit="img", disable=not progress)]
+        finally:
+            load_table_dir.cache_clear()
+        ok = [r for r in res if "error" not in r]
+        bad += [r["error"] for r in res if "error" in r]
+        if len(ok) < MIN_IMAGES:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(f"too few readable examples to fit: {len(ok)} (at least {MIN_IMAGES} are needed)")
+        say(f"features of {len(ok)} images{' and their mirror images' if mirror else ''}: "
+            f"{time.perf_counter() - t0:.0f} s")
+
+        # 3. cross-validation against the shipped model, 4. the final fit
+        from cropper_engine.engine.features import CROP_FEATURES_VERSION, NEIGHBOURS_K, _iou_unit
+
+        n_rounds = rounds or fd.ROUNDS
+        tasks, cv = {}, {}
+        originals = list(range(len(ok)))
+        for task in ("ratio", "free"):
+            rows = _build_rows(ok, task)
+            oof = np.zeros(len(rows.y))
+            c = fd.cross_validate(rows, folds, rounds=n_rounds, log=lambda s, t=task: say(f"{t} CV{s}"),
+                                  task=task, oof=oof)
+            temp = c["blend_temperature"]
+            fold_of = np.asarray(originals) % folds
+            ious = fd._select(rows, oof, originals, [temp])[str(temp)]
+            disps = fd._disp_blend(rows, oof, originals, temp)
+            row = {"iou": c["iou"], "disp": c["disp"], "baseline_iou": c["baseline_iou"], "baseline": c["baseline"],
+                   "blend_temperature": temp, "images": len(ok), "folds": folds}
+            if shipped is not None:
+                sb = np.stack([r[f"shipped_{task}"] for r in ok])
+                s_iou = _iou_unit(sb, rows.gt[:len(ok)])
+                s_disp = np.abs(sb - rows.gt[:len(ok)]).mean(axis=1)
+                row.update(shipped_iou=_mean(s_iou), shipped_disp=_mean(s_disp))
+                row["per_fold"] = [{"fold": f + 1, "images": int((fold_of == f).sum()),
+                                    "iou": _mean(np.asarray(ious)[fold_of == f]),
+                                    "disp": _mean(np.asarray(disps)[fold_of == f]),
+                                    "shipped_iou": _mean(s_iou[fold_of == f]),
+                                    "shipped_disp": _mean(s_disp[fold_of == f])} for f in range(folds)]
+            cv[task] = row
+            say(f"{task}: CV IoU {row['iou']:.3f} Disp {row['disp']:.3f}; shipped model on the same images "
+                f"IoU {row.get('shipped_iou', float('nan')):.3f} Disp {row.get('shipped_disp', float('nan')):.3f}")
+            tasks[task] = fd.fit_all(rows, temp, rounds=n_rounds, task=task)
+        meta = {
+            "kind": "fitted", "version": fd.MODEL_VERSION, "features_version": CROP_FEATURES_VERSION,
+            "neighbours": NEIGHBOURS_K,
+            "trained_on": {**(source or {}), "images": len(ok), "mirrored": mirror},
+            "objective": "lambdarank on IoU with the image's best crop (labels 0..100)", "params": fd.PARAMS,
+            "rounds": n_rounds, "row_fraction": fd.ROW_FRACTION, "cv": cv,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": (source or {}).get("command", ""), "fit_seconds": round(time.perf_counter() - t0, 1),
+        }
+        save_model(DefaultModel(tasks, meta), tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise InputError(f"too few readable examples to fit: {len(ok)} (at least {MIN_IMAGES} are needed)")
-    say(f"features of {len(ok)} images{' and their mirror images' if mirror else ''}: "
-        f"{time.perf_counter() - t0:.0f} s")
-
-    # 3. cross-validation against the shipped model, 4. the final fit
-    from cropper_engine.engine.features import CROP_FEATURES_VERSION, NEIGHBOURS_K, _iou_unit
-
-    n_rounds = rounds or fd.ROUNDS
-    tasks, cv = {}, {}
-    originals = list(range(len(ok)))
-    for task in ("ratio", "free"):
-        rows = _build_rows(ok, task)
-        oof = np.zeros(len(rows.y))
-        c = fd.cross_validate(rows, folds, rounds=n_rounds, log=lambda s, t=task: say(f"{t} CV{s}"),
-                              task=task, oof=oof)
-        temp = c["blend_temperature"]
-        fold_of = np.asarray(originals) % folds
-        ious = fd._select(rows, oof, originals, [temp])[str(temp)]
-        disps = fd._disp_blend(rows, oof, originals, temp)
-        row = {"iou": c["iou"], "disp": c["disp"], "baseline_iou": c["baseline_iou"], "baseline": c["baseline"],
-               "blend_temperature": temp, "images": len(ok), "folds": folds}
-        if shipped is not None:
-            sb = np.stack([r[f"shipped_{task}"] for r in ok])
-            s_iou = _iou_unit(sb, rows.gt[:len(ok)])
-            s_disp = np.abs(sb - rows.gt[:len(ok)]).mean(axis=1)
-            row.update(shipped_iou=_mean(s_iou), shipped_disp=_mean(s_disp))
-            row["per_fold"] = [{"fold": f + 1, "images": int((fold_of == f).sum()),
-                                "iou": _mean(np.asarray(ious)[fold_of == f]),
-                                "disp": _mean(np.asarray(disps)[fold_of == f]),
-                                "shipped_iou": _mean(s_iou[fold_of == f]),
-                                "shipped_disp": _mean(s_disp[fold_of == f])} for f in range(folds)]
-        cv[task] = row
-        say(f"{task}: CV IoU {row['iou']:.3f} Disp {row['disp']:.3f}; shipped model on the same images "
-            f"IoU {row.get('shipped_iou', float('nan')):.3f} Disp {row.get('shipped_disp', float('nan')):.3f}")
-        tasks[task] = fd.fit_all(rows, temp, rounds=n_rounds, task=task)
-    meta = {
-        "kind": "fitted", "version": fd.MODEL_VERSION, "features_version": CROP_FEATURES_VERSION,
-        "neighbours": NEIGHBOURS_K,
-        "trained_on": {**(source or {}), "images": len(ok), "mirrored": mirror},
-        "objective": "lambdarank on IoU with the image's best crop (labels 0..100)", "params": fd.PARAMS,
-        "rounds": n_rounds, "row_fraction": fd.ROW_FRACTION, "cv": cv,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": (source or {}).get("command", ""), "fit_seconds": round(time.perf_counter() - t0, 1),
-    }
-    save_model(DefaultModel(tasks, meta), tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        raise
     from cropper_engine.models.fitted import remember
 
     remember(out_dir)
