@@ -11,7 +11,8 @@ Only light imports here (no torch, no models), so `import cropper_engine` and `c
 --help` stay instant. See `Cropper` (cropper_engine/api.py) and the README's "Python" section.
 """
 
-from cropper_engine.api import Crop, CropBox, Cropper
+from typing import TYPE_CHECKING, Any
+
 from cropper_engine.errors import (
     AnnotationError,
     BackendUnavailableError,
@@ -24,7 +25,19 @@ from cropper_engine.errors import (
 )
 from cropper_engine.types import Box, Candidate, CropRequest, CropResult, Ratio, Task
 
+if TYPE_CHECKING:  # imported on first use (below), so the command line starts without them
+    from cropper_engine.api import Crop, CropBox, Cropper
+
 __version__ = "0.1.0"
+_LAZY = {"Crop", "CropBox", "Cropper"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from cropper_engine import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cropper_engine' has no attribute {name!r}")
 
 __all__ = [
     "AnnotationError",
