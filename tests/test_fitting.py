@@ -174,3 +174,22 @@ def test_results_of_a_crop_run_are_training_data(tmp_path):
     res = run("fit", "--dataset", "results", "--annotations", tmp_path / "out" / "results.jsonl", "--out",
               tmp_path / "m", ok=False)
     assert "crops by pipeline: no-vlm 4" in res.output and "too few examples to fit: 4" in res.output
+
+
+def test_serve_uses_the_default_model(fitted):
+    pytest.importorskip("fastapi", reason="the server extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from cropper_engine import Cropper
+    from cropper_engine.config import load_config
+    from cropper_engine.server import create_app
+
+    img = fitted["images"] / "s05.jpg"
+    cfg = load_config(env={}, overrides={"vlm.model": "none", "default_model": str(fitted["dir"])})
+    with TestClient(create_app(cfg)) as client:
+        r = client.post("/v1/crop", files={"image": ("s05.jpg", img.read_bytes(), "image/jpeg")},
+                        data={"ratio": "1:1"})
+    assert r.status_code == 200, r.text
+    want = Cropper(vlm="none", default_model=fitted["dir"]).crop(img, ratio="1:1", id="s05.jpg")
+    assert r.json()["box"] == list(want.box)
+    assert "serve" in run("serve", "--help").output and "--default-model" in run("serve", "--help").output
