@@ -7,6 +7,7 @@
     python -m bench subject [--quick]             face and person detection, ms per 1024-px image
     python -m bench serve                         the HTTP service under 1, 4 and 16 clients
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
+    python -m bench style [--style tight45]       `cropper-engine fit` on a house style built from FCDB
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
-            "fullsize": "bench.fullsize"}
+            "fullsize": "bench.fullsize", "style": "bench.style_experiment"}
 
 
 def main() -> None:
