@@ -58,8 +58,9 @@ class FitReport:
         lines = [f"{'task':<6} {'fitted IoU':>10} {'Disp':>6}   {'shipped IoU':>11} {'Disp':>6}   "
                  f"{'centre IoU':>10}   images"]
         for task, c in self.cv.items():
-            lines.append(f"{task:<6} {c['iou']:>10.3f} {c['disp']:>6.3f}   {c['shipped_iou']:>11.3f} "
-                         f"{c['shipped_disp']:>6.3f}   {c['baseline_iou']:>10.3f}   {c['images']}")
+            nan = float("nan")
+            lines.append(f"{task:<6} {c['iou']:>10.3f} {c['disp']:>6.3f}   {c.get('shipped_iou', nan):>11.3f} "
+                         f"{c.get('shipped_disp', nan):>6.3f}   {c['baseline_iou']:>10.3f}   {c['images']}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
