@@ -188,7 +188,7 @@ def test_serve_uses_the_default_model(fitted):
     cfg = load_config(env={}, overrides={"vlm.model": "none", "default_model": str(fitted["dir"])})
     with TestClient(create_app(cfg)) as client:
         r = client.post("/v1/crop", files={"image": ("s05.jpg", img.read_bytes(), "image/jpeg")},
-                        data={"ratio": "1:1"})
+                        data={"ratio": "1:1", "id": "s05.jpg"})  # the id: never retrieved as its own example
     assert r.status_code == 200, r.text
     want = Cropper(vlm="none", default_model=fitted["dir"]).crop(img, ratio="1:1", id="s05.jpg")
     assert r.json()["box"] == list(want.box)
