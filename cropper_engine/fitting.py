@@ -126,10 +126,12 @@ def read_training(kind: str, annotations: str, images: str | None = None, split:
 _CTX: dict[str, Any] = {}  # set before the worker processes fork
 
 
-def _image_rows(job: tuple[int, Example]) -> dict[str, Any]:
+def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
     """One image's rows: for the image and its mirror, per task, the candidates, their features
     and IoU with the best crop (neighbours from the new table, leave-one-out); and the shipped
-    model's chosen crop for the image (neighbours from the built-in table, itself excluded)."""
+    model's chosen crop for the image (neighbours from the built-in table, itself excluded).
+    `same`: the ids of every example of this image (a crop run's results have one per ratio):
+    none of them is its neighbour."""
     from PIL import Image
 
     from cropper_engine.engine.analysis import analyse
@@ -138,7 +140,7 @@ def _image_rows(job: tuple[int, Example]) -> dict[str, Any]:
     from cropper_engine.errors import CropperError
     from cropper_engine.imageio import open_image
 
-    _, ex = job
+    _, ex, same = job
     try:
         image = open_image(ex.image_path).image
     except CropperError as exc:
@@ -150,7 +152,7 @@ def _image_rows(job: tuple[int, Example]) -> dict[str, Any]:
         crop = ex.best_crop()
     gt = np.array(crop.clamp(w, h).to_unit(w, h))
     ratio = (crop.width / crop.height) if crop.height > 0 else 1.0
-    own = {ex.id, Path(ex.image_path).name}
+    own = {ex.id, Path(ex.image_path).name, *same}
     emb = _CTX["embedder"]
     out: dict[str, Any] = {"gt": gt, "views": []}
     views = [(image, gt)]
@@ -291,7 +293,10 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
         _CTX.update(table=table, builtin=load_table(CLASSICAL_ID), shipped=shipped)
 
         # 2. features, per image (in `jobs` processes)
-        todo = list(enumerate(kept))
+        by_image: dict[str, set[str]] = {}
+        for ex in kept:
+            by_image.setdefault(os.path.realpath(ex.image_path), set()).add(ex.id)
+        todo = [(i, ex, by_image[os.path.realpath(ex.image_path)]) for i, ex in enumerate(kept)]
         try:
             if jobs > 1:
                 from multiprocessing import get_context
