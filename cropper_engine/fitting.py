@@ -154,7 +154,7 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
     ratio = (crop.width / crop.height) if crop.height > 0 else 1.0
     own = {ex.id, Path(ex.image_path).name, *same}
     emb = _CTX["embedder"]
-    out: dict[str, Any] = {"gt": gt, "views": []}
+    out: dict[str, Any] = {"gt": gt, "views": [], "key": os.path.realpath(ex.image_path)}
     views = [(image, gt)]
     if _CTX["mirror"]:
         views.append((image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), np.array([1 - gt[2], gt[1], 1 - gt[0], gt[3]])))
@@ -177,6 +177,24 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
                 out[f"shipped_{task}"] = ranked.blend_unit
         out["views"].append(view)
     return out
+
+
+def _cross_validate(rows: Any, fold_of: np.ndarray, folds: int, rounds: int, log: Callable[[str], None]) -> np.ndarray:
+    """Out-of-fold model outputs for every row: the folds are given per example (`fold_of`), the
+    rest as fit_default.cross_validate (its parameters, row sampling and seed)."""
+    from cropper_engine.engine import fit_default as fd
+
+    params = {**fd.PARAMS, "seed": 0, "num_threads": 1}
+    sample = np.random.default_rng(0).random(len(rows.y)) < fd.ROW_FRACTION
+    fold = fold_of[rows.image]
+    pred = np.zeros(len(rows.y))
+    for f in range(folds):
+        t0 = time.perf_counter()
+        model = fd._fit(rows, (fold != f) & sample, params, rounds)
+        test = fold == f
+        pred[test] = model.predict(rows.x[test])
+        log(f"fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s")
+    return pred
 
 
 def _build_rows(results: list[dict[str, Any]], task: str) -> Any:
@@ -322,16 +340,21 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
         n_rounds = rounds or fd.ROUNDS
         tasks, cv = {}, {}
         originals = list(range(len(ok)))
+        # folds by image: the examples of one image (a crop run's ratios) are held out together
+        keys: dict[str, int] = {}
+        for r in ok:
+            keys.setdefault(r["key"], len(keys))
+        fold_of = np.array([keys[r["key"]] % folds for r in ok])
         for task in ("ratio", "free"):
             rows = _build_rows(ok, task)
-            oof = np.zeros(len(rows.y))
-            c = fd.cross_validate(rows, folds, rounds=n_rounds, log=lambda s, t=task: say(f"{t} CV{s}"),
-                                  task=task, oof=oof)
-            temp = c["blend_temperature"]
-            fold_of = np.asarray(originals) % folds
-            ious = fd._select(rows, oof, originals, [temp])[str(temp)]
+            oof = _cross_validate(rows, fold_of, folds, n_rounds, lambda m, t=task: say(f"{t} CV {m}"))
+            sel = fd._select(rows, oof, originals, fd.TEMPERATURES)
+            temp = max(fd.TEMPERATURES, key=lambda t: np.mean(sel[str(t)]))
+            ious = sel[str(temp)]
             disps = fd._disp_blend(rows, oof, originals, temp)
-            row = {"iou": c["iou"], "disp": c["disp"], "baseline_iou": c["baseline_iou"], "baseline": c["baseline"],
+            row = {"iou": _mean(ious), "disp": _mean(disps), "baseline_iou": round(fd.baseline_iou(rows, originals,
+                                                                                                    task), 4),
+                   "baseline": "largest centred box of the ratio" if task == "ratio" else "the whole image",
                    "blend_temperature": temp, "images": len(ok), "folds": folds}
             if shipped is not None:
                 sb = np.stack([r[f"shipped_{task}"] for r in ok])
