@@ -309,7 +309,8 @@ class Cropper:
     # -- cropping -----------------------------------------------------------------------------
 
     @overload
-    def crop(self, image: ImageInput, ratio: Sequence[RatioInput], *, task: str | Task | None = ...,
+    def crop(self, image: ImageInput, ratio: list[RatioInput] | tuple[RatioInput, ...], *,
+             task: str | Task | None = ...,
              mask: Any = ..., subject: Any = ..., size: tuple[int, int] | str | None = ...,
              keep_faces: bool | None = ..., id: str | None = ...) -> list[Crop]: ...
 

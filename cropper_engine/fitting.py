@@ -179,7 +179,8 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
     return out
 
 
-def _cross_validate(rows: Any, fold_of: np.ndarray, folds: int, rounds: int, log: Callable[[str], None]) -> np.ndarray:
+def _cross_validate(rows: Any, fold_of: np.ndarray, folds: int, rounds: int, log: Callable[[str], None],
+                    prefix: str = "") -> np.ndarray:
     """Out-of-fold model outputs for every row: the folds are given per example (`fold_of`), the
     rest as fit_default.cross_validate (its parameters, row sampling and seed)."""
     from cropper_engine.engine import fit_default as fd
@@ -193,7 +194,7 @@ def _cross_validate(rows: Any, fold_of: np.ndarray, folds: int, rounds: int, log
         model = fd._fit(rows, (fold != f) & sample, params, rounds)
         test = fold == f
         pred[test] = model.predict(rows.x[test])
-        log(f"fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s")
+        log(f"{prefix}fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s")
     return pred
 
 
@@ -347,13 +348,13 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
         fold_of = np.array([keys[r["key"]] % folds for r in ok])
         for task in ("ratio", "free"):
             rows = _build_rows(ok, task)
-            oof = _cross_validate(rows, fold_of, folds, n_rounds, lambda m, t=task: say(f"{t} CV {m}"))
+            oof = _cross_validate(rows, fold_of, folds, n_rounds, say, f"{task} CV ")
             sel = fd._select(rows, oof, originals, fd.TEMPERATURES)
             temp = max(fd.TEMPERATURES, key=lambda t: np.mean(sel[str(t)]))
             ious = sel[str(temp)]
             disps = fd._disp_blend(rows, oof, originals, temp)
-            row = {"iou": _mean(ious), "disp": _mean(disps), "baseline_iou": round(fd.baseline_iou(rows, originals,
-                                                                                                    task), 4),
+            base = round(fd.baseline_iou(rows, originals, task), 4)
+            row: dict[str, Any] = {"iou": _mean(ious), "disp": _mean(disps), "baseline_iou": base,
                    "baseline": "largest centred box of the ratio" if task == "ratio" else "the whole image",
                    "blend_temperature": temp, "images": len(ok), "folds": folds}
             if shipped is not None:
