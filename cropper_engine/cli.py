@@ -475,8 +475,8 @@ def fit_cmd(kind: str, annotations: str, images: str | None, split: str | None, 
     Each image's best crop is the target, for the ratio task (its own ratio given) and free-form.
     The report is cross-validated (each image held out once): IoU / Disp of the fitted model,
     of the shipped model on the same images, and of the centre baseline. Needs at least 20
-    images (about 100 to reliably beat the shipped model on a consistent style of your own);
-    about 0.3 s per image on 2 cores, no GPU, no weights.
+    images (100 or so to beat the shipped model clearly on a consistent style of your own);
+    about 1 CPU-second per image (features in --jobs processes), no GPU, no weights.
 
     \b
     Examples:
