@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CUDA build of torch runs on the CPU too and is the one torchvision (open_clip) needs
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[clip,server,scale,dev,subject,bench]'
+	$(BIN)/pip install -q -e '.[clip,server,scale,dev,subject,bench,fit]'
 	# the subject extra's MediaPipe pulls OpenCV's GUI build (same version, pinned): reinstall the
 	# headless build over it, so cv2/ needs no libGL
 	$(BIN)/pip install -q --force-reinstall --no-deps opencv-contrib-python-headless==5.0.0.93

@@ -13,6 +13,7 @@
     python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
     python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
     python -m bench server-tests                  the slow server load / fault tests' figures
+    python -m bench style [--style tight45]       `cropper-engine fit` on a house style built from FCDB
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
             "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
             "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme",
-            "memory": "bench.memory_bench"}
+            "memory": "bench.memory_bench", "style": "bench.style_experiment"}
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) < 2 else 2)
+        sys.exit(0)
+    if sys.argv[1] not in COMMANDS:
+        print(f"unknown benchmark {sys.argv[1]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
     name = sys.argv.pop(1)
     sys.argv[0] = f"python -m bench {name}"
     mod = importlib.import_module(COMMANDS[name])

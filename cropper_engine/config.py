@@ -112,6 +112,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class Config:
     index: str = ""  # an example index directory; empty: the built-in table
+    default_model: str = ""  # a model folder written by `cropper-engine fit`; empty: the shipped default
     max_pixels: int = 120_000_000
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
+
+from cropper_engine.errors import InputError
 
 NORM_LO = 1
 NORM_HI = 1000
@@ -195,6 +199,112 @@ class Box:
         return cls(0.0, 0.0, float(width), float(height))
 
 
+# --- subjects (the `--subject` spec) ------------------------------------------------------
+
+WORDS = {"auto": "auto", "face": "face", "faces": "face", "person": "person", "persons": "person",
+         "people": "person", "saliency": "saliency", "salient": "saliency"}
+KINDS = ("face", "person", "saliency", "point", "box", "mask")  # what a result's `subject` can say
+FORMS = ("auto, face, person, saliency, X,Y (a focal point in pixels), X1,Y1,X2,Y2 (a box in pixels) "
+         "or the path of a mask image (white = subject, the image's size)")
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_NUMBERS = re.compile(rf"^\s*{_NUMBER}(?:\s*[,;\s]\s*{_NUMBER})*\s*$")
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """A parsed `--subject`: kind is auto | face | person | saliency | point | box | mask.
+
+    Resolved against an image (faces, persons, the salient region) by engine/subject.py."""
+
+    kind: str
+    values: tuple[float, ...] = ()
+    path: str | None = None
+    mask: Any = field(default=None, compare=False, repr=False)  # an in-memory mask (array / PIL)
+
+    @property
+    def detects(self) -> bool:
+        return self.kind in ("auto", "face", "person")
+
+    def describe(self) -> str:
+        if self.kind == "point":
+            return "focal point {:g},{:g}".format(*self.values)
+        if self.kind == "box":
+            return "box {:g},{:g},{:g},{:g}".format(*self.values)
+        if self.kind == "mask":
+            return f"mask {self.path}" if self.path else "mask"
+        return self.kind
+
+    def check(self, width: int, height: int) -> None:
+        """Refuse a focal point outside a width x height image, or a box that misses it."""
+        if self.kind == "point":
+            x, y = self.values
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise InputError(f"the focal point {x:g},{y:g} lies outside the {width}x{height} image: X must be "
+                                 f"in 0..{width} and Y in 0..{height} (pixels of the upright image)")
+        elif self.kind == "box":
+            clipped = Box(*self.values).clamp(width, height)
+            if not clipped.is_valid() or clipped.width < 1 or clipped.height < 1:
+                raise InputError("the subject box {:g},{:g},{:g},{:g} lies outside the ".format(*self.values)
+                                 + f"{width}x{height} image (pixels of the upright image)")
+
+    @classmethod
+    def parse(cls, value: Any) -> SubjectSpec:
+        """A spec from text (a word, numbers or a path), a path, or a mask (array / PIL image).
+
+        Only the syntax is checked here; `resolve_subject` checks points and boxes against the
+        image. Raises InputError naming the valid forms."""
+        if isinstance(value, SubjectSpec):
+            return value
+        if value is None:
+            raise InputError(f"no subject given; use {FORMS}")
+        if isinstance(value, os.PathLike):
+            return cls("mask", path=os.fspath(value))
+        if not isinstance(value, str):
+            if hasattr(value, "shape") or hasattr(value, "mode"):  # a numpy array or a PIL image
+                return cls("mask", mask=value)
+            if isinstance(value, (list, tuple)) and len(value) in (2, 4):
+                value = ",".join(str(v) for v in value)
+            else:
+                raise InputError(f"bad subject {value!r}: use {FORMS}")
+        text = value.strip()
+        if not text:
+            raise InputError(f"empty subject: use {FORMS}")
+        word = WORDS.get(text.lower())
+        if word:
+            return cls(word)
+        if _NUMBERS.match(text):
+            try:
+                nums = tuple(float(v) for v in re.split(r"[,;\s]+", text.strip()) if v)
+            except ValueError:  # pragma: no cover - the regex admits only numbers
+                raise InputError(f"bad subject {text!r}: use {FORMS}") from None
+            if not all(math.isfinite(v) for v in nums):
+                raise InputError(f"bad subject {text!r}: coordinates must be finite numbers")
+            if len(nums) == 2:
+                return cls("point", nums)
+            if len(nums) == 4:
+                x1, y1, x2, y2 = nums
+                if x2 <= x1 or y2 <= y1:
+                    what = ("a negative width" if x2 < x1 else "no width" if x2 == x1
+                            else "a negative height" if y2 < y1 else "no height")
+                    raise InputError(f"the subject box {text} has {what}: write it as X1,Y1,X2,Y2 (pixels) with "
+                                     "X2 > X1 and Y2 > Y1, e.g. 10,10,200,150")
+                return cls("box", nums)
+            raise InputError(f"bad subject {text!r}: {len(nums)} numbers; a focal point is X,Y and a box "
+                             f"X1,Y1,X2,Y2 (pixels). Valid forms: {FORMS}")
+        p = Path(text).expanduser()
+        from cropper_engine.imageio import is_image_path
+
+        if p.exists() or is_image_path(p) or os.sep in text:
+            return cls("mask", path=str(p))
+        raise InputError(f"unknown subject {text!r}: use {FORMS}")
+
+
+def parse_subject(value: Any) -> SubjectSpec | None:
+    """None stays None; anything else goes through `SubjectSpec.parse`."""
+    return None if value is None else SubjectSpec.parse(value)
+
+
+
 @dataclass
 class CropRequest:
     """What to crop and how.
@@ -223,8 +333,6 @@ class CropRequest:
         self.task = Task.parse(self.task)
         self.ratios = [Ratio.parse(r) for r in self.ratios]
         if self.subject is not None:
-            from cropper_engine.engine.subject import parse_subject
-
             self.subject = parse_subject(self.subject)
             if self.mask is not None:
                 raise InputError("give a subject mask or a subject, not both")

@@ -157,3 +157,14 @@ def test_face_bench_reports_the_share_keeping_every_main_face(tmp_path):
             assert main[name]["keeps_every_main_face"] == 1.0  # the rule shipped: always, where the ratio allows
     assert 0 < main["gt"]["iou_val"] <= 1 and 0 < main["free"]["iou_val"] <= 1
     assert json.loads((tmp_path / "f.json").read_text())["per_image"]["main"][0]["faces"]
+
+
+def test_bench_help_exits_0_and_unknown_name_exits_2():
+    for args in ((), ("--help",), ("-h",)):
+        p = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, (args, p.stderr)
+        assert "python -m bench loop" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "bench", "nosuch"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "unknown benchmark 'nosuch'" in p.stderr

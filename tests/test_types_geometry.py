@@ -116,3 +116,16 @@ def test_mask_helpers():
     cx, cy = mask_center(m)
     assert (cx, cy) == (7.0, 3.0)
     assert math.isfinite(cx)
+
+
+def test_types_import_nothing_of_the_engine():
+    """types.py is the bottom layer: parsing a request's subject needs no engine module (the
+    circle types -> engine/subject -> types is gone)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cropper_engine.types import CropRequest, SubjectSpec; "
+            "r = CropRequest('x.jpg', 'subject', subject='10,10,50,60'); assert r.subject.kind == 'box'; "
+            "bad = [m for m in sys.modules if m.startswith('cropper_engine.engine')]; assert not bad, bad")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

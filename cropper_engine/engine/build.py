@@ -13,6 +13,11 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
     reasons: dict[str, str] = dict(given.pop("reasons", {}) or {})
     index = given.get("index")
     embedder = given.get("embedder")
+    fitted = given.get("default_model")
+    if fitted is None and cfg.default_model:  # a model of `cropper-engine fit`: its ranker and its table
+        from cropper_engine.models.fitted import load_fitted
+
+        fitted = load_fitted(cfg.default_model)
 
     if index is None and cfg.index:
         from cropper_engine.index.store import ExampleIndex
@@ -28,6 +33,10 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
         reasons["index"] = f"{cfg.index} ({len(index)} examples)"
     if embedder is None:
         embedder = _embedder(cfg.retrieval.embedder, reasons)
+    if index is None and fitted is not None and fitted.table is not None \
+            and getattr(embedder, "id", None) == fitted.table.embedder_id:
+        index = fitted.table
+        reasons["index"] = f"the fitted model's table ({len(index)} examples, no images)"
     if index is None:
         from cropper_engine.index.builtin import builtin_index
 
@@ -48,11 +57,12 @@ def build_parts(cfg: Config, **given: Any) -> dict[str, Any]:
         reasons.setdefault("pipeline", "no-vlm")
         from cropper_engine.models.default_model import default_model
 
-        model = default_model()
+        model = fitted if fitted is not None else default_model()
         if model is not None:  # the no-VLM default ranks its candidates with the fitted trees
             clip = " + CLIP / aesthetics re-rank of its shortlist" if getattr(scorer, "embedder", None) else ""
             reasons["scorer"] = f"{model.describe()}{clip}"
-    return {"embedder": embedder, "index": index, "scorer": scorer, "vlm": vlm, "reasons": reasons}
+    return {"embedder": embedder, "index": index, "scorer": scorer, "vlm": vlm, "reasons": reasons,
+            "default_model": fitted}
 
 
 def _embedder(spec: str, reasons: dict[str, str]) -> Any:

@@ -105,10 +105,11 @@ def blend(boxes_unit: np.ndarray, raw: np.ndarray, temperature: float) -> np.nda
 
 
 def retrieve_for_model(index: Any, embedder: Any, hits: dict[int, list[Any]], requests: Any, images: Any,
-                       live: list[int], exclude_ids: Any) -> dict[int, ModelNeighbours]:
+                       live: list[int], exclude_ids: Any, table: Any = None) -> dict[int, ModelNeighbours]:
     """The neighbours the model looks at, per request: those the engine retrieved when its index
     speaks the classical descriptor (as the model was fitted), else the built-in table's for the
-    image's classical descriptor (CLIP weights or another index in use). Excluded ids as ever."""
+    image's classical descriptor (CLIP weights or another index in use); `table`: a fitted model's
+    own table instead of the built-in one. Excluded ids as ever."""
     from cropper_engine.index.builtin import load_table
     from cropper_engine.models.classical import CLASSICAL_ID, ClassicalEmbedder
 
@@ -116,7 +117,7 @@ def retrieve_for_model(index: Any, embedder: Any, hits: dict[int, list[Any]], re
     own = index is not None and len(index) > 0 and getattr(index, "embedder_id", None) == CLASSICAL_ID
     if own:
         return {i: ModelNeighbours(neighbour_crops(index, hits.get(i, [])), True) for i in live}
-    table = load_table(CLASSICAL_ID)
+    table = table if table is not None else load_table(CLASSICAL_ID)
     emb = embedder if getattr(embedder, "id", None) == CLASSICAL_ID else ClassicalEmbedder()
     excl = exclude_ids or [None] * len(requests)
     for i in live:

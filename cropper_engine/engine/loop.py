@@ -146,7 +146,7 @@ class Cropper:
 
     def __init__(self, cfg: Config, *, embedder: Any, scorer: Any, index: Any | None = None,
                  vlm: Any | None = None, templates: PromptTemplates | None = None,
-                 reasons: dict[str, str] | None = None) -> None:
+                 reasons: dict[str, str] | None = None, default_model: Any = None) -> None:
         self.cfg = cfg
         self.embedder = embedder
         self.scorer = scorer
@@ -154,6 +154,7 @@ class Cropper:
         self.vlm = vlm
         self.templates = templates or load_templates(cfg.vlm.template or None)
         self.reasons = reasons or {}
+        self.default_model = default_model  # the no-VLM ranker (`cropper-engine fit`); None: the shipped one
         self.example_images = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
         self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
         self.record_prompts = False  # keep every prompt's text and raw answers (crop --save-prompts)
@@ -325,7 +326,7 @@ class Cropper:
         sal = batch.saliency
         for job in jobs:
             job.pipeline = pipeline
-        model = default_model()
+        model = self.default_model if self.default_model is not None else default_model()
         if model is None:
             for job in jobs:
                 t_own = time.perf_counter()
@@ -345,7 +346,7 @@ class Cropper:
             batch.own_seconds.setdefault(i, {})["analyse"] = time.perf_counter() - t_own
         t = tick("analyse", t)
         model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
-                                      reqs, batch.exclude_ids)
+                                      reqs, batch.exclude_ids, table=getattr(model, "table", None))
         t = tick("retrieve", t)
         for job in jobs:
             t_own = time.perf_counter()

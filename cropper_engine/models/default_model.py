@@ -141,6 +141,7 @@ class DefaultModel:
 
     tasks: dict[str, TaskModel]
     meta: dict[str, Any] = field(default_factory=dict)
+    table: Any = field(default=None, repr=False, compare=False)  # a fitted model's own retrieval table
 
     def for_task(self, ratio: bool) -> TaskModel:
         return self.tasks["ratio" if ratio else "free"]
@@ -148,7 +149,8 @@ class DefaultModel:
     def describe(self) -> str:
         cv = self.meta.get("cv", {})
         figs = ", ".join(f"{k} CV IoU {v.get('iou', 0):.3f}" for k, v in cv.items() if isinstance(v, dict))
-        return f"default model v{self.meta.get('version', '?')} ({figs})" if figs else "default model"
+        label = self.meta.get("label") or f"default model v{self.meta.get('version', '?')}"
+        return f"{label} ({figs})" if figs else label
 
 
 def save_model(model: DefaultModel, out: str | Path = MODEL_DIR) -> None:
