@@ -282,11 +282,38 @@ def test_real_vllm_server(vllm_server, tiny_dir, photos):
     assert vlm.describe()["structured_outputs"] is True
     cfg = load_config(env={}, overrides={"vlm.backend": "openai", "vlm.model": str(tiny_dir / "idefics2"),
                                          "vlm.base_url": url, "retrieval.embedder": "classical",
-                                         "vlm.candidates": 3, "vlm.rounds": 1, "vlm.max_new_tokens": 40})
+                                         "vlm.candidates": 3, "vlm.rounds": 1})
     cropper = Cropper.from_config(cfg)
     outs = cropper.crop_batch([CropRequest(photos[0]), CropRequest(photos[1], "ratio", ["16:9"])])
     rows = [r for o in outs for r in o]
     assert [r.pipeline for r in rows] == ["vlm", "vlm"], [r.notes for r in rows]
     assert all(r.extra["tokens"]["generated"] > 0 for r in rows)
     cropper.close()
+    vlm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_real_vllm_server_gets_the_in_process_prompt_token_ids(vllm_server, tiny_dir):
+    """vLLM's chat endpoint tokenizes with add_special_tokens=False by default and the Idefics2
+    template writes no <s>: the client asks for it, so the server's prompt token ids are the
+    transformers backend's, BOS included (without it they lack exactly the BOS)."""
+    from cropper_engine.config import load_config
+    from cropper_engine.models.vlm_transformers import TransformersVLM
+
+    url, _ = vllm_server
+    cfg = load_config(env={}, overrides={"vlm.backend": "openai", "vlm.model": str(tiny_dir / "idefics2"),
+                                         "vlm.base_url": url})
+    vlm = OpenAIBackend.from_config(cfg)
+    local = TransformersVLM(str(tiny_dir / "idefics2"), device="cpu")
+    conv = conversation(2)
+    ours = local._inputs([conv])["input_ids"][0].tolist()
+    assert ours[0] == local.tokenizer.bos_token_id
+    body = {**vlm.body(conv, params(n=1), vlm.model), "return_token_ids": True, "max_tokens": 2}
+    theirs = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()["prompt_token_ids"]
+    assert theirs == ours
+    assert vlm.prompt_token_estimate(conv) == len(ours) and vlm.context_length
+    without = httpx.post(f"{url}/chat/completions", json={**body, "add_special_tokens": False},
+                         timeout=120).json()["prompt_token_ids"]
+    assert without == ours[1:]
     vlm.close()

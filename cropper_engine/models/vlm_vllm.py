@@ -203,13 +203,31 @@ class VLLMBackend:
             return []
         msgs = [self.messages(c) for c in conversations]
         sp = self.sampling_params(params)
+        kw: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template else {}
+        # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
+        kw["tokenization_kwargs"] = {"add_special_tokens": self.add_special_tokens}
+        refused = _refusal_errors()
         with self._lock:
-            # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
-            kw: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template else {}
-            outs = self.llm.chat(msgs, sp, use_tqdm=False,
-                                 tokenization_kwargs={"add_special_tokens": self.add_special_tokens}, **kw)
+            try:
+                outs: list[Any] = self.llm.chat(msgs, sp, use_tqdm=False, **kw)
+            except refused as exc:  # one prompt refused (too long, too many images): not the batch
+                if len(msgs) == 1:
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning("vLLM refused a batch (%s); running its prompts one by one", exc)
+                outs = []
+                for m in msgs:
+                    try:
+                        outs.append(self.llm.chat([m], sp, use_tqdm=False, **kw)[0])
+                    except refused as one:
+                        logging.getLogger(__name__).warning("vLLM refused a prompt: %s", one)
+                        outs.append(None)
         gens = []
         for out in outs:
+            if out is None:
+                gens.append(Generation([]))
+                continue
             ids = np.asarray(out.prompt_token_ids or [], dtype=np.int64)
             shared = max((lcp(ids, prev) for prev in self._recent), default=0)
             self._recent.append(ids)
@@ -240,6 +258,17 @@ class VLLMBackend:
         llm = getattr(self, "llm", None)
         self.llm = None
         del llm
+
+
+def _refusal_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses (a prompt over max_model_len): ValueError, and
+    since 0.32 its own VLLMClientError family."""
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return (ValueError, VLLMClientError)
+    except ImportError:
+        return (ValueError,)
 
 
 def _applied_settings(processor: Any) -> dict[str, Any]:
