@@ -455,8 +455,7 @@ def prefix_probe(cfg: Any, emb: Any, index: Any, vlm: Any, queries: list[str]) -
     import dataclasses
 
     v = cfg.vlm
-    probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(
-        v, parallel=False, max_new_tokens=v.max_new_tokens * v.candidates))
+    probe_cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(v, parallel=False))  # the limit: automatic
     engine = Cropper.from_config(probe_cfg, embedder=emb, index=index, vlm=vlm)
     tot = {"prompt": 0, "shared": 0, "cached": 0}
     for out in engine.crop_batch([CropRequest(q, Task.FREE, id=Path(q).name) for q in queries]):
