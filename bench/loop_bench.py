@@ -132,7 +132,8 @@ class NaiveLoop:
             torch.manual_seed(cfg.vlm.seed + r)
             with torch.inference_mode():
                 seq = model.generate(
-                    **inputs, max_new_tokens=cfg.vlm.max_new_tokens, num_return_sequences=cfg.vlm.candidates,
+                    **inputs, max_new_tokens=cfg.vlm.max_new_tokens or self.vlm.answer_token_limit(grammar),
+                    num_return_sequences=cfg.vlm.candidates,
                     do_sample=True, temperature=cfg.vlm.temperature, top_p=cfg.vlm.top_p, top_k=0,
                     eos_token_id=self.vlm.eos_token_ids, pad_token_id=self.vlm.pad_token_id,
                     logits_processor=[TokenConstraint(tok, grammar, eos_token_ids=self.vlm.eos_token_ids)])

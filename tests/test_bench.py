@@ -34,6 +34,10 @@ def test_fullsize_cpu_check():
         assert r["generated_tokens_per_image"] > 0 and r["images_per_s"] > 0
         assert set(r["stage_s_per_image"]) == {"vision", "prefill", "decode"}
         assert all(v > 0 for v in r["fraction_of_limit"].values())
+        # the shipped max_new_tokens (the longest box in the tokenizer's tokens + the end token)
+        assert r["max_new_tokens"] == len(" (99.99, 1000, 1000, 1000, 1000)") + 1
+        assert r["longest_prompt_tokens"] + r["max_new_tokens"] <= r["context_length"] == 8192
+        assert not any("cut at the token limit" in n for n in r["notes"]) and r["memory_need_gb"] > 0
 
 
 @pytest.mark.slow

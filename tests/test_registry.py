@@ -66,7 +66,7 @@ def test_vlm_auto_refuses_a_gpu_that_cannot_hold_it(tmp_path, monkeypatch):
     reasons: dict[str, str] = {}
     assert build._vlm(cfg, reasons) is None
     assert reasons["pipeline"].startswith("no-vlm: mantis-8b-idefics2 is here but needs a GPU with ~")
-    assert "24.0 GB free" in reasons["pipeline"] and "weights 16.8" in reasons["pipeline"]
+    assert "24.0 GB free for transformers" in reasons["pipeline"] and "weights 16.8" in reasons["pipeline"]
     monkeypatch.setattr(registry, "gpu_memory_gb", lambda: 0.0)
     assert build._vlm(cfg, reasons) is None and "no GPU" in reasons["pipeline"]
     loaded = []

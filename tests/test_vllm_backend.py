@@ -116,3 +116,18 @@ def test_same_prompt_ids_and_greedy_boxes_as_transformers(engine_parts, tiny_dir
     assert vlm.prompt_token_estimate(conv) == len(ref["ids"])
     assert vlm.image_tokens == 10 and vlm.engine_config.mm_processor_kwargs == {"do_image_splitting": False}
     assert vlm.answer_token_limit(BoxGrammar(1)) == len(BoxGrammar(1).longest()) + 1
+
+
+def test_a_refused_prompt_does_not_take_its_batch_down(engine_parts):
+    """vLLM refuses a prompt longer than max_model_len for the whole `chat` call: the backend runs
+    the batch's prompts one by one, so only that one gets no answer (then its job falls back)."""
+    from cropper_engine.engine.grammar import BoxGrammar
+    from cropper_engine.models.base import GenerationParams, Message
+
+    _cfg, _emb, _index, vlm = engine_parts
+    long = [Message("user", ["crop " * 3000])]  # over the test engine's 2048 tokens
+    short = [Message("user", ["Propose a crop."])]
+    gens = vlm.generate([short, long, short], GenerationParams(n=2, max_new_tokens=33, temperature=0.5,
+                                                               grammar=BoxGrammar(1)))
+    assert [len(g.texts) for g in gens] == [2, 0, 2]
+    assert all(BoxGrammar(1).matches(t) for t in gens[0].texts + gens[2].texts)

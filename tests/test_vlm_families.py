@@ -185,8 +185,7 @@ def test_loop_crops_with_the_vlm(vlms, family, photos, tiny_clip, example_index)
     from cropper_engine.engine.loop import Cropper
     from cropper_engine.index.store import ExampleIndex
 
-    cfg = load_config(env={}, overrides={"retrieval.examples": 3, "vlm.candidates": 3, "vlm.rounds": 1,
-                                         "vlm.max_new_tokens": 60})
+    cfg = load_config(env={}, overrides={"retrieval.examples": 3, "vlm.candidates": 3, "vlm.rounds": 1})
     cropper = Cropper.from_config(cfg, embedder=tiny_clip, index=ExampleIndex.load(example_index, embedder=tiny_clip),
                                   vlm=vlms[family])
     outs = cropper.crop_batch([CropRequest(photos[0], Task.FREE), CropRequest(photos[1], Task.RATIO, ["1:1"])])

@@ -282,7 +282,7 @@ def test_real_vllm_server(vllm_server, tiny_dir, photos):
     assert vlm.describe()["structured_outputs"] is True
     cfg = load_config(env={}, overrides={"vlm.backend": "openai", "vlm.model": str(tiny_dir / "idefics2"),
                                          "vlm.base_url": url, "retrieval.embedder": "classical",
-                                         "vlm.candidates": 3, "vlm.rounds": 1, "vlm.max_new_tokens": 40})
+                                         "vlm.candidates": 3, "vlm.rounds": 1})
     cropper = Cropper.from_config(cfg)
     outs = cropper.crop_batch([CropRequest(photos[0]), CropRequest(photos[1], "ratio", ["16:9"])])
     rows = [r for o in outs for r in o]

@@ -36,3 +36,15 @@ def test_processor_edge_from_the_model_folder(tmp_path):
         {"size": {"longest_edge": 12845056, "shortest_edge": 3136}, "merge_size": 2, "temporal_patch_size": 2}))
     assert _processor_edge(qwen) is None
     assert _processor_edge(tmp_path / "missing") is None
+
+
+def test_settings_without_a_processor_keep_the_smaller_pixel_budget(tmp_path):
+    """Where the processor cannot be built in vLLM's venv (Qwen2.5-VL's needs torchvision), the
+    engine's settings still reach vLLM, the pixel budget never raised above the model's own."""
+    from cropper_engine.models.vlm_vllm import _settings_without_processor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"longest_edge": 12544, "shortest_edge": 3136}, "merge_size": 2, "temporal_patch_size": 2}))
+    assert _settings_without_processor(tmp_path, {"max_pixels": 200704}) == {"max_pixels": 12544}
+    assert _settings_without_processor(tmp_path, {"do_image_splitting": False}) == {"do_image_splitting": False}
+    assert _settings_without_processor(tmp_path, None) is None

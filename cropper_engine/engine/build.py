@@ -117,9 +117,11 @@ def _vlm(cfg: Config, reasons: dict[str, str]) -> Any:
                                    f"{DEFAULT_MODEL.name} to run it anyway (slow on a CPU)")
             return None
         need = vlm_memory_need(cfg, resolved)
+        if need.backend == "vllm":  # vLLM takes this share of the GPU and nothing more
+            have = have * cfg.vlm.gpu_memory_utilization
         if have < need.total:
             reasons["pipeline"] = (f"no-vlm: {DEFAULT_MODEL.name} is here but needs a GPU with {need.describe()} "
-                                   f"({have:.1f} GB free); lower vlm.batch_size or pass --vlm "
+                                   f"({have:.1f} GB free for {need.backend}); lower vlm.batch_size or pass --vlm "
                                    f"{DEFAULT_MODEL.name} to run it anyway")
             return None
         return load_vlm(cfg, resolved, reasons)

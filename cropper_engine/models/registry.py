@@ -272,6 +272,7 @@ class MemoryNeed:
     context: int = 0
     batch: int = 1
     vision_chunk: int = 1
+    backend: str = "transformers"
 
     @property
     def total(self) -> float:
@@ -336,7 +337,7 @@ def memory_need(config: object, context: int, batch: int = 1, backend: str = "tr
     act = tokens * (4 * text.hidden_size + 3 * inter) * dtype_bytes
     vision = vision_bytes_per_image(config, settings, dtype_bytes) * vision_chunk
     return MemoryNeed(n * dtype_bytes / gb, kv / gb, kv / gb if backend == "transformers" else 0.0, act / gb,
-                      vision / gb, context=context, batch=rows, vision_chunk=vision_chunk)
+                      vision / gb, context=context, batch=rows, vision_chunk=vision_chunk, backend=backend)
 
 
 def gpu_memory_gb() -> float:

@@ -104,6 +104,7 @@ class OpenAIBackend:
         self._lock = threading.Lock()
         self._model = config.model
         self._structured: bool | None = {"on": True, "off": False}.get(config.structured)
+        self._bos_field = True  # dropped for good if a server (not vLLM) refuses the field
         self._down_until = 0.0
         self.last_error = ""
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "unavailable": 0}
@@ -217,8 +218,9 @@ class OpenAIBackend:
             "max_tokens": params.max_new_tokens,
             "temperature": float(params.temperature),
             "top_p": float(params.top_p),
-            "add_special_tokens": self.config.add_special_tokens,  # the BOS the in-process backends have
         }
+        if self._bos_field:  # vLLM's field: the BOS the in-process backends have
+            body["add_special_tokens"] = self.config.add_special_tokens
         if params.seed is not None and self.config.send_seed:
             body["seed"] = int(params.seed)
         if params.stop:
@@ -264,6 +266,11 @@ class OpenAIBackend:
         try:
             r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
         except VLMRequestError as exc:
+            if "add_special_tokens" in body and "add_special_tokens" in str(exc):
+                log.warning("%s refuses add_special_tokens (not vLLM?); prompts may lack the BOS", self.base_url)
+                self._bos_field = False
+                body = {k: v for k, v in body.items() if k != "add_special_tokens"}
+                return self._complete(body, grammar)
             if "structured_outputs" in body and self._structured is None and "structured_outputs" in str(exc):
                 log.warning("%s refuses structured outputs; asking without them from now on", self.base_url)
                 self._structured = False

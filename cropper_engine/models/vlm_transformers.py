@@ -787,7 +787,8 @@ def window_mask(key_mask: Any, q_len: int, window: int) -> Any:
     qpos = pos[:, -q_len:, None]
     vis = real[:, None, :] & (pos[:, None, :] <= qpos) & (pos[:, None, :] > qpos - window)
     own = torch.zeros((q_len, k), dtype=torch.bool, device=key_mask.device)
-    own[torch.arange(q_len), torch.arange(k - q_len, k)] = True
+    dev = key_mask.device
+    own[torch.arange(q_len, device=dev), torch.arange(k - q_len, k, device=dev)] = True
     return torch.where(real[:, -q_len:, None], vis, own[None])[:, None]
 
 

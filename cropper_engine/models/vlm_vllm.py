@@ -145,8 +145,18 @@ class VLLMBackend:
         max_len = v.max_model_len or (resolved.spec.context if resolved.spec else None)
         # the engine's processor settings (image splitting off, a pixel budget), applied here to
         # count tokens and given to vLLM's processor; a chat template where the snapshot has none
-        processor, note = load_processor(resolved.path, resolved.spec.processor_settings if resolved.spec else None)
-        mm_kwargs = _applied_settings(processor)
+        settings = resolved.spec.processor_settings if resolved.spec else _family_settings(resolved.path)
+        processor: Any = None
+        note = None
+        try:
+            processor, note = load_processor(resolved.path, settings)
+            mm_kwargs: dict[str, Any] | None = _applied_settings(processor)
+        except Exception as exc:  # e.g. a processor class this venv cannot build: vLLM's own may still
+            import logging
+
+            logging.getLogger(__name__).warning("no local processor for %s (%s): the token budget is not "
+                                                "checked", resolved.path, exc)
+            mm_kwargs = _settings_without_processor(resolved.path, settings)
         engine = VLLMEngineConfig(
             model=str(resolved.path),
             dtype=v.dtype if v.dtype != "auto" else "auto",
@@ -169,7 +179,8 @@ class VLLMBackend:
             import logging
 
             logging.getLogger(__name__).warning("%s: %s", resolved.path, note)
-        return cls(engine, longest_edge=longest_edge(processor), processor=processor,
+        edge = longest_edge(processor) if processor is not None else _processor_edge(resolved.path)
+        return cls(engine, longest_edge=edge, processor=processor,
                    chat_template=processor.chat_template if note else None)
 
     # ----------------------------------------------------------------------------------
@@ -203,13 +214,31 @@ class VLLMBackend:
             return []
         msgs = [self.messages(c) for c in conversations]
         sp = self.sampling_params(params)
+        kw: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template else {}
+        # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
+        kw["tokenization_kwargs"] = {"add_special_tokens": self.add_special_tokens}
+        refused = _refusal_errors()
         with self._lock:
-            # the Idefics2 chat template writes no <s>; transformers' processor adds it: so do we
-            kw: dict[str, Any] = {"chat_template": self.chat_template} if self.chat_template else {}
-            outs = self.llm.chat(msgs, sp, use_tqdm=False,
-                                 tokenization_kwargs={"add_special_tokens": self.add_special_tokens}, **kw)
+            try:
+                outs: list[Any] = self.llm.chat(msgs, sp, use_tqdm=False, **kw)
+            except refused as exc:  # one prompt refused (too long, too many images): not the batch
+                if len(msgs) == 1:
+                    raise
+                import logging
+
+                logging.getLogger(__name__).warning("vLLM refused a batch (%s); running its prompts one by one", exc)
+                outs = []
+                for m in msgs:
+                    try:
+                        outs.append(self.llm.chat([m], sp, use_tqdm=False, **kw)[0])
+                    except refused as one:
+                        logging.getLogger(__name__).warning("vLLM refused a prompt: %s", one)
+                        outs.append(None)
         gens = []
         for out in outs:
+            if out is None:
+                gens.append(Generation([]))
+                continue
             ids = np.asarray(out.prompt_token_ids or [], dtype=np.int64)
             shared = max((lcp(ids, prev) for prev in self._recent), default=0)
             self._recent.append(ids)
@@ -240,6 +269,51 @@ class VLLMBackend:
         llm = getattr(self, "llm", None)
         self.llm = None
         del llm
+
+
+def _family_settings(path: Any) -> dict[str, Any]:
+    """registry.PROCESSOR_SETTINGS for the family of a model folder's config.json."""
+    import json
+    from pathlib import Path
+
+    from cropper_engine.models.registry import family_of, processor_settings
+
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    return processor_settings(family_of(model_type))
+
+
+def _settings_without_processor(path: Any, settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The engine's settings as mm_processor_kwargs when the processor cannot be loaded here: a
+    pixel budget never above the one in the model's preprocessor config (as `apply_processor_settings`)."""
+    import json
+    from pathlib import Path
+
+    if not settings:
+        return None
+    out = dict(settings)
+    if out.get("max_pixels"):
+        try:
+            d = json.loads((Path(path) / "preprocessor_config.json").read_text())
+            own = d.get("max_pixels") or (d.get("size") or {}).get("longest_edge")
+            if own:
+                out["max_pixels"] = min(int(out["max_pixels"]), int(own))
+        except (OSError, ValueError, TypeError):
+            pass
+    return out
+
+
+def _refusal_errors() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses (a prompt over max_model_len): ValueError, and
+    since 0.32 its own VLLMClientError family."""
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return (ValueError, VLLMClientError)
+    except ImportError:
+        return (ValueError,)
 
 
 def _applied_settings(processor: Any) -> dict[str, Any]:
