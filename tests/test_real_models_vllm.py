@@ -25,8 +25,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # Mantis and idefics2 through the plugin (idefics2's hub processor splits images: the engine's
 # setting reaches vLLM as mm_processor_kwargs); Idefics3 natively. Qwen2.5-VL is left out here:
-# its HF processor folder holds a video processor that needs torchvision, which vllm-cpu's
-# environment cannot have (the engine's processor load fails there; on a GPU venv it has it).
+# vllm-cpu 0.32's own Qwen2.5-VL model imports torchvision, which its environment cannot have
+# (vLLM fails inspecting the architecture: "No module named 'torchvision'").
 NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b")
 
 
