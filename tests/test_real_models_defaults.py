@@ -15,7 +15,7 @@ from cropper_engine.models.sheets import load_sheet
 from cropper_engine.models.tiny_vlm import LIKE_NAMES
 from cropper_engine.types import CropRequest, Task
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from cropper_engine.models.sheets import load_sheet
 from cropper_engine.types import CropRequest, Task
 
 vllm = pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]  # vLLM starts in ~1-2 min here
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
