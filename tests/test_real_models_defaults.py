@@ -15,7 +15,7 @@ from cropper_engine.models.sheets import load_sheet
 from cropper_engine.models.tiny_vlm import LIKE_NAMES
 from cropper_engine.types import CropRequest, Task
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -92,5 +92,6 @@ def test_defaults_on_the_transformers_backend(name, tmp_path_factory, tiny_clip,
         assert not any("cut at the token limit" in n for n in r.notes), r.notes
         assert {c.round for c in r.candidates} >= {0}
     assert prompts and max(prompts) <= sheet["config"]["text"]["context"], (max(prompts), sheet["config"]["text"])
+    print(f"{name}: {len(prompts)} prompts of {min(prompts)}..{max(prompts)} tokens; notes {rows[0].notes}")
     if sheet["family"] == "idefics2":  # real-length prompts: the first round already crosses the 4096 window
         assert max(prompts) > sheet["config"]["text"]["sliding_window"]

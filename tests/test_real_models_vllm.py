@@ -12,21 +12,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import need_module
 from PIL import Image
 
 from cropper_engine.models.sheets import load_sheet
 from cropper_engine.types import CropRequest, Task
 
-vllm = pytest.importorskip("vllm", reason="vLLM is installed in .venv-vllm only")
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]  # vLLM starts in ~1-2 min here
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _vllm():
+    """vLLM must import where these tests run (`make test` runs them in .venv-vllm; CI fails if not)."""
+    need_module("vllm", "vLLM (the .venv-vllm environment, make install-vllm)")
+
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # Mantis and idefics2 through the plugin (idefics2's hub processor splits images: the engine's
 # setting reaches vLLM as mm_processor_kwargs); Idefics3 natively. Qwen2.5-VL is left out here:
-# its HF processor folder holds a video processor that needs torchvision, which vllm-cpu's
-# environment cannot have (the engine's processor load fails there; on a GPU venv it has it).
+# vllm-cpu 0.32's own Qwen2.5-VL model imports torchvision, which its environment cannot have
+# (vLLM fails inspecting the architecture: "No module named 'torchvision'").
 NAMES = ("mantis-8b-idefics2", "idefics2-8b", "idefics3-8b")
 
 
