@@ -709,8 +709,13 @@ def fitted_models(ctx: click.Context) -> dict[str, Any]:
     from cropper_engine.models.default_model import default_model
     from cropper_engine.models.fitted import known_models
 
-    cfg = load_cfg(ctx)
-    current = str(Path(cfg.default_model).expanduser().resolve()) if cfg.default_model else ""
+    from cropper_engine.errors import ConfigError
+
+    try:
+        configured = load_cfg(ctx).default_model
+    except ConfigError:  # a bad config is reported by the commands that use it, not by a listing
+        configured = ""
+    current = str(Path(configured).expanduser().resolve()) if configured else ""
     shipped = default_model()
     images = shipped.meta.get("trained_on", {}).get("images") if shipped is not None else None
     return {"default_model": current, "shipped_images": images,
