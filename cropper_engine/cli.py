@@ -706,10 +706,9 @@ def fitted_models(ctx: click.Context) -> dict[str, Any]:
     """The shipped default model and the fitted ones (models/fitted.py), with the configured one."""
     from pathlib import Path
 
+    from cropper_engine.errors import ConfigError
     from cropper_engine.models.default_model import default_model
     from cropper_engine.models.fitted import known_models
-
-    from cropper_engine.errors import ConfigError
 
     try:
         configured = load_cfg(ctx).default_model
