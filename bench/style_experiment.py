@@ -165,7 +165,7 @@ def main() -> None:
             [round(v, 2) for v in os.getloadavg()],
         "git": git_sha(), "device": device_info(), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": f"python bench/style_experiment.py --style {a.style}" + (" --quick" if a.quick else ""),
+        "command": shlex.join(["python", "bench/style_experiment.py", *sys.argv[1:]]),
     }
     out = Path(a.out or RESULTS / f"style_experiment_{a.style}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

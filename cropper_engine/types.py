@@ -345,8 +345,7 @@ class CropRequest:
             if self.task is Task.FREE:
                 raise InputError("a subject mask applies to the subject task, or with a ratio to every "
                                  "ratio's crop (the subject kept inside); not to the free-form task")
-            from cropper_engine.engine.subject import SubjectSpec  # ratio: the mask's subject kept inside
-
+            # a ratio: the mask's subject kept inside every crop
             mask, self.mask = self.mask, None
             self.subject = SubjectSpec("mask", path=os.fspath(mask)) if isinstance(mask, (str, os.PathLike)) \
                 else SubjectSpec.parse(mask)
