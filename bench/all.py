@@ -5,9 +5,9 @@
 Runs each step below as its own process (so each result file records the load when it started),
 one after another, goes on past a step that fails, then rewrites the README's figure blocks from
 the result files (`python -m bench readme --write`) and exits 1 if any step failed. A summary with
-each step's time and exit status goes to bench/results/bench_all.json. About 25 minutes on a quiet
-2-core machine (the steps' `minutes` below). `--quick` runs every step at smoke size (about 15
-minutes on a busy machine): it proves the mechanism, into bench/results/quick/ (not committed)
+each step's time and exit status goes to bench/results/bench_all.json. About 55 minutes on a quiet
+2-core machine (the sum of the steps' `minutes` below, half of it the style experiments).
+`--quick` runs every step at smoke size (about 32 minutes on a busy machine): it proves the mechanism, into bench/results/quick/ (not committed)
 unless `--results DIR` says otherwise, and leaves the README alone unless that DIR is bench/results.
 
 The vLLM steps run in .venv-vllm (`--vllm-python`, $CROPPER_VLLM_PYTHON); without it they fail
@@ -67,6 +67,18 @@ STEPS = [
     Step("server-tests", ["server-tests"], ["server-tests", "--seconds", "20"], ["server_load_tests.json"], 3.5),
     Step("cost", ["cost", "--out"], ["cost", "--out"], ["costmodel.json"], 0.1),
     Step("cv", ["cv"], ["cv", "--limit", "60", "--folds", "2"], ["default_cv.json"], 6.0),
+    Step("memory", ["memory"], ["memory", "--clients", "4", "--megapixels", "40"], ["serve_memory.json"], 2.0),
+    Step("style-square", ["style", "--style", "square", "--sizes", "25,50,100", "--test", "100", "--val-models",
+                          "0,100"],
+         ["style", "--style", "square", "--quick"], ["style_experiment_square.json", "style_experiment_square.md"],
+         8.0),
+    Step("style-tight45", ["style", "--style", "tight45", "--sizes", "100", "--test", "100", "--val-models", "0,100"],
+         ["style", "--style", "tight45", "--quick"], ["style_experiment_tight45.json", "style_experiment_tight45.md"],
+         6.0),
+    Step("style-tight45-300", ["style", "--style", "tight45", "--sizes", "100,300", "--test", "100", "--val-models",
+                               "0,300", "--out", "{results}/style_experiment_tight45_300.json"],
+         ["style", "--style", "tight45", "--quick", "--out", "{results}/style_experiment_tight45_300.json"],
+         ["style_experiment_tight45_300.json", "style_experiment_tight45_300.md"], 12.0),
 ]
 
 

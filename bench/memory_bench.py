@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import struct
 import subprocess
@@ -149,25 +148,18 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--megapixels", type=float, default=88.0)
     ap.add_argument("--no-write", action="store_true", help="print only; bench/results is left alone")
+    ap.add_argument("--out", default=None, help="[default: bench/results/serve_memory.json]")
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 0.1 <= args.megapixels <= 500:
         ap.error("--clients must be in 1..64 and --megapixels in 0.1..500")
-    from bench.common import git_sha
+    sys.path.insert(0, str(ROOT))
+    from bench.common import RESULTS, save_json
 
     out = run(args.clients, args.megapixels)
-    load = os.getloadavg()
-    out["provenance"] = {"command": f"python -m bench memory --clients {args.clients} --megapixels "
-                                    f"{args.megapixels:g}",
-                         "git": git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "host": platform.node(), "cores": os.cpu_count(),
-                         "loadavg_1_5_15": [round(v, 2) for v in load],
-                         "busy": load[0] > (os.cpu_count() or 1) * 0.5}
     print(json.dumps(out, indent=2))
     if not args.no_write:
-        path = ROOT / "bench" / "results" / "serve_memory.json"
-        path.write_text(json.dumps(out, indent=2) + "\n")
+        path = save_json(args.out or RESULTS / "serve_memory.json", out)
         print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()
