@@ -600,3 +600,16 @@ def test_main_faces_property(faces, crop, ratio):
             assert out.contains(k, tol=0.5), (k, out)
     if ratio:
         assert out.aspect == pytest.approx(ratio, rel=1e-3)
+
+
+def test_a_second_main_face_that_does_not_fit_is_left_out_not_cut():
+    """At 9:16 two faces side by side (an FCDB photo's) do not share a crop: the crop keeps the
+    larger one with its margin and leaves the other out whole; the shrunk crop is placed to hold
+    the larger face, not merely centred where the proposal was (which cut the other face)."""
+    w, h = 800.0, 534.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(488, 111, 627, 250), Box(308, 143, 412, 248))]
+    kept = subj.faces_to_keep(faces, 9 / 16, w, h)
+    assert [k.main for k in kept] == [True, False]
+    box, ok = keep_faces_whole(Box(354, 20, 642, 532), kept, w, h, 9 / 16, None, 80, 53.4)
+    assert ok and box.contains(kept[0], tol=0.5) and not cuts(box, faces[1].box)
+    assert box.aspect == pytest.approx(9 / 16, rel=1e-3)

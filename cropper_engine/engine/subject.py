@@ -811,8 +811,9 @@ def _union(boxes: Sequence[Box]) -> Box:
     return Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes), max(b.y2 for b in boxes))
 
 
-def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box) -> Box | None:
-    """The largest box of `ratio` inside `region`, as near `prefer`'s centre as it can be."""
+def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box, required: Box | None = None) -> Box | None:
+    """The largest box of `ratio` inside `region`, as near `prefer`'s centre as it can be while
+    it holds `required` (where it can)."""
     if not region.is_valid():
         return None
     if ratio is None:
@@ -820,8 +821,18 @@ def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box) -> Box | N
     w = min(region.width, region.height * ratio)
     h = w / ratio
     cx, cy = prefer.center
-    x1 = min(max(cx - w / 2, region.x1), region.x2 - w)
-    y1 = min(max(cy - h / 2, region.y1), region.y2 - h)
+
+    def place(c: float, size: float, lo: float, hi: float, need_lo: float | None, need_hi: float | None) -> float:
+        a, b = lo, hi - size  # where the box may start inside the region
+        if need_lo is not None and need_hi is not None:  # and where it holds the required span
+            a2, b2 = max(a, need_hi - size), min(b, need_lo)
+            if a2 <= b2 + 1e-9:
+                a, b = a2, b2
+        return min(max(c - size / 2, a), b)
+
+    rq = required
+    x1 = place(cx, w, region.x1, region.x2, rq.x1 if rq else None, rq.x2 if rq else None)
+    y1 = place(cy, h, region.y1, region.y2, rq.y1 if rq else None, rq.y2 if rq else None)
     return Box(x1, y1, x1 + w, y1 + h)
 
 
@@ -864,7 +875,7 @@ def _shrunk(box: Box, faces: Sequence[Box], ratio: float | None, required: Box |
     options = []
     for region in (Box(box.x1, box.y1, min(box.x2, f.x1), box.y2), Box(max(box.x1, f.x2), box.y1, box.x2, box.y2),
                    Box(box.x1, box.y1, box.x2, min(box.y2, f.y1)), Box(box.x1, max(box.y1, f.y2), box.x2, box.y2)):
-        cand = _inside_with_ratio(region, ratio, box)
+        cand = _inside_with_ratio(region, ratio, box, required)
         if cand is None or cand.width < min_w - 1e-6 or cand.height < min_h - 1e-6:
             continue
         if required is not None and not cand.contains(required, tol=0.5):
