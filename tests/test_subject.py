@@ -613,3 +613,14 @@ def test_a_second_main_face_that_does_not_fit_is_left_out_not_cut():
     box, ok = keep_faces_whole(Box(354, 20, 642, 532), kept, w, h, 9 / 16, None, 80, 53.4)
     assert ok and box.contains(kept[0], tol=0.5) and not cuts(box, faces[1].box)
     assert box.aspect == pytest.approx(9 / 16, rel=1e-3)
+
+
+def test_main_faces_drop_their_margins_to_share_a_crop():
+    """Two faces whose margins make them too wide for one 4:5 crop, but not the faces as detected
+    (an FCDB photo's): both stay main, kept as detected, and the crop holds both."""
+    w, h = 800.0, 534.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(564, 206, 644, 286), Box(227, 221, 294, 289))]
+    kept = subj.faces_to_keep(faces, 4 / 5, w, h)
+    assert [k.main for k in kept] == [True, True]
+    box, ok = keep_faces_whole(Box(304, 48, 656, 488), kept, w, h, 4 / 5, None, 80, 53.4)
+    assert ok and all(box.contains(f.box, tol=0.5) for f in faces)

@@ -795,15 +795,24 @@ def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, heig
     for f in faces:
         k = _pad(f.keep, width, height)
         boxes.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
-    main: set[int] = set()
+    main: list[int] = []
     core: Box | None = None
     for i in main_face_indices(faces):
-        for b in (boxes[i], _pad(faces[i].box, width, height)):  # with its margin, else as detected
+        raw = _pad(faces[i].box, width, height)
+        for b in (boxes[i], raw):  # with its margin, else as detected
             u = b if core is None else _union([core, b])
             if fits(u, ratio, width, height):
                 core, boxes[i] = u, b
-                main.add(i)
+                main.append(i)
                 break
+        else:  # the faces so far without their margins, then this one beside them
+            raws = [_pad(faces[j].box, width, height) for j in main]
+            if main and fits(_union([*raws, raw]), ratio, width, height):
+                for j, r in zip(main, raws, strict=True):
+                    boxes[j] = r
+                boxes[i] = raw
+                main.append(i)
+                core = _union([*raws, raw])
     return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main) for i, b in enumerate(boxes)]
 
 
