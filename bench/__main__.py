@@ -3,7 +3,8 @@
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
     python -m bench cost [--device h100]          the cost model's limits at full size
-    python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage
+    python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage, beside smartcrop.py
+    python -m bench faces [--quick] [--out]       people stay in the picture: main faces kept, FCDB images with faces
     python -m bench subject [--quick]             face and person detection, ms per 1024-px image
     python -m bench serve                         the HTTP service under 1, 4 and 16 clients
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
@@ -17,6 +18,7 @@ import sys
 COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "bench.costmodel",
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
             "fullsize": "bench.fullsize"}
+COMMANDS["faces"] = "bench.face_bench"
 
 
 def main() -> None:
