@@ -624,3 +624,14 @@ def test_main_faces_drop_their_margins_to_share_a_crop():
     assert [k.main for k in kept] == [True, True]
     box, ok = keep_faces_whole(Box(304, 48, 656, 488), kept, w, h, 4 / 5, None, 80, 53.4)
     assert ok and all(box.contains(f.box, tol=0.5) for f in faces)
+
+
+def test_a_face_that_only_fits_without_its_margin_beside_a_left_out_one():
+    """At 9:16 the larger face's margin reaches past the smaller face beside it (an FCDB photo's):
+    no crop holds the margin and leaves the other face out whole, so the crop keeps the larger
+    face as detected and leaves the other out, instead of cutting it."""
+    w, h = 800.0, 530.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(317, 135, 515, 333), Box(201, 209, 304, 312))]
+    kept = subj.faces_to_keep(faces, 9 / 16, w, h)
+    box, ok = keep_faces_whole(Box(270, 2, 558, 514), kept, w, h, 9 / 16, None, 80, 53)
+    assert ok and box.contains(faces[0].box, tol=0.5) and not cuts(box, faces[1].box)

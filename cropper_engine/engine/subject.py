@@ -767,6 +767,7 @@ class KeptFace(Box):
     must also be inside every crop (`keep_faces_whole` grows a crop around the main faces)."""
 
     main: bool = False
+    detected: Box | None = None  # the face as detected (padded by CUT_PAD): kept instead when the margin is in the way
 
 
 def main_face_indices(faces: Sequence[Face]) -> list[int]:
@@ -813,7 +814,7 @@ def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, heig
                 boxes[i] = raw
                 main.append(i)
                 core = _union([*raws, raw])
-    return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main) for i, b in enumerate(boxes)]
+    return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main, _pad(faces[i].box, width, height)) for i, b in enumerate(boxes)]
 
 
 def _union(boxes: Sequence[Box]) -> Box:
@@ -906,7 +907,9 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     ratio holds both), then grown to contain the other faces it cuts or shrunk to leave them
     out, whichever is closer to that box; the main faces and `required` (the subject box) stay
     inside. When no repair exists: the box grown around the largest face it cuts (or kept, if
-    that is impossible too), and False."""
+    that is impossible too), and False. A repair that exists only with the faces as detected
+    (without their margins: KeptFace.detected) is taken before that."""
+    box0, required0 = box, required
     mains = [f for f in faces if getattr(f, "main", False)]
     if mains:
         core = _union(mains)
@@ -923,6 +926,12 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     ok = [c for c in cands if _valid(c, faces, required, min_w, min_h)]
     if ok:
         return max(ok, key=lambda c: c.iou(box)), True
+    tight = [KeptFace(d.x1, d.y1, d.x2, d.y2, f.main) for f in faces
+             if isinstance(f, KeptFace) and (d := f.detected) is not None]
+    if len(tight) == len(faces) and any(t.as_list() != f.as_list() for t, f in zip(tight, faces, strict=True)):
+        out, done = keep_faces_whole(box0, tight, width, height, ratio, required0, min_w, min_h)
+        if done:
+            return out, True
     from cropper_engine.engine.geometry import expand_to_contain
 
     largest = max((f for f in faces if cuts(box, f)), key=lambda f: f.area)
