@@ -222,7 +222,7 @@ def test_main_faces_that_do_not_fit_one_crop_of_the_ratio():
     box, ok = keep_faces_whole(Box(600, 0, 937.5, 600), kept, w, h, 9 / 16)
     assert ok and box.contains(faces[0].box) and not cuts(box, faces[1].box)
     note = subj.faces_left_out_note(box, faces, kept, "9:16")
-    assert note and "1 main face" in note and "does not hold them" in note
+    assert note and "1 main face" in note and "cannot hold it beside the larger face" in note
 
 
 def test_main_persons_make_the_subject_when_all_do_not_fit():

@@ -967,8 +967,9 @@ def faces_left_out_note(crop: Box, faces: Sequence[Face], kept: Sequence[Box], r
     w = max(crop.x2, *(f.box.x2 for f in faces))
     h = max(crop.y2, *(f.box.y2 for f in faces))
     if lost_main:
-        why = "does not hold them beside the larger faces" if any(i not in marked for i in lost_main) else \
-            "was chosen without them"
+        them = "them" if len(lost_main) > 1 else "it"
+        why = f"cannot hold {them} beside the larger face" if any(i not in marked for i in lost_main) else \
+            f"was chosen without {them}"
         parts.append(f"{len(lost_main)} main face{'s' if len(lost_main) > 1 else ''} "
                      f"({', '.join(str(faces[i].box.as_int()) for i in lost_main)}): {what} {why}")
     if small:
