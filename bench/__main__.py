@@ -5,10 +5,11 @@
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
     python -m bench cost [--device h100] [--out]  the cost model's limits at full size
-    python -m bench default [--quick] [--out]     the no-VLM default pipeline's speed per stage
+    python -m bench default [--quick] [--out]     the no-VLM default's speed per stage, beside smartcrop.py
     python -m bench subject [--quick] [--out P]   face and person detection, ms per 1024-px image
     python -m bench serve [--backend openai]      the HTTP service under 1, 4 and 16 clients
     python -m bench memory                        the service's resident memory under 12 uploads of 88 MP
+    python -m bench faces [--quick] [--out]       people stay in the picture: main faces kept, FCDB images with faces
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
     python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
     python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
@@ -25,7 +26,7 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
             "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
             "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme",
-            "memory": "bench.memory_bench", "style": "bench.style_experiment"}
+            "memory": "bench.memory_bench", "style": "bench.style_experiment", "faces": "bench.face_bench"}
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ one after another, goes on past a step that fails, then rewrites the README's fi
 the result files (`python -m bench readme --write`) and exits 1 if any step failed. A summary with
 each step's time and exit status goes to bench/results/bench_all.json. About 55 minutes on a quiet
 2-core machine (the sum of the steps' `minutes` below, half of it the style experiments).
-`--quick` runs every step at smoke size (about 32 minutes on a busy machine): it proves the mechanism, into bench/results/quick/ (not committed)
-unless `--results DIR` says otherwise, and leaves the README alone unless that DIR is bench/results.
+`--quick` runs every step at smoke size (about 32 minutes on a busy machine): it proves the
+mechanism, into bench/results/quick/ (not committed) unless `--results DIR` says otherwise, and
+leaves the README alone unless that DIR is bench/results.
 
 The vLLM steps run in .venv-vllm (`--vllm-python`, $CROPPER_VLLM_PYTHON); without it they fail
 (the README quotes them), so pass `--skip loop-vllm,serve-openai` on a machine without vLLM.

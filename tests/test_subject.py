@@ -222,7 +222,7 @@ def test_main_faces_that_do_not_fit_one_crop_of_the_ratio():
     box, ok = keep_faces_whole(Box(600, 0, 937.5, 600), kept, w, h, 9 / 16)
     assert ok and box.contains(faces[0].box) and not cuts(box, faces[1].box)
     note = subj.faces_left_out_note(box, faces, kept, "9:16")
-    assert note and "1 main face" in note and "does not hold them" in note
+    assert note and "1 main face" in note and "cannot hold it beside the larger face" in note
 
 
 def test_main_persons_make_the_subject_when_all_do_not_fit():
@@ -600,3 +600,38 @@ def test_main_faces_property(faces, crop, ratio):
             assert out.contains(k, tol=0.5), (k, out)
     if ratio:
         assert out.aspect == pytest.approx(ratio, rel=1e-3)
+
+
+def test_a_second_main_face_that_does_not_fit_is_left_out_not_cut():
+    """At 9:16 two faces side by side (an FCDB photo's) do not share a crop: the crop keeps the
+    larger one with its margin and leaves the other out whole; the shrunk crop is placed to hold
+    the larger face, not merely centred where the proposal was (which cut the other face)."""
+    w, h = 800.0, 534.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(488, 111, 627, 250), Box(308, 143, 412, 248))]
+    kept = subj.faces_to_keep(faces, 9 / 16, w, h)
+    assert [k.main for k in kept] == [True, False]
+    box, ok = keep_faces_whole(Box(354, 20, 642, 532), kept, w, h, 9 / 16, None, 80, 53.4)
+    assert ok and box.contains(kept[0], tol=0.5) and not cuts(box, faces[1].box)
+    assert box.aspect == pytest.approx(9 / 16, rel=1e-3)
+
+
+def test_main_faces_drop_their_margins_to_share_a_crop():
+    """Two faces whose margins make them too wide for one 4:5 crop, but not the faces as detected
+    (an FCDB photo's): both stay main, kept as detected, and the crop holds both."""
+    w, h = 800.0, 534.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(564, 206, 644, 286), Box(227, 221, 294, 289))]
+    kept = subj.faces_to_keep(faces, 4 / 5, w, h)
+    assert [k.main for k in kept] == [True, True]
+    box, ok = keep_faces_whole(Box(304, 48, 656, 488), kept, w, h, 4 / 5, None, 80, 53.4)
+    assert ok and all(box.contains(f.box, tol=0.5) for f in faces)
+
+
+def test_a_face_that_only_fits_without_its_margin_beside_a_left_out_one():
+    """At 9:16 the larger face's margin reaches past the smaller face beside it (an FCDB photo's):
+    no crop holds the margin and leaves the other face out whole, so the crop keeps the larger
+    face as detected and leaves the other out, instead of cutting it."""
+    w, h = 800.0, 530.0
+    faces = [subj.Face(b, 0.9, subj._grow_face(b, w, h)) for b in (Box(317, 135, 515, 333), Box(201, 209, 304, 312))]
+    kept = subj.faces_to_keep(faces, 9 / 16, w, h)
+    box, ok = keep_faces_whole(Box(270, 2, 558, 514), kept, w, h, 9 / 16, None, 80, 53)
+    assert ok and box.contains(faces[0].box, tol=0.5) and not cuts(box, faces[1].box)

@@ -661,6 +661,7 @@ class KeptFace(Box):
     must also be inside every crop (`keep_faces_whole` grows a crop around the main faces)."""
 
     main: bool = False
+    detected: Box | None = None  # the face as detected (padded by CUT_PAD): kept instead when the margin is in the way
 
 
 def main_face_indices(faces: Sequence[Face]) -> list[int]:
@@ -689,24 +690,34 @@ def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, heig
     for f in faces:
         k = _pad(f.keep, width, height)
         boxes.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
-    main: set[int] = set()
+    main: list[int] = []
     core: Box | None = None
     for i in main_face_indices(faces):
-        for b in (boxes[i], _pad(faces[i].box, width, height)):  # with its margin, else as detected
+        raw = _pad(faces[i].box, width, height)
+        for b in (boxes[i], raw):  # with its margin, else as detected
             u = b if core is None else _union([core, b])
             if fits(u, ratio, width, height):
                 core, boxes[i] = u, b
-                main.add(i)
+                main.append(i)
                 break
-    return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main) for i, b in enumerate(boxes)]
+        else:  # the faces so far without their margins, then this one beside them
+            raws = [_pad(faces[j].box, width, height) for j in main]
+            if main and fits(_union([*raws, raw]), ratio, width, height):
+                for j, r in zip(main, raws, strict=True):
+                    boxes[j] = r
+                boxes[i] = raw
+                main.append(i)
+                core = _union([*raws, raw])
+    return [KeptFace(b.x1, b.y1, b.x2, b.y2, i in main, _pad(faces[i].box, width, height)) for i, b in enumerate(boxes)]
 
 
 def _union(boxes: Sequence[Box]) -> Box:
     return Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes), max(b.y2 for b in boxes))
 
 
-def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box) -> Box | None:
-    """The largest box of `ratio` inside `region`, as near `prefer`'s centre as it can be."""
+def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box, required: Box | None = None) -> Box | None:
+    """The largest box of `ratio` inside `region`, as near `prefer`'s centre as it can be while
+    it holds `required` (where it can)."""
     if not region.is_valid():
         return None
     if ratio is None:
@@ -714,8 +725,18 @@ def _inside_with_ratio(region: Box, ratio: float | None, prefer: Box) -> Box | N
     w = min(region.width, region.height * ratio)
     h = w / ratio
     cx, cy = prefer.center
-    x1 = min(max(cx - w / 2, region.x1), region.x2 - w)
-    y1 = min(max(cy - h / 2, region.y1), region.y2 - h)
+
+    def place(c: float, size: float, lo: float, hi: float, need_lo: float | None, need_hi: float | None) -> float:
+        a, b = lo, hi - size  # where the box may start inside the region
+        if need_lo is not None and need_hi is not None:  # and where it holds the required span
+            a2, b2 = max(a, need_hi - size), min(b, need_lo)
+            if a2 <= b2 + 1e-9:
+                a, b = a2, b2
+        return min(max(c - size / 2, a), b)
+
+    rq = required
+    x1 = place(cx, w, region.x1, region.x2, rq.x1 if rq else None, rq.x2 if rq else None)
+    y1 = place(cy, h, region.y1, region.y2, rq.y1 if rq else None, rq.y2 if rq else None)
     return Box(x1, y1, x1 + w, y1 + h)
 
 
@@ -758,7 +779,7 @@ def _shrunk(box: Box, faces: Sequence[Box], ratio: float | None, required: Box |
     options = []
     for region in (Box(box.x1, box.y1, min(box.x2, f.x1), box.y2), Box(max(box.x1, f.x2), box.y1, box.x2, box.y2),
                    Box(box.x1, box.y1, box.x2, min(box.y2, f.y1)), Box(box.x1, max(box.y1, f.y2), box.x2, box.y2)):
-        cand = _inside_with_ratio(region, ratio, box)
+        cand = _inside_with_ratio(region, ratio, box, required)
         if cand is None or cand.width < min_w - 1e-6 or cand.height < min_h - 1e-6:
             continue
         if required is not None and not cand.contains(required, tol=0.5):
@@ -780,7 +801,9 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     ratio holds both), then grown to contain the other faces it cuts or shrunk to leave them
     out, whichever is closer to that box; the main faces and `required` (the subject box) stay
     inside. When no repair exists: the box grown around the largest face it cuts (or kept, if
-    that is impossible too), and False."""
+    that is impossible too), and False. A repair that exists only with the faces as detected
+    (without their margins: KeptFace.detected) is taken before that."""
+    box0, required0 = box, required
     mains = [f for f in faces if getattr(f, "main", False)]
     if mains:
         core = _union(mains)
@@ -797,6 +820,12 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     ok = [c for c in cands if _valid(c, faces, required, min_w, min_h)]
     if ok:
         return max(ok, key=lambda c: c.iou(box)), True
+    tight = [KeptFace(d.x1, d.y1, d.x2, d.y2, f.main) for f in faces
+             if isinstance(f, KeptFace) and (d := f.detected) is not None]
+    if len(tight) == len(faces) and any(t.as_list() != f.as_list() for t, f in zip(tight, faces, strict=True)):
+        out, done = keep_faces_whole(box0, tight, width, height, ratio, required0, min_w, min_h)
+        if done:
+            return out, True
     from cropper_engine.engine.geometry import expand_to_contain
 
     largest = max((f for f in faces if cuts(box, f)), key=lambda f: f.area)
@@ -832,8 +861,9 @@ def faces_left_out_note(crop: Box, faces: Sequence[Face], kept: Sequence[Box], r
     w = max(crop.x2, *(f.box.x2 for f in faces))
     h = max(crop.y2, *(f.box.y2 for f in faces))
     if lost_main:
-        why = "does not hold them beside the larger faces" if any(i not in marked for i in lost_main) else \
-            "was chosen without them"
+        them = "them" if len(lost_main) > 1 else "it"
+        why = f"cannot hold {them} beside the larger face" if any(i not in marked for i in lost_main) else \
+            f"was chosen without {them}"
         parts.append(f"{len(lost_main)} main face{'s' if len(lost_main) > 1 else ''} "
                      f"({', '.join(str(faces[i].box.as_int()) for i in lost_main)}): {what} {why}")
     if small:
