@@ -68,6 +68,8 @@ STEPS = [
     Step("server-tests", ["server-tests"], ["server-tests", "--seconds", "20"], ["server_load_tests.json"], 3.5),
     Step("cost", ["cost", "--out"], ["cost", "--out"], ["costmodel.json"], 0.1),
     Step("cv", ["cv"], ["cv", "--limit", "60", "--folds", "2"], ["default_cv.json"], 6.0),
+    Step("faces", ["faces", "--out", "{results}/face_bench.json"],
+         ["faces", "--quick", "--out", "{results}/face_bench.json"], ["face_bench.json", "face_bench.md"], 5.0),
     Step("memory", ["memory"], ["memory", "--clients", "4", "--megapixels", "40"], ["serve_memory.json"], 2.0),
     Step("style-square", ["style", "--style", "square", "--sizes", "25,50,100", "--test", "100", "--val-models",
                           "0,100"],

@@ -145,6 +145,14 @@ def b_default() -> str:
             parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f})")
     st = tk.get("ratio", next(iter(tk.values())))["stages_ms"]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+    peer = tk.get("ratio", {}).get("peer")
+    if peer:  # smartcrop.py on the same images with the same ratio, interleaved in the same process
+        t = tk["ratio"]
+        iou = (f"; IoU {t['iou']:.3f} against {peer['iou']:.3f}" if t.get("iou") is not None
+               and peer.get("iou") is not None else "")
+        parts.append(f"beside {peer['name']} (ratio task, the same images, interleaved): median "
+                     f"{t['wall_ms_median']:.0f} against {peer['wall_ms_median']:.0f} ms, "
+                     f"{t['median_ratio_to_peer']:.2f}x its time{iou}")
     return (f"{'; '.join(parts)} on {tk.get('ratio', {}).get('images', '?')} FCDB val images at {f['side']} px; "
             f"stages of the ratio task in ms: {stages}; limit {f['limit_ms']:.0f} ms: "
             f"{'met' if f['ok'] else 'NOT met'}; model and table load {f['load_ms']:.0f} ms once per process "

@@ -137,6 +137,8 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
     from cropper_engine.engine.analysis import analyse
     from cropper_engine.engine.default_pipeline import candidates, model_neighbours, rank
     from cropper_engine.engine.features import NEIGHBOURS_K, _iou_unit, crop_feature_dict
+    from cropper_engine.engine.fit_default import keep_faces_unit
+    from cropper_engine.engine.subject import detect_faces
     from cropper_engine.errors import CropperError
     from cropper_engine.imageio import open_image
 
@@ -162,10 +164,13 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
         vec = emb.embed([img])[0]
         an = analyse(img)
         nb = model_neighbours(_CTX["table"], vec, own, NEIGHBOURS_K)
+        # the candidates as the engine ranks them: grown around the main faces (fit_default does the same)
+        faces = detect_faces(img) if _CTX.get("faces", True) else []
         view: dict[str, Any] = {"gt": g}
         for task in ("ratio", "free"):
             r = ratio if task == "ratio" else None
             boxes, _ = candidates(an, r, nb)
+            boxes = keep_faces_unit(boxes, faces, w, h, r)
             feats = crop_feature_dict(an, boxes, r, nb)
             view[task] = (boxes, feats, _iou_unit(boxes, g[None]))
         if v == 0 and _CTX["shipped"] is not None:  # the shipped model on the original image
@@ -173,6 +178,7 @@ def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
             for task in ("ratio", "free"):
                 r = ratio if task == "ratio" else None
                 boxes, sources = candidates(an, r, snb)
+                boxes = keep_faces_unit(boxes, faces, w, h, r)
                 ranked = rank(_CTX["shipped"].for_task(r is not None), an, boxes, sources, r, snb)
                 out[f"shipped_{task}"] = ranked.blend_unit
         out["views"].append(view)
