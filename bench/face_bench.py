@@ -9,7 +9,7 @@ free-form, two ways, interleaved image by image in one process:
   whole    the previous rule: no crop cuts through a face, but a crop may leave any face out
   main     the rule now shipped: the main faces (the largest, every face at least half its side,
            and smaller faces between them) are inside every crop whose ratio can hold them,
-           other faces are kept whole or left out (engine/subject.py)
+           other faces are kept whole or left out (engine/subject/faces.py)
 
 `whole` is the shipped engine with the main-face marking switched off (faces_to_keep wrapped to
 mark none), so the two differ in the face rule only. Reported per mode and ratio: the share of

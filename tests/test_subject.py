@@ -1,4 +1,4 @@
-"""Subjects without a hand-made mask (engine/subject.py): specs, detectors on a real photo,
+"""Subjects without a hand-made mask (engine/subject/): specs, detectors on a real photo,
 faces kept whole by every pipeline, graceful fallbacks, the CLI end to end and the report.
 
 The photo with a face is scikit-image's `astronaut` (Eileen Collins, NASA: public domain),
