@@ -9,7 +9,7 @@ free-form, two ways, interleaved image by image in one process:
   whole    the previous rule: no crop cuts through a face, but a crop may leave any face out
   main     the rule now shipped: the main faces (the largest, every face at least half its side,
            and smaller faces between them) are inside every crop whose ratio can hold them,
-           other faces are kept whole or left out (engine/subject.py)
+           other faces are kept whole or left out (engine/subject/faces.py)
 
 `whole` is the shipped engine with the main-face marking switched off (faces_to_keep wrapped to
 mark none), so the two differ in the face rule only. Reported per mode and ratio: the share of
@@ -146,18 +146,18 @@ def main() -> None:
     splits = [s.strip() for s in a.splits.split(",") if s.strip()]
     limit = 20 if a.quick and not a.limit else a.limit
 
-    from cropper_engine.engine import subject
     from cropper_engine.engine.loop import Cropper
+    from cropper_engine.engine.subject import KeptFace, jobs  # jobs.attach_subject calls faces_to_keep
 
     t0 = time.perf_counter()
     recs = face_images(data, splits, limit)
     print(f"{len(recs)} images with faces ({', '.join(splits)}), found in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     cropper = Cropper.from_config(load_config(env={}, overrides={"vlm.model": "none"}))
-    shipped = subject.faces_to_keep
+    shipped = jobs.faces_to_keep
 
     def whole_only(*args: Any, **kw: Any) -> Any:  # the previous rule: faces kept whole, none required
-        return [subject.KeptFace(k.x1, k.y1, k.x2, k.y2, False) for k in shipped(*args, **kw)]
+        return [KeptFace(k.x1, k.y1, k.x2, k.y2, False) for k in shipped(*args, **kw)]
 
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     from tqdm import tqdm
@@ -165,10 +165,10 @@ def main() -> None:
     try:
         for rec in tqdm(recs, desc="face images", unit="img", file=sys.stderr):
             for mode in MODES:  # interleaved: the machine's load hits both alike
-                subject.faces_to_keep = whole_only if mode == "whole" else shipped
+                jobs.faces_to_keep = whole_only if mode == "whole" else shipped
                 results[mode].append(run(cropper, rec, data, mode))
     finally:
-        subject.faces_to_keep = shipped
+        jobs.faces_to_keep = shipped
     figures: dict[str, Any] = {
         "bench": "faces", "images": len(recs), "splits": splits,
         "images_by_split": {s: sum(r["split"] == s for r in recs) for s in splits},

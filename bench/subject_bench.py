@@ -1,4 +1,4 @@
-"""Face and person detection (engine/subject.py): milliseconds per 1024-px image.
+"""Face and person detection (engine/subject/detectors.py): milliseconds per 1024-px image.
 
     python bench/subject_bench.py [--quick] [--n 60] [--side 1024] [--repeat 3]
 

@@ -104,7 +104,7 @@ def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def subject_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--subject and --keep-faces (engine/subject.py), for `crop` and `eval`."""
+    """--subject and --keep-faces (engine/subject/), for `crop` and `eval`."""
     fn = click.option("--keep-faces/--no-keep-faces", "keep_faces", default=None,
                       help="No crop cuts through a detected face; at a ratio that leaves no way round it, the "
                            "crop keeps the largest face and says so [default: on wherever a face detector is "

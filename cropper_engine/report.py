@@ -72,7 +72,7 @@ class HtmlReport:
                           f'height="{(cy2 - cy1) * s:.1f}" fill="none" stroke="{col}" stroke-width="1" '
                           f'stroke-opacity="0.7"><title>round {c.get("round", 0)} {c.get("source", "")} '
                           f'score {c.get("score", 0):.3f}</title></rect>')
-        for poly in row.get("subject_outline", []) or []:  # the subject mask used (engine/subject.py)
+        for poly in row.get("subject_outline", []) or []:  # the subject mask used (engine/subject/outlines.py)
             pts = " ".join(f"{px * s:.1f},{py * s:.1f}" for px, py in poly)
             shapes.append(f'<polygon points="{pts}" fill="{SUBJECT}" fill-opacity="0.25" stroke="{SUBJECT}" '
                           f'stroke-width="1"><title>subject: {html.escape(str(row.get("subject", "")))}</title>'

@@ -358,7 +358,7 @@ class Upload:
     ratio: Any = None  # "W:H", "W:H,W:H" or a list of them
     mask: bytes | None = None
     id: str | None = None
-    subject: str | None = None  # auto | face | person | saliency | "x,y" | "x1,y1,x2,y2" (engine/subject.py)
+    subject: str | None = None  # auto | face | person | saliency | "x,y" | "x1,y1,x2,y2" (engine/subject/)
     keep_faces: bool | None = None
     mask_filename: str = "mask"
 

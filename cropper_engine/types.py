@@ -214,7 +214,7 @@ _NUMBERS = re.compile(rf"^\s*{_NUMBER}(?:\s*[,;\s]\s*{_NUMBER})*\s*$")
 class SubjectSpec:
     """A parsed `--subject`: kind is auto | face | person | saliency | point | box | mask.
 
-    Resolved against an image (faces, persons, the salient region) by engine/subject.py."""
+    Resolved against an image (faces, persons, the salient region) by engine/subject/resolve.py."""
 
     kind: str
     values: tuple[float, ...] = ()
@@ -312,7 +312,7 @@ class CropRequest:
     image: a path, a PIL image or an RGB uint8 array (H, W, 3).
     task: free-form, subject-aware (needs `mask`, a boolean H x W array, or `subject`) or
     ratio-aware (needs one or more `ratios`; each gives its own result).
-    subject: where the subject comes from (engine/subject.py): "auto", "face", "person",
+    subject: where the subject comes from (engine/subject/): "auto", "face", "person",
     "saliency", "X,Y" (a focal point), "X1,Y1,X2,Y2" (a box), a mask path or array. The subject
     task crops around it; the ratio task keeps it inside each crop.
     keep_faces: no crop cuts through a detected face; None: the config's `loop.keep_faces` (auto: on

@@ -1,4 +1,4 @@
-"""Subjects without a hand-made mask (engine/subject.py): specs, detectors on a real photo,
+"""Subjects without a hand-made mask (engine/subject/): specs, detectors on a real photo,
 faces kept whole by every pipeline, graceful fallbacks, the CLI end to end and the report.
 
 The photo with a face is scikit-image's `astronaut` (Eileen Collins, NASA: public domain),
@@ -530,7 +530,7 @@ def test_keep_faces_off_runs_no_detector(photos):
     """With loop.keep_faces off and no --subject, cropping never imports MediaPipe (nor builds a detector)."""
     code = ("import os, sys; os.environ['CROPPER_LOOP_KEEP_FACES'] = 'off'; from cropper_engine.cli import main; "
             f"main(['crop', {str(photo(photos, 'astronaut'))!r}, '--ratio', '1:1'], standalone_mode=False); "
-            "from cropper_engine.engine import subject as s; "
+            "from cropper_engine.engine.subject import detectors as s; "
             "print('MP', 'mediapipe' in sys.modules, s._face_detector is s._UNSET)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -11,7 +11,7 @@ with numpy. Reads the images from the dataset folder and writes into the package
    neighbours in that table leave-one-out (the image itself is never its own neighbour, as at
    test time), the image analysis, the detected faces (MediaPipe, where installed), the
    candidates, constrained as the engine constrains them when it keeps faces (grown around the
-   main faces, never cutting one: engine/subject.py), and their features, for the ratio task
+   main faces, never cutting one: engine/subject/faces.py), and their features, for the ratio task
    (the ground truth's ratio given, as in the literature) and the free-form task; the target is
    each candidate's IoU with the ground-truth crop (`build_rows` takes an FCDB folder or any
    list of `{"image", "crop"}` records; `--cache FILE.npz` keeps the rows for repeated CV runs);
@@ -87,7 +87,7 @@ def _init(images: str, faces: bool = True) -> None:
 def keep_faces_unit(boxes_unit: np.ndarray, faces: Sequence[Any], width: int, height: int, ratio: float | None,
                     min_side: float = 0.1) -> np.ndarray:
     """Candidates as the engine constrains them when it keeps faces (engine/loop.py `_constrain`):
-    each grown to hold the main faces and repaired so it cuts no face (engine/subject.py)."""
+    each grown to hold the main faces and repaired so it cuts no face (engine/subject/faces.py)."""
     if not faces:
         return boxes_unit
     from cropper_engine.engine.subject import faces_to_keep, keep_faces_whole

@@ -67,11 +67,11 @@ class Job:
     examples: list[PromptExample] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
     round_tokens: list[dict[str, int]] = field(default_factory=list)
-    faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject.py)
+    faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject/faces.py)
     distinct: dict[int, dict[str, int]] = field(default_factory=dict)  # round -> VLM boxes, distinct ones
     prompts: list[dict[str, Any]] | None = None  # with `Cropper.record_prompts`: every prompt and answer
     own_seconds: dict[str, float] = field(default_factory=dict)  # stages timed for this job alone
-    subject_info: Any = None  # engine/subject.py's Subject: what the result row says of the subject
+    subject_info: Any = None  # engine/subject/resolve.py's Subject: what the result row says of the subject
 
     @property
     def size(self) -> tuple[int, int]:
@@ -468,7 +468,7 @@ class Cropper:
             box = fit_ratio(box, ratio, w, h)
         if job.subject is not None and not box.contains(job.subject, tol=0.5):
             box = expand_to_contain(box, job.subject, w, h, ratio)
-        if job.faces:  # no crop cuts through a detected face (engine/subject.py)
+        if job.faces:  # no crop cuts through a detected face (engine/subject/faces.py)
             from cropper_engine.engine.subject import keep_faces_whole
 
             need = job.subject if job.subject is not None and box.contains(job.subject, tol=0.5) else None
