@@ -150,20 +150,6 @@ def measured_cpu_limits(seconds: float = 0.6) -> dict[str, float]:
                                                      f"{torch.get_num_threads()} threads)"}
 
 
-def device_limits() -> dict[str, Any]:
-    """Peak FLOP/s and bandwidth of the device the benchmark runs on."""
-    from bench.costmodel import DEVICES
-
-    info = device_info()
-    gpu = str(info.get("gpu", "")).lower()
-    for key, lim in DEVICES.items():
-        if key in gpu:
-            return dict(lim)
-    if gpu:
-        return {"name": info["gpu"], "flops": float("nan"), "bandwidth": float("nan")}
-    return measured_cpu_limits()
-
-
 def write_results(name: str, figures: dict[str, Any], table_md: str, plot: Any | None = None) -> dict[str, str]:
     """bench/results/<name>.json (with provenance) / .md / .png; returns the paths. One file per
     benchmark configuration, overwritten by each run: the README quotes it by name."""

@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # Idefics2-8B / Mantis-8B-Idefics2 (the published config.json: SigLIP-so400m vision tower at
 # 980 px / patch 14, perceiver resampler to 64 latents, Mistral-7B text model).
@@ -171,6 +172,20 @@ class LoopCost:
         for st in out.values():
             st["limit_s"] = max(st["flops"] / device["flops"], st["bytes"] / device["bandwidth"])
         return out
+
+
+def device_limits() -> dict[str, Any]:
+    """Peak FLOP/s and bandwidth of the device the benchmark runs on."""
+    from bench.common import device_info, measured_cpu_limits
+
+    info = device_info()
+    gpu = str(info.get("gpu", "")).lower()
+    for key, lim in DEVICES.items():
+        if key in gpu:
+            return dict(lim)
+    if gpu:
+        return {"name": info["gpu"], "flops": float("nan"), "bandwidth": float("nan")}
+    return measured_cpu_limits()
 
 
 def report(shape: Shape, device: dict, loop: LoopCost, batch: int = 1) -> dict:

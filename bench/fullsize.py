@@ -99,8 +99,8 @@ def main() -> None:
 
     import torch
 
-    from bench.common import device_limits, peak_gpu_mb, peak_rss_mb, write_results
-    from bench.costmodel import Shape
+    from bench.common import peak_gpu_mb, peak_rss_mb, write_results
+    from bench.costmodel import Shape, device_limits
     from cropper_engine.config import load_config
     from cropper_engine.data.example import Example
     from cropper_engine.engine.grammar import BoxGrammar

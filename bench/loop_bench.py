@@ -517,8 +517,7 @@ def _resized(paths: list[str], side: int, work: Path) -> list[str]:
 
 def achieved_fractions(model_dir: str, fig: dict[str, Any], vlm: Any) -> dict[str, Any]:
     """Each VLM stage's time against the device limit from the cost model (bench/costmodel.py)."""
-    from bench.common import device_limits
-    from bench.costmodel import Shape
+    from bench.costmodel import Shape, device_limits
 
     try:
         shape = Shape.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
