@@ -192,9 +192,12 @@ def neighbour_summary(nb: NeighbourCrops, ratio: float | None, image_aspect: flo
 
 
 def _map_features(an: Any, b: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    from cropper_engine.engine.analysis import BoxLookup
+
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     w, h = x2 - x1, y2 - y1
     area = w * h
+    n = len(b)
     zeros, ones = np.zeros_like(x1), np.ones_like(x1)
     strips = {
         "L": np.stack([zeros, zeros, x1, ones], 1),
@@ -210,14 +213,32 @@ def _map_features(an: Any, b: np.ndarray, out: dict[str, np.ndarray]) -> None:
         "B": np.stack([x1, y2 - _LINE, x2, y2 + _LINE], 1),
     }
     inner = np.stack([x1 + _BAND * w, y1 + _BAND * h, x2 - _BAND * w, y2 - _BAND * h], 1)
+    # every box any map is read over, in one array: the crop, its inner band, 4 strips, 4 lines
+    parts = [b, inner, *(strips[s] for s in "LRTB"), *(lines[s] for s in "LRTB")]
+    every = np.clip(np.concatenate(parts), 0.0, 1.0)
+    areas = (every[:, 2] - every[:, 0]) * (every[:, 3] - every[:, 1])
+    lookups: dict[tuple[int, int], BoxLookup] = {}
+    full = np.array([[0.0, 0.0, 1.0, 1.0]])
+
+    def part(v: np.ndarray, k: int) -> np.ndarray:
+        return v[k * n:(k + 1) * n]
+
+    def density(mass: np.ndarray, k: int) -> np.ndarray:  # MapTable.density of part k
+        a = part(areas, k)
+        return np.where(a > 1e-4, part(mass, k) / np.maximum(a, 1e-4), EMPTY)
+
     for name, t in an.tables.items():
-        mass = t.mass(b)
+        look = lookups.get((t.h, t.w))
+        if look is None:
+            look = lookups[(t.h, t.w)] = BoxLookup(every, t.h, t.w)
+        masses = look.mass(t.sat)
+        mass = part(masses, 0)
         out[f"{name}_in"] = mass / np.maximum(area, 1e-6)
         if t.sat_x is not None and t.sat_y is not None:  # the map's centroid in the crop, from its centre
             safe = np.maximum(mass, 1e-9)
-            out[f"{name}_comx"] = np.where(mass > 1e-6, (t.mass(b, t.sat_x) / safe - (x1 + x2) / 2) / w, 0.0)
-            out[f"{name}_comy"] = np.where(mass > 1e-6, (t.mass(b, t.sat_y) / safe - (y1 + y2) / 2) / h, 0.0)
-            full = np.array([[0.0, 0.0, 1.0, 1.0]])
+            mx, my = part(look.mass(t.sat_x), 0), part(look.mass(t.sat_y), 0)
+            out[f"{name}_comx"] = np.where(mass > 1e-6, (mx / safe - (x1 + x2) / 2) / w, 0.0)
+            out[f"{name}_comy"] = np.where(mass > 1e-6, (my / safe - (y1 + y2) / 2) / h, 0.0)
             gx, gy = float(t.mass(full, t.sat_x)[0]), float(t.mass(full, t.sat_y)[0])  # the image's centroid
             out[f"{name}_gcx"] = zeros + gx - 0.5
             out[f"{name}_gcy"] = zeros + gy - 0.5
@@ -225,15 +246,15 @@ def _map_features(an: Any, b: np.ndarray, out: dict[str, np.ndarray]) -> None:
             out[f"{name}_dgy"] = (y1 + y2) / 2 - gy
         out[f"{name}_out"] = np.where(area < 0.999, (1 - mass) / np.maximum(1 - area, 1e-3), EMPTY)
         band_area = np.maximum(area - (w * (1 - 2 * _BAND)) * (h * (1 - 2 * _BAND)), 1e-6)
-        out[f"{name}_band"] = (mass - t.mass(inner)) / band_area
+        out[f"{name}_band"] = (mass - part(masses, 1)) / band_area
         strip_max = np.full_like(x1, EMPTY)
         line_max = np.full_like(x1, EMPTY)
-        for side in "LRTB":
-            s = np.where(has[side], t.density(strips[side]), EMPTY)
+        for k, side in enumerate("LRTB"):
+            s = np.where(has[side], density(masses, 2 + k), EMPTY)
             out[f"{name}_cut{side}"] = s
             strip_max = np.maximum(strip_max, s)
             if name in ("grad", "fg"):
-                v = np.where(has[side], t.density(lines[side]), EMPTY)
+                v = np.where(has[side], density(masses, 6 + k), EMPTY)
                 out[f"{name}_line{side}"] = v
                 line_max = np.maximum(line_max, v)
         out[f"{name}_cutmax"] = strip_max

@@ -62,6 +62,34 @@ def fit_ratio(box: Box, ratio: float, width: float, height: float) -> Box:
     return Box(max(out.x1, 0.0), max(out.y1, 0.0), min(out.x2, float(width)), min(out.y2, float(height)))
 
 
+def fit_ratio_array(boxes: np.ndarray, ratio: float, width: float, height: float) -> np.ndarray:
+    """`fit_ratio` of many boxes [N, 4] (corners ordered) at once: the same arithmetic in the same
+    order, so each row equals the scalar result bit for bit (tests/test_constrain_many.py)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    area = np.maximum(np.maximum(0.0, x2 - x1) * np.maximum(0.0, y2 - y1), 1.0)
+
+    def with_ratio(a: np.ndarray) -> tuple[np.ndarray, ...]:  # box_with_ratio
+        w = np.sqrt(a * ratio)
+        h = w / ratio
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+    ox1, oy1, ox2, oy2 = with_ratio(area)
+    ow, oh = ox2 - ox1, oy2 - oy1
+    s = np.minimum(np.minimum(1.0, width / ow), height / oh)
+    shrink = s < 1.0
+    if shrink.any():
+        sx1, sy1, sx2, sy2 = with_ratio(np.maximum(0.0, ow) * np.maximum(0.0, oh) * s * s)
+        ox1, oy1 = np.where(shrink, sx1, ox1), np.where(shrink, sy1, oy1)
+        ox2, oy2 = np.where(shrink, sx2, ox2), np.where(shrink, sy2, oy2)
+    dx = np.where(ox1 < 0, -ox1, np.where(ox2 > width, width - ox2, 0.0))  # shift_inside
+    dy = np.where(oy1 < 0, -oy1, np.where(oy2 > height, height - oy2, 0.0))
+    ox1, ox2, oy1, oy2 = ox1 + dx, ox2 + dx, oy1 + dy, oy2 + dy
+    return np.stack([np.maximum(ox1, 0.0), np.maximum(oy1, 0.0),
+                     np.minimum(ox2, float(width)), np.minimum(oy2, float(height))], axis=1)
+
+
 def expand_to_contain(box: Box, inner: Box, width: float, height: float, ratio: float | None = None) -> Box:
     """Grow `box` as little as needed to contain `inner`, keeping `ratio` when given.
 

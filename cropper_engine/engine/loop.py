@@ -81,6 +81,27 @@ class Job:
         return [c for c in self.candidates if c.round == r]
 
 
+class SaliencyMaps(dict):
+    """Each image's spectral-residual saliency map (64 px), made on first use: the VLM loop's
+    scorer and the classical fallbacks read it, the fitted default (its own maps) does not."""
+
+    def __init__(self, images: list[LoadedImage | None], own: dict[int, dict[str, float]]) -> None:
+        super().__init__()
+        self._images, self._own = images, own
+
+    def __missing__(self, i: int) -> np.ndarray:
+        from cropper_engine.models.saliency import spectral_residual_saliency
+
+        t_own = time.perf_counter()
+        im = self._images[i].image  # type: ignore[union-attr]
+        w, h = im.size
+        s = 160 / max(w, h)
+        small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
+        self[i] = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
+        self._own.setdefault(i, {})["saliency"] = time.perf_counter() - t_own
+        return self[i]
+
+
 @dataclass
 class BatchContext:
     """What one `crop_batch` call decoded and retrieved, shared by its pipelines."""
@@ -90,7 +111,7 @@ class BatchContext:
     live: list[int]
     neighbours: dict[int, list[Any]]
     exclude_ids: Sequence[set[str] | None] | None
-    saliency: dict[int, np.ndarray]
+    saliency: SaliencyMaps
     own_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # per request: stages timed alone
 
 
@@ -259,18 +280,11 @@ class Cropper:
                                                  exclude=self._not_itself(requests[i].image, ids))[0]
             t = tick("retrieve", t)
 
-        from cropper_engine.models.saliency import spectral_residual_saliency
-
-        sal_cache: dict[int, np.ndarray] = {}
-        for i in live:
-            t_own = time.perf_counter()
-            im = images[i].image  # type: ignore[union-attr]
-            w, h = im.size
-            s = 160 / max(w, h)
-            small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
-            sal_cache[i] = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
-            own[i]["saliency"] = time.perf_counter() - t_own
-        t = tick("saliency", t)
+        sal_cache = SaliencyMaps(images, own)
+        if self.vlm is not None:  # the VLM's scoring reads every map; the no-VLM default only its fallbacks
+            for i in live:
+                sal_cache[i]
+            t = tick("saliency", t)
 
         for job in jobs:
             self._attach_neighbours(job, neighbours.get(job.req, []))
@@ -350,7 +364,7 @@ class Cropper:
         t = tick("retrieve", t)
         for job in jobs:
             t_own = time.perf_counter()
-            self._propose_classical(job, sal[job.req], analyses[job.req], model, model_nb[job.req])
+            self._propose_classical(job, None, analyses[job.req], model, model_nb[job.req])
             job.own_seconds["propose"] = job.own_seconds.get("propose", 0.0) + time.perf_counter() - t_own
         t = tick("propose", t)
         if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
@@ -403,7 +417,7 @@ class Cropper:
                              "the others retrieved have no subject box")
         job.examples = examples
 
-    def _propose_classical(self, job: Job, saliency: np.ndarray, analysis: Any = None, model: Any = None,
+    def _propose_classical(self, job: Job, saliency: np.ndarray | None, analysis: Any = None, model: Any = None,
                            model_nb: Any = None) -> None:
         """Candidates without a VLM. With the fitted default model (and the image's analysis):
         ranked dense candidates, the best few blended (engine/default_pipeline.py); else the
@@ -431,8 +445,7 @@ class Cropper:
         boxes_unit, sources = candidates(analysis, ratio, model_nb.crops, extra)
         if job.subject is not None or getattr(job, "faces", None):  # constrain first: rank what can be returned
             kept, kept_src = [], []
-            for u, src in zip(boxes_unit, sources, strict=True):
-                box = self._constrain(job, Box.from_unit(u, w, h))
+            for box, src in zip(self._constrain_many(job, boxes_unit), sources, strict=True):
                 if box is not None:
                     kept.append(box.to_unit(w, h))
                     kept_src.append(src)
@@ -451,6 +464,34 @@ class Cropper:
                 box = snap_to_pixels(box, ratio, w, h)
                 job.candidates.append(Candidate(box, float(scores[k]), {"model": float(scores[k])}, 0,
                                                 ranked.sources[k]))
+
+    def _constrain_many(self, job: Job, boxes_unit: np.ndarray) -> list[Box | None]:
+        """`_constrain` of many boxes (unit coordinates): the boxes that need no repair (big
+        enough, the subject and main faces inside, no face cut) in one vectorised pass, exactly
+        as `_constrain` gives them; the others one by one through `_constrain`."""
+        from cropper_engine.engine.geometry import fit_ratio_array
+        from cropper_engine.engine.subject.faces import main_faces_need, untouched
+
+        w, h = job.size
+        u = np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4)
+        px = u * np.array([w, h, w, h], dtype=np.float64)  # Box.from_unit
+        x1, x2 = np.minimum(px[:, 0], px[:, 2]), np.maximum(px[:, 0], px[:, 2])  # Box.clamp
+        y1, y2 = np.minimum(px[:, 1], px[:, 3]), np.maximum(px[:, 1], px[:, 3])
+        b = np.stack([np.minimum(np.maximum(x1, 0.0), w), np.minimum(np.maximum(y1, 0.0), h),
+                      np.minimum(np.maximum(x2, 0.0), w), np.minimum(np.maximum(y2, 0.0), h)], axis=1)
+        min_w, min_h = max(2.0, self.cfg.loop.min_side * w), max(2.0, self.cfg.loop.min_side * h)
+        fast = np.isfinite(b).all(1) & (b[:, 2] - b[:, 0] >= min_w) & (b[:, 3] - b[:, 1] >= min_h)
+        ratio = job.ratio.value if job.ratio else None
+        if ratio:
+            b = fit_ratio_array(b, ratio, w, h)
+        subject = job.subject
+        if subject is not None:
+            fast &= untouched(b, [], subject)
+        if job.faces:
+            fast &= untouched(b, job.faces, main_faces_need(job.faces, w, h, ratio, subject))
+        fast &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        return [Box(*map(float, b[k])) if fast[k] else self._constrain(job, Box.from_unit(u[k], w, h))
+                for k in range(len(u))]
 
     def _constrain(self, job: Job, box: Box) -> Box | None:
         """Apply the task's hard constraints: exact ratio, subject inside."""

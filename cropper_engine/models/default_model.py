@@ -48,24 +48,34 @@ class TreeEnsemble:
         # can take `depth` steps without a test for leaves
         n = len(self.feature)
         leaf = self.feature < 0
-        idx = np.arange(n, dtype=np.int32)
+        idx = np.arange(n, dtype=np.intp)
         self._child = np.stack([np.where(leaf, idx, self.left), np.where(leaf, idx, self.right)], 1).ravel()
-        self._feat = np.maximum(self.feature, 0).astype(np.int32)
-        self._thr = np.where(leaf, np.inf, self.threshold)
+        self._child = self._child.astype(np.intp)
+        self._feat = np.maximum(self.feature, 0).astype(np.intp)
+        # the rows are float32 (as fitted); for a float32 x, x > t (float64) exactly when x > the
+        # largest float32 not above t: comparisons in float32 give the same leaves, bit for bit
+        thr64 = np.where(leaf, np.inf, self.threshold)
+        thr = thr64.astype(np.float32)
+        up = thr.astype(np.float64) > thr64
+        thr[up] = np.nextafter(thr[up], np.float32(-np.inf))
+        self._thr = thr
+        self._roots = self.roots.astype(np.intp)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs for rows x [N, F] (cast to float32 first, as the model was fitted)."""
-        x = np.nan_to_num(np.asarray(x, dtype=np.float32)).astype(np.float64)
-        n, f = x.shape if x.ndim == 2 else (0, 0)
+        x = np.nan_to_num(np.asarray(x, dtype=np.float32))
+        n = x.shape[0] if x.ndim == 2 else 0
         if n == 0:
             return np.zeros(0)
-        flat = x.ravel()
-        offset = (np.arange(n, dtype=np.int32) * f)[:, None]
-        node = np.broadcast_to(self.roots[None, :], (n, len(self.roots))).astype(np.int32)
-        for _ in range(self.depth):
-            right = flat[offset + self._feat[node]] > self._thr[node]
-            node = self._child[2 * node + right]
-        return self.base + self.value[node].sum(axis=1)
+        cols = np.ascontiguousarray(x.T)  # feature-major: a tree's first split reads whole rows
+        flat = cols.ravel()
+        offset = self._feat * n  # where each node's feature starts in `flat`
+        row = np.arange(n, dtype=np.intp)
+        roots = self._roots
+        node = self._child[2 * roots[:, None] + (cols[self._feat[roots]] > self._thr[roots][:, None])]  # [trees, N]
+        for _ in range(self.depth - 1):
+            node = self._child[2 * node + (flat[offset[node] + row] > self._thr[node])]
+        return self.base + self.value[node].sum(axis=0)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"feature": self.feature, "threshold": self.threshold, "left": self.left, "right": self.right,

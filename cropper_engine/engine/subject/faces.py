@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from cropper_engine.engine.subject.detectors import Face
 from cropper_engine.types import Box
 
@@ -185,6 +187,35 @@ def _shrunk(box: Box, faces: Sequence[Box], ratio: float | None, required: Box |
     return best
 
 
+def main_faces_need(faces: Sequence[Box], width: float, height: float, ratio: float | None,
+                    required: Box | None) -> Box | None:
+    """What `keep_faces_whole` makes every crop hold: the main faces' union (with `required`
+    beside it when one crop of the ratio holds both), else `required`."""
+    mains = [f for f in faces if getattr(f, "main", False)]
+    if not mains:
+        return required
+    core = _union(mains)
+    both = core if required is None else _union([core, required])
+    return both if fits(both, ratio, width, height) else (required if required is not None else core)
+
+
+def untouched(boxes: np.ndarray, faces: Sequence[Box], need: Box | None) -> np.ndarray:
+    """Rows of `boxes` [N, 4] that `keep_faces_whole` returns as they are: each holds `need`
+    (see `main_faces_need`) and cuts through no face (the tests of `contains` and `cuts`)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+
+    def holds(o: Box, tol: float) -> np.ndarray:
+        return (x1 <= o.x1 + tol) & (y1 <= o.y1 + tol) & (x2 >= o.x2 - tol) & (y2 >= o.y2 - tol)
+
+    ok = holds(need, 0.5) if need is not None else np.ones(len(b), dtype=bool)
+    for f in faces:
+        ox = np.minimum(x2, f.x2) - np.maximum(x1, f.x1)
+        oy = np.minimum(y2, f.y2) - np.maximum(y1, f.y1)
+        ok &= ~((ox > 0.5) & (oy > 0.5) & ~holds(f, 0.5))
+    return ok
+
+
 def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float, ratio: float | None,
                      required: Box | None = None, min_w: float = 2.0, min_h: float = 2.0) -> tuple[Box, bool]:
     """A crop that cuts through none of `faces` and holds the main ones: `box` grown first to
@@ -195,11 +226,9 @@ def keep_faces_whole(box: Box, faces: Sequence[Box], width: float, height: float
     that is impossible too), and False. A repair that exists only with the faces as detected
     (without their margins: KeptFace.detected) is taken before that."""
     box0, required0 = box, required
-    mains = [f for f in faces if getattr(f, "main", False)]
-    if mains:
-        core = _union(mains)
-        both = core if required is None else _union([core, required])
-        need = both if fits(both, ratio, width, height) else (required if required is not None else core)
+    if any(getattr(f, "main", False) for f in faces):
+        need = main_faces_need(faces, width, height, ratio, required)
+        assert need is not None
         if not box.contains(need, tol=0.5):
             from cropper_engine.engine.geometry import expand_to_contain
 
