@@ -142,7 +142,11 @@ def b_default() -> str:
     for task, what in (("ratio", "ratio task"), ("free", "free-form")):
         if task in tk:
             t = tk[task]
-            parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f})")
+            faces = t.get("with_faces")
+            on_faces = (f", {faces['wall_ms_median']:.0f} on the {faces['images']} images with faces"
+                        if faces else "")
+            parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f}"
+                         f"{on_faces})")
     st = tk.get("ratio", next(iter(tk.values())))["stages_ms"]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
     peer = tk.get("ratio", {}).get("peer")
