@@ -207,3 +207,82 @@ def test_face_features_of_candidate_crops():
     assert d["face_dx"][2] == pytest.approx(0.0) and d["face_top"][2] == pytest.approx(0.25)
     none = face_feature_dict(boxes, np.zeros((0, 4)))
     assert none["face_n"].tolist() == [0, 0, 0] and (none["face_dx"] == NO_FACE).all()
+
+
+def _walk(tm, row: np.ndarray) -> float:
+    """One row through every tree, node by node, as LightGBM does: float32 features, float64 thresholds."""
+    t = tm.trees
+    x = np.asarray(row, dtype=np.float32).astype(np.float64)
+    out = t.base
+    for root in t.roots:
+        i = int(root)
+        while t.feature[i] >= 0:
+            i = int(t.left[i]) if x[t.feature[i]] <= t.threshold[i] else int(t.right[i])
+        out += t.value[i]
+    return out
+
+
+def test_vectorised_trees_take_the_same_branches_at_the_thresholds():
+    """The float32 comparisons of TreeEnsemble.predict give the leaves a float64 walk gives, also
+    for features equal to a threshold or one float32 step either side of it."""
+    from cropper_engine.models.default_model import default_model
+
+    rng = np.random.default_rng(0)
+    for tm in default_model().tasks.values():  # type: ignore[union-attr]
+        t = tm.trees
+        rows = np.repeat(tm.check_x[:4], 60, axis=0).astype(np.float32)
+        splits = np.flatnonzero(t.feature >= 0)
+        for k, node in enumerate(rng.choice(splits, len(rows))):
+            v = np.float32(t.threshold[node])
+            v = [v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))][k % 3]
+            rows[k, t.feature[node]] = v
+        want = np.array([_walk(tm, r) for r in rows])
+        np.testing.assert_allclose(tm.raw(rows), want, rtol=0, atol=1e-9)
+
+
+def test_box_lookup_sums_the_map():
+    """BoxLookup (every map's box sums at once) gives each box's share of the map: exact on pixel edges."""
+    from cropper_engine.engine.analysis import BoxLookup, MapTable
+
+    rng = np.random.default_rng(1)
+    m = rng.random((30, 40))
+    t = MapTable.from_map(m, moments=True)
+    edges = np.array([[0, 0, 40, 30], [5, 3, 17, 29], [39, 0, 40, 1], [10, 10, 10, 20]])
+    boxes = edges / np.array([40, 30, 40, 30])
+    look = BoxLookup(boxes, t.h, t.w)
+    want = np.array([m[y1:y2, x1:x2].sum() / m.sum() for x1, y1, x2, y2 in edges])
+    np.testing.assert_allclose(look.mass(t.sat), want, atol=1e-12)
+    np.testing.assert_array_equal(look.mass(t.sat), t.mass(boxes))
+    xs = (np.arange(40) + 0.5) / 40
+    want_x = np.array([(m * xs)[y1:y2, x1:x2].sum() / m.sum() for x1, y1, x2, y2 in edges])
+    np.testing.assert_allclose(look.mass(t.sat_x), want_x, atol=1e-12)
+
+
+def test_repeated_candidates_are_scored_once_with_the_same_scores():
+    from cropper_engine.engine.analysis import analyse
+    from cropper_engine.engine.default_pipeline import rank
+    from cropper_engine.engine.features import NeighbourCrops, crop_features
+    from cropper_engine.models.default_model import default_model
+
+    tm = default_model().for_task(True)  # type: ignore[union-attr]
+    an = analyse(_image(400, 300))
+    rng = np.random.default_rng(2)
+    c = rng.uniform(0.3, 0.7, (40, 2))
+    boxes = np.concatenate([c - 0.2, c + 0.2], axis=1)
+    boxes = np.concatenate([boxes, boxes[:10], boxes[3:5]])  # repeats, as constraints make them
+    calls = []
+    raw_of = tm.raw
+
+    class Counting:
+        features, blend_temperature = tm.features, tm.blend_temperature
+
+        def raw(self, x):
+            calls.append(len(x))
+            return raw_of(x)
+
+    ranked = rank(Counting(), an, boxes, ["grid"] * len(boxes), 4 / 3, NeighbourCrops.empty())
+    assert calls == [40]
+    alone = raw_of(crop_features(an, boxes, 4 / 3, NeighbourCrops.empty(), tm.features))
+    order = np.argsort(-alone, kind="stable")
+    np.testing.assert_array_equal(ranked.raw, alone[order])
+    np.testing.assert_array_equal(ranked.boxes_unit, boxes[order])

@@ -90,9 +90,14 @@ def candidates(analysis: ImageAnalysis, ratio: float | None, nb: NeighbourCrops,
 
 def rank(model: Any, analysis: ImageAnalysis, boxes_unit: np.ndarray, sources: list[str],
          ratio: float | None, nb: NeighbourCrops) -> Ranked:
-    """Score candidate boxes (already constrained) with the task's model; best first."""
-    x = crop_features(analysis, boxes_unit, ratio, nb, model.features)
-    raw = model.raw(x)
+    """Score candidate boxes (already constrained) with the task's model; best first. A box that
+    comes more than once (constraints often turn many candidates into the same crop around a
+    face) is scored once: its features and score are a function of the box alone."""
+    uniq, inverse = np.unique(boxes_unit, axis=0, return_inverse=True)
+    if len(uniq) < len(boxes_unit):
+        raw = model.raw(crop_features(analysis, uniq, ratio, nb, model.features))[inverse.reshape(-1)]
+    else:
+        raw = model.raw(crop_features(analysis, boxes_unit, ratio, nb, model.features))
     order = np.argsort(-raw, kind="stable")
     return Ranked(boxes_unit[order], [sources[i] for i in order], raw[order],
                   blend(boxes_unit, raw, model.blend_temperature))
