@@ -13,6 +13,7 @@
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
     python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
     python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
+    python -m bench ranker-study [--cache F]      other ranker set-ups and crop choices, same CV (~20 min)
     python -m bench server-tests                  the slow server load / fault tests' figures
     python -m bench style [--style tight45]       `cropper-engine fit` on a house style built from FCDB
 """
@@ -26,7 +27,8 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
             "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
             "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme",
-            "memory": "bench.memory_bench", "style": "bench.style_experiment", "faces": "bench.face_bench"}
+            "memory": "bench.memory_bench", "style": "bench.style_experiment", "faces": "bench.face_bench",
+            "ranker-study": "bench.ranker_study"}
 
 
 def main() -> None:

@@ -286,3 +286,24 @@ def test_repeated_candidates_are_scored_once_with_the_same_scores():
     order = np.argsort(-alone, kind="stable")
     np.testing.assert_array_equal(ranked.raw, alone[order])
     np.testing.assert_array_equal(ranked.boxes_unit, boxes[order])
+
+
+def test_snapping_to_pixels_keeps_the_ratio_and_the_image_edges():
+    """Whole pixels, the integer size nearest the ratio, and a box on an image edge stays on it
+    (FCDB 9607029021: a face touching the top edge was cut by the 1 px the rounding moved)."""
+    from cropper_engine.engine.default_pipeline import snap_to_pixels
+
+    cases = [(Box(0.3, 20.2, 300.6, 320.9), 1.0), (Box(100.2, 75.3, 799.8, 600.0), 4 / 3),
+             (Box(10.4, 10.6, 410.1, 235.7), 16 / 9)]
+    for h in np.arange(500.0, 560.0, 0.37):  # 9:16 boxes in the top right corner, as around that face
+        w = h * 9 / 16
+        cases.append((Box(800.0 - w, 0.0, 800.0, h), 9 / 16))
+    for box, ratio in cases:
+        s = snap_to_pixels(box, ratio, 800, 600)
+        assert all(float(v).is_integer() for v in s.as_list())
+        assert abs(np.log(s.aspect / ratio)) < 0.01 and abs(s.width - box.width) <= 2
+        assert min(s.x1, s.y1) >= 0 and s.x2 <= 800 and s.y2 <= 600
+        for near, edge in ((box.x1 <= 0.5, s.x1 == 0), (box.y1 <= 0.5, s.y1 == 0),
+                           (box.x2 >= 799.5, s.x2 == 800), (box.y2 >= 599.5, s.y2 == 600)):
+            assert edge or not near, (box, s)
+        assert abs(s.center[0] - box.center[0]) <= 2.5 and abs(s.center[1] - box.center[1]) <= 2.5

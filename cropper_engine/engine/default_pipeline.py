@@ -150,6 +150,9 @@ def snap_to_pixels(box: Any, ratio: float | None, width: int, height: int) -> An
     cx, cy = box.center
     x1 = min(max(round(cx - w / 2), 0), width - w)
     y1 = min(max(round(cy - h / 2), 0), height - h)
+    # a box on an image edge stays on it: a face there has no padding left to lose to rounding
+    x1 = 0 if box.x1 <= 0.5 else width - w if box.x2 >= width - 0.5 else x1
+    y1 = 0 if box.y1 <= 0.5 else height - h if box.y2 >= height - 0.5 else y1
     return Box(float(x1), float(y1), float(x1 + w), float(y1 + h))
 
 
