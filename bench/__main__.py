@@ -1,6 +1,6 @@
 """`python -m bench NAME [args]`: the benchmarks, one entry point.
 
-    python -m bench all [--quick]                 every figure the README quotes (about 55 min on 2 cores)
+    python -m bench all [--quick]                 every figure the README quotes (about 75 min on 2 cores)
     python -m bench readme [--write]              the README's figure blocks from bench/results (check / rewrite)
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders

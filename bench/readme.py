@@ -91,6 +91,22 @@ def b_cv() -> str:
     return "\n".join(lines)
 
 
+def b_ranker_study() -> str:
+    f = load("ranker_study.json")
+    if f is None:
+        return source("ranker_study.json", f)
+    lines = ["| FCDB train, 5-fold CV | variant | IoU |", "|---|---|---|"]
+    for task, what in (("ratio", "ratio given"), ("free", "free-form")):
+        s = f["study"].get(task)
+        if not s:
+            continue
+        for part, kind in (("setups", "set-up"), ("choices", "choice")):
+            lines += [f"| {what} | {kind}: {k} | {v:.4f} |" for k, v in s[part].items()]
+    lines += ["", f"({source('ranker_study.json', f, bool(f.get('limit')), measured=False)}; "
+              "`python -m bench ranker-study`.)"]
+    return "\n".join(lines)
+
+
 def _loop_row(label: str, f: dict[str, Any] | None) -> str:
     if f is None:
         return f"| {label} | - | - | - | - | - | - |"
@@ -265,7 +281,8 @@ def b_bench_all() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "subject": b_subject, "index": b_index,
-    "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all}
+    "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all,
+    "ranker-study": b_ranker_study}
 
 
 def block(name: str) -> str:
