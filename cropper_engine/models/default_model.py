@@ -71,11 +71,14 @@ class TreeEnsemble:
         flat = cols.ravel()
         offset = self._feat * n  # where each node's feature starts in `flat`
         row = np.arange(n, dtype=np.intp)
-        roots = self._roots
-        node = self._child[2 * roots[:, None] + (cols[self._feat[roots]] > self._thr[roots][:, None])]  # [trees, N]
-        for _ in range(self.depth - 1):
-            node = self._child[2 * node + (flat[offset[node] + row] > self._thr[node])]
-        return self.base + self.value[node].sum(axis=0)
+        roots, child, thr = self._roots, self._child, self._thr
+        # np.take with mode="wrap" skips the bounds checks of fancy indexing (every index is valid)
+        node = np.take(child, 2 * roots[:, None] + (cols[self._feat[roots]] > thr[roots][:, None]), mode="wrap")
+        for _ in range(self.depth - 1):  # [trees, N]: each row's node in each tree
+            v = np.take(flat, np.take(offset, node, mode="wrap") + row, mode="wrap")
+            right = v > np.take(thr, node, mode="wrap")
+            node = np.take(child, 2 * node + right, mode="wrap")
+        return self.base + np.take(self.value, node, mode="wrap").sum(axis=0)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"feature": self.feature, "threshold": self.threshold, "left": self.left, "right": self.right,
