@@ -307,3 +307,33 @@ def test_snapping_to_pixels_keeps_the_ratio_and_the_image_edges():
                            (box.x2 >= 799.5, s.x2 == 800), (box.y2 >= 599.5, s.y2 == 600)):
             assert edge or not near, (box, s)
         assert abs(s.center[0] - box.center[0]) <= 2.5 and abs(s.center[1] - box.center[1]) <= 2.5
+
+
+def test_faces_are_detected_beside_the_rest_and_a_failure_stays_with_its_image(cropper, photos, monkeypatch):
+    """Without a VLM the faces to keep whole are detected in a worker thread while the engine
+    embeds, retrieves and analyses; the crops get them all the same (the astronaut keeps her
+    face at 16:9), and a detection that fails is that request's error, the others go on."""
+    import threading
+
+    import cropper_engine.engine.subject as subject
+    from cropper_engine.errors import InputError
+
+    real = subject.resolve_subject
+    threads = []
+
+    def resolve(spec, image, keep=None):
+        threads.append(threading.current_thread().name)
+        if getattr(image, "path", "").endswith("coffee.jpg"):
+            raise InputError("coffee.jpg: a test double's detector failure")
+        return real(spec, image, keep)
+
+    monkeypatch.setattr(subject, "resolve_subject", resolve)
+    astronaut = next(p for p in photos if p.name == "astronaut.jpg")
+    coffee = next(p for p in photos if p.name == "coffee.jpg")
+    out = cropper.crop_batch([CropRequest(str(astronaut), Task.RATIO, ["16:9"], keep_faces=True),
+                              CropRequest(str(coffee), Task.RATIO, ["16:9", "1:1"], keep_faces=True)])
+    assert threads and all(name.startswith("cropper-faces") for name in threads)
+    assert isinstance(out[1], InputError) and "detector failure" in str(out[1])
+    r = out[0][0]
+    face = Box(*r.extra["faces"][0]["box"])
+    assert r.box.contains(face, tol=1.0) and abs(r.box.aspect - 16 / 9) < 0.01

@@ -113,6 +113,8 @@ class BatchContext:
     exclude_ids: Sequence[set[str] | None] | None
     saliency: SaliencyMaps
     own_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # per request: stages timed alone
+    pending_faces: dict[int, Any] = field(default_factory=dict)  # request -> its face detection (a Future)
+    failed: dict[int, CropperError] = field(default_factory=dict)  # requests that failed after decoding
 
 
 class ImageCache:
@@ -179,6 +181,7 @@ class Cropper:
         self.example_images = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
         self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
         self.record_prompts = False  # keep every prompt's text and raw answers (crop --save-prompts)
+        self._pool: tuple[int, Any] | None = None  # (pid, thread pool) for face detection beside the rest
         self.zero_shot = vlm is not None and (index is None or not index.has_images())
         if self.zero_shot:
             self.reasons.setdefault("zero_shot", "no example index with images: the VLM runs zero-shot (S=0)")
@@ -232,6 +235,7 @@ class Cropper:
         jobs: list[Job] = []
         images: list[LoadedImage | None] = []
         own: dict[int, dict[str, float]] = {i: {} for i in range(len(requests))}  # per request, timed alone
+        pending: dict[int, Any] = {}
         for i, req in enumerate(requests):
             t_own = time.perf_counter()
             try:
@@ -241,7 +245,13 @@ class Cropper:
                 if req.subject is not None or keep:
                     from cropper_engine.engine.subject import resolve_subject
 
-                    sub = resolve_subject(req.subject, img, keep)
+                    if req.subject is None and self.vlm is None:
+                        # only the faces to keep whole: detected in a thread while this thread embeds,
+                        # retrieves and analyses the image (MediaPipe releases the GIL); joined before
+                        # the candidates are constrained (`_settle_faces`)
+                        pending[i] = self._thread_pool().submit(resolve_subject, None, img, keep)
+                    else:
+                        sub = resolve_subject(req.subject, img, keep)
                 if req.task is Task.SUBJECT:  # the subject's mask, else the user's
                     mask = sub.mask if sub is not None and req.subject is not None else load_mask(req.mask, img.size)
                 if mask is not None:
@@ -290,11 +300,17 @@ class Cropper:
             self._attach_neighbours(job, neighbours.get(job.req, []))
         t = tick("retrieve", t)
 
-        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache, own)
-        if self.vlm is None:
-            t = self._default_crop(jobs, PIPELINE_NO_VLM, batch, tick, t)
-        else:
-            t = self._run_vlm(jobs, batch, timings, t)
+        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache, own, pending)
+        try:
+            if self.vlm is None:
+                t = self._default_crop(jobs, PIPELINE_NO_VLM, batch, tick, t)
+            else:
+                t = self._run_vlm(jobs, batch, timings, t)
+        finally:
+            for fut in pending.values():  # an error above: do not leave detections running
+                fut.cancel()
+        for i, exc in batch.failed.items():
+            results[i] = exc
 
         per_req = {i: sum(1 for j in jobs if j.req == i) for i in live}
         for job in jobs:
@@ -342,6 +358,7 @@ class Cropper:
             job.pipeline = pipeline
         model = self.default_model if self.default_model is not None else default_model()
         if model is None:
+            self._settle_faces(jobs, batch)
             for job in jobs:
                 t_own = time.perf_counter()
                 self._propose_classical(job, sal[job.req])
@@ -362,6 +379,9 @@ class Cropper:
         model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
                                       reqs, batch.exclude_ids, table=getattr(model, "table", None))
         t = tick("retrieve", t)
+        if batch.pending_faces:
+            self._settle_faces(jobs, batch)
+            t = tick("faces", t)
         for job in jobs:
             t_own = time.perf_counter()
             self._propose_classical(job, None, analyses[job.req], model, model_nb[job.req])
@@ -371,6 +391,33 @@ class Cropper:
             rerank_with_clip(self.scorer, jobs, [sal[j.req] for j in jobs])
             t = tick("score", t)
         return t
+
+    def _thread_pool(self) -> Any:
+        """One worker thread for face detection beside the rest of a batch (a new one after a fork)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="cropper-faces"))
+        return self._pool[1]
+
+    def _settle_faces(self, jobs: list[Job], batch: BatchContext) -> None:
+        """Wait for the face detections started while decoding and give each job its faces; a
+        request whose detection failed gets the error in its slot and loses its jobs."""
+        from cropper_engine.engine.subject import attach_subject
+
+        for i, fut in list(batch.pending_faces.items()):
+            try:
+                sub = fut.result()
+            except CropperError as exc:
+                batch.failed[i] = exc
+                continue
+            finally:
+                del batch.pending_faces[i]
+            for job in jobs:
+                if job.req == i:
+                    attach_subject(job, sub)
+        if batch.failed:
+            jobs[:] = [j for j in jobs if j.req not in batch.failed]
 
     def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
         """The S examples shown to the VLM, each with its T best crops by the task's G (and, for
