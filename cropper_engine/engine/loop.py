@@ -5,6 +5,8 @@ a batch of requests at a time: every image is embedded and retrieved once, howev
 ratios it is cropped to; every round asks the VLM for all jobs of the batch in one call and
 scores all their candidates in one fused pass. Model output never crashes the loop: an
 answer that cannot be used is retried once, then the job falls back to the non-VLM proposer.
+Without a VLM, the faces to keep whole are detected in a worker thread while the batch is
+embedded, retrieved and analysed, and joined before the candidates are constrained.
 """
 
 from __future__ import annotations
