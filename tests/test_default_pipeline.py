@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -337,3 +338,27 @@ def test_faces_are_detected_beside_the_rest_and_a_failure_stays_with_its_image(c
     r = out[0][0]
     face = Box(*r.extra["faces"][0]["box"])
     assert r.box.contains(face, tol=1.0) and abs(r.box.aspect - 16 / 9) < 0.01
+
+
+def test_many_candidates_are_scored_in_two_halves_with_the_same_result():
+    import threading
+
+    from cropper_engine.engine.default_pipeline import PARALLEL_ROWS, model_raw
+    from cropper_engine.models.default_model import default_model
+
+    tm = default_model().for_task(False)  # type: ignore[union-attr]
+    rng = np.random.default_rng(5)
+    x = tm.check_x[rng.integers(0, len(tm.check_x), PARALLEL_ROWS + 61)]
+    x = x * (1 + 0.05 * rng.standard_normal(x.shape))
+    seen = []
+
+    class Recording:
+        def raw(self, rows):
+            seen.append((threading.current_thread().name, len(rows)))
+            return tm.raw(rows)
+
+    got = model_raw(Recording(), x)
+    np.testing.assert_array_equal(got, tm.raw(x))  # bit for bit
+    if (os.cpu_count() or 1) >= 2:  # one core: scored in one go
+        assert sorted(n for _, n in seen) == [len(x) // 2, len(x) - len(x) // 2]
+        assert any(name.startswith("cropper-trees") for name, _ in seen)

@@ -17,6 +17,7 @@ fitted on exactly such neighbours, found leave-one-out); `model_neighbours` fetc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -95,12 +96,34 @@ def rank(model: Any, analysis: ImageAnalysis, boxes_unit: np.ndarray, sources: l
     face) is scored once: its features and score are a function of the box alone."""
     uniq, inverse = np.unique(boxes_unit, axis=0, return_inverse=True)
     if len(uniq) < len(boxes_unit):
-        raw = model.raw(crop_features(analysis, uniq, ratio, nb, model.features))[inverse.reshape(-1)]
+        raw = model_raw(model, crop_features(analysis, uniq, ratio, nb, model.features))[inverse.reshape(-1)]
     else:
-        raw = model.raw(crop_features(analysis, boxes_unit, ratio, nb, model.features))
+        raw = model_raw(model, crop_features(analysis, boxes_unit, ratio, nb, model.features))
     order = np.argsort(-raw, kind="stable")
     return Ranked(boxes_unit[order], [sources[i] for i in order], raw[order],
                   blend(boxes_unit, raw, model.blend_temperature))
+
+
+_POOL: tuple[int, Any] | None = None  # (pid, a worker thread for the second half of the rows)
+PARALLEL_ROWS = 256  # from this many candidates on, the trees score two halves at once
+
+
+def model_raw(model: Any, x: np.ndarray) -> np.ndarray:
+    """The model's outputs for feature rows x. From PARALLEL_ROWS rows on (where a second core is),
+    the second half is scored in a worker thread while this one scores the first (numpy releases
+    the GIL in the tree walk); each row's output depends on that row alone, so the result is the
+    same bit for bit."""
+    global _POOL
+    n = len(x)
+    if n < PARALLEL_ROWS or (os.cpu_count() or 1) < 2:
+        return model.raw(x)
+    if _POOL is None or _POOL[0] != os.getpid():  # a fork has no worker thread: start one
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="cropper-trees"))
+    half = n // 2
+    second = _POOL[1].submit(model.raw, x[half:])
+    return np.concatenate([model.raw(x[:half]), second.result()])
 
 
 def blend(boxes_unit: np.ndarray, raw: np.ndarray, temperature: float) -> np.ndarray:
@@ -211,6 +234,7 @@ __all__ = [
     "candidates",
     "keep_ranked",
     "model_neighbours",
+    "model_raw",
     "neighbour_crops",
     "rank",
     "rerank_with_clip",
