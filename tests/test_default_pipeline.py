@@ -333,7 +333,7 @@ def test_faces_are_detected_beside_the_rest_and_a_failure_stays_with_its_image(c
     coffee = next(p for p in photos if p.name == "coffee.jpg")
     out = cropper.crop_batch([CropRequest(str(astronaut), Task.RATIO, ["16:9"], keep_faces=True),
                               CropRequest(str(coffee), Task.RATIO, ["16:9", "1:1"], keep_faces=True)])
-    assert threads and all(name.startswith("cropper-beside") for name in threads)
+    assert threads and all(name.startswith("cropper-faces") for name in threads)
     assert isinstance(out[1], InputError) and "detector failure" in str(out[1])
     r = out[0][0]
     face = Box(*r.extra["faces"][0]["box"])
@@ -362,21 +362,3 @@ def test_many_candidates_are_scored_in_two_halves_with_the_same_result():
     if (os.cpu_count() or 1) >= 2:  # one core: scored in one go
         assert sorted(n for _, n in seen) == [len(x) // 2, len(x) - len(x) // 2]
         assert any(name.startswith("cropper-trees") for name, _ in seen)
-
-
-def test_the_analysis_runs_beside_embedding_and_gives_the_same_crop(cropper, photos, monkeypatch):
-    import threading
-
-    import cropper_engine.engine.analysis as analysis
-
-    req = CropRequest(str(photos[0]), Task.RATIO, ["4:5"])
-    before = cropper.crop_batch([req])[0][0].box
-    real, threads = analysis.analyse, []
-
-    def analyse(image):
-        threads.append(threading.current_thread().name)
-        return real(image)
-
-    monkeypatch.setattr(analysis, "analyse", analyse)
-    assert cropper.crop_batch([req])[0][0].box == before
-    assert threads and all(name.startswith("cropper-beside") for name in threads)

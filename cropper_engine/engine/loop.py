@@ -5,9 +5,8 @@ a batch of requests at a time: every image is embedded and retrieved once, howev
 ratios it is cropped to; every round asks the VLM for all jobs of the batch in one call and
 scores all their candidates in one fused pass. Model output never crashes the loop: an
 answer that cannot be used is retried once, then the job falls back to the non-VLM proposer.
-Without a VLM, the faces to keep whole and the fitted default's image analysis are computed in
-worker threads while the batch is embedded and retrieved, and joined before the candidates are
-ranked and constrained.
+Without a VLM, the faces to keep whole are detected in a worker thread while the batch is
+embedded, retrieved and analysed, and joined before the candidates are constrained.
 """
 
 from __future__ import annotations
@@ -117,7 +116,6 @@ class BatchContext:
     saliency: SaliencyMaps
     own_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # per request: stages timed alone
     pending_faces: dict[int, Any] = field(default_factory=dict)  # request -> its face detection (a Future)
-    pending_analyses: dict[int, Any] = field(default_factory=dict)  # request -> its image analysis (a Future)
     failed: dict[int, CropperError] = field(default_factory=dict)  # requests that failed after decoding
 
 
@@ -277,11 +275,6 @@ class Cropper:
         live = [i for i, im in enumerate(images) if im is not None]
         if not jobs:
             return results
-        analysing: dict[int, Any] = {}
-        if self.vlm is None and self._ranker() is not None:  # the fitted default's maps, beside the rest too
-            from cropper_engine.engine.analysis import analyse
-
-            analysing = {i: self._thread_pool().submit(analyse, images[i].image) for i in live}  # type: ignore[union-attr]
 
         # embed and retrieve once per image, whatever the number of ratios
         neighbours: dict[int, list[Any]] = {}
@@ -309,14 +302,14 @@ class Cropper:
             self._attach_neighbours(job, neighbours.get(job.req, []))
         t = tick("retrieve", t)
 
-        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache, own, pending, analysing)
+        batch = BatchContext(requests, images, live, neighbours, exclude_ids, sal_cache, own, pending)
         try:
             if self.vlm is None:
                 t = self._default_crop(jobs, PIPELINE_NO_VLM, batch, tick, t)
             else:
                 t = self._run_vlm(jobs, batch, timings, t)
         finally:
-            for fut in [*pending.values(), *analysing.values()]:  # an error above: leave no work running
+            for fut in pending.values():  # an error above: do not leave detections running
                 fut.cancel()
         for i, exc in batch.failed.items():
             results[i] = exc
@@ -360,11 +353,12 @@ class Cropper:
         """The no-VLM pipeline for `jobs` (all of them without a VLM; those whose VLM answers were
         unusable with one): dense candidates ranked by the fitted model (engine/default_pipeline.py),
         or, where no model is shipped, the classical proposers and scorer."""
+        from cropper_engine.models.default_model import default_model
 
         sal = batch.saliency
         for job in jobs:
             job.pipeline = pipeline
-        model = self._ranker()
+        model = self.default_model if self.default_model is not None else default_model()
         if model is None:
             self._settle_faces(jobs, batch)
             for job in jobs:
@@ -381,8 +375,7 @@ class Cropper:
         analyses = {}
         for i in reqs:
             t_own = time.perf_counter()
-            fut = batch.pending_analyses.pop(i, None)  # started beside embedding and retrieval
-            analyses[i] = fut.result() if fut is not None else analyse(batch.images[i].image)  # type: ignore[union-attr]
+            analyses[i] = analyse(batch.images[i].image)  # type: ignore[union-attr]
             batch.own_seconds.setdefault(i, {})["analyse"] = time.perf_counter() - t_own
         t = tick("analyse", t)
         model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
@@ -401,20 +394,12 @@ class Cropper:
             t = tick("score", t)
         return t
 
-    def _ranker(self) -> Any:
-        """The no-VLM default's fitted model: `cropper-engine fit`'s, else the shipped one (None
-        where none ships)."""
-        from cropper_engine.models.default_model import default_model
-
-        return self.default_model if self.default_model is not None else default_model()
-
     def _thread_pool(self) -> Any:
-        """Two worker threads for face detection and the image analysis, which run beside the
-        embedding and retrieval of a batch (new ones after a fork)."""
+        """One worker thread for face detection beside the rest of a batch (a new one after a fork)."""
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="cropper-beside"))
+            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="cropper-faces"))
         return self._pool[1]
 
     def _settle_faces(self, jobs: list[Job], batch: BatchContext) -> None:
