@@ -87,3 +87,17 @@ def test_fit_ratio_array_is_fit_ratio_bit_for_bit():
         got = fit_ratio_array(px, ratio, W, H)
         want = np.array([fit_ratio(Box(*row), ratio, W, H).as_list() for row in px])
         assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("inner", [Box(400, 120, 520, 260), Box(0, 0, 300, 683), Box(900, 500, 1024, 683),
+                                   Box(100, 50, 1000, 120)])  # the last: no 9:16 crop holds it
+def test_expand_to_contain_array_is_expand_to_contain_bit_for_bit(inner):
+    from cropper_engine.engine.geometry import expand_to_contain, expand_to_contain_array
+
+    px = _boxes(300, seed=11) * np.array([W, H, W, H])
+    px = np.clip(np.concatenate([np.minimum(px[:, :2], px[:, 2:]), np.maximum(px[:, :2], px[:, 2:])], axis=1),
+                 0, [W, H, W, H])
+    for ratio in (None, 1.0, 16 / 9, 9 / 16, 0.8):
+        got = expand_to_contain_array(px, inner, W, H, ratio)
+        want = np.array([expand_to_contain(Box(*row), inner, W, H, ratio).as_list() for row in px])
+        assert np.array_equal(got, want), ratio

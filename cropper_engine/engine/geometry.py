@@ -118,6 +118,36 @@ def expand_to_contain(box: Box, inner: Box, width: float, height: float, ratio: 
     return Box(x1, y1, min(x1 + w, float(width)), min(y1 + h, float(height)))
 
 
+def expand_to_contain_array(boxes: np.ndarray, inner: Box, width: float, height: float,
+                            ratio: float | None = None) -> np.ndarray:
+    """`expand_to_contain` of many boxes [N, 4] (corners ordered) around one `inner` box: the same
+    arithmetic in the same order, each row equal to the scalar result bit for bit."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    ux1, uy1 = np.minimum(b[:, 0], inner.x1), np.minimum(b[:, 1], inner.y1)
+    ux2, uy2 = np.maximum(b[:, 2], inner.x2), np.maximum(b[:, 3], inner.y2)
+    if ratio is None:  # Box.clamp of the union
+        return np.stack([np.minimum(np.maximum(ux1, 0.0), width), np.minimum(np.maximum(uy1, 0.0), height),
+                         np.minimum(np.maximum(ux2, 0.0), width), np.minimum(np.maximum(uy2, 0.0), height)], 1)
+    min_w = max(inner.width, inner.height * ratio)
+    max_w = min(float(width), height * ratio)
+    want_w = np.maximum(ux2 - ux1, (uy2 - uy1) * ratio)
+    w = np.full(len(b), max_w) if min_w > max_w else np.minimum(np.maximum(want_w, min_w), max_w)
+    h = w / ratio
+    if min_w <= max_w:
+        cx, cy = (ux1 + ux2) / 2, (uy1 + uy2) / 2
+    else:
+        cx, cy = np.full(len(b), (inner.x1 + inner.x2) / 2), np.full(len(b), (inner.y1 + inner.y2) / 2)
+
+    def place(c: np.ndarray, size: np.ndarray, lo: float, hi: float, limit: float) -> np.ndarray:
+        start = c - size / 2
+        start = np.where(size >= hi - lo, np.minimum(np.maximum(start, hi - size), lo), start)
+        return np.minimum(np.maximum(start, 0.0), limit - size)
+
+    x1 = place(cx, w, inner.x1, inner.x2, float(width))
+    y1 = place(cy, h, inner.y1, inner.y2, float(height))
+    return np.stack([x1, y1, np.minimum(x1 + w, float(width)), np.minimum(y1 + h, float(height))], 1)
+
+
 def boxes_array(boxes: Sequence[Box]) -> np.ndarray:
     return np.array([b.as_list() for b in boxes], dtype=np.float64).reshape(-1, 4)
 

@@ -516,9 +516,10 @@ class Cropper:
 
     def _constrain_many(self, job: Job, boxes_unit: np.ndarray) -> list[Box | None]:
         """`_constrain` of many boxes (unit coordinates): the boxes that need no repair (big
-        enough, the subject and main faces inside, no face cut) in one vectorised pass, exactly
-        as `_constrain` gives them; the others one by one through `_constrain`."""
-        from cropper_engine.engine.geometry import fit_ratio_array
+        enough, the subject inside, and no face cut once grown around the main faces) in one
+        vectorised pass, exactly as `_constrain` gives them; the others one by one through
+        `_constrain`."""
+        from cropper_engine.engine.geometry import expand_to_contain_array, fit_ratio_array
         from cropper_engine.engine.subject.faces import main_faces_need, untouched
 
         w, h = job.size
@@ -537,7 +538,12 @@ class Cropper:
         if subject is not None:
             fast &= untouched(b, [], subject)
         if job.faces:
-            fast &= untouched(b, job.faces, main_faces_need(job.faces, w, h, ratio, subject))
+            need = main_faces_need(job.faces, w, h, ratio, subject)
+            if need is not None and any(getattr(f, "main", False) for f in job.faces):
+                grow = fast & ~untouched(b, [], need)  # keep_faces_whole grows these around the main faces
+                if grow.any():
+                    b[grow] = expand_to_contain_array(b[grow], need, w, h, ratio)
+            fast &= untouched(b, job.faces, need)
         fast &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         return [Box(*map(float, b[k])) if fast[k] else self._constrain(job, Box.from_unit(u[k], w, h))
                 for k in range(len(u))]
