@@ -10,6 +10,7 @@
     python -m bench serve [--backend openai]      the HTTP service under 1, 4 and 16 clients
     python -m bench memory                        the service's resident memory under 12 uploads of 88 MP
     python -m bench faces [--quick] [--out]       people stay in the picture: main faces kept, FCDB images with faces
+    python -m bench persons                       do FCDB's human crops keep whole persons, as they keep faces?
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
     python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
     python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
@@ -28,7 +29,7 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
             "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
             "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme",
             "memory": "bench.memory_bench", "style": "bench.style_experiment", "faces": "bench.face_bench",
-            "ranker-study": "bench.ranker_study"}
+            "ranker-study": "bench.ranker_study", "persons": "bench.person_study"}
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ STEPS = [
          ["ranker_study.json", "ranker_study.md"], 20.0),
     Step("faces", ["faces", "--out", "{results}/face_bench.json"],
          ["faces", "--quick", "--out", "{results}/face_bench.json"], ["face_bench.json", "face_bench.md"], 5.0),
+    Step("persons", ["persons"], ["persons", "--limit", "60"], ["person_study.json"], 1.5),
     Step("memory", ["memory"], ["memory", "--clients", "4", "--megapixels", "40"], ["serve_memory.json"], 2.0),
     Step("style-square", ["style", "--style", "square", "--sizes", "25,50,100", "--test", "100", "--val-models",
                           "0,100"],

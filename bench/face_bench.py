@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_json  # noqa: E402  (first: it notes the load at the start)
 from cropper_engine.config import load_config  # noqa: E402
 from cropper_engine.types import Box, CropRequest, Ratio, Task  # noqa: E402
 
@@ -179,14 +180,7 @@ def main() -> None:
     md = markdown(figures)
     print(md)
     if a.out:
-        from bench.common import device_info, git_sha, versions
-
-        path = Path(a.out)
-        out = {**figures, "git": git_sha(), "device": device_info(), "versions": versions(),
-               "created": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-               "per_image": {m: results[m] for m in MODES}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        path = save_json(a.out, {**figures, "per_image": {m: results[m] for m in MODES}})
         path.with_suffix(".md").write_text(md)
         print(f"results: {path}, {path.with_suffix('.md')}", file=sys.stderr)
     print(json.dumps({k: v for k, v in figures.items()}))

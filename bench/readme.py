@@ -107,6 +107,43 @@ def b_ranker_study() -> str:
     return "\n".join(lines)
 
 
+def b_faces() -> str:
+    f = load("face_bench.json")
+    if f is None:
+        return source("face_bench.json", f)
+    names = f["ratios"]
+    label = " / ".join({"gt": "the ground truth's ratio", "free": "free-form"}.get(k, k) for k in names)
+    m, w = f["modes"]["main"], f["modes"]["whole"]
+
+    def row(mode: dict[str, Any], key: str) -> str:
+        return " / ".join(f"{100 * mode[k][key]:.1f}".rstrip("0").rstrip(".") for k in names)
+
+    imgs = f["images_by_split"]
+    return (f"On FCDB's {sum(imgs.values())} train and val images with faces (`python -m bench faces --out`), of the "
+            f"crops whose ratio can hold the main faces, those that keep every one of them, at {label}: "
+            f"{row(m, 'keeps_every_main_face')} % (faces only kept whole, as before: "
+            f"{row(w, 'keeps_every_main_face')} %); crops cutting a face (mostly one too large for any crop of the "
+            f"ratio) {row(m, 'cuts_a_face')} % (before {row(w, 'cuts_a_face')}); IoU on the {m['gt']['images_val']} "
+            f"val images against the ground truth {m['gt']['iou_val']:.3f} with the ratio given (before "
+            f"{w['gt']['iou_val']:.3f}), {m['free']['iou_val']:.3f} free-form ({w['free']['iou_val']:.3f}): FCDB's "
+            f"annotators now and then crop a face away "
+            f"({source('face_bench.json', f, f.get('quick'), measured=False)}).")
+
+
+def b_persons() -> str:
+    f = load("person_study.json")
+    if f is None:
+        return source("person_study.json", f)
+    c = f["counts"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    return (f"Of the {c['images']:,} FCDB images (train and val), {c['large_person']} show a large person (a person "
+            f"box of at least {100 * f['large']:.0f} % of the frame): the human crop keeps the whole person in "
+            f"{pct(f['large_person_kept_share'])} of them ({pct(f['large_person_no_face_kept_share'])} of the "
+            f"{c['large_person_no_face']} without a detected face), but the largest face in "
+            f"{pct(f['largest_face_kept_share'])} of the {c['with_face']} images with faces "
+            f"({source('person_study.json', f, bool(f.get('limit')), measured=False)}; `python -m bench persons`).")
+
+
 def _loop_row(label: str, f: dict[str, Any] | None) -> str:
     if f is None:
         return f"| {label} | - | - | - | - | - | - |"
@@ -161,8 +198,9 @@ def b_default() -> str:
             faces = t.get("with_faces")
             on_faces = (f", {faces['wall_ms_median']:.0f} on the {faces['images']} images with faces"
                         if faces else "")
+            cpu = f"; CPU {t['cpu_ms_mean']:.0f} ms, two threads" if t.get("cpu_ms_mean") else ""
             parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f}"
-                         f"{on_faces})")
+                         f"{on_faces}{cpu})")
     st = tk.get("ratio", next(iter(tk.values())))["stages_ms"]
     stages = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
     peer = tk.get("ratio", {}).get("peer")
@@ -282,7 +320,8 @@ def b_bench_all() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "subject": b_subject, "index": b_index,
     "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all,
-    "ranker-study": b_ranker_study}
+    "ranker-study": b_ranker_study, "persons": b_persons,
+    "faces": b_faces}
 
 
 def block(name: str) -> str:
