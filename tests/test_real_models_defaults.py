@@ -7,9 +7,8 @@ Mantis: 31 images x 66 tokens and 150 boxes of ~27 tokens), so they cross Mistra
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
+from photos import photo_examples
 
 from cropper_engine.models.sheets import load_sheet
 from cropper_engine.models.tiny_vlm import LIKE_NAMES
@@ -21,26 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def index_30x5(tmp_path_factory, tiny_clip):
     """36 photos (random colour fields, sizes varying) with 5 ground-truth crops and MOS each."""
-    from cropper_engine.data.example import Example
     from cropper_engine.index.store import ExampleIndex
-    from cropper_engine.types import Box
 
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("photos30")
-    examples = []
-    for k in range(36):
-        w, h = 1024, int(rng.integers(560, 800))  # photo-sized: tokens per image grow with pixels (Qwen)
-        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
-        path = folder / f"p{k:02d}.jpg"
-        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(path)
-        crops = []
-        for _ in range(5):
-            x1, y1 = rng.uniform(0, 0.3) * w, rng.uniform(0, 0.3) * h
-            crops.append(Box(x1, y1, x1 + rng.uniform(0.5, 0.7) * w, y1 + rng.uniform(0.5, 0.7) * h))
-        mos = sorted((float(v) for v in rng.uniform(2, 5, 5)), reverse=True)
-        examples.append(Example(path.name, str(path), w, h, crops, mos, None, None))
     out = tmp_path_factory.mktemp("idx30") / "index"
-    ExampleIndex.build(examples, tiny_clip, out)
+    ExampleIndex.build(photo_examples(tmp_path_factory.mktemp("photos30")), tiny_clip, out)
     return out
 
 

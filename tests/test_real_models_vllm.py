@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from needs import need_module
-from PIL import Image
+from photos import photo_examples
 
 from cropper_engine.models.sheets import load_sheet
 from cropper_engine.types import CropRequest, Task
@@ -47,24 +46,10 @@ def embedder(tiny_dir):
 @pytest.fixture(scope="module")
 def index_30x5(tmp_path_factory, embedder):
     """36 photo-sized images (random colour fields) with 5 ground-truth crops and MOS each."""
-    from cropper_engine.data.example import Example
     from cropper_engine.index.store import ExampleIndex
-    from cropper_engine.types import Box
 
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("vphotos30")
-    examples = []
-    for k in range(36):
-        w, h = 1024, int(rng.integers(560, 800))
-        path = folder / f"p{k:02d}.jpg"
-        Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR).save(path)
-        crops = []
-        for _ in range(5):
-            x1, y1 = rng.uniform(0, 0.3) * w, rng.uniform(0, 0.3) * h
-            crops.append(Box(x1, y1, x1 + rng.uniform(0.5, 0.7) * w, y1 + rng.uniform(0.5, 0.7) * h))
-        examples.append(Example(path.name, str(path), w, h, crops, sorted(rng.uniform(2, 5, 5).tolist(), reverse=True)))
     out = tmp_path_factory.mktemp("vidx30") / "index"
-    ExampleIndex.build(examples, embedder, out)
+    ExampleIndex.build(photo_examples(tmp_path_factory.mktemp("vphotos30")), embedder, out)
     return ExampleIndex.load(out, embedder=embedder)
 
 
