@@ -5,11 +5,15 @@ crop from the ranked candidates, each by the same grouped 5-fold CV on FCDB trai
 
 The rows (every training image and its mirror image, the candidates and their features, as
 `fit_default` builds them) take about 6 minutes; `--cache` keeps them for a second run. Then, per
-task, about 3 minutes per CV on 2 cores:
+task, about 3-5 minutes per CV, two CVs at a time on 2 cores (~35 minutes in all):
 
-  set-ups (each one CV; ratio task only): the shipped LambdaRank (labels: IoU x 100, gain linear),
-    gain IoU^4 (the top candidates weigh more), labels relative to the image's best candidate,
-    LambdaRank truncated at 5 instead of 20;
+  set-ups (each one CV, two at a time): the shipped LambdaRank (labels: IoU x 100, gain linear);
+    every feature that varies within an image also as its z-score among the image's candidates;
+    smaller, more regularised trees; the shipped features plus the tried ones of
+    bench/extra_features.py (colour contrast of the cut strips, thirds, saliency mass boxes, map
+    concentration); and, ratio given only, gain IoU^4 (the top candidates weigh more), labels
+    relative to the image's best candidate, LambdaRank truncated at 5 instead of 20, and each
+    fold's model fitted on half or a quarter of its training images (what more data would give);
   choices (on the shipped set-up's out-of-fold scores, no refit): the shipped blend (all boxes,
     weights exp(score / T)), the blend of the best K, the weighted median box, the scores of a box
     and of its mirror image averaged (test-time mirroring), and a second model stacked on the
@@ -52,46 +56,106 @@ def _mean_iou(boxes: np.ndarray, gt: np.ndarray) -> float:
     return round(float(_iou_unit(np.asarray(boxes), np.asarray(gt)).mean()), 4)
 
 
-def setups(r: Any, task: str, log: Any) -> tuple[dict[str, float], np.ndarray, float]:
-    """IoU of each learning set-up; the shipped one's out-of-fold scores and blend temperature."""
+def _zscores(r: Any) -> Any:
+    """The rows with each feature that varies within images also as its z-score among the image's
+    candidates (trees split on absolute values; this gives them the within-image order too)."""
+    from dataclasses import replace
+
+    st = _starts(r)
+    cnt = np.diff(st)
+    gid = np.repeat(np.arange(len(cnt)), cnt)
+    x = r.x.astype(np.float64)
+    mean = np.add.reduceat(x, st[:-1], axis=0) / cnt[:, None]
+    std = np.sqrt(np.maximum(np.add.reduceat(x * x, st[:-1], axis=0) / cnt[:, None] - mean ** 2, 0))
+    cols = np.flatnonzero((std > 1e-9).mean(0) > 0.5)
+    z = (x[:, cols] - mean[gid][:, cols]) / np.maximum(std[gid][:, cols], 1e-9)
+    return replace(r, x=np.concatenate([r.x, z.astype(np.float32)], 1),
+                   names=r.names + [f"z_{r.names[i]}" for i in cols])
+
+
+def _with(r: Any, extra: tuple[np.ndarray, list[str]]) -> Any:
+    from dataclasses import replace
+
+    return replace(r, x=np.concatenate([r.x, extra[0]], 1), names=r.names + extra[1])
+
+
+def _variant_fit(gain_power: float = 1.0, relative: bool = False, share: float = 1.0) -> Any:
+    """fit_default._fit with another gain, relative labels, or only a share of the training images."""
     import lightgbm as lgb
 
     from cropper_engine.engine import fit_default as fd
 
+    def fit(rows: Any, keep: np.ndarray, params: dict[str, Any], rounds: int) -> Any:
+        if share < 1.0:
+            keep = keep & (np.random.default_rng(7).random(int(rows.image.max()) + 1) < share)[rows.image]
+        idx = np.flatnonzero(keep)
+        idx = idx[np.argsort(rows.group[idx], kind="stable")]
+        y = rows.y[idx]
+        if relative:  # 1 for the image's best candidate, down by twice the IoU it lacks
+            best = np.zeros(rows.group.max() + 1)
+            np.maximum.at(best, rows.group[idx], y)
+            y = np.clip(1 - 2 * (best[rows.group[idx]] - y), 0, 1)
+        labels = np.clip(np.round(y * fd.LABEL_LEVELS), 0, fd.LABEL_LEVELS).astype(int)
+        _, counts = np.unique(rows.group[idx], return_counts=True)
+        gain = [fd.LABEL_LEVELS * (v / fd.LABEL_LEVELS) ** gain_power for v in range(fd.LABEL_LEVELS + 1)]
+        return lgb.train({**params, "label_gain": gain}, lgb.Dataset(rows.x[idx], labels, group=counts), rounds)
+    return fit
+
+
+SHIPPED = "shipped: LambdaRank, labels IoU x 100, linear gain, truncation 20"
+REGULARISED = {"num_leaves": 15, "min_data_in_leaf": 400, "feature_fraction": 0.5}
+_JOBS: list[tuple[str, Any, Any, dict[str, Any], str]] = []  # what the forked workers run, by index
+
+
+def _run_job(i: int) -> tuple[str, dict[str, Any], np.ndarray | None]:
+    from cropper_engine.engine import fit_default as fd
+
+    name, rows_of, fit, params, task = _JOBS[i]
+    r = rows_of()
     shipped_fit = fd._fit
+    fd._fit = fit or shipped_fit
+    try:
+        oof = np.zeros(len(r.y)) if name == SHIPPED else None
+        return name, fd.cross_validate(r, FOLDS, params=params, log=lambda s: None, task=task, oof=oof), oof
+    finally:
+        fd._fit = shipped_fit
+
+
+def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | None = None,
+           jobs: int = 2) -> tuple[dict[str, float], np.ndarray, float]:
+    """IoU of each learning set-up (one CV each, `jobs` at a time); the shipped one's out-of-fold
+    scores and blend temperature."""
+    _JOBS[:] = [(SHIPPED, lambda: r, None, {}, task),
+                ("features: each also as its z-score among the image's candidates", lambda: _zscores(r), None, {},
+                 task),
+                ("trees: 15 leaves, 400 rows a leaf, half the features a tree", lambda: r, None, REGULARISED, task)]
+    if extra is not None:
+        _JOBS.append(("features: + colour of the cut strips, thirds, saliency mass boxes "
+                      "(bench/extra_features.py)", lambda: _with(r, extra), None, {}, task))
+    if task == "ratio":
+        _JOBS.extend([("gain IoU^4", lambda: r, _variant_fit(4.0), {}, task),
+                      ("labels relative to the image's best candidate", lambda: r, _variant_fit(relative=True), {},
+                       task),
+                      ("truncation 5", lambda: r, None, {"lambdarank_truncation_level": 5}, task),
+                      ("data: half the training images (each fold's model)", lambda: r, _variant_fit(share=0.5), {},
+                       task),
+                      ("data: a quarter of the training images (each fold's model)", lambda: r,
+                       _variant_fit(share=0.25), {}, task)])
+    if jobs > 1:
+        from multiprocessing import get_context
+
+        with get_context("fork").Pool(jobs) as pool:
+            done = pool.map(_run_job, range(len(_JOBS)), chunksize=1)
+    else:
+        done = [_run_job(i) for i in range(len(_JOBS))]
     out: dict[str, float] = {}
-    oof = np.zeros(len(r.y))
-    res = fd.cross_validate(r, FOLDS, log=lambda s: None, task=task, oof=oof)
-    out["shipped: LambdaRank, labels IoU x 100, linear gain, truncation 20"] = res["iou"]
-    log(f"{task} shipped set-up: {res['iou']}")
-    if task != "ratio":
-        return out, oof, res["blend_temperature"]
-
-    def variant(gain_power: float = 1.0, relative: bool = False) -> Any:
-        def fit(rows: Any, keep: np.ndarray, params: dict[str, Any], rounds: int) -> Any:
-            idx = np.flatnonzero(keep)
-            idx = idx[np.argsort(rows.group[idx], kind="stable")]
-            y = rows.y[idx]
-            if relative:  # 1 for the image's best candidate, down by twice the IoU it lacks
-                best = np.zeros(rows.group.max() + 1)
-                np.maximum.at(best, rows.group[idx], y)
-                y = np.clip(1 - 2 * (best[rows.group[idx]] - y), 0, 1)
-            labels = np.clip(np.round(y * fd.LABEL_LEVELS), 0, fd.LABEL_LEVELS).astype(int)
-            _, counts = np.unique(rows.group[idx], return_counts=True)
-            gain = [fd.LABEL_LEVELS * (v / fd.LABEL_LEVELS) ** gain_power for v in range(fd.LABEL_LEVELS + 1)]
-            return lgb.train({**params, "label_gain": gain}, lgb.Dataset(rows.x[idx], labels, group=counts), rounds)
-        return fit
-
-    for name, fit, params in (("gain IoU^4", variant(4.0), {}),
-                              ("labels relative to the image's best candidate", variant(relative=True), {}),
-                              ("truncation 5", shipped_fit, {"lambdarank_truncation_level": 5})):
-        fd._fit = fit
-        try:
-            out[name] = fd.cross_validate(r, FOLDS, params=params, log=lambda s: None, task=task)["iou"]
-        finally:
-            fd._fit = shipped_fit
-        log(f"{task} {name}: {out[name]}")
-    return out, oof, res["blend_temperature"]
+    oof, temperature = np.zeros(len(r.y)), 0.2
+    for name, res, o in done:
+        out[name] = res["iou"]
+        log(f"{task} {name}: {res['iou']}")
+        if o is not None:
+            oof, temperature = o, res["blend_temperature"]
+    return out, oof, temperature
 
 
 def choices(r: Any, task: str, oof: np.ndarray, temperature: float, log: Any) -> dict[str, float]:
@@ -200,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fcdb", default=str(DEFAULT_DATA), help="the FCDB folder (train.jsonl, images/)")
     ap.add_argument("--cache", default=None, metavar="ROWS.npz", help="the fitting rows: read if there, else written")
     ap.add_argument("--tasks", default="ratio,free")
-    ap.add_argument("--jobs", type=int, default=2, help="processes for the features")
+    ap.add_argument("--jobs", type=int, default=2, help="processes for the features and the CVs")
+    ap.add_argument("--no-tried-features", action="store_true",
+                    help="skip the set-up with the tried features (bench/extra_features.py: ~3 min more)")
     ap.add_argument("--limit", type=int, default=None, help="the first N training images only (a smoke test)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     a = ap.parse_args(argv)
@@ -220,10 +286,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.cache:
             save_rows(rows, a.cache)
     print(f"rows: {time.perf_counter() - t0:.0f} s", flush=True)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    extra = None
+    if not a.no_tried_features:
+        from bench.extra_features import columns
+
+        extra = columns({t: rows[t] for t in tasks}, a.fcdb)
+        print(f"tried features: {time.perf_counter() - t0:.0f} s", flush=True)
     study: dict[str, Any] = {}
-    for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
+    for task in tasks:
         r = rows[task]
-        su, oof, temperature = setups(r, task, lambda s: print(s, flush=True))
+        su, oof, temperature = setups(r, task, lambda s: print(s, flush=True), extra[task] if extra else None, a.jobs)
         study[task] = {"setups": su, "choices": choices(r, task, oof, temperature, lambda s: print(s, flush=True)),
                        "images": int(r.image.max()) + 1}
     figures = {"what": "FCDB train, grouped 5-fold CV: the default's ranker, other set-ups and choices",
