@@ -238,7 +238,7 @@ def stacked(r: Any, task: str, oof: np.ndarray, temperature: float) -> dict[floa
     image = np.array([r.image[st[g]] for g in range(groups)])
     params = {"objective": "huber", "alpha": 0.1, "learning_rate": 0.03, "num_leaves": 15, "min_data_in_leaf": 40,
               "feature_fraction": 0.7, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 5.0,
-              "verbose": -1, "num_threads": 2, "seed": 0}
+              "verbose": -1, "num_threads": 1, "seed": 0}  # no OpenMP pool before a fork
     pred = np.zeros_like(y)
     for fold in range(FOLDS):
         train, test = image % FOLDS != fold, image % FOLDS == fold
