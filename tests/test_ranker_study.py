@@ -52,3 +52,27 @@ def test_zscores_are_within_each_image():
     z = _zscores(r)
     assert z.names == ["a", "b", "z_a"]  # b varies in only half the images: not added
     assert z.x[:, 2] == pytest.approx([-1, 1, -1, 1])
+
+
+def test_every_set_up_runs_its_cv_in_the_worker_pool():
+    pytest.importorskip("lightgbm")
+    from bench.ranker_study import SHIPPED, setups
+
+    rng = np.random.default_rng(0)
+    groups, per = 40, 200  # the CV fits on 15 % of the rows, at least 100 a leaf
+    group = np.repeat(np.arange(groups), per)
+    image = group % (groups // 2)  # the second half: the first half's mirror images
+    boxes = np.sort(rng.random((groups * per, 2, 2)), axis=1).transpose(0, 2, 1).reshape(-1, 4)[:, [0, 2, 1, 3]]
+    gt = np.tile([0.1, 0.1, 0.9, 0.9], (groups, 1))
+    from cropper_engine.engine.features import _iou_unit
+
+    y = _iou_unit(boxes, gt[:1])
+    x = np.stack([y + rng.normal(0, 0.05, len(y)), rng.random(len(y))], 1).astype(np.float32)  # one honest feature
+    r = Rows(x, y, group, image, boxes, gt, ["signal", "noise"])
+    extra = (rng.random((len(y), 2)).astype(np.float32), ["e1", "e2"])
+    seen: list[str] = []
+    out, oof, temperature = setups(r, "ratio", seen.append, extra, jobs=2)
+    assert len(out) == 9 and SHIPPED in out and len(seen) == 9
+    assert oof.shape == y.shape and np.corrcoef(oof, y)[0, 1] > 0.5  # the shipped set-up's out-of-fold scores
+    assert temperature > 0
+    assert all(0 < v <= 1 for v in out.values())
