@@ -72,7 +72,8 @@ def test_every_set_up_runs_its_cv_in_the_worker_pool():
     extra = (rng.random((len(y), 2)).astype(np.float32), ["e1", "e2"])
     seen: list[str] = []
     out, oof, temperature = setups(r, "ratio", seen.append, extra, jobs=2)
-    assert len(out) == 9 and SHIPPED in out and len(seen) == 9
+    assert len(out) == 13 and SHIPPED in out and len(seen) == 13
+    assert out["features: without the neighbours' crops (nb_*)"] > 0  # no such features here: the same rows
     assert oof.shape == y.shape and np.corrcoef(oof, y)[0, 1] > 0.5  # the shipped set-up's out-of-fold scores
     assert temperature > 0
     assert all(0 < v <= 1 for v in out.values())
