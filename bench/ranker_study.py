@@ -7,7 +7,7 @@ The rows (every training image and its mirror image, the candidates and their fe
 `fit_default` builds them) take about 6 minutes; `--cache` keeps them for a second run. Then, per
 task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~50 minutes in all):
 
-  set-ups (each one CV, two at a time): the shipped LambdaRank (labels: IoU x 100, gain linear);
+  set-ups (each one CV, two at a time in threads): the shipped LambdaRank (labels: IoU x 100, gain linear);
     every feature that varies within an image also as its z-score among the image's candidates;
     smaller, more regularised trees; the shipped features without each family (the neighbours'
     crops, the saliency maps, the gradient map; and the box's geometry alone); the shipped
@@ -124,7 +124,7 @@ def _variant_fit(gain_power: float = 1.0, relative: bool = False, share: float =
 
 SHIPPED = "shipped: LambdaRank, labels IoU x 100, linear gain, truncation 20"
 REGULARISED = {"num_leaves": 15, "min_data_in_leaf": 400, "feature_fraction": 0.5}
-_JOBS: list[tuple[str, Any, Any, dict[str, Any], str]] = []  # what the forked workers run, by index
+_JOBS: list[tuple[str, Any, Any, dict[str, Any], str]] = []  # what the worker threads run, by index
 
 
 def _run_job(i: int) -> tuple[str, dict[str, Any], np.ndarray | None]:
@@ -132,19 +132,14 @@ def _run_job(i: int) -> tuple[str, dict[str, Any], np.ndarray | None]:
 
     name, rows_of, fit, params, task = _JOBS[i]
     r = rows_of()
-    shipped_fit = fd._fit
-    fd._fit = fit or shipped_fit
-    try:
-        oof = np.zeros(len(r.y)) if name == SHIPPED else None
-        return name, fd.cross_validate(r, FOLDS, params=params, log=lambda s: None, task=task, oof=oof), oof
-    finally:
-        fd._fit = shipped_fit
+    oof = np.zeros(len(r.y)) if name == SHIPPED else None
+    return name, fd.cross_validate(r, FOLDS, params=params, log=lambda s: None, task=task, oof=oof, fit=fit), oof
 
 
 def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | None = None,
            jobs: int = 2) -> tuple[dict[str, float], np.ndarray, float]:
-    """IoU of each learning set-up (one CV each, `jobs` at a time); the shipped one's out-of-fold
-    scores and blend temperature."""
+    """IoU of each learning set-up (one CV each, `jobs` at a time, in threads); the shipped one's
+    out-of-fold scores and blend temperature."""
     _JOBS[:] = [(SHIPPED, lambda: r, None, {}, task),
                 ("features: each also as its z-score among the image's candidates", lambda: _zscores(r), None, {},
                  task),
@@ -165,13 +160,12 @@ def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | No
                        task),
                       ("data: a quarter of the training images (each fold's model)", lambda: r,
                        _variant_fit(share=0.25), {}, task)])
-    if jobs > 1:
-        from multiprocessing import get_context
+    # threads, not processes: LightGBM fits and predicts without the GIL (one thread a CV), and
+    # a forked child of a parent with threads can deadlock
+    from concurrent.futures import ThreadPoolExecutor
 
-        with get_context("fork").Pool(jobs) as pool:
-            done = pool.map(_run_job, range(len(_JOBS)), chunksize=1)
-    else:
-        done = [_run_job(i) for i in range(len(_JOBS))]
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ranker-study") as pool:
+        done = list(pool.map(_run_job, range(len(_JOBS))))
     out: dict[str, float] = {}
     oof, temperature = np.zeros(len(r.y)), 0.2
     for name, res, o in done:
@@ -262,7 +256,7 @@ def stacked(r: Any, task: str, oof: np.ndarray, temperature: float) -> dict[floa
     image = np.array([r.image[st[g]] for g in range(groups)])
     params = {"objective": "huber", "alpha": 0.1, "learning_rate": 0.03, "num_leaves": 15, "min_data_in_leaf": 40,
               "feature_fraction": 0.7, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 5.0,
-              "verbose": -1, "num_threads": 1, "seed": 0}  # no OpenMP pool before a fork
+              "verbose": -1, "num_threads": 1, "seed": 0}
     pred = np.zeros_like(y)
     for fold in range(FOLDS):
         train, test = image % FOLDS != fold, image % FOLDS == fold

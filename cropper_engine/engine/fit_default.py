@@ -154,7 +154,8 @@ def build_rows(data: str | Path | Sequence[dict[str, Any]], images: str | Path |
     if jobs > 1:
         from multiprocessing import get_context
 
-        with get_context("fork").Pool(jobs, initializer=_init, initargs=init) as pool:
+        # spawn, not fork: a parent with threads (OpenMP, a test runner's) can deadlock forked children
+        with get_context("spawn").Pool(jobs, initializer=_init, initargs=init) as pool:
             res = pool.map(_image_rows, todo, chunksize=8)
     else:
         _init(*init)
@@ -252,8 +253,12 @@ def baseline_iou(rows: Rows, groups: Sequence[int], task: str) -> float:
 
 def cross_validate(rows: Rows, folds: int = 5, params: dict[str, Any] | None = None, rounds: int = ROUNDS,
                    fraction: float = ROW_FRACTION, seed: int = 0, log: Any = print,
-                   task: str = "ratio", oof: np.ndarray | None = None) -> dict[str, Any]:
+                   task: str = "ratio", oof: np.ndarray | None = None, fit: Any = None) -> dict[str, Any]:
+    """Grouped k-fold CV (mirrors stay with their originals). `fit(rows, keep, params, rounds)`
+    replaces `_fit` (another learning set-up); each fold's model runs on one thread, so several
+    CVs can run side by side in threads (LightGBM releases the GIL)."""
     params = {**PARAMS, **(params or {}), "seed": seed, "num_threads": 1}
+    fit = fit or _fit
     rng = np.random.default_rng(seed)
     sample = rng.random(len(rows.y)) < fraction
     fold = rows.image % folds
@@ -261,7 +266,7 @@ def cross_validate(rows: Rows, folds: int = 5, params: dict[str, Any] | None = N
     pred = np.zeros(len(rows.y))
     for f in range(folds):
         t0 = time.perf_counter()
-        model = _fit(rows, (fold != f) & sample, params, rounds)
+        model = fit(rows, (fold != f) & sample, params, rounds)
         test = fold == f
         pred[test] = model.predict(rows.x[test])
         log(f"  fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s")
