@@ -123,7 +123,19 @@ def read_training(kind: str, annotations: str, images: str | None = None, split:
 
 # --- features ------------------------------------------------------------------------------
 
-_CTX: dict[str, Any] = {}  # set before the worker processes fork
+_CTX: dict[str, Any] = {}  # what _image_rows reads: set in this process, and by _init_worker in each worker
+
+
+def _init_worker(table_dir: str, mirror: bool) -> None:
+    """A spawned worker's _CTX: the same embedder, fitting table, built-in table and shipped model
+    as the parent's (spawned, not forked: a parent with threads can deadlock a forked child)."""
+    from cropper_engine.index.builtin import _load as load_table_dir
+    from cropper_engine.index.builtin import load_table
+    from cropper_engine.models.classical import CLASSICAL_ID, ClassicalEmbedder
+    from cropper_engine.models.default_model import default_model
+
+    _CTX.update(embedder=ClassicalEmbedder(), mirror=mirror, table=load_table_dir(table_dir),
+                builtin=load_table(CLASSICAL_ID), shipped=default_model())
 
 
 def _image_rows(job: tuple[int, Example, set[str]]) -> dict[str, Any]:
@@ -326,7 +338,8 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
             if jobs > 1:
                 from multiprocessing import get_context
 
-                with get_context("fork").Pool(jobs) as pool:
+                with get_context("spawn").Pool(jobs, initializer=_init_worker,
+                                               initargs=(str(tmp / "table"), mirror)) as pool:
                     res = list(tqdm(pool.imap(_image_rows, todo, chunksize=2), total=len(todo), desc="fit: features",
                                     unit="img", disable=not progress))
             else:

@@ -193,3 +193,19 @@ def test_serve_uses_the_default_model(fitted):
     want = Cropper(vlm="none", default_model=fitted["dir"]).crop(img, ratio="1:1", id="s05.jpg")
     assert r.json()["box"] == list(want.box)
     assert "serve" in run("serve", "--help").output and "--default-model" in run("serve", "--help").output
+
+
+def test_fit_in_worker_processes_gives_the_same_model(fitted, tmp_path, monkeypatch):
+    """--jobs 2 (spawned workers, each rebuilding the tables and the shipped model) fits the same
+    model as one process, from inside this test runner, whose threads could deadlock a fork."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(fitted["xdg"]))
+    res = run("fit", "--dataset", "jsonl", "--annotations", fitted["ann"], "--images", fitted["images"], "--out",
+              tmp_path / "model2", "--no-mirror", "--folds", "3", "--jobs", "2", "--json")
+    report = json.loads(res.output.strip().splitlines()[-1])
+    one, two = fitted["report"], report
+    assert one["cv"] and json.dumps(one["cv"], sort_keys=True) == json.dumps(two["cv"], sort_keys=True)
+    a = sorted(p.name for p in fitted["dir"].rglob("*") if p.is_file())
+    assert a == sorted(p.name for p in (tmp_path / "model2").rglob("*") if p.is_file())
+    for name in ("ratio.npz", "free.npz"):
+        x, y = np.load(fitted["dir"] / name), np.load(tmp_path / "model2" / name)
+        assert x.files and all(np.array_equal(x[k], y[k]) for k in x.files)
