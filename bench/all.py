@@ -70,7 +70,7 @@ STEPS = [
     Step("cost", ["cost", "--out"], ["cost", "--out"], ["costmodel.json"], 0.1),
     Step("cv", ["cv"], ["cv", "--limit", "60", "--folds", "2"], ["default_cv.json"], 6.0),
     Step("ranker-study", ["ranker-study"], ["ranker-study", "--limit", "60", "--tasks", "ratio"],
-         ["ranker_study.json", "ranker_study.md"], 50.0),
+         ["ranker_study.json", "ranker_study.md"], 45.0),
     Step("faces", ["faces", "--out", "{results}/face_bench.json"],
          ["faces", "--quick", "--out", "{results}/face_bench.json"], ["face_bench.json", "face_bench.md"], 5.0),
     Step("persons", ["persons"], ["persons", "--limit", "60"], ["person_study.json"], 1.5),

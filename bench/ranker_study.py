@@ -5,14 +5,14 @@ crop from the ranked candidates, each by the same grouped 5-fold CV on FCDB trai
 
 The rows (every training image and its mirror image, the candidates and their features, as
 `fit_default` builds them) take about 6 minutes; `--cache` keeps them for a second run. Then, per
-task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~50 minutes in all):
+task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~45 minutes in all):
 
   set-ups (each one CV, two at a time in threads): the shipped LambdaRank (labels: IoU x 100, gain linear);
     every feature that varies within an image also as its z-score among the image's candidates;
-    smaller, more regularised trees; the shipped features without each family (the neighbours'
-    crops, the saliency maps, the gradient map; and the box's geometry alone); the shipped
-    features plus the tried ones of bench/extra_features.py (colour contrast of the cut strips,
-    thirds, saliency mass boxes, map concentration); and, ratio given only, gain IoU^4 (the top
+    smaller, more regularised trees; the shipped features plus the tried ones of
+    bench/extra_features.py (colour contrast of the cut strips, thirds, saliency mass boxes, map
+    concentration); and, ratio given only, the shipped features without each family (the
+    neighbours' crops, the saliency maps, the gradient map; and the box's geometry alone), gain IoU^4 (the top
     candidates weigh more), labels relative to the image's best candidate, LambdaRank truncated
     at 5 instead of 20, and each fold's model fitted on half or a quarter of its training images
     (what more data would give);
@@ -144,14 +144,14 @@ def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | No
                 ("features: each also as its z-score among the image's candidates", lambda: _zscores(r), None, {},
                  task),
                 ("trees: 15 leaves, 400 rows a leaf, half the features a tree", lambda: r, None, REGULARISED, task)]
-    for family, prefixes in FAMILIES.items():
-        _JOBS.append((f"features: without {family}", lambda p=prefixes: _without(r, p), None, {}, task))
-    _JOBS.append(("features: the box's geometry only (position, size, ratio; no map, no neighbour)",
-                  lambda: _geometry_only(r), None, {}, task))
     if extra is not None:
         _JOBS.append(("features: + colour of the cut strips, thirds, saliency mass boxes "
                       "(bench/extra_features.py)", lambda: _with(r, extra), None, {}, task))
     if task == "ratio":
+        for family, prefixes in FAMILIES.items():
+            _JOBS.append((f"features: without {family}", lambda p=prefixes: _without(r, p), None, {}, task))
+        _JOBS.append(("features: the box's geometry only (position, size, ratio; no map, no neighbour)",
+                      lambda: _geometry_only(r), None, {}, task))
         _JOBS.extend([("gain IoU^4", lambda: r, _variant_fit(4.0), {}, task),
                       ("labels relative to the image's best candidate", lambda: r, _variant_fit(relative=True), {},
                        task),
