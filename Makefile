@@ -56,7 +56,7 @@ test-fast: install-main
 lint:
 	$(BIN)/ruff check .
 
-# every figure the README quotes (about 110 minutes on a quiet 2-core machine, almost half of it the ranker study): each benchmark
+# every figure the README quotes (about 90 minutes on a quiet 2-core machine, a third of it the ranker study): each benchmark
 # writes its result file to bench/results/, then the README's figure blocks are rewritten from them
 bench-all: install
 	$(BIN)/pip install -q -e '.[fit]'

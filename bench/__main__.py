@@ -1,6 +1,6 @@
 """`python -m bench NAME [args]`: the benchmarks, one entry point.
 
-    python -m bench all [--quick]                 every figure the README quotes (about 110 min on 2 cores)
+    python -m bench all [--quick]                 every figure the README quotes (about 90 min on 2 cores)
     python -m bench readme [--write]              the README's figure blocks from bench/results (check / rewrite)
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
@@ -14,7 +14,7 @@
     python -m bench fullsize [--shape tiny]       the engine at Idefics2-8B's real shape (random weights, GPU)
     python -m bench eval                          FCDB val: the baselines and the no-VLM default (IoU, Disp)
     python -m bench cv                            FCDB train 5-fold CV of the no-VLM default's trees
-    python -m bench ranker-study [--cache F]      other ranker set-ups and crop choices, same CV (~45 min)
+    python -m bench ranker-study [--cache F]      other ranker set-ups and crop choices, same CV (~30 min)
     python -m bench server-tests                  the slow server load / fault tests' figures
     python -m bench style [--style tight45]       `cropper-engine fit` on a house style built from FCDB
 """

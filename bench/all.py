@@ -5,9 +5,9 @@
 Runs each step below as its own process (so each result file records the load when it started),
 one after another, goes on past a step that fails, then rewrites the README's figure blocks from
 the result files (`python -m bench readme --write`) and exits 1 if any step failed. A summary with
-each step's time and exit status goes to bench/results/bench_all.json. About 110 minutes on a quiet
-2-core machine (the sum of the steps' `minutes` below, a quarter of it the style experiments, almost
-half the ranker study).
+each step's time and exit status goes to bench/results/bench_all.json. About 90 minutes on a quiet
+2-core machine (the sum of the steps' `minutes` below, a quarter of it the style experiments, a
+third the ranker study).
 `--quick` runs every step at smoke size (about 32 minutes on a busy machine): it proves the
 mechanism, into bench/results/quick/ (not committed) unless `--results DIR` says otherwise, and
 leaves the README alone unless that DIR is bench/results.
@@ -70,7 +70,7 @@ STEPS = [
     Step("cost", ["cost", "--out"], ["cost", "--out"], ["costmodel.json"], 0.1),
     Step("cv", ["cv"], ["cv", "--limit", "60", "--folds", "2"], ["default_cv.json"], 6.0),
     Step("ranker-study", ["ranker-study"], ["ranker-study", "--limit", "60", "--tasks", "ratio"],
-         ["ranker_study.json", "ranker_study.md"], 45.0),
+         ["ranker_study.json", "ranker_study.md"], 30.0),
     Step("faces", ["faces", "--out", "{results}/face_bench.json"],
          ["faces", "--quick", "--out", "{results}/face_bench.json"], ["face_bench.json", "face_bench.md"], 5.0),
     Step("persons", ["persons"], ["persons", "--limit", "60"], ["person_study.json"], 1.5),

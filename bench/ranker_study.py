@@ -5,7 +5,7 @@ crop from the ranked candidates, each by the same grouped 5-fold CV on FCDB trai
 
 The rows (every training image and its mirror image, the candidates and their features, as
 `fit_default` builds them) take about 6 minutes; `--cache` keeps them for a second run. Then, per
-task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~45 minutes in all):
+task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~30 minutes in all):
 
   set-ups (each one CV, two at a time in threads): the shipped LambdaRank (labels: IoU x 100, gain linear);
     every feature that varies within an image also as its z-score among the image's candidates;
