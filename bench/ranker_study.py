@@ -124,13 +124,13 @@ def _variant_fit(gain_power: float = 1.0, relative: bool = False, share: float =
 
 SHIPPED = "shipped: LambdaRank, labels IoU x 100, linear gain, truncation 20"
 REGULARISED = {"num_leaves": 15, "min_data_in_leaf": 400, "feature_fraction": 0.5}
-_JOBS: list[tuple[str, Any, Any, dict[str, Any], str]] = []  # what the worker threads run, by index
+Job = tuple[str, Any, Any, dict[str, Any], str]  # name, rows (a function: made in the thread), fit, params, task
 
 
-def _run_job(i: int) -> tuple[str, dict[str, Any], np.ndarray | None]:
+def _run_job(job: Job) -> tuple[str, dict[str, Any], np.ndarray | None]:
     from cropper_engine.engine import fit_default as fd
 
-    name, rows_of, fit, params, task = _JOBS[i]
+    name, rows_of, fit, params, task = job
     r = rows_of()
     oof = np.zeros(len(r.y)) if name == SHIPPED else None
     return name, fd.cross_validate(r, FOLDS, params=params, log=lambda s: None, task=task, oof=oof, fit=fit), oof
@@ -140,32 +140,32 @@ def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | No
            jobs: int = 2) -> tuple[dict[str, float], np.ndarray, float]:
     """IoU of each learning set-up (one CV each, `jobs` at a time, in threads); the shipped one's
     out-of-fold scores and blend temperature."""
-    _JOBS[:] = [(SHIPPED, lambda: r, None, {}, task),
-                ("features: each also as its z-score among the image's candidates", lambda: _zscores(r), None, {},
-                 task),
-                ("trees: 15 leaves, 400 rows a leaf, half the features a tree", lambda: r, None, REGULARISED, task)]
+    todo: list[Job] = [
+        (SHIPPED, lambda: r, None, {}, task),
+        ("features: each also as its z-score among the image's candidates", lambda: _zscores(r), None, {}, task),
+        ("trees: 15 leaves, 400 rows a leaf, half the features a tree", lambda: r, None, REGULARISED, task)]
     if extra is not None:
-        _JOBS.append(("features: + colour of the cut strips, thirds, saliency mass boxes "
-                      "(bench/extra_features.py)", lambda: _with(r, extra), None, {}, task))
+        todo.append(("features: + colour of the cut strips, thirds, saliency mass boxes "
+                     "(bench/extra_features.py)", lambda: _with(r, extra), None, {}, task))
     if task == "ratio":
         for family, prefixes in FAMILIES.items():
-            _JOBS.append((f"features: without {family}", lambda p=prefixes: _without(r, p), None, {}, task))
-        _JOBS.append(("features: the box's geometry only (position, size, ratio; no map, no neighbour)",
-                      lambda: _geometry_only(r), None, {}, task))
-        _JOBS.extend([("gain IoU^4", lambda: r, _variant_fit(4.0), {}, task),
-                      ("labels relative to the image's best candidate", lambda: r, _variant_fit(relative=True), {},
-                       task),
-                      ("truncation 5", lambda: r, None, {"lambdarank_truncation_level": 5}, task),
-                      ("data: half the training images (each fold's model)", lambda: r, _variant_fit(share=0.5), {},
-                       task),
-                      ("data: a quarter of the training images (each fold's model)", lambda: r,
-                       _variant_fit(share=0.25), {}, task)])
+            todo.append((f"features: without {family}", lambda p=prefixes: _without(r, p), None, {}, task))
+        todo.append(("features: the box's geometry only (position, size, ratio; no map, no neighbour)",
+                     lambda: _geometry_only(r), None, {}, task))
+        todo.extend([("gain IoU^4", lambda: r, _variant_fit(4.0), {}, task),
+                     ("labels relative to the image's best candidate", lambda: r, _variant_fit(relative=True), {},
+                      task),
+                     ("truncation 5", lambda: r, None, {"lambdarank_truncation_level": 5}, task),
+                     ("data: half the training images (each fold's model)", lambda: r, _variant_fit(share=0.5), {},
+                      task),
+                     ("data: a quarter of the training images (each fold's model)", lambda: r,
+                      _variant_fit(share=0.25), {}, task)])
     # threads, not processes: LightGBM fits and predicts without the GIL (one thread a CV), and
     # a forked child of a parent with threads can deadlock
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ranker-study") as pool:
-        done = list(pool.map(_run_job, range(len(_JOBS))))
+        done = list(pool.map(_run_job, todo))
     out: dict[str, float] = {}
     oof, temperature = np.zeros(len(r.y)), 0.2
     for name, res, o in done:
