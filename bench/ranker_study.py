@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not a.no_tried_features:
         from bench.extra_features import columns
 
-        extra = columns({t: rows[t] for t in tasks}, a.fcdb)
+        extra = columns({t: rows[t] for t in tasks}, a.fcdb, log=lambda s: print(s, flush=True))
         print(f"tried features: {time.perf_counter() - t0:.0f} s", flush=True)
     study: dict[str, Any] = {}
     for task in tasks:
