@@ -705,6 +705,7 @@ class Cropper:
     def _add_vlm_boxes(self, job: Job, gen: Any, r: int, n_boxes: int) -> int:
         w, h = job.size
         boxes: list[Candidate] = []
+        job.notes.extend(getattr(gen, "notes", None) or [])  # what the backend changed (a sampling fallback)
         cut = list(getattr(gen, "truncated", None) or []) + [False] * len(gen.texts)
         if any(cut[:len(gen.texts)]):  # never parsed: a box cut short reads as other numbers
             job.notes.append(f"round {r}: {sum(cut[:len(gen.texts)])} of {len(gen.texts)} answers "

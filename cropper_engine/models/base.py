@@ -121,6 +121,7 @@ class Generation:
     # its count also includes the n samples reusing their own prompt's blocks)
     shared_tokens: int | None = None  # prompt tokens shared with an earlier prompt (cacheable)
     truncated: list[bool] = field(default_factory=list)  # per text: ended by the token limit (empty: unknown)
+    notes: list[str] = field(default_factory=list)  # what the backend did differently (a sampling fallback)
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from typing import Any
 
 from cropper_engine.errors import InputError, ModelNotFoundError
 from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
+from cropper_engine.models.hf_compat import encoder_keyword, encoder_kwargs, image_features
 from cropper_engine.models.images import ImageFitter, longest_edge, max_pixels
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class TransformersVLM:
         self.prefix_store: PrefixStore | None = PrefixStore(2 << 30) if prefix_cache else None
         self.vision_chunk = max(1, int(vision_chunk))
         self.notes: list[str] = []  # what the backend changed about the snapshot (a chat template)
+        # why sampling left the grouped tree decode (None while it has not): on every row's notes
+        self.sampling_note: str | None = None
         self.prefix_tokens_reused = self.prompt_tokens_seen = 0
         self.last_cached: list[int] = []
         self._recent_prompts: deque[Any] = deque(maxlen=512)  # key sequences, for the shared-token count
@@ -175,6 +178,8 @@ class TransformersVLM:
         except NotImplementedError as e:  # transformers' generate handles what the tree decode does not
             logger.info("grouped sampling is off: %s; sampling through transformers' generate", e)
             self.window, self.sampling = None, "shared-prefill"
+            if sampling == "grouped":
+                self.sampling_note = f"grouped sampling off ({e}): sampled through transformers' generate"
         if self._rope_index is not None:
             logger.info("%s uses multimodal rotary positions: grouped sampling takes them from the model's "
                         "get_rope_index; cached image features and prefix reuse are off, and shared-prefill "
@@ -280,11 +285,7 @@ class TransformersVLM:
     def _features_supported(self) -> bool:
         """Whether image features can be computed apart and fed back (Idefics2 / Idefics3 style)."""
         if self._feature_mode is None:
-            import inspect
-
-            params = inspect.signature(self.model.forward).parameters
-            key = "mm_encoder_outputs" if "mm_encoder_outputs" in params else (
-                "image_hidden_states" if "image_hidden_states" in params else "")
+            key = encoder_keyword(self.model)
             ip = getattr(self.processor, "image_processor", None)
             ok = (key and hasattr(self.model, "get_image_features") and ip is not None
                   and not getattr(ip, "do_image_splitting", False)
@@ -341,10 +342,8 @@ class TransformersVLM:
             pv = pix["pixel_values"].to(self.device, self.dtype)
             pam = pix.get("pixel_attention_mask")
             t0 = time.perf_counter()
-            out = self.model.get_image_features(pv, pam.to(self.device) if pam is not None else None,
-                                                return_dict=True)
+            feats = image_features(self.model, pv, pam.to(self.device) if pam is not None else None)
             self._tick("vision", t0)
-            feats = out.pooler_output
             for k, i in enumerate(order):
                 new[i] = feats[k]
                 if parts[i].uuid:
@@ -388,14 +387,16 @@ class TransformersVLM:
         inputs["_uuids"] = uuids
         return inputs
 
-    def _feature_kwargs(self, feats: Any) -> dict[str, Any]:
-        if feats is None or len(feats) == 0:
-            return {}
-        if self._feature_mode == "mm_encoder_outputs":
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=feats)}}
-        return {"image_hidden_states": feats}
+    def _feature_kwargs(self, ids: Any, feats: Any) -> dict[str, Any]:
+        """The model's keyword for the image features of the prompts `ids` [B, T]; the features
+        must fill the prompts' image tokens exactly (a mismatch on CUDA is a device-side assert
+        that leaves the GPU unusable, so it is caught here first)."""
+        token = self._image_token_id()
+        n_tokens = int((ids == token).sum()) if token is not None else 0
+        n_feats = 0 if feats is None else int(feats.shape[0] * feats.shape[1])
+        if n_tokens != n_feats:
+            raise RuntimeError(f"{n_feats} image feature vectors for {n_tokens} image tokens in the prompts")
+        return encoder_kwargs(self._feature_mode or "", feats)
 
     def answer_token_limit(self, grammar: Any) -> int:
         """The token limit an answer of `grammar` needs with this tokenizer (engine/grammar.py)."""
@@ -463,6 +464,7 @@ class TransformersVLM:
                 except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError) as e:
                     logger.warning("grouped sampling failed (%s); using transformers' generate", e)
                     self.sampling = "shared-prefill"
+                    self.sampling_note = f"grouped sampling failed ({e}): sampled through transformers' generate"
                     kwargs = self._fresh_kwargs(kwargs)
                     inputs = self._inputs(conversations).to(self.device)
                     if "pixel_values" in inputs:
@@ -478,6 +480,8 @@ class TransformersVLM:
                         # A transformers version without cache continuation: repeat the prompts instead.
                         logger.warning("shared prefill failed (%s); repeating prompts for n samples", e)
                         self.sampling = "hf"
+                        self.sampling_note = (f"{self.sampling_note + '; ' if self.sampling_note else ''}"
+                                              f"shared prefill failed ({e}): prompts repeated for the samples")
                         if params.seed is not None:
                             torch.manual_seed(params.seed)
                         kwargs = self._fresh_kwargs(kwargs)
@@ -510,7 +514,8 @@ class TransformersVLM:
                 texts, cut = texts * params.n, cut * params.n
             results.append(Generation(texts=texts, prompt_tokens=int(prompt_tokens[b]),
                                       generated_tokens=generated, cached_tokens=int(cached[b]),
-                                      shared_tokens=int(shared[b]), truncated=cut))
+                                      shared_tokens=int(shared[b]), truncated=cut,
+                                      notes=[self.sampling_note] if self.sampling_note else []))
         return results
 
     def _count_shared(self, inputs: Any) -> list[int]:
@@ -706,7 +711,7 @@ class TransformersVLM:
                 positions = self._rope_index(ids, mask, extra)
                 row_pos = positions.amax(dim=(0, 2))
             if counts is not None:
-                extra.update(self._feature_kwargs(feats))
+                extra.update(self._feature_kwargs(ids, feats))
             if self.window is not None:  # a cache of full layers: keep every token's KV for the decode
                 from transformers import DynamicCache
 
@@ -724,7 +729,7 @@ class TransformersVLM:
                 for c, skip in zip(counts, plan.prefix_images, strict=True):
                     keep.extend(range(start + skip, start + c))
                     start += c
-                extra.update(self._feature_kwargs(feats[keep] if keep else None))
+                extra.update(self._feature_kwargs(feed, feats[keep] if keep else None))
             # with a window the gap between the stored prefix and the rest must not count as distance
             fwd_mask = row_mask if self.window is None else window_mask(row_mask, feed.shape[1], self.window)
             out = self.model(input_ids=feed, attention_mask=fwd_mask, position_ids=pos, past_key_values=cache,
@@ -766,6 +771,7 @@ class TransformersVLM:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size, "sampling": self.sampling,
+                "sampling_note": self.sampling_note,
                 "attention": self.attention, "sliding_window": self.window,
                 "processor_settings": self.processor_settings, "image_tokens": self.image_tokens,
                 "context_length": self.context_length, "notes": list(self.notes)}
