@@ -123,3 +123,38 @@ def test_a_snapshot_without_a_chat_template_gets_the_familys(tmp_path, tiny_dir)
 
     conv = [Message("user", ["Hello.", ImagePart(Image.new("RGB", (64, 48))), "\nNow?"])]
     assert vlm.render(conv)[0] == ref.render(conv)[0]
+
+
+@pytest.mark.parametrize(("hub_id", "context"), [("TIGER-Lab/Mantis-8B-Idefics2", 8192),
+                                                  ("Qwen/Qwen2.5-VL-7B-Instruct", 32768)])
+def test_a_snapshot_folder_keeps_its_registry_entry(tmp_path, monkeypatch, tiny_dir, hub_id, context):
+    """`--vlm .../snapshots/<rev>/` is the registry model it is a snapshot of (its trained context,
+    not the config's max_position_embeddings), as is a `--local-dir` folder named after it."""
+    snap = _cache_snapshot(tmp_path, monkeypatch, hub_id, files_from=tiny_dir / "idefics2")
+    resolved = registry.resolve_model(str(snap))
+    assert resolved.spec is not None and resolved.spec.hub_id == hub_id
+    assert registry.context_length(resolved.spec) == context
+    local = tmp_path / "downloads" / hub_id.split("/")[1]
+    shutil.copytree(tiny_dir / "idefics2", local)
+    assert registry.resolve_model(str(local)).spec is resolved.spec
+    other = tmp_path / "downloads" / "my-finetune"
+    shutil.copytree(tiny_dir / "idefics2", other)
+    assert registry.resolve_model(str(other)).spec is None  # unknown: the config's own context applies
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"])
+def test_the_registry_and_the_loader_look_in_one_cache(tmp_path, monkeypatch, tiny_dir, var):
+    """Whichever variable names the cache, `models list` / `--vlm auto` (the registry) and the
+    transformers loader find the same snapshot."""
+    from cropper_engine.models.vlm_transformers import resolve_model_dir
+
+    hub_id = "TIGER-Lab/Mantis-8B-Idefics2"
+    snap = _cache_snapshot(tmp_path, monkeypatch, hub_id, files_from=tiny_dir / "idefics2")
+    monkeypatch.delenv("HF_HOME")
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv(var, str(cache.parent if var == "HF_HOME" else cache))
+    rows = {r["name"]: r for r in registry.list_models(measure=False)}
+    assert rows["mantis-8b-idefics2"]["path"] == str(snap)
+    assert registry.resolve_model("mantis-8b-idefics2").path == snap
+    assert resolve_model_dir(hub_id) == snap == resolve_model_dir("mantis-8b-idefics2")
+    assert registry.hf_cache_dir() == cache

@@ -43,15 +43,10 @@ _RESIZE_NAMES = {
 
 
 def hf_hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (not at import time)."""
-    env = os.environ
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(env[var]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "huggingface" / "hub"
+    """The Hugging Face hub cache, read from the environment now (models/hub_cache.py)."""
+    from cropper_engine.models.hub_cache import hub_cache_dir
+
+    return hub_cache_dir()
 
 
 def openclip_url_cache_dir() -> Path:
@@ -67,26 +62,9 @@ def find_in_hf_cache(
     Reads the cache layout directly (models--org--name/{refs,snapshots}): no network, no
     huggingface_hub import. The snapshot named by refs/main is preferred, then any other.
     """
-    root = Path(cache_dir) if cache_dir is not None else hf_hub_cache_dir()
-    repo_dir = root / ("models--" + repo_id.strip("/").replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    candidates: list[Path] = []
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    others = sorted(
-        (p for p in snapshots.iterdir() if p.is_dir() and p not in candidates),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    for snap in [*candidates, *others]:
-        for name in filenames:
-            f = snap / name
-            if f.is_file():  # follows the symlink into blobs/: a dangling link is not a file
-                return f
-    return None
+    from cropper_engine.models.hub_cache import find_file
+
+    return find_file(repo_id, tuple(filenames), cache_dir)
 
 
 def find_openclip_tag_weights(

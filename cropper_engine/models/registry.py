@@ -95,31 +95,34 @@ DEFAULT_MODEL = next(m for m in MODELS.values() if m.default)
 
 
 def hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return Path(home) / "hub"
+    """The local hub cache (models/hub_cache.py: the one lookup the registry and the loaders share)."""
+    from cropper_engine.models.hub_cache import hub_cache_dir
+
+    return hub_cache_dir()
 
 
 def cached_snapshot(hub_id: str, revision: str | None = None) -> Path | None:
     """The local snapshot folder of a hub repo in the HF cache, if its config is there: the pinned
     `revision` when that snapshot is here, else the one `main` points to, else the newest."""
-    repo = hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))
-    snaps = repo / "snapshots"
-    if not snaps.is_dir():
-        return None
-    if revision and (snaps / revision / "config.json").exists():
-        return snaps / revision
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        cand = snaps / ref.read_text().strip()
-        if (cand / "config.json").exists():
-            return cand
-    for cand in sorted(snaps.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-        if (cand / "config.json").exists():
-            return cand
-    return None
+    from cropper_engine.models import hub_cache
+
+    return hub_cache.cached_snapshot(hub_id, revision)
+
+
+def spec_for_folder(folder: str | Path) -> ModelSpec | None:
+    """The registry entry of a model folder: a hub-cache snapshot (`.../models--owner--name/
+    snapshots/<rev>`) by its hub id, else a folder named after a registry model or its hub name
+    (what `huggingface-cli download ID --local-dir` makes); None for anything else."""
+    from cropper_engine.models.hub_cache import hub_id_of
+
+    hub_id = hub_id_of(folder)
+    if hub_id is not None:
+        spec = next((m for m in MODELS.values() if m.hub_id.lower() == hub_id.lower()), None)
+        if spec is not None:
+            return spec
+    name = Path(folder).expanduser().name.lower()
+    return next((m for m in MODELS.values()
+                 if m.name in name or m.hub_id.split("/")[-1].lower() == name), None)
 
 
 def has_weights(folder: Path) -> bool:
@@ -155,8 +158,7 @@ def resolve_model(name: str) -> ResolvedModel:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelNotFoundError(f"{p} has no config.json: not a model folder")
-        spec = next((m for m in MODELS.values() if m.name in p.name.lower()), None)
-        return ResolvedModel(p, spec, name)
+        return ResolvedModel(p, spec_for_folder(p), name)
     if looks_like_path(name):
         raise ModelNotFoundError(
             f"no such model folder: {name}; pass --vlm an existing folder with config.json and weights, "

@@ -35,14 +35,10 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def hf_hub_cache() -> Path:
-    """The hub cache folder, from the environment as it is now (not as it was at import time)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "huggingface" / "hub"
+    """The hub cache folder (models/hub_cache.py: the registry's lookup too)."""
+    from cropper_engine.models.hub_cache import hub_cache_dir
+
+    return hub_cache_dir()
 
 
 def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
@@ -60,22 +56,21 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
             raise ModelNotFoundError(f"model folder {text!r} has no config.json: it is not a saved "
                                      "transformers model (point at the folder that holds config.json)")
         return path
-    from huggingface_hub import try_to_load_from_cache
+    from cropper_engine.models.registry import MODELS, cached_snapshot
 
-    cache = hf_hub_cache()
-    try:
-        found = try_to_load_from_cache(text, "config.json", cache_dir=cache)
-    except Exception:  # a malformed repo id, for one
-        found = None
-    if not isinstance(found, str):
+    spec = MODELS.get(text.lower())
+    hub_id = spec.hub_id if spec is not None else text
+    found = cached_snapshot(hub_id, spec.revision if spec is not None else None) if "/" in hub_id else None
+    if found is None:
+        cache = hf_hub_cache()
         raise ModelNotFoundError(
             f"model {text!r} is neither a local folder nor in the Hugging Face cache at {cache}, and this "
-            f"engine never downloads. On a machine with internet run `huggingface-cli download {text}` "
-            f"(or `hf download {text}`), then copy its cache folder ({cache.name}/models--"
-            f"{text.replace('/', '--')}) into {cache} (or set HF_HOME / HF_HUB_CACHE to where it is), "
+            f"engine never downloads. On a machine with internet run `huggingface-cli download {hub_id}` "
+            f"(or `hf download {hub_id}`), then copy its cache folder ({cache.name}/models--"
+            f"{hub_id.replace('/', '--')}) into {cache} (or set HF_HOME / HF_HUB_CACHE to where it is), "
             "or pass the downloaded model folder itself as the model path."
         )
-    return Path(found).parent
+    return found
 
 
 def _conversation_to_chat(conversation: Conversation,
