@@ -263,10 +263,12 @@ def ensure_chat_template(processor: object, path: Path | None = None) -> str | N
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """GPU memory a VLM needs, from its real config, in GB (1e9 bytes)."""
+    """GPU memory a VLM needs, from its real config, in GB (1e9 bytes): every buffer alive at the
+    peak of a batch (the transformers backend: when the decode's KV slab is filled from the
+    prefill's cache while the prefix store holds the round-0 prompts)."""
 
     weights: float
-    kv: float  # the decode's KV slab: `batch` prompts of `context` tokens
+    kv: float  # the decode's KV slab: `batch` prompts of `context` tokens + their answer slots
     prefix_store: float  # round-0 prompts kept for the refinement rounds (transformers backend)
     activations: float  # the text model's prefill of a batch (MLP intermediates at full length)
     vision: float  # one chunk of images through the vision tower
@@ -275,16 +277,28 @@ class MemoryNeed:
     batch: int = 1
     vision_chunk: int = 1
     backend: str = "transformers"
+    prefill_layer: float = 0.0  # the prefill's cache moves into the slab a layer at a time: one layer
+    masks: float = 0.0  # the prefill's 4D attention mask (boolean) and the float copy SDPA makes of it
+    answer_slots: int = 0  # tokens a prompt's answers may add to the slab
 
     @property
     def total(self) -> float:
-        return self.weights + self.kv + self.prefix_store + self.activations + self.vision + self.overhead
+        return (self.weights + self.kv + self.prefix_store + self.prefill_layer + self.activations + self.masks
+                + self.vision + self.overhead)
+
+    def buffers(self) -> dict[str, float]:
+        """Every term of the estimate, GB, by name."""
+        return {"weights": self.weights, "kv_slab": self.kv, "prefix_store": self.prefix_store,
+                "prefill_cache_layer": self.prefill_layer, "prefill_activations": self.activations,
+                "attention_masks": self.masks, "vision": self.vision, "overhead": self.overhead}
 
     def describe(self) -> str:
+        slots = f" + {self.answer_slots} answer slots" if self.answer_slots else ""
         return (f"~{self.total:.1f} GB: weights {self.weights:.1f}, KV {self.kv:.1f} ({self.batch} prompt(s) x "
-                f"{self.context} tokens), prefix store {self.prefix_store:.1f}, prefill activations "
-                f"{self.activations:.1f}, vision {self.vision:.1f} ({self.vision_chunk} image(s) a chunk), "
-                f"overhead {self.overhead:.1f}")
+                f"{self.context} tokens{slots}), prefix store {self.prefix_store:.1f}, prefill cache "
+                f"{self.prefill_layer:.1f} (one layer at a time into the slab), prefill activations "
+                f"{self.activations:.1f}, attention masks {self.masks:.1f}, vision {self.vision:.1f} "
+                f"({self.vision_chunk} image(s) a chunk), overhead {self.overhead:.1f}")
 
 
 def count_parameters(config: object) -> int:
@@ -325,21 +339,31 @@ def vision_bytes_per_image(config: object, settings: dict[str, object] | None = 
 
 def memory_need(config: object, context: int, batch: int = 1, backend: str = "transformers",
                 settings: dict[str, object] | None = None, vision_chunk: int = 4,
-                dtype_bytes: int = 2, params: int | None = None) -> MemoryNeed:
-    """Memory for a VLM from its config (a transformers PretrainedConfig): bf16 weights, the KV of
-    `batch` prompts at `context` tokens (the transformers backend also keeps them in its prefix
-    store; vLLM needs one sequence's at least), the prefill's activations, one vision chunk."""
+                dtype_bytes: int = 2, params: int | None = None, answer_slots: int = 256) -> MemoryNeed:
+    """Memory for a VLM from its config (a transformers PretrainedConfig): bf16 weights, the prefill's
+    activations and attention mask, one vision chunk, and the KV the backend keeps.
+
+    transformers backend (`batch` prompts of `context` tokens): the decode's slab (the prompts plus
+    `answer_slots` tokens of answers each), the prefix store's round-0 prompts, and one layer of the
+    prefill's cache while it moves into the slab. vLLM: one sequence's KV at least (it pages the rest)."""
     gb = 1e9
     n = params if params is not None else count_parameters(config)
     text = getattr(config, "text_config", None) or config
-    rows = batch if backend == "transformers" else 1
-    kv = kv_bytes_per_token(config, dtype_bytes) * context * rows
+    transformers_backend = backend == "transformers"
+    rows = batch if transformers_backend else 1
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    slots = answer_slots if transformers_backend else 0
+    kv = per_token * (context + slots) * rows
+    store = per_token * context * rows if transformers_backend else 0
+    layer = per_token * context * rows / max(text.num_hidden_layers, 1) if transformers_backend else 0
     inter = getattr(text, "intermediate_size", 4 * text.hidden_size)
     tokens = context * rows
     act = tokens * (4 * text.hidden_size + 3 * inter) * dtype_bytes
+    masks = rows * context * context * (1 + dtype_bytes) if transformers_backend else 0
     vision = vision_bytes_per_image(config, settings, dtype_bytes) * vision_chunk
-    return MemoryNeed(n * dtype_bytes / gb, kv / gb, kv / gb if backend == "transformers" else 0.0, act / gb,
-                      vision / gb, context=context, batch=rows, vision_chunk=vision_chunk, backend=backend)
+    return MemoryNeed(n * dtype_bytes / gb, kv / gb, store / gb, act / gb, vision / gb, context=context,
+                      batch=rows, vision_chunk=vision_chunk, backend=backend, prefill_layer=layer / gb,
+                      masks=masks / gb, answer_slots=slots)
 
 
 def gpu_memory_gb() -> float:

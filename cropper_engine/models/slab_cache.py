@@ -15,14 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def slab_cache(cache: Any, rows: int, len_cap: int) -> Any:
-    """A DynamicCache whose layers are slabs of `rows` x `len_cap` tokens holding `cache`'s
-    content (the prefill's KV, `rows` prompts)."""
-    from transformers import DynamicCache
+def _slab_layer_class() -> Any:
+    """SlabLayer, made once (it subclasses transformers' DynamicLayer, imported on first use)."""
+    global _SLAB_LAYER
+    if _SLAB_LAYER is not None:
+        return _SLAB_LAYER
     from transformers.cache_utils import DynamicLayer
 
     class SlabLayer(DynamicLayer):
-        def __init__(self, keys: Any, values: Any) -> None:
+        """One layer's keys and values in slabs of `rows` x `len_cap` tokens."""
+
+        def __init__(self, keys: Any, values: Any, rows: int, len_cap: int) -> None:
             super().__init__()
             b, h, t, d = keys.shape
             self.dtype, self.device = keys.dtype, keys.device
@@ -62,6 +65,30 @@ def slab_cache(cache: Any, rows: int, len_cap: int) -> Any:
         def get_seq_length(self) -> int:
             return self.length
 
+    _SLAB_LAYER = SlabLayer
+    return SlabLayer
+
+
+_SLAB_LAYER: Any = None
+
+
+def slab_cache(cache: Any, rows: int, len_cap: int) -> Any:
+    """A DynamicCache whose layers are slabs of `rows` x `len_cap` tokens holding `cache`'s
+    content (the prefill's KV, `rows` prompts).
+
+    `cache` is emptied on the way: each of its layers is dropped as soon as its slab holds it, so
+    the two copies of the KV never coexist beyond one layer (registry.memory_need counts that).
+    """
+    from transformers import DynamicCache
+
+    slab_layer = _slab_layer_class()
+    source = cache.layers
+    cache.layers = []
+    layers = []
+    while source:
+        layer = source.pop(0)
+        layers.append(slab_layer(layer.keys, layer.values, rows, len_cap))
+        del layer
     out = DynamicCache()
-    out.layers = [SlabLayer(layer.keys, layer.values) for layer in cache.layers]
+    out.layers = layers
     return out

@@ -154,6 +154,7 @@ class TransformersVLM:
         if not self.device.startswith("cuda"):
             self.model.to(self.device)
         self.model.eval()
+        self.model.requires_grad_(False)
         if attention not in ("auto", "stock"):
             raise InputError(f"unknown attention {attention!r}; choose auto or stock")
         self.attention = "stock"
@@ -408,16 +409,21 @@ class TransformersVLM:
             raise InputError(f"n must be at least 1, got {params.n}")
         if params.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
+        import torch
+
         results: list[Generation | None] = [None] * len(conversations)
         # Conversations with and without images cannot share one processor call.
         has_images = [any(isinstance(p, ImagePart) for m in c for p in m.content) for c in conversations]
-        for flag in (True, False):
-            group = [i for i, h in enumerate(has_images) if h is flag]
-            for start in range(0, len(group), self.batch_size):
-                part = group[start:start + self.batch_size]
-                gens = self._generate_batch([conversations[i] for i in part], params)
-                for i, gen in zip(part, gens, strict=True):
-                    results[i] = gen
+        # everything, the vision tower included, without autograd: a cached image feature must not
+        # hold its chunk's activations
+        with torch.inference_mode():
+            for flag in (True, False):
+                group = [i for i, h in enumerate(has_images) if h is flag]
+                for start in range(0, len(group), self.batch_size):
+                    part = group[start:start + self.batch_size]
+                    gens = self._generate_batch([conversations[i] for i in part], params)
+                    for i, gen in zip(part, gens, strict=True):
+                        results[i] = gen
         return [g for g in results if g is not None]
 
     def _generate_batch(self, conversations: Sequence[Conversation],
