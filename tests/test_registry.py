@@ -35,11 +35,13 @@ def test_memory_from_the_real_config():
     assert one.weights == pytest.approx(2 * params / 1e9)
     # Mistral-7B: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 128 KiB a token
     assert registry.kv_bytes_per_token(config) == 32 * 8 * 128 * 2 * 2
-    assert eight.kv == pytest.approx(8 * one.kv) and one.kv == pytest.approx(131072 * 8192 / 1e9)
+    # the slab: the prompt and 256 answer slots; the store: the prompt
+    assert eight.kv == pytest.approx(8 * one.kv) and one.kv == pytest.approx(131072 * (8192 + 256) / 1e9)
+    assert one.prefix_store == pytest.approx(131072 * 8192 / 1e9)
     assert one.total > 20.0 and eight.total > 40.0  # the old rule said 20 GB for either
     assert "weights 16.8" in eight.describe() and "8 prompt(s) x 8192 tokens" in eight.describe()
     vllm = registry.memory_need(config, 8192, 8, "vllm", {"do_image_splitting": False}, params=params)
-    assert vllm.prefix_store == 0 and vllm.kv == pytest.approx(one.kv)
+    assert vllm.prefix_store == 0 and vllm.kv == pytest.approx(one.prefix_store)
 
 
 def _cache_snapshot(tmp_path, monkeypatch, hub_id, files_from=None, config=None, commit="a" * 40):
