@@ -41,7 +41,8 @@ def git_state() -> dict[str, Any]:
                     ":(exclude)bench/results")
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty)}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
+        # a copy of the tree without .git (the lent GPU machine): the commit the caller names
+        return {"commit": os.environ.get("CROPPER_BENCH_COMMIT", "unknown"), "dirty": None}
 
 
 GIT_AT_START = git_state()

@@ -135,6 +135,11 @@ class TransformersVLM:
         self.stage_times: dict[str, float] = {}  # seconds in vision / prefill / decode, accumulated
         self.path = path
         self.id = f"transformers:{model}"
+        from cropper_engine.models.hf_compat import version_note
+
+        if version_note():  # outside the range the engine is tested on: said, not refused
+            logger.warning("%s", version_note())
+            self.notes.append(str(version_note()))
 
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"dtype": self.dtype, "local_files_only": True}
