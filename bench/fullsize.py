@@ -106,14 +106,11 @@ def build_model(shape: str, work: Path, device: str) -> tuple[Path, Any]:
     import torch
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if shape == "like":
-        from transformers import AutoModelForImageTextToText
-
-        from cropper_engine.models.tiny_vlm import make_tiny_like
+    if shape == "like":  # made on the device as the 8B model is (tiny_vlm.random_model)
+        from cropper_engine.models.tiny_vlm import make_tiny_like, random_model
 
         path = make_tiny_like(work / "model", "mantis-8b-idefics2")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
-        return path, model.eval()
+        return path, random_model(path, device, dtype)
     from cropper_engine.models.tiny_vlm import build_idefics2
 
     return build_idefics2(work / "model", shape, save_weights=False, device=device, dtype=dtype)

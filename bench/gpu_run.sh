@@ -32,6 +32,13 @@ if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), f"{free / 1e9:.1f} of {total / 1e9:.1f} GB free")
 from cropper_engine.models.hf_compat import version_note
 print(version_note() or "transformers inside the supported range")
+# the 8B model, its 32,003-token tokenizer and processor, built on the meta device (no memory): the
+# full-size construction path, checked in seconds wherever this runs (the rehearsal too)
+import tempfile
+from cropper_engine.models.tiny_vlm import build_idefics2
+_, meta = build_idefics2(tempfile.mkdtemp(), "8b", save_weights=False, device="meta")
+print(f"8b shape on the meta device: {sum(p.numel() for p in meta.parameters()) / 1e9:.2f} B parameters, "
+      f"sliding window {meta.config.text_config.sliding_window}")
 PYEOF
 "$PY" bench/fullsize.py --shape "$SHAPE" --device "$DEVICE" --batches "$BATCHES" --modes list,parallel \
   --repeats "$REPEATS" --budget-s "$BUDGET_S" --json "$DEST/fullsize-$SHAPE.json" --strict

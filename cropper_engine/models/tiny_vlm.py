@@ -195,10 +195,20 @@ def build_idefics2(out_dir: str | Path, shape: str = "tiny", *, seed: int = 0, s
         return out, model
     config.save_pretrained(out)
     gen.save_pretrained(out)
+    return out, random_model(out, device, dtype or torch.bfloat16)
+
+
+def random_model(folder: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
+    """The model a folder's config.json describes, with random weights made straight on `device`
+    (no weights read or written: how the 8B shape is timed), its generation config attached."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
     with torch.device(device):
-        model = Idefics2ForConditionalGeneration._from_config(config, dtype=dtype or torch.bfloat16).eval()
-    model.generation_config = gen
-    return out, model
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.bfloat16).eval()
+    model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model
 
 
 # --- Idefics3 / SmolVLM ------------------------------------------------------------------------
@@ -683,4 +693,5 @@ def _like_qwen2_5_vl(out: Path, sheet: dict[str, Any], seed: int) -> Path:
 
 
 __all__ = ["IDEFICS2_CHAT_TEMPLATE", "LIKE_NAMES", "QWEN2_5_VL_CHAT_TEMPLATE", "SHAPES", "SMOLVLM_CHAT_TEMPLATE",
-           "build_idefics2", "make_tiny_idefics2", "make_tiny_idefics3", "make_tiny_like", "make_tiny_qwen2_5_vl"]
+           "build_idefics2", "make_tiny_idefics2", "make_tiny_idefics3", "make_tiny_like", "make_tiny_qwen2_5_vl",
+           "random_model"]
