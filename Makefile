@@ -38,15 +38,16 @@ $(VVENV)/.installed: pyproject.toml
 	touch $@
 
 # The GPU machine's twin: torch 2.11 and transformers 5.17 (the lowest supported) and nothing the
-# GPU machine lacks. hnswlib and open_clip, which some tests need, go to a folder of their own that
-# only test-tfmin puts on the path (the rehearsal must run without them, as the GPU run does).
+# GPU machine lacks. What the tests need beside (hnswlib, open_clip, OpenCV's contrib modules for
+# the no-VLM fallback) goes to a folder of its own that only test-tfmin puts first on the path:
+# the rehearsal runs without them, as the GPU run does.
 install-gpu-twin: $(GVENV)/.installed
 $(GVENV)/.installed: bench/gpu_machine.txt
 	$(PY) -m venv $(GVENV)
 	$(GVENV)/bin/pip install -q --upgrade pip
 	$(GVENV)/bin/pip install -q -r bench/gpu_machine.txt
 	$(GVENV)/bin/pip install -q --no-deps --target $(GVENV)/test-extras hnswlib==0.8.0 open_clip_torch==3.3.0 \
-		ftfy wcwidth regex
+		ftfy wcwidth regex opencv-contrib-python-headless==5.0.0.93
 	touch $@
 
 # public-domain / CC0 sample photos from scikit-image's package data (not committed here)

@@ -26,6 +26,8 @@ for name in ("torch", "transformers", "tokenizers", "accelerate", "numpy", "PIL"
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except ImportError:
         print(name, "not installed")
+import cv2
+print("cv2.saliency", "present" if hasattr(cv2, "saliency") else "absent (no contrib modules: the no-VLM fallback cannot run)")
 import torch
 if torch.cuda.is_available():
     free, total = torch.cuda.mem_get_info()
