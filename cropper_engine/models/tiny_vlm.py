@@ -213,10 +213,10 @@ SMOLVLM_CHAT_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 # SmolVLM's specials, in its order: <|endoftext|> 0, <|im_start|> 1 (BOS), <|im_end|> 2 (pad); then
-# after the BPE vocabulary the image tokens, the global-image tag and the 6 x 6 tile tags.
+# after the BPE vocabulary the three tokens SmolVLM-Instruct adds. Its '<global-img>' and 6 x 6 tile
+# tags are no tokens: text its processor writes, which the BPE splits (models/sheets/smolvlm-instruct.json).
 SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SMOLVLM_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+SMOLVLM_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 IDEFICS3_IMAGE_SIZE = 112  # one 112 px tile: 8 x 8 patches, pixel-shuffled by 2 -> 16 <image> tokens
 IDEFICS3_PATCH_SIZE = 14
 IDEFICS3_SCALE_FACTOR = 2
@@ -254,10 +254,52 @@ QWEN_MIN_PIXELS = 2 * 2 * 28 * 28  # a token covers 28 x 28 pixels: 4 to 16 toke
 QWEN_MAX_PIXELS = 4 * 4 * 28 * 28
 
 
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE (printable bytes as themselves, the others
+    from U+0100: a space is 'Ġ', a newline 'Ċ')."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Merges that make each word one byte-level token, left to right: (g, l), (gl, o), ..., (globa, l)
+    ('\\n\\n' is 'ĊĊ' in the byte-level alphabet)."""
+    byte_char = _byte_level_chars()
+    chained = ("".join(byte_char[b] for b in w.encode()) for w in words)
+    return [(w[:k], w[k]) for w in chained for k in range(1, len(w))]
+
+
+def _tag_words(sheet: dict[str, Any]) -> tuple[str, ...]:
+    """The pieces of an Idefics3 sheet's image tags that are more than one character (and not digits):
+    the words a tiny's BPE must hold to split the tags as the real tokenizer does."""
+    pieces = (p for v in sheet["image_tags"]["strings"].values() for p in (v["pieces"] or ()))
+    return tuple(dict.fromkeys(p for p in pieces if len(p) > 1 and not p.isdigit()))
+
+
+def _force_words(merges: list[tuple[str, str]], learned: list[str], chain: list[tuple[str, str]],
+                 unfused: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The words' merges first (so each word is one token whatever else BPE learned), and no merge or
+    token that fuses one of `unfused` with anything: text the real tokenizer has no token for (an
+    Idefics3 image tag) splits into the real tokenizer's pieces."""
+    def fused(s: str) -> bool:
+        return any(u in s and s != u for u in unfused)
+    merges = chain + [m for m in merges if m not in chain and not fused(m[0] + m[1])]
+    learned = [t for t in learned if not fused(t)]
+    return merges, learned + [a + b for a, b in chain if a + b not in learned]
+
+
 def _train_bytelevel_tokenizer(seed: int, specials: list[str], tail: list[str], vocab_size: int,
-                               split: str | None = None):
+                               split: str | None = None, words: tuple[str, ...] = (), unfused: tuple[str, ...] = ()):
     """A GPT-2 style byte-level BPE ('Ġ' spaces, single digits, no BOS added): `specials` take the
-    first ids, `tail` (added special tokens) the last; filler tokens pad the vocabulary between."""
+    first ids, `tail` (added special tokens) the last; filler tokens pad the vocabulary between.
+    `words` and `unfused` as in `_bytelevel_like_tokenizer`."""
     import json
 
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -273,16 +315,20 @@ def _train_bytelevel_tokenizer(seed: int, specials: list[str], tail: list[str], 
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail), special_tokens=specials,
+    chain = _word_merges(words)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(chain), special_tokens=specials,
                                   initial_alphabet=alphabet, min_frequency=1, show_progress=False)
     trainer_tok.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
-    learned = sorted((i, t) for t, i in model["vocab"].items() if t not in specials)
-    tokens = specials + [t for _, t in learned]
+    learned = [t for _, t in sorted((i, t) for t, i in model["vocab"].items() if t not in specials)]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if chain or unfused:
+        merges, learned = _force_words(merges, learned, chain, unfused)
+    tokens = specials + learned
     tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
     tokens += tail
+    assert len(tokens) == vocab_size, (len(tokens), vocab_size)
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + tail])
     tok.pre_tokenizer = pre()
@@ -310,7 +356,8 @@ def _save(out: Path, processor: Any, config: Any, gen: Any, model_cls: Any, seed
 def make_tiny_idefics3(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny random SmolVLM (Idefics3 architecture) in `out_dir`: SigLIP-style vision tower, pixel
     shuffle connector (16 `<image>` tokens an image, one 112 px tile: image splitting off), Llama
-    text model, a byte-level BPE tokenizer with SmolVLM's special tokens and its chat template."""
+    text model, a byte-level BPE tokenizer with SmolVLM-Instruct's special and added tokens (its
+    '<global-img>' is 5 text tokens, as SmolLM2's: 16 + 7 = 23 tokens an image) and its chat template."""
     from transformers import (
         GenerationConfig,
         Idefics3Config,
@@ -319,11 +366,15 @@ def make_tiny_idefics3(out_dir: str | Path, seed: int = 0) -> Path:
         Idefics3Processor,
     )
 
+    from cropper_engine.models.sheets import load_sheet
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = VOCAB_SIZE
+    words = _tag_words(load_sheet("smolvlm-instruct"))  # '<global-img>' as '<', 'global', '-', 'img', '>'
     tokenizer = _fast_tokenizer(
-        _train_bytelevel_tokenizer(seed, SMOLVLM_SPECIALS, SMOLVLM_IMAGE_TOKENS, vocab_size),
+        _train_bytelevel_tokenizer(seed, SMOLVLM_SPECIALS, SMOLVLM_IMAGE_TOKENS, vocab_size, words=words,
+                                   unfused=("<",)),
         bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<|endoftext|>",
         pad_token="<|im_end|>", extra_special_tokens=SMOLVLM_IMAGE_TOKENS, model_max_length=8192)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIALS + SMOLVLM_IMAGE_TOKENS}
@@ -476,20 +527,6 @@ def _sp_like_tokenizer(seed: int, vocab_size: int, specials: list[str], added: l
     return tok
 
 
-def _byte_level_chars() -> dict[int, str]:
-    """GPT-2's byte -> character map of byte-level BPE (printable bytes as themselves, the others
-    from U+0100: a space is 'Ġ', a newline 'Ċ')."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail: list[str], split: str,
                               digit_groups: bool, bos: str | None = None, words: tuple[str, ...] = (),
                               unfused: tuple[str, ...] = ()):
@@ -510,11 +547,7 @@ def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail:
 
     numbers = [str(i) for i in range(10)] + [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
     numbers = list(dict.fromkeys(numbers)) if digit_groups else []
-    # every prefix of a word is a token, merged left to right: (g, l), (gl, o), ..., (globa, l); in the
-    # byte-level alphabet ('\n\n' is 'ĊĊ')
-    byte_char = _byte_level_chars()
-    chain = [(w[:k], w[k]) for w in ("".join(byte_char[b] for b in w.encode()) for w in words)
-             for k in range(1, len(w))]
+    chain = _word_merges(words)
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(numbers) - len(chain), special_tokens=head,
@@ -532,11 +565,7 @@ def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail:
         merges += [(s[0], s[1]) for s in two] + [(s[:2], s[2]) for s in three] + [(s[0], s[1:]) for s in three]
         learned += two + three
     if chain or unfused:
-        def fused(s: str) -> bool:
-            return any(u in s and s != u for u in unfused)
-        merges = chain + [m for m in merges if m not in chain and not fused(m[0] + m[1])]
-        learned = [t for t in learned if not fused(t)]
-        learned += [a + b for a, b in chain if a + b not in learned]
+        merges, learned = _force_words(merges, learned, chain, unfused)
     tokens = head + learned
     tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
     tokens += tail
@@ -638,7 +667,7 @@ def _like_idefics3(out: Path, sheet: dict[str, Any], seed: int) -> Path:
     assert added == IDEFICS3_ADDED, added
     # the image tags are text to the real tokenizer: the tiny's splits them into the same pieces
     tags = {s: v["pieces"] for s, v in sheet["image_tags"]["strings"].items() if v["pieces"] is not None}
-    words = tuple(dict.fromkeys(p for pieces in tags.values() for p in pieces if len(p) > 1 and not p.isdigit()))
+    words = _tag_words(sheet)
     if sheet["name"] == "idefics3-8b":  # Llama 3.1: regular tokens, 256 specials, then the added tokens
         head, tail = [], LLAMA3_SPECIALS + added
         vocab_size = 2400 + len(tail)
