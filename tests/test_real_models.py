@@ -98,6 +98,59 @@ def test_sheet_token_ids_are_consistent(name):
     assert sample["pieces"].count(sheet["special_tokens"]["image"][0]) == 2
 
 
+def _sheet_ids(sheet: dict) -> dict[str, list[int]]:
+    """Every token id a sheet records, by where it records it."""
+    found: dict[str, list[int]] = {
+        "config.image_token_id": [sheet["config"]["image_token_id"]],
+        "special_tokens": [i for _, i in sheet["special_tokens"].values() if i is not None],
+        "end_ids": list(sheet["end_ids"] or []),
+        "added_tokens": [i for _, i in sheet["added_tokens"]["tokens"]],
+        "chat_template.sample": list(sheet["chat_template"]["sample"]["ids"] or []),
+    }
+    for key in ("samples", "image_tags"):
+        for s, v in ((sheet.get(key) or {}).get("strings") or {}).items():
+            found[f"{key}[{s!r}]"] = list(v["ids"] or [])
+    return found
+
+
+def test_sheet_ids_are_within_the_vocabulary(name):
+    """No recorded id at or past the vocabulary (SmolVLM's sheet had <image> 49190 with a vocab of
+    49155); the tokens the model added sit at the end, in order, with the special tokens' ids."""
+    sheet = load_sheet(name)
+    vocab = sheet["config"]["text"]["vocab_size"]
+    for where, ids in _sheet_ids(sheet).items():
+        assert all(0 <= i < vocab for i in ids), (where, [i for i in ids if not 0 <= i < vocab], vocab)
+    added = sheet["added_tokens"]
+    base = added["base_vocab_size"]
+    assert [i for _, i in added["tokens"]] == list(range(base, base + len(added["tokens"])))
+    if added["tokens"]:  # the idefics families: the added tokens are the vocabulary's last ids
+        assert base + len(added["tokens"]) == vocab
+    specials = {t: i for t, i in sheet["special_tokens"].values()}
+    for tok, i in added["tokens"]:
+        assert specials.get(tok, i) == i, tok
+    image, image_id = sheet["special_tokens"]["image"]
+    assert image_id == sheet["config"]["image_token_id"]
+    if sheet["family"] != "qwen2_5_vl":
+        assert [image, image_id] in added["tokens"]
+
+
+def test_sheet_idefics3_tokens_per_image_count_the_tag_pieces(name):
+    """Unsplit: <fake_token_around_image> + <global-img> as the real tokenizer splits it + image_seq_len
+    x <image> + <fake_token_around_image>; neither tag is an added token."""
+    sheet = load_sheet(name)
+    if sheet["family"] != "idefics3":
+        pytest.skip("Idefics3 only")
+    tags = sheet["image_tags"]["strings"]
+    added = {t for t, _ in sheet["added_tokens"]["tokens"]}
+    assert "<global-img>" not in added and not any(t.startswith("<row_") for t in added)
+    global_img = tags["<global-img>"]["pieces"]
+    assert len(global_img) > 1 and "".join(global_img) == "<global-img>"
+    assert "".join(tags["<row_1_col_1>"]["pieces"]) == "<row_1_col_1>"
+    n = 1 + len(global_img) + sheet["processor"]["hub"]["image_seq_len"] + 1
+    assert sheet["tokens_per_image"]["no_splitting"] == sheet["tokens_per_image"]["engine"] == n
+    assert n == {"idefics3-8b": 175, "smolvlm-instruct": 88}[name]
+
+
 # --- the --like tiny models against the sheets -------------------------------------------------------
 
 def test_tiny_tokenizes_boxes_and_numbers_as_the_real_model(name, processors):
@@ -131,6 +184,45 @@ def test_tiny_special_tokens_end_ids_and_bos(name, processors, tinies):
     assert (with_bos[0] == tok.bos_token_id) == sheet["tokenizer_adds_bos"]
     if sheet["tokenizer_adds_bos"]:
         assert tok.bos_token == sheet["special_tokens"]["bos"][0]
+
+
+def test_tiny_added_tokens_are_the_real_ones(name, processors, tinies):
+    """The tiny's tokenizer adds exactly the real model's added tokens, in the real order, as its last
+    ids (and the config's image token is one of them); any other added token of the tiny is one of
+    its text tokenizer's own specials (<unk>, <s>, </s>, <|...|>), never an image tag."""
+    import json
+
+    sheet = load_sheet(name)
+    tok = processors[name].tokenizer
+    real = [t for t, _ in sheet["added_tokens"]["tokens"]]
+    n = len(tok)
+    assert tok.convert_ids_to_tokens(list(range(n - len(real), n))) == real
+    own = [a.content for a in tok.added_tokens_decoder.values()]
+    assert len(own) == len(set(own))
+    assert {t for t in own if not re.fullmatch(r"<unk>|<s>|</s>|<\|[a-z0-9_]+\|>", t)} == set(real)
+    config = json.loads((tinies[name] / "config.json").read_text())
+    image_token = sheet["special_tokens"]["image"][0]
+    assert tok.convert_ids_to_tokens(config["image_token_id"]) == image_token
+    assert config["text_config"]["vocab_size"] == n
+
+
+def test_tiny_image_tags_split_as_the_real_tokenizer(name, processors):
+    """'<global-img>' and the tile tags are text to the real Idefics3 tokenizers: the tiny splits
+    them into the real pieces (4 for Llama 3, 5 for SmolLM2), not one token."""
+    sheet = load_sheet(name)
+    if sheet["family"] != "idefics3":
+        pytest.skip("Idefics3 only")
+    tok = processors[name].tokenizer
+    for tag, real in sheet["image_tags"]["strings"].items():
+        ids = tok(tag, add_special_tokens=False)["input_ids"]
+        if real["pieces"] is not None:
+            assert [tok.decode([i]) for i in ids] == real["pieces"], tag
+    for i in range(6):
+        for j in range(6):
+            tag = f"<row_{i + 1}_col_{j + 1}>"
+            pieces = [tok.decode([k]) for k in tok(tag, add_special_tokens=False)["input_ids"]]
+            assert len(pieces) == len(sheet["image_tags"]["strings"]["<row_1_col_1>"]["pieces"]), tag
+            assert "".join(pieces) == tag
 
 
 def test_tiny_chat_template_renders_as_the_real_one(name, processors):
@@ -194,6 +286,8 @@ def test_tiny_tokens_per_image_as_the_real_model(name, processors):
         assert ip.size["longest_edge"] == hub["size"]["longest_edge"] == 4 * hub["max_image_size"]["longest_edge"]
         n = _count_image_tokens(proc, photo, "<image>")
         assert n >= 13 * hub["image_seq_len"]
+        if sheet["tokens_per_image"]["hub_defaults_1024x768"] is not None:  # tags and newlines as the real ones
+            assert n == sheet["tokens_per_image"]["hub_defaults_1024x768"]
 
 
 def test_tokens_per_image_at_the_engine_settings(name, tinies):

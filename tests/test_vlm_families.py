@@ -75,7 +75,16 @@ def test_builders_write_consistent_folders(family_dirs, vlms):
         if name == "idefics3":  # SmolVLM-Instruct's format; one 112 px tile = 16 tokens, no splitting
             assert text == "<|im_start|>User: Hi.<image>\nNow?<end_of_utterance>\nAssistant:"
             assert processor.image_processor.do_image_splitting is False and n_image == 16
-            assert ids.count(tok.convert_tokens_to_ids("<global-img>")) == 1
+            # only SmolVLM-Instruct's added tokens; '<global-img>' is text, 5 tokens as SmolLM2's
+            assert tok.convert_ids_to_tokens([997, 998, 999]) == ["<fake_token_around_image>", "<image>",
+                                                                  "<end_of_utterance>"]
+            assert "<global-img>" not in tok.get_vocab() and "<row_1_col_1>" not in tok.get_vocab()
+            tag = tok("<global-img>", add_special_tokens=False)["input_ids"]
+            assert [tok.decode([i]) for i in tag] == ["<", "global", "-", "img", ">"]
+            fake = tok.convert_tokens_to_ids("<fake_token_around_image>")
+            start = ids.index(fake)
+            assert ids[start + 1:start + 6] == tag and ids[start + 6:start + 22] == [config["image_token_id"]] * 16
+            assert vlm.image_tokens == 1 + 5 + 16 + 1
             assert vlm.eos_token_ids[0] == tok.convert_tokens_to_ids("<end_of_utterance>")
         else:  # Qwen2.5-VL-Instruct's format; 80 x 60 px -> 84 x 56: a 3 x 2 grid of 28 px tokens
             assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

