@@ -28,9 +28,17 @@ caller provides: `LLM.chat(..., tokenization_kwargs={"add_special_tokens": True}
 chat template writes no `<s>`, the processor adds one); text after every image that starts with a
 newline or a space (Idefics2Processor inserts a space before a word glued to an image, vLLM does
 not); no two images back to back (Idefics2Processor lets them share one fake token, vLLM expands
-each image on its own). Image splitting must be set for the engine (the model's processor config or
-`LLM(mm_processor_kwargs={"do_image_splitting": ...})`), not per request: vLLM counts each image's
-pixel rows with the engine's settings.
+each image on its own).
+
+Image splitting may be set for the engine (the model's processor config, `--mm-processor-kwargs` or
+`LLM(mm_processor_kwargs=...)`) or per request (`mm_processor_kwargs` in a chat request; a server
+takes those only when started with `--trust-request-mm-kwargs`). vLLM 0.32's Transformers backend
+counts each image's rows of pixel data with the engine's settings alone
+(`MultiModalProcessor._get_num_patches_per_image` merges `{}`, not the request's kwargs), so a
+request that turns splitting off on a model whose processor splits was refused ("returned 1 row(s)
+of image data for 3 image(s), which cannot be split into the [5, 5, 5] row(s) per image").
+`patch_vllm_transformers_backend()` (also run by `register()`) makes that count see the request's
+kwargs, for processors this module patched only; without per-request kwargs vLLM's own code runs.
 
 Importing this module is cheap (nothing but the standard library) and works without vLLM.
 """
@@ -39,6 +47,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -46,6 +56,9 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE = "Idefics2ForConditionalGeneration"
 _MARK = "_cropper_vllm_plugin"  # set on every function this module adds
 _LEGACY_CALL = "_cropper_legacy_call"  # the processor's own __call__, kept on the class
+# The mm_processor_kwargs of the request vLLM's Transformers backend is processing (set around its
+# `_apply_hf_processor_main`, read by its per-image row count): None outside one
+_REQUEST_MM_KWARGS: ContextVar[Mapping[str, Any] | None] = ContextVar("cropper_request_mm_kwargs", default=None)
 
 
 def register() -> None:
@@ -59,6 +72,11 @@ def register() -> None:
         patch_idefics2_processor()
     except Exception:  # a plugin must never take vLLM down with it
         logger.exception("cropper_engine: could not patch Idefics2Processor for vLLM")
+    try:
+        patch_vllm_transformers_backend()
+    except Exception:
+        logger.exception("cropper_engine: could not let vLLM's Transformers backend see per-request "
+                         "mm_processor_kwargs")
 
 
 def vllm_has_native_idefics2() -> bool:
@@ -103,6 +121,55 @@ def patch_idefics2_processor(processor_cls: type | None = None) -> list[str]:
         logger.info("cropper_engine: added %s to %s for vLLM's Transformers backend",
                     ", ".join(added), processor_cls.__name__)
     return added
+
+
+def patch_vllm_transformers_backend(processor_cls: type | None = None) -> list[str]:
+    """Let vLLM's Transformers backend (`MultiModalProcessor`, or `processor_cls`) count each image's
+    rows of pixel data with the request's `mm_processor_kwargs` merged over the engine's, as the HF
+    processor that made those rows saw them; return the names replaced.
+
+    Only for processors this module patched (Idefics2Processor): for any other, and for a request
+    without kwargs, vLLM's own count runs. Idempotent; [] without vLLM or where vLLM's processor
+    lacks `_apply_hf_processor_main` / `_get_num_patches_per_image` (another design: nothing to fix).
+    """
+    if processor_cls is None:
+        try:
+            from vllm.model_executor.models.transformers.multimodal import MultiModalProcessor as processor_cls
+        except Exception:  # no vLLM, or one without this backend
+            return []
+    main = processor_cls.__dict__.get("_apply_hf_processor_main")
+    count = processor_cls.__dict__.get("_get_num_patches_per_image")
+    if main is None or count is None or getattr(main, _MARK, False) or getattr(count, _MARK, False):
+        return []
+
+    def _apply_hf_processor_main(self: Any, mm_items: Any, hf_kwargs: Mapping[str, Any]) -> Any:
+        token = _REQUEST_MM_KWARGS.set(hf_kwargs)
+        try:
+            return main(self, mm_items=mm_items, hf_kwargs=hf_kwargs)
+        finally:
+            _REQUEST_MM_KWARGS.reset(token)
+
+    def _get_num_patches_per_image(self: Any, mm_data: Mapping[str, object]) -> list[int] | None:
+        request = _REQUEST_MM_KWARGS.get()
+        processor = self.info.get_hf_processor()
+        if not request or not getattr(getattr(type(processor), "_get_num_multimodal_tokens", None), _MARK, False):
+            return count(self, mm_data)
+        images = mm_data.get("images")
+        if not isinstance(images, Iterable) or not images:
+            return None
+        sizes = [(image.height, image.width) for image in images]
+        # what vLLM's own count does, with the request's kwargs instead of none
+        merged = self.info.ctx.get_merged_mm_kwargs(request)
+        return list(processor._get_num_multimodal_tokens(image_sizes=sizes, **merged)["num_image_patches"])
+
+    for fn in (_apply_hf_processor_main, _get_num_patches_per_image):
+        setattr(fn, _MARK, True)
+        fn.__qualname__ = f"{processor_cls.__name__}.{fn.__name__}"
+        setattr(processor_cls, fn.__name__, fn)
+    names = ["_apply_hf_processor_main", "_get_num_patches_per_image"]
+    logger.info("cropper_engine: vLLM's %s counts image rows with per-request mm_processor_kwargs (%s)",
+                processor_cls.__name__, ", ".join(names))
+    return names
 
 
 def is_patched(processor_cls: type | None = None) -> bool:
@@ -183,5 +250,5 @@ _call.__name__ = _call.__qualname__ = "__call__"
 _replace_image_token.__name__ = _replace_image_token.__qualname__ = "replace_image_token"
 _get_num_multimodal_tokens.__name__ = _get_num_multimodal_tokens.__qualname__ = "_get_num_multimodal_tokens"
 
-__all__ = ["ARCHITECTURE", "image_placeholder", "is_patched", "patch_idefics2_processor", "register",
-           "vllm_has_native_idefics2"]
+__all__ = ["ARCHITECTURE", "image_placeholder", "is_patched", "patch_idefics2_processor",
+           "patch_vllm_transformers_backend", "register", "vllm_has_native_idefics2"]

@@ -160,3 +160,30 @@ def test_the_registry_and_the_loader_look_in_one_cache(tmp_path, monkeypatch, ti
     assert registry.resolve_model("mantis-8b-idefics2").path == snap
     assert resolve_model_dir(hub_id) == snap == resolve_model_dir("mantis-8b-idefics2")
     assert registry.hf_cache_dir() == cache
+
+
+@pytest.mark.parametrize("names,family,name", [
+    (("HuggingFaceM4/idefics2-8b",), "idefics2", "idefics2-8b"),
+    (("mantis-8b-idefics2",), "idefics2", "mantis-8b-idefics2"),
+    (("served", "/hf/hub/models--HuggingFaceM4--Idefics3-8B-Llama3/snapshots/0a1b"), "idefics3", "idefics3-8b"),
+    (("/models/Qwen2.5-VL-7B-Instruct",), "qwen2_5_vl", "qwen2.5-vl-7b"),
+    (("/tmp/t/idefics2-8b",), "idefics2", "idefics2-8b"),
+    (("HuggingFaceTB/SmolVLM-256M-Instruct",), "idefics3", None),
+    (("Qwen/Qwen2-VL-2B-Instruct",), "qwen2_5_vl", None),
+    (("my-llava", "/srv/idefics2-runs/llava-1.6"), None, None),  # a family word in a parent folder only
+])
+def test_served_family(names, family, name):
+    from cropper_engine.models.registry import served_family
+
+    found = served_family(*names)
+    assert (found[:2] if found else (None, None)) == (family, name)
+
+
+def test_template_writes_bos_from_the_sheets():
+    from cropper_engine.models.registry import template_writes_bos
+
+    assert {n: template_writes_bos(n) for n in registry.MODELS} == {
+        "mantis-8b-idefics2": False, "idefics2-8b": False, "idefics3-8b": True, "smolvlm-instruct": True,
+        "qwen2.5-vl-7b": False}
+    assert (template_writes_bos("idefics2"), template_writes_bos("idefics3")) == (False, True)
+    assert template_writes_bos("llava") is None

@@ -172,6 +172,80 @@ def test_import_is_cheap_and_needs_no_vllm():
     assert out.stdout.strip() == "[]"
 
 
+class _Ctx:
+    """vLLM's InputProcessingContext, as far as the row count uses it: the engine's settings
+    merged under a request's (request values win)."""
+
+    def __init__(self, engine: dict) -> None:
+        self.engine = engine
+
+    def get_merged_mm_kwargs(self, kwargs):
+        return {**self.engine, **kwargs}
+
+
+def _backend_processor(processor, engine: dict):
+    """A stand-in for vLLM's Transformers-backend MultiModalProcessor: its main step asks the per-image
+    row count, which (as vLLM 0.32's) merges the engine's settings with no request kwargs."""
+    import types
+
+    class Backend:
+        def __init__(self) -> None:
+            self.info = types.SimpleNamespace(get_hf_processor=lambda **kw: processor, ctx=_Ctx(engine))
+
+        def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+            return self._get_num_patches_per_image({"images": mm_items})
+
+        def _get_num_patches_per_image(self, mm_data):
+            sizes = [(im.height, im.width) for im in mm_data["images"]]
+            merged = self.info.ctx.get_merged_mm_kwargs({})
+            return list(processor._get_num_multimodal_tokens(image_sizes=sizes, **merged)["num_image_patches"])
+
+    return Backend
+
+
+def test_the_backend_counts_image_rows_with_the_request_kwargs(pristine, base_processor, images):
+    """vLLM's Transformers backend counted each image's pixel rows with the engine's settings only:
+    a request turning splitting off (or on) made rows it could not attribute. Patched, the count
+    sees the request's kwargs over the engine's, for the patched Idefics2 processor only."""
+    pics = [Image.open(p).convert("RGB") for p in images[:3]]
+
+    class Patched(pristine):
+        pass
+
+    vllm_plugin.patch_idefics2_processor(Patched)
+    proc = _processor(Patched, base_processor, True)  # the processor config splits (idefics2-8b's)
+    Backend = _backend_processor(proc, {})
+    assert Backend()._apply_hf_processor_main(pics, {"do_image_splitting": False}) == [5, 5, 5]  # vLLM's own
+    assert vllm_plugin.patch_vllm_transformers_backend(Backend) == ["_apply_hf_processor_main",
+                                                                    "_get_num_patches_per_image"]
+    assert vllm_plugin.patch_vllm_transformers_backend(Backend) == []  # once
+    b = Backend()
+    assert b._apply_hf_processor_main(pics, {"do_image_splitting": False}) == [1, 1, 1]
+    assert b._apply_hf_processor_main(pics, {"images_kwargs": {"do_image_splitting": False}}) == [1, 1, 1]
+    assert b._apply_hf_processor_main(pics, {}) == [5, 5, 5]  # no request kwargs: the engine's
+    assert b._get_num_patches_per_image({"images": pics}) == [5, 5, 5]  # outside a request: vLLM's own
+    engine_off = _backend_processor(proc, {"do_image_splitting": False})
+    vllm_plugin.patch_vllm_transformers_backend(engine_off)
+    assert engine_off()._apply_hf_processor_main(pics, {}) == [1, 1, 1]
+    assert engine_off()._apply_hf_processor_main(pics, {"do_image_splitting": True}) == [5, 5, 5]
+
+    # a processor the plugin did not patch keeps vLLM's own count
+    class Other(pristine):
+        def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+            from transformers.processing_utils import MultiModalData
+
+            return MultiModalData(num_image_tokens=[9] * len(image_sizes), num_image_patches=[7] * len(image_sizes))
+
+    other = _backend_processor(_processor(Other, base_processor, True), {})
+    vllm_plugin.patch_vllm_transformers_backend(other)
+    assert other()._apply_hf_processor_main(pics, {"do_image_splitting": False}) == [7, 7, 7]
+
+    class Elsewise:  # a vLLM whose backend has no such methods: nothing to patch
+        pass
+
+    assert vllm_plugin.patch_vllm_transformers_backend(Elsewise) == []
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["one-crop", "split-5"])
 def test_counts_and_replacement_texts(pristine, base_processor, images, split):
     class Patched(pristine):
@@ -399,3 +473,26 @@ def test_prefix_cache_serves_the_refinement_prompt(llm, images):
                   len(a.prompt_token_ids))
     assert a.num_cached_tokens == 0
     assert b.num_cached_tokens == (common // BLOCK) * BLOCK > 0, (len(b.prompt_token_ids), common)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_per_request_image_splitting(llm, images):
+    """mm_processor_kwargs per request: the tiny model's processor does not split; a request that
+    asks for splitting gets 5 crops an image (4 more crops of SEQ + 1 tokens each), one that asks
+    for no splitting the engine's count, and the engine's own requests are unchanged."""
+    parts = _spec(images, 3, "split-req", _TEXTS)
+    base = _chat(llm, parts, temperature=0.0, max_tokens=1)
+    split = llm.chat(_messages(parts), _sampling(), use_tqdm=False, tokenization_kwargs={"add_special_tokens": True},
+                     mm_processor_kwargs={"do_image_splitting": True})[0]
+    off = llm.chat(_messages(parts), _sampling(), use_tqdm=False, tokenization_kwargs={"add_special_tokens": True},
+                   mm_processor_kwargs={"do_image_splitting": False})[0]
+    assert len(split.prompt_token_ids) - len(base.prompt_token_ids) == 3 * 4 * (SEQ + 1)
+    assert list(off.prompt_token_ids) == list(base.prompt_token_ids)
+    assert split.outputs[0].token_ids and off.outputs[0].token_ids
+
+
+def _sampling():
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=1)

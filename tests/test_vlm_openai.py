@@ -54,17 +54,23 @@ def completion(n, text=BOX, prompt_tokens=50):
 class FakeServer:
     """An httpx MockTransport that answers like vLLM and records what it was sent."""
 
-    def __init__(self, fail=(), model="tiny", delay=0.0):
-        self.fail = list(fail)  # per call: an HTTP status or "connect"
+    def __init__(self, fail=(), model="tiny", delay=0.0, entry=None):
+        self.fail = list(fail)  # per chat request (and /models call when model=""): an HTTP status or "connect"
         self.bodies: list[dict] = []
         self.calls = 0
+        self.model_calls = 0
         self.model = model
+        self.entry = entry or {}  # more of the /models entry (root, max_model_len)
         self.delay = delay
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
 
     def __call__(self, request):
+        if request.url.path.endswith("/models") and self.model:  # the client's look at the served model
+            with self._lock:
+                self.model_calls += 1
+            return httpx.Response(200, json={"object": "list", "data": [{"id": self.model, **self.entry}]})
         with self._lock:
             self.calls += 1
             step = self.fail.pop(0) if self.fail else None
@@ -266,6 +272,130 @@ def test_loop_on_openai_backend_and_build(photos):
     built.close()
 
 
+# --- the engine's processor settings as vLLM's per-request mm_processor_kwargs ----------------
+
+# vLLM 0.32's answer to a server started without --trust-request-mm-kwargs
+VLLM_REFUSES_MM_KWARGS = ("Per-request mm_processor_kwargs are disabled by default because they can change "
+                          "multimodal preprocessing resource usage. Start the server with --trust-request-mm-kwargs "
+                          "only when clients are trusted.")
+
+
+def _from_config(model, fake, **over):
+    from cropper_engine.config import load_config
+
+    cfg = load_config(env={}, overrides={"vlm.backend": "openai", "vlm.model": model,
+                                         "vlm.base_url": "http://vlm.test/v1", **over})
+    return OpenAIBackend.from_config(cfg, transport=httpx.MockTransport(fake))
+
+
+@pytest.mark.parametrize("name", ["mantis-8b-idefics2", "idefics2-8b", "idefics3-8b", "smolvlm-instruct",
+                                  "qwen2.5-vl-7b"])
+def test_every_request_carries_the_registry_settings_without_local_files(name):
+    """No model files here (the test's HF cache is empty): a registry name or hub id gives its
+    family's settings, sent with every request (Qwen2.5-VL's pixel budget also shrinks the images)."""
+    from cropper_engine.models.registry import MODELS, PROCESSOR_SETTINGS
+
+    spec = MODELS[name]
+    for model in (name, spec.hub_id):
+        fake = FakeServer(model=spec.hub_id, entry={"max_model_len": 4096})
+        vlm = _from_config(model, fake)
+        assert vlm._counter is None  # nothing here to count with
+        vlm.generate([conversation(1), conversation(0)], params())
+        assert len(fake.bodies) == 2
+        for body in fake.bodies:
+            assert body["mm_processor_kwargs"] == PROCESSOR_SETTINGS[spec.family]
+            assert body["model"] == spec.hub_id
+            # the BOS: Idefics3's and SmolVLM's templates write it, Idefics2's does not (Qwen has none)
+            assert body["add_special_tokens"] is (spec.family != "idefics3")
+        d = vlm.describe()
+        assert d["mm_processor_kwargs"] == PROCESSOR_SETTINGS[spec.family]
+        assert "registry" in d["mm_processor_kwargs_source"]
+        assert vlm.context_length == 4096 == d["server_context"]  # the server's max_model_len
+        if spec.family == "qwen2_5_vl":  # the 640 x 480 query shrunk to the budget before it is sent
+            urls = [p["image_url"]["url"] for p in fake.bodies[0]["messages"][0]["content"] if p["type"] == "image_url"]
+            sizes = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).size for u in urls]
+            assert max(w * h for w, h in sizes) <= 256 * 28 * 28 < 640 * 480
+        vlm.close()
+
+
+@pytest.mark.parametrize("entry,family", [
+    ({"id": "HuggingFaceM4/Idefics3-8B-Llama3"}, "idefics3"),
+    ({"id": "served", "root": "/hf/hub/models--HuggingFaceM4--idefics2-8b/snapshots/0123abc"}, "idefics2"),
+    ({"id": "/models/Qwen2.5-VL-7B-Instruct", "root": "/models/Qwen2.5-VL-7B-Instruct"}, "qwen2_5_vl"),
+    ({"id": "HuggingFaceTB/SmolVLM-256M-Instruct"}, "idefics3"),
+], ids=["hub-id", "cache-root", "folder", "family-word"])
+def test_settings_from_the_servers_models_entry(entry, family):
+    """vlm.model auto, nothing here: the server's /models entry (id, root) names the family."""
+    from cropper_engine.models.registry import PROCESSOR_SETTINGS
+
+    fake = FakeServer(model=entry["id"], entry={**entry, "max_model_len": 2048})
+    vlm = _from_config("auto", fake)
+    assert vlm.mm_processor_kwargs is None  # not known before the server is asked
+    vlm.generate([conversation(0)], params())
+    vlm.generate([conversation(0)], params())
+    assert [b["mm_processor_kwargs"] for b in fake.bodies] == [PROCESSOR_SETTINGS[family]] * 2
+    assert [b["add_special_tokens"] for b in fake.bodies] == [family != "idefics3"] * 2
+    assert fake.model_calls == 1  # the server's entry is read once
+    assert vlm.context_length == 2048 and "server's model" in vlm.describe()["mm_processor_kwargs_source"]
+
+
+def test_no_settings_known_is_said_and_nothing_is_sent(caplog):
+    fake = FakeServer(model="my-llava", entry={"root": "/srv/llava-1.6"})
+    vlm = _from_config("auto", fake)
+    with caplog.at_level("WARNING", logger="cropper_engine.models.vlm_openai"):
+        vlm.generate([conversation(0)], params())
+    assert "mm_processor_kwargs" not in fake.bodies[0]
+    assert vlm.describe()["mm_processor_kwargs"] is None
+    said = [r.getMessage() for r in caplog.records if "no processor settings known" in r.getMessage()]
+    assert len(said) == 1 and "'my-llava'" in said[0] and "/srv/llava-1.6" in said[0]
+
+
+def test_a_local_processor_gives_the_settings_and_the_server_caps_the_context(tiny_dir):
+    """Model files here: the settings the engine applies to the processor; the server's max_model_len
+    lowers the budget's context (the model's own is larger)."""
+    fake = FakeServer(model=str(tiny_dir / "idefics2"), entry={"max_model_len": 300})
+    vlm = _from_config(str(tiny_dir / "idefics2"), fake)
+    assert vlm._counter is not None and vlm.context_length > 300
+    assert vlm.mm_processor_kwargs == {"do_image_splitting": False}  # before any request
+    assert "processor here" in vlm.describe()["mm_processor_kwargs_source"]
+    vlm.generate([conversation(0)], params())
+    assert fake.bodies[0]["mm_processor_kwargs"] == {"do_image_splitting": False}
+    assert vlm.context_length == 300 == vlm.server_context
+
+
+def test_a_server_refusing_mm_processor_kwargs_is_asked_without_them_once(caplog):
+    """vLLM without --trust-request-mm-kwargs answers 400 naming the field: the request is sent again
+    without it, and no later request carries it; the log says so once, with how to serve."""
+    fake = FakeServer(model="HuggingFaceM4/idefics2-8b", fail=[VLLM_REFUSES_MM_KWARGS])
+    vlm = _from_config("idefics2-8b", fake, **{"vlm.batch_size": 1})
+    with caplog.at_level("WARNING", logger="cropper_engine.models.vlm_openai"):
+        gens = vlm.generate([conversation(0), conversation(1)], params())
+        vlm.generate([conversation(0)], params())
+    assert all(g.texts == [BOX] * 3 for g in gens)
+    assert fake.calls == 4 and len(fake.bodies) == 3  # one refused, then three without the field
+    assert all("mm_processor_kwargs" not in b for b in fake.bodies)
+    assert all(b["structured_outputs"] and b["add_special_tokens"] for b in fake.bodies)  # the rest kept
+    d = vlm.describe()
+    assert d["mm_processor_kwargs"] is None and "trust-request-mm-kwargs" in d["mm_processor_kwargs_refused"]
+    said = [r.getMessage() for r in caplog.records if "refuses per-request mm_processor_kwargs" in r.getMessage()]
+    assert len(said) == 1 and """--mm-processor-kwargs '{"do_image_splitting": false}'""" in said[0]
+    # another 400 is not taken for a refusal of the field
+    fake = FakeServer(model="HuggingFaceM4/idefics2-8b", fail=["This model's maximum context length is 8192"])
+    vlm = _from_config("idefics2-8b", fake)
+    with pytest.raises(VLMRequestError, match="maximum context"):
+        vlm.generate([conversation(0)], params())
+    assert vlm.mm_processor_kwargs == {"do_image_splitting": False}
+
+
+def test_settings_can_be_turned_off_or_given():
+    fake = FakeServer(model="HuggingFaceM4/idefics2-8b")
+    vlm = backend(fake, model="HuggingFaceM4/idefics2-8b", send_mm_kwargs=False)
+    vlm.generate([conversation(0)], params())
+    assert "mm_processor_kwargs" not in fake.bodies[0]
+    vlm = backend(fake, model="x", mm_processor_kwargs={"max_pixels": 1000}, mm_source="a test")
+    assert vlm.body(conversation(0), params(), "x")["mm_processor_kwargs"] == {"max_pixels": 1000}
+
+
 # --- a real vLLM OpenAI-compatible server (slow) ---------------------------------------------
 
 
@@ -311,10 +441,12 @@ def test_real_vllm_server(vllm_server, tiny_dir, photos):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_real_vllm_server_gets_the_in_process_prompt_token_ids(vllm_server, tiny_dir):
+def test_real_vllm_server_gets_the_in_process_prompt_token_ids(vllm_server, tiny_dir, caplog):
     """vLLM's chat endpoint tokenizes with add_special_tokens=False by default and the Idefics2
     template writes no <s>: the client asks for it, so the server's prompt token ids are the
-    transformers backend's, BOS included (without it they lack exactly the BOS)."""
+    transformers backend's, BOS included (without it they lack exactly the BOS). This server runs
+    with vLLM's defaults, which refuse per-request mm_processor_kwargs: the client's first request
+    is refused, asked again without them, and the log says how to serve."""
     from cropper_engine.config import load_config
     from cropper_engine.models.vlm_transformers import TransformersVLM
 
@@ -325,6 +457,13 @@ def test_real_vllm_server_gets_the_in_process_prompt_token_ids(vllm_server, tiny
     local = TransformersVLM(str(tiny_dir / "idefics2"), device="cpu")
     conv = conversation(2)
     ours = local._inputs([conv])["input_ids"][0].tolist()
+    assert vlm.mm_processor_kwargs == {"do_image_splitting": False}  # from the processor here
+    with caplog.at_level("WARNING", logger="cropper_engine.models.vlm_openai"):
+        gens = vlm.generate([conv], params(n=1))
+    assert gens[0].prompt_tokens == len(ours)
+    assert "--trust-request-mm-kwargs" in vlm.describe()["mm_processor_kwargs_refused"]
+    assert any("refuses per-request mm_processor_kwargs" in r.getMessage() for r in caplog.records)
+    assert vlm.mm_processor_kwargs is None
     assert ours[0] == local.tokenizer.bos_token_id
     body = {**vlm.body(conv, params(n=1), vlm.model), "return_token_ids": True, "max_tokens": 2}
     theirs = httpx.post(f"{url}/chat/completions", json=body, timeout=120).json()["prompt_token_ids"]

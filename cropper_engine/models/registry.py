@@ -35,6 +35,63 @@ def processor_settings(family: str | None) -> dict[str, object]:
     return dict(PROCESSOR_SETTINGS.get(family or "", {}))
 
 
+def template_writes_bos(name_or_family: str) -> bool | None:
+    """Whether a registry model's chat template (a family's: all of its registry models') writes the
+    tokenizer's BOS itself, read from the property sheets (no model files needed): then a server must
+    not add one. None when unknown (no sheet) or the family's models disagree."""
+    from cropper_engine.models.sheets import load_sheet, render_template
+
+    names = [name_or_family] if name_or_family in MODELS else [m.name for m in MODELS.values()
+                                                               if m.family == name_or_family]
+    seen = set()
+    for name in names:
+        try:
+            sheet = load_sheet(name)
+            bos = (sheet.get("special_tokens") or {}).get("bos")
+            bos = bos[0] if isinstance(bos, list | tuple) else bos
+            text = render_template(sheet["chat_template"]["template"],
+                                   [{"role": "user", "content": [{"type": "text", "text": "x"}]}])
+        except Exception:  # no sheet, or one without a template
+            return None
+        seen.add(bool(bos) and text.startswith(str(bos)))
+    return seen.pop() if len(seen) == 1 else None
+
+
+# words in a served model's name that say its family (the registry's models are matched first)
+_FAMILY_WORDS = (("idefics2", "idefics2"), ("idefics3", "idefics3"), ("smolvlm", "idefics3"),
+                 ("qwen2.5-vl", "qwen2_5_vl"), ("qwen2_5_vl", "qwen2_5_vl"), ("qwen2-vl", "qwen2_5_vl"),
+                 ("qwen2_vl", "qwen2_5_vl"))
+
+
+def served_family(*names: str | None) -> tuple[str, str | None, str] | None:
+    """(family, registry name or None, why) for a model a server names (an OpenAI `/models` entry's `id` and `root`): a
+    registry name or hub id, a Hugging Face cache snapshot path (`models--owner--name`), a folder
+    named after a hub id or containing a registry name, else a family's word in the name
+    (idefics2, idefics3, smolvlm, qwen2.5-vl, qwen2-vl); None when nothing matches."""
+    import re
+
+    specs = sorted(MODELS.values(), key=lambda m: -len(m.name))
+    texts = [n.strip().rstrip("/\\") for n in names if n and n.strip()]
+    for text in texts:
+        low = text.lower()
+        cached = re.search(r"models--([^/\\]+?)--([^/\\]+)", text)
+        hub = f"{cached[1]}/{cached[2]}".lower() if cached else low
+        base = re.split(r"[/\\]", low)[-1]
+        for m in specs:
+            if low == m.name or hub == m.hub_id.lower():
+                return m.family, m.name, f"{text!r} is {m.hub_id} ({m.name})"
+        for m in specs:
+            if base == m.hub_id.split("/")[-1].lower() or m.name in base:
+                return m.family, m.name, f"{text!r} is named like {m.hub_id} ({m.name})"
+    for text in texts:  # the name's last part only (a hub id's model name, a folder's name)
+        cached = re.search(r"models--([^/\\]+?)--([^/\\]+)", text)
+        last = (cached[2] if cached else re.split(r"[/\\]", text)[-1]).lower()
+        for word, family in _FAMILY_WORDS:
+            if word in last:
+                return family, None, f"{text!r} names {word}"
+    return None
+
+
 def context_length(spec: ModelSpec | None, config: object = None, tokenizer: object = None) -> int | None:
     """The context a prompt must fit: the registry's trained context for a known model, else the
     text config's `max_position_embeddings` (capped by the tokenizer's `model_max_length`)."""

@@ -8,6 +8,16 @@ OpenAI-compatible chat completions server such as `vllm serve`.
 - The R candidates are one request with `n=R`; the box grammar goes as vLLM's structured outputs
   (`structured_outputs: {"regex": ...}`). A server that refuses that field (400 naming it) is
   asked again without it, and never again: the loop's parser copes with free text.
+- Every request carries the engine's processor settings for the served model's family as vLLM's
+  per-request `mm_processor_kwargs` (image splitting off for Idefics2 / Idefics3 / SmolVLM, a pixel
+  budget for Qwen2.5-VL: registry.PROCESSOR_SETTINGS), so an image costs the tokens it costs in
+  process whatever the server was started with. The family comes from the model's processor when
+  its files are here, else the registry (the configured name or hub id), else the server's
+  `/models` entry (its `id` and `root`); when none says, the log says so and nothing is sent. vLLM
+  takes the field only from a server started with `--trust-request-mm-kwargs`; one that refuses it
+  (400 naming it) is asked again without it, and never again, with a warning saying how to serve.
+- The server's `max_model_len` (its `/models` entry) caps the context the token budget is checked
+  against (the budget needs the model's processor here to count a prompt's tokens).
 - Every conversation of a batch is its own HTTP request, `concurrency` of them in flight at once
   (the server batches them on its side).
 - Each request has a timeout and is retried (exponential backoff with jitter, the server's
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import random
 import threading
@@ -71,9 +82,16 @@ class OpenAIClientConfig:
     send_seed: bool = True
     # vLLM's chat endpoint tokenizes the rendered template with add_special_tokens=False; the
     # Idefics2 template writes no <s>, which the in-process backends' tokenizer adds: ask for it
-    # (False where the model's template writes its BOS itself)
-    add_special_tokens: bool = True
+    # (False where the model's template writes its BOS itself; None: as the served model's family's
+    # template does, once the server names it, else True)
+    add_special_tokens: bool | None = None
     max_pixels: int | None = None  # a pixel budget images are shrunk to before sending (Qwen2.5-VL)
+    # the engine's processor settings for the served model's family, sent as vLLM's per-request
+    # mm_processor_kwargs; None: found from the server's /models entry before the first request
+    # ({}: none known, nothing sent)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    mm_source: str = ""  # where those settings were found (the log, describe())
+    send_mm_kwargs: bool = True
 
 
 class OpenAIBackend:
@@ -98,41 +116,61 @@ class OpenAIBackend:
                                   trust_env=False)
         self._pool = ThreadPoolExecutor(max_workers=max(config.concurrency, 1), thread_name_prefix="vlm-http")
         self._fit = ImageFitter(config.longest_edge or (None if config.max_pixels else DEFAULT_EDGE),
-                                max_pixels=config.max_pixels)
+                                max_pixels=config.max_pixels or (config.mm_processor_kwargs or {}).get("max_pixels"))
         self.image_edge = self._fit.edge  # images are shrunk to this before they are sent
         self._urls: OrderedDict[str, str] = OrderedDict()  # uuid -> data URL
         self._lock = threading.Lock()
         self._model = config.model
         self._structured: bool | None = {"on": True, "off": False}.get(config.structured)
         self._bos_field = True  # dropped for good if a server (not vLLM) refuses the field
+        self._add_bos = config.add_special_tokens  # None: not known yet (True until then)
         self._down_until = 0.0
         self.last_error = ""
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "unavailable": 0}
         self.id = f"openai:{config.model or '?'}@{self.base_url}"
-        self.context_length: int | None = None  # set with a local processor: the token budget is checked
+        self.context_length: int | None = None  # the token budget's context (checked with a local processor)
+        self.server_context: int | None = None  # the served model's max_model_len, as its /models entry says
         self.image_tokens: int | None = None
         self._counter: Any = None
+        self._models: Any = None  # the server's /models answer, once read
+        self._server_read = False  # its entry for the served model applied (context, family)
+        self._server_lock = threading.Lock()
+        self._mm_kwargs: dict[str, Any] | None = None  # None: not known yet (asked of the server)
+        self._mm_source = ""
+        self._mm_field = config.send_mm_kwargs  # dropped for good if the server refuses the field
+        self.mm_refusal = ""  # the server's answer when it refused them
+        if config.mm_processor_kwargs is not None:
+            self._set_mm_kwargs(config.mm_processor_kwargs, config.mm_source or "the client's configuration")
 
     @classmethod
     def from_config(cls, cfg: Any, transport: Any = None) -> OpenAIBackend:
         """With the model's files here (a folder, or a registry model in the HF cache) the client
         reads its processor: BOS as the in-process backends, images fitted as the server's
-        processor at the engine's settings reads them, and the token budget; else the defaults."""
+        processor at the engine's settings reads them, the settings it sends, and the token budget.
+        Without them, a registry name or hub id gives its family's settings and BOS (the registry's
+        property sheets); else the server's /models entry is asked before the first request."""
         v = cfg.vlm
         model, edge = _served_name(v.model)
         local = _local_processor(v.model)
         add_bos, budget = True, None
         if local is not None:
             from cropper_engine.models.images import longest_edge, max_pixels, template_writes_bos
+            from cropper_engine.models.vlm_vllm import _applied_settings
 
             processor, spec = local
             add_bos = not template_writes_bos(processor)
             edge, budget = longest_edge(processor) or edge, max_pixels(processor)
+            settings: dict[str, Any] | None = _applied_settings(processor)
+            source = f"the model's processor here ({v.model})"
+        else:
+            settings, source, add_bos = _settings_without_files(v.model)
         backend = cls(OpenAIClientConfig(
             base_url=v.base_url, api_key=v.api_key, model=model, timeout_s=v.timeout_s,
             concurrency=max(v.batch_size, 1), longest_edge=edge, max_pixels=budget,
             structured="auto" if v.constrained else "off", add_special_tokens=add_bos,
+            mm_processor_kwargs=settings, mm_source=source,
         ), transport=transport)
+        backend.context_length = v.max_model_len or None
         if local is not None:
             from cropper_engine.models.images import PromptCounter
             from cropper_engine.models.registry import context_length
@@ -166,6 +204,8 @@ class OpenAIBackend:
             self._down_until = 0.0
             if not self._model:
                 self._model = self._first_model(r.json())
+            elif self._models is None:
+                self._models = _json_or_none(r)
         return ok
 
     @property
@@ -181,7 +221,79 @@ class OpenAIBackend:
         except (KeyError, IndexError, TypeError):
             raise VLMRequestError(f"{self.base_url}/models lists no model") from None
         self.id = f"openai:{name}@{self.base_url}"
+        self._models = data
         return name
+
+    # --- what the server says of its model: its context, and its family's settings ---------
+    def learn_from_server(self) -> None:
+        """Read the server's `/models` entry for the served model once: its `max_model_len` caps the
+        token budget's context; when the processor settings are not known yet, its `id` and `root`
+        are matched against the registry (else the log says that no settings are known). A server
+        that cannot be reached is asked again before the next request."""
+        if self._server_read:
+            return
+        with self._server_lock:
+            if self._server_read:
+                return
+            data = self._models
+            if data is None:
+                try:
+                    r = self._http.get(f"{self.base_url}/models", timeout=min(self.config.timeout_s, 10.0))
+                except Exception as exc:  # unreachable: the request that follows says so (and retries)
+                    log.debug("%s/models: %s", self.base_url, exc)
+                    return
+                data = _json_or_none(r) if r.status_code == 200 else None
+            self._server_read = True
+            entry = _model_entry(data, self._model)
+            if entry is not None:
+                self._apply_server_entry(entry)
+            if self._mm_kwargs is None:
+                self._set_mm_kwargs({}, f"the server lists no entry for {self._model or 'its model'} at "
+                                        f"{self.base_url}/models")
+
+    def _apply_server_entry(self, entry: dict[str, Any]) -> None:
+        ident, root = str(entry.get("id") or ""), str(entry.get("root") or "")
+        max_len = entry.get("max_model_len")
+        if isinstance(max_len, int) and not isinstance(max_len, bool) and max_len > 0:
+            self.server_context = max_len
+            if self.context_length and max_len < self.context_length:
+                log.info("%s serves %s with max_model_len %d, below the model's %d: the token budget "
+                         "checks prompts against the server's", self.base_url, ident, max_len, self.context_length)
+            self.context_length = min(self.context_length or max_len, max_len)
+        if self._mm_kwargs is None:
+            from cropper_engine.models.registry import processor_settings, served_family
+
+            found = served_family(ident, root)
+            if found is not None:
+                family, name, why = found
+                self._set_mm_kwargs(processor_settings(family),
+                                    f"cropper-engine's {family} settings: the server's model {why}")
+                if self._add_bos is None:  # the BOS as the family's chat template wants it
+                    from cropper_engine.models.registry import template_writes_bos
+
+                    writes = template_writes_bos(name or family)
+                    self._add_bos = None if writes is None else not writes
+            else:
+                self._set_mm_kwargs({}, f"the server's model (id {ident!r}, root {root!r}) is no family "
+                                        "cropper-engine knows")
+
+    def _set_mm_kwargs(self, settings: dict[str, Any], source: str) -> None:
+        self._mm_kwargs, self._mm_source = dict(settings), source
+        if settings:
+            log.info("%s: sending mm_processor_kwargs %s with every request (%s)", self.base_url,
+                     json.dumps(settings), source)
+            if settings.get("max_pixels") and not self._fit.max_pixels:  # shrink images to the budget before sending
+                self._fit = ImageFitter(self.config.longest_edge, max_pixels=int(settings["max_pixels"]))
+                self.image_edge = self._fit.edge
+        else:
+            log.warning("%s: no processor settings known for %s (%s): requests carry no mm_processor_kwargs, "
+                        "and each image costs the tokens the server's own processor settings give it",
+                        self.base_url, self._model or self.config.model or "the served model", source)
+
+    @property
+    def mm_processor_kwargs(self) -> dict[str, Any] | None:
+        """What each request carries as mm_processor_kwargs (None: nothing)."""
+        return dict(self._mm_kwargs) if self._mm_field and self._mm_kwargs else None
 
     # --- the VLM protocol ---------------------------------------------------------------
     def generate(self, conversations: Sequence[Conversation], params: GenerationParams) -> list[Generation]:
@@ -191,6 +303,7 @@ class OpenAIBackend:
             raise VLMUnavailableError(f"{self.base_url} is unreachable ({self.last_error}); "
                                       f"retrying in {self.retry_after()} s")
         model = self.model
+        self.learn_from_server()
         bodies = [self.body(c, params, model) for c in conversations]
         futures = [self._pool.submit(self._complete, b, params.grammar) for b in bodies]
         results: list[Generation | BaseException] = []
@@ -220,7 +333,10 @@ class OpenAIBackend:
             "top_p": float(params.top_p),
         }
         if self._bos_field:  # vLLM's field: the BOS the in-process backends have
-            body["add_special_tokens"] = self.config.add_special_tokens
+            body["add_special_tokens"] = self._add_bos is not False
+        mm_kwargs = self.mm_processor_kwargs
+        if mm_kwargs:  # vLLM's field: the engine's processor settings, whatever the server's are
+            body["mm_processor_kwargs"] = mm_kwargs
         if params.seed is not None and self.config.send_seed:
             body["seed"] = int(params.seed)
         if params.stop:
@@ -263,21 +379,16 @@ class OpenAIBackend:
 
     # --- HTTP -----------------------------------------------------------------------------
     def _complete(self, body: dict[str, Any], grammar: Any) -> Generation:
-        try:
-            r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
-        except VLMRequestError as exc:
-            if "add_special_tokens" in body and "add_special_tokens" in str(exc):
-                log.warning("%s refuses add_special_tokens (not vLLM?); prompts may lack the BOS", self.base_url)
-                self._bos_field = False
-                body = {k: v for k, v in body.items() if k != "add_special_tokens"}
-                return self._complete(body, grammar)
-            if "structured_outputs" in body and self._structured is None and "structured_outputs" in str(exc):
-                log.warning("%s refuses structured outputs; asking without them from now on", self.base_url)
-                self._structured = False
-                body = {k: v for k, v in body.items() if k != "structured_outputs"}
+        while True:  # each optional field the server refuses is dropped once, for good: this ends
+            body = self._without_refused(body)  # a body built before another request's refusal
+            try:
                 r = self._request("POST", f"{self.base_url}/chat/completions", json=body)
-            else:
-                raise
+                break
+            except VLMRequestError as exc:
+                field = self._refused_field(body, str(exc))
+                if field is None:
+                    raise
+                body = {k: v for k, v in body.items() if k != field}
         if "structured_outputs" in body and self._structured is None:
             self._structured = True
         try:
@@ -295,6 +406,39 @@ class OpenAIBackend:
             cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
             truncated=cut,
         )
+
+    def _without_refused(self, body: dict[str, Any]) -> dict[str, Any]:
+        dropped = {"mm_processor_kwargs": not self._mm_field, "structured_outputs": self._structured is False,
+                   "add_special_tokens": not self._bos_field}
+        return {k: v for k, v in body.items() if not dropped.get(k)}
+
+    def _refused_field(self, body: dict[str, Any], message: str) -> str | None:
+        """The optional vLLM field of `body` a refusal (4xx) names, now dropped for good (said once in
+        the log); None when the refusal is about something else."""
+        for field in ("mm_processor_kwargs", "structured_outputs", "add_special_tokens"):
+            if field not in body or field not in message:
+                continue
+            if field == "structured_outputs" and self._structured is True:  # asked for (on), or worked before
+                continue
+            with self._lock:
+                if field == "mm_processor_kwargs":
+                    first, self._mm_field = self._mm_field, False
+                    self.mm_refusal = self.mm_refusal or message
+                elif field == "structured_outputs":
+                    first, self._structured = self._structured is None, False
+                else:
+                    first, self._bos_field = self._bos_field, False
+            if first and field == "mm_processor_kwargs":
+                log.warning("%s refuses per-request mm_processor_kwargs (%s); asking without them from now on: "
+                            "each image costs the tokens the server's own processor settings give it. Serve the "
+                            "model with --mm-processor-kwargs '%s' (the engine's settings) or with "
+                            "--trust-request-mm-kwargs", self.base_url, message, json.dumps(body[field]))
+            elif first and field == "structured_outputs":
+                log.warning("%s refuses structured outputs; asking without them from now on", self.base_url)
+            elif first:
+                log.warning("%s refuses add_special_tokens (not vLLM?); prompts may lack the BOS", self.base_url)
+            return field
+        return None
 
     def _request(self, method: str, url: str, **kw: Any) -> Any:
         """One HTTP call with retries; VLMUnavailableError when the server stays unreachable."""
@@ -329,7 +473,13 @@ class OpenAIBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "base_url": self.base_url, "model": self._model or None,
-                "structured_outputs": self._structured, "down": self.is_down(), **self.stats}
+                "structured_outputs": self._structured,
+                "add_special_tokens": (self._add_bos is not False) if self._bos_field else None,
+                "mm_processor_kwargs": self.mm_processor_kwargs,
+                "mm_processor_kwargs_source": self._mm_source or None,
+                "mm_processor_kwargs_refused": self.mm_refusal or None,
+                "context_length": self.context_length, "server_context": self.server_context,
+                "down": self.is_down(), **self.stats}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -347,6 +497,56 @@ def _error_text(r: Any) -> str:
     except ValueError:
         pass
     return r.text[:300]
+
+
+def _json_or_none(r: Any) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return None
+
+
+def _model_entry(data: Any, name: str) -> dict[str, Any] | None:
+    """The `/models` entry of the served model `name` (the first one when unnamed; None if not listed)."""
+    try:
+        entries = [e for e in data["data"] if isinstance(e, dict)]
+    except (KeyError, TypeError):
+        return None
+    if not name:
+        return entries[0] if entries else None
+    return next((e for e in entries if str(e.get("id")) == name), None)
+
+
+def _settings_without_files(model: str) -> tuple[dict[str, Any] | None, str, bool | None]:
+    """The engine's processor settings for `vlm.model` when its processor is not here, where they come
+    from, and whether the server should add the BOS (the chat template's choice, from the registry's
+    property sheets): a registry name or hub id gives its family's; a model folder (no loadable
+    processor) its config.json's family; anything else None (the server's /models entry is asked)."""
+    from cropper_engine.models.registry import MODELS, family_of, processor_settings, template_writes_bos
+
+    def add_bos(name: str) -> bool | None:
+        writes = template_writes_bos(name)
+        return None if writes is None else not writes
+
+    name = (model or "").strip()
+    spec = MODELS.get(name.lower()) or next((m for m in MODELS.values() if m.hub_id.lower() == name.lower()), None)
+    if name and spec is not None:
+        return (spec.processor_settings, f"cropper-engine's {spec.family} settings for {spec.name} (the registry)",
+                add_bos(spec.name))
+    p = Path(name).expanduser() if name else None
+    if p is not None and (p / "config.json").is_file():
+        from cropper_engine.models.vlm_vllm import _settings_without_processor
+
+        try:
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+        family = family_of(model_type)
+        return (_settings_without_processor(p, processor_settings(family)) or {},
+                f"cropper-engine's {family} settings for {p}'s model_type {model_type!r}" if family
+                else f"{p}'s model_type {model_type!r} is no family cropper-engine knows",
+                add_bos(family) if family else None)
+    return None, "", None
 
 
 def _retry_after(r: Any) -> float:
