@@ -68,13 +68,20 @@ class TermWeights:
     area: float = 1.0  # the crop's share of the image
 
 
+def _free_weights() -> TermWeights:
+    # the paper's free-form result (its Table 2) is its Table 5 row VILA + area, without CLIP
+    return TermWeights(aesthetic=1.0, clip=0.0, area=1.0)
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    """The VLM loop's scorer: a weighted mean of the terms, with weights per task. A term whose
-    model is missing (no CLIP weights, no aesthetic head) is replaced by the classical
-    composition score (`classical`), which then takes its weight."""
+    """The VLM loop's scorer: a weighted mean of the terms, with weights per task. Free-form:
+    aesthetics + area (the paper's Table 5 row behind its Table 2); subject and ratio: the three
+    terms its text names (aesthetics, CLIP content, area). A term whose model is missing (no
+    CLIP weights, no aesthetic head) is replaced by the classical composition score
+    (`classical`, a stand-in), which then takes its weight."""
 
-    free: TermWeights = field(default_factory=TermWeights)
+    free: TermWeights = field(default_factory=_free_weights)
     subject: TermWeights = field(default_factory=TermWeights)
     ratio: TermWeights = field(default_factory=TermWeights)
     classical_weight: float = 1.0  # no-VLM default only: its fitted model's weight when CLIP re-ranks

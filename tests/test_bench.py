@@ -23,12 +23,21 @@ def run_bench(*args: str, timeout: int = 600) -> dict:
 
 
 @pytest.mark.slow
-def test_fullsize_cpu_check():
-    """The GPU script's CPU mode (the documented check before a GPU run): every batch size
-    reports stage times, tokens and the fraction of the device's limit, every row by the VLM."""
-    fig = run_bench("bench/fullsize.py", "--shape", "tiny", "--device", "cpu", "--batches", "1,2", "-S", "4",
-                    "--repeats", "1", "--examples", "12")
-    assert [r["batch"] for r in fig["results"]] == [1, 2]
+def test_fullsize_cpu_check(tmp_path):
+    """The GPU script's CPU mode at a small size (make gpu-rehearsal runs it at the real S, T, R,
+    L): every mode and batch size reports stage times, tokens and the fraction of the device's
+    limit, every row by the VLM, sampling never fell back; the last line printed is the JSON's path."""
+    out = tmp_path / "fullsize.json"
+    proc = subprocess.run([sys.executable, "bench/fullsize.py", "--shape", "tiny", "--device", "cpu", "--batches",
+                           "1,2", "-S", "4", "--repeats", "1", "--examples", "12", "--json", str(out), "--strict"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    fig = json.loads(out.read_text())
+    assert [(r["mode"], r["batch"]) for r in fig["results"]] == [("list", 1), ("list", 2), ("parallel", 1),
+                                                                ("parallel", 2)]
+    assert fig["problems"] == {} and fig["skipped"] == []
     for r in fig["results"]:
         assert r["pipelines"] == {"vlm": r["batch"]}
         assert r["generated_tokens_per_image"] > 0 and r["images_per_s"] > 0
@@ -36,7 +45,9 @@ def test_fullsize_cpu_check():
         assert all(v > 0 for v in r["fraction_of_limit"].values())
         # the shipped max_new_tokens: the longest answer (R=6 boxes in one, the default list mode)
         # in the tokenizer's tokens + the end token
-        assert r["max_new_tokens"] == len(" " + ", ".join(["(99.99, 1000, 1000, 1000, 1000)"] * 6)) + 1
+        boxes = 6 if r["mode"] == "list" else 1
+        assert r["max_new_tokens"] == len(" " + ", ".join(["(4.99, 1000, 1000, 1000, 1000)"] * boxes)) + 1
+        assert r["sampling"] == "grouped" and r["sampling_note"] is None
         assert r["longest_prompt_tokens"] + r["max_new_tokens"] <= r["context_length"] == 8192
         assert not any("cut at the token limit" in n for n in r["notes"]) and r["memory_need_gb"] > 0
 

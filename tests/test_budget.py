@@ -35,7 +35,7 @@ def test_the_estimate_is_the_processor_count(tiny, photos):
     from cropper_engine.engine.prompt import build_messages
 
     spec = _spec(photos, 3)
-    for refine in (None, [(Box(0, 0, spec.width, spec.height), 0.999, 99.99)] * 3):
+    for refine in (None, [(Box(0, 0, spec.width, spec.height), 0.999, 4.99)] * 3):
         conv = build_messages(spec, PromptTemplates(), refine)
         assert tiny.prompt_token_estimate(conv) == tiny.count_prompt_tokens(conv)
     assert tiny.image_tokens == 10  # <fake> + 8 perceiver latents + <fake>, measured
@@ -64,7 +64,7 @@ def fit_need(vlm, spec, k):
 
     s = dataclasses.replace(spec, examples=spec.examples[:k])
     w, h = spec.width, spec.height
-    refine = [(Box(0.123 * w, 0.234 * h, 0.876 * w, 0.987 * h), 0.999, 99.99)] * 3
+    refine = [(Box(0.123 * w, 0.234 * h, 0.876 * w, 0.987 * h), 0.9975, None)] * 3  # scores shown as 4.99
     return vlm.prompt_token_estimate(build_messages(s, PromptTemplates(), refine)) + 3 * SLACK
 
 

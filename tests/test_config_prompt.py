@@ -66,10 +66,14 @@ def test_prompt_layout_and_shared_prefix():
     assert "without MOS are shown with s = 5" in first[0]
     assert first[-1] == "\nQuery image. Answer with one region as (s, x1, y1, x2, y2).\n"
     refined = build_messages(spec, load_templates(None), [(Box(0, 0, 400, 300), 0.71234, 4.0)])[0].content
-    # everything of round 0 but its last text is a prefix of the refinement prompt
+    # everything of round 0 up to the query line is a prefix of the refinement prompt; round 0's
+    # request is not repeated there
     assert refined[: len(first) - 1] == first[:-1]
-    assert refined[len(first) - 1].startswith(first[-1])
-    assert "(4, 1, 1, 500, 500), Score is 0.712" in refined[-1]
+    assert refined[len(first) - 1].startswith("\nQuery image.\n") and first[-1].startswith("\nQuery image. ")
+    assert "Answer with" not in refined[len(first) - 1]
+    # the box as scored and its score, on the MOS scale (0.71234 -> 1 + 4 x 0.71234 = 3.85): the
+    # model's own s (4.0) for a box it proposed is not shown beside another box
+    assert "(3.85, 1, 1, 500, 500), Score is 3.85" in refined[-1]
     # one box asked for: the paper's words
     assert refined[-1].rstrip().endswith("Propose similar crop that has high score. The region should be "
                                          "represented by (s, x1, y1, x2, y2).")
@@ -89,7 +93,7 @@ def test_prompt_labels_are_true_of_each_example():
     # ratio task: the target ratio said once (the query line), each example crop with its own ratio
     conv = build_messages(_spec(Task.RATIO, Ratio(16, 9)), load_templates(None))
     text = render_text(conv)
-    assert text.count("16:9") == 1 and "Query image. Aspect ratio 16:9." in conv[0].content[-1]
+    assert "16:9" not in text and "Query image. Aspect ratio 1.78." in conv[0].content[-1]  # one notation
     # (0,0,320,240) is 4:3 -> 1.33; (64,48,640,480) is 576x432 -> 1.33 as well; both shown per crop
     assert "(4.5, 1, 1, 500, 500) aspect ratio 1.33, (5, 101, 101, 1000, 1000) aspect ratio 1.33" in text
     # subject task: the query's subject box and each example crop's subject box, in 1..1000
@@ -98,7 +102,7 @@ def test_prompt_labels_are_true_of_each_example():
     assert "Subject (101, 101, 500, 500): (4.5, 1, 1, 500, 500), (5, 101, 101, 1000, 1000)" in subj[2]
     assert "centre" not in render_text([build_messages(_spec(Task.SUBJECT), load_templates(None))[0]])
     zero = build_messages(_spec(n_examples=0), load_templates(None))[0].content
-    assert len([p for p in zero if isinstance(p, ImagePart)]) == 1 and "No example images" in zero[0]
+    assert len([p for p in zero if isinstance(p, ImagePart)]) == 1 and "several images" not in zero[0]
 
 
 def test_saved_prompt_text_names_every_image_where_it_stands():
@@ -115,7 +119,7 @@ def test_saved_prompt_text_names_every_image_where_it_stands():
 
 def test_template_override(tmp_path):
     f = tmp_path / "t.toml"
-    f.write_text('query_free = "\\nCrop this one: {n} box(es).\\n"\n')
+    f.write_text('query_free = "\\nCrop this one:"\nask_free = " {n} box(es).\\n"\n')
     tpl = load_templates(f)
     msg = build_messages(_spec(), tpl)[0].content
     assert msg[-1] == "\nCrop this one: 1 box(es).\n"

@@ -16,9 +16,12 @@ GOOD_1 = [
     "(4.5, 12, 100, 870, 1000)",
     " (0.73, 1, 1, 999, 1000)",
     "(4, 1, 1, 1, 1)",
-    "(10.25, 1, 10, 100, 1000)",
+    "(4.99, 1, 10, 100, 1000)",
     "(0, 999, 99, 9, 1000)",
-    "(99.9, 500, 500, 501, 501)",
+    "(5, 500, 500, 501, 501)",
+    "(5.0, 1, 1, 1, 1)",
+    "(5.00, 1, 1, 1, 1)",
+    "(1.05, 1, 1, 1, 1)",
 ]
 BAD_1 = [
     "",
@@ -28,7 +31,12 @@ BAD_1 = [
     "(4.5, 2000, 1, 1, 1)",
     "(4.5, 01, 1, 1, 1)",  # leading zero
     "(4.5, 1, 1, 1, 10000)",
-    "(100, 1, 1, 1, 1)",  # score: at most 2 digits before the point
+    "(100, 1, 1, 1, 1)",  # score: a MOS from 0 to 5
+    "(10.25, 1, 1, 1, 1)",
+    "(6, 1, 1, 1, 1)",
+    "(5.5, 1, 1, 1, 1)",
+    "(5.01, 1, 1, 1, 1)",
+    "(99.99, 1, 1, 1, 1)",
     "(05, 1, 1, 1, 1)",
     "(4., 1, 1, 1, 1)",
     "(.5, 1, 1, 1, 1)",
@@ -62,12 +70,12 @@ def test_dfa_rejects(text):
 
 def test_several_boxes_and_no_score():
     g = BoxGrammar(boxes=3)
-    three = "(4.5, 1, 2, 3, 4), (0.7, 10, 20, 30, 40), (9, 100, 200, 300, 1000)"
+    three = "(4.5, 1, 2, 3, 4), (0.7, 10, 20, 30, 40), (3, 100, 200, 300, 1000)"
     assert g.matches(three)
     assert not g.matches(three.rsplit(", (", 1)[0])  # two boxes
     assert not g.matches(three + ", (4, 1, 1, 1, 1)")  # four
     assert not g.matches(three.replace("), (", "),("))
-    assert parse_boxes(three, g) == [(4.5, 1, 2, 3, 4), (0.7, 10, 20, 30, 40), (9, 100, 200, 300, 1000)]
+    assert parse_boxes(three, g) == [(4.5, 1, 2, 3, 4), (0.7, 10, 20, 30, 40), (3, 100, 200, 300, 1000)]
     plain = BoxGrammar(boxes=2, score=False)
     assert plain.matches("(1, 2, 3, 4), (5, 6, 7, 1000)")
     assert not plain.matches("(4.5, 1, 2, 3, 4), (5, 6, 7, 8)")
@@ -82,7 +90,7 @@ def test_longest_answer_is_the_longest_the_grammar_allows():
         assert g.matches(text) and g.boxes == text.count("(")
         state = g.walk(g.start(), text)
         assert g.is_final(state)  # nothing may follow: no longer answer exists on this path
-    assert BoxGrammar(6).longest() == " " + ", ".join(["(99.99, 1000, 1000, 1000, 1000)"] * 6)
+    assert BoxGrammar(6).longest() == " " + ", ".join(["(4.99, 1000, 1000, 1000, 1000)"] * 6)
 
 
 def test_dfa_final_state_allows_only_eos():
@@ -208,7 +216,7 @@ def test_answer_token_limit_holds_every_constrained_answer():
     for boxes in (1, 6):
         grammar = BoxGrammar(boxes)
         limit = answer_token_limit(tok, grammar)
-        assert limit == len(grammar.longest()) + 1 == 1 + boxes * 31 + (boxes - 1) * 2 + 1
+        assert limit == len(grammar.longest()) + 1 == 1 + boxes * 30 + (boxes - 1) * 2 + 1
         assert grammar.matches(grammar.longest())
         assert len(tok(grammar.longest()).input_ids) < limit  # the canonical tokens merge digits
     grammar = BoxGrammar(2)

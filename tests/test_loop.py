@@ -124,10 +124,10 @@ def test_answers_cut_at_the_token_limit_are_never_parsed(photos, tiny_clip, exam
     assert any("cut at the token limit" in n for n in res.notes), res.notes
     # no tokenizer known (this double has none): the longest answer's characters + the end token
     # the default list mode: R=3 boxes joined by ", "
-    assert vlm.params[0].max_new_tokens == 1 + 3 * 31 + 2 * 2 + 1
+    assert vlm.params[0].max_new_tokens == 1 + 3 * 30 + 2 * 2 + 1
     one = ScriptedVLM(["(4, 100, 100, 900, 900)"] * 3)
     make_cropper({"vlm.parallel": True}, tiny_clip, example_index, one).crop(CropRequest(photos[0], Task.FREE))
-    assert one.params[0].max_new_tokens == len(" (99.99, 1000, 1000, 1000, 1000)") + 1  # one box a sample
+    assert one.params[0].max_new_tokens == len(" (4.99, 1000, 1000, 1000, 1000)") + 1  # one box a sample
     explicit = ScriptedVLM(["(4, 100, 100, 900, 900)"] * 3)
     make_cropper({"vlm.max_new_tokens": 40}, tiny_clip, example_index, explicit).crop(
         CropRequest(photos[0], Task.FREE))

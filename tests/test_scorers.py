@@ -79,8 +79,11 @@ def test_fused_scores_equal_an_independent_per_crop_reference(clip, photos):
     side = clip.input_size
 
     def embed_region(img, box):
+        """The box's centre square (its shorter side), as CLIP's preprocessing keeps of an image."""
         t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        x1, y1, x2, y2 = (round(v) for v in (box.x1, box.y1, box.x2, box.y2))
+        sq = min(box.width, box.height)
+        cx, cy = box.center
+        x1, y1, x2, y2 = (round(v) for v in (cx - sq / 2, cy - sq / 2, cx + sq / 2, cy + sq / 2))
         pixels = F.interpolate(t[:, :, y1:y2, x1:x2], size=(side, side), mode="bilinear", antialias=True,
                                align_corners=False)
         with torch.inference_mode():
@@ -104,7 +107,8 @@ def test_fused_scores_equal_an_independent_per_crop_reference(clip, photos):
             unit = np.array([[b.x1 / w, b.y1 / h, b.x2 / w, b.y2 / h]])
             assert c["classical"][j] == pytest.approx(
                 float(ClassicalScorer().score(box_features(table, unit, w / h))[0]), abs=1e-9)
-            want = np.mean([c["clip"][j], c["area"][j], c["classical"][j]])  # equal weights by default
+            # free-form by default: aesthetics (here the composition stand-in) + area, the paper's Table 2 row
+            want = np.mean([c["area"][j], c["classical"][j]])
             assert out.total[i][j] == pytest.approx(want, abs=1e-9)
     ref_mat = np.stack([r for _, r in refs])
     for row, _ in refs:  # every fused crop embedding is nearest to its own reference
@@ -124,7 +128,8 @@ def test_a_crop_scores_the_same_alone_and_in_a_batch(clip):
                 assert vals[j] == pytest.approx(alone.components[0][name][0], abs=1e-5), name
     # no aesthetic head: the classical composition score stands in for it, with its weight
     assert set(fused.components[0]) == {"area", "classical", "clip"}
-    assert scorer.weights_for("free") == {"area": 1.0, "clip": 1.0, "classical": 1.0}
+    assert scorer.weights_for("free") == {"area": 1.0, "classical": 1.0}
+    assert scorer.weights_for("ratio") == {"area": 1.0, "clip": 1.0, "classical": 1.0}
     # CLIP similarity of the full box with the full image is 1
     full = scorer.score([imgs[0]], [[Box.full(*imgs[0].size)]])
     assert full.components[0]["clip"][0] == pytest.approx(1.0, abs=1e-5)
@@ -163,10 +168,17 @@ def test_without_clip_the_classical_term_stands_in_for_clip_and_aesthetics():
     scorer = FusedScorer(ClassicalEmbedder())  # no encode_pixels: never used for crops
     assert scorer.components == ["area", "classical"]
     assert scorer.weights_for("ratio") == {"area": 1.0, "classical": 2.0}
-    out = scorer.score(_images()[:1], [_boxes(_images()[0], 4)])
+    assert scorer.weights_for("free") == {"area": 1.0, "classical": 1.0}  # free-form has no CLIP term
+    out = scorer.score(_images()[:1] * 2, [_boxes(_images()[0], 4)] * 2, tasks=["ratio", "free"])
     assert all(0 <= v <= 1 for v in out.total[0])
     c = out.components[0]
     np.testing.assert_allclose(out.total[0], (c["area"] + 2 * c["classical"]) / 3)
+    np.testing.assert_allclose(out.total[1], (c["area"] + c["classical"]) / 2)
+    # the stand-in is named wherever its score is shown
+    assert "stand-in for aesthetic and clip" in scorer.describe()
+    assert scorer.prompt_words("ratio") == "a composition estimate (standing in for aesthetics and content kept) " \
+        "and area"
+    assert scorer.prompt_words("free") == "a composition estimate (standing in for aesthetics) and area"
 
 
 def test_weights_per_task_are_config_data(clip, tmp_path):

@@ -19,7 +19,7 @@ SLACK = 4
 
 
 def fit_to_context(spec: PromptSpec, templates: PromptTemplates, vlm: Any, candidates: int, rounds: int,
-                   answer_tokens: int) -> tuple[PromptSpec, str | None]:
+                   answer_tokens: int, scorer: str = "aesthetics and area") -> tuple[PromptSpec, str | None]:
     """`spec` with as many of its examples as fit the VLM's context, and a note when it lost some.
 
     Needs the backend's `context_length` and `prompt_token_estimate(conversation)`; a backend
@@ -34,12 +34,13 @@ def fit_to_context(spec: PromptSpec, templates: PromptTemplates, vlm: Any, candi
     # numbers: SLACK tokens a crop cover that
     w, h = spec.width, spec.height
     crop = Box(0.123 * w, 0.234 * h, 0.876 * w, 0.987 * h)
-    refine = [(crop, 0.999, 99.99)] * candidates if rounds > 0 and candidates else None
+    # a score of 0.9975 is shown as 4.99 on the prompt's MOS scale: the longest score text
+    refine = [(crop, 0.9975, None)] * candidates if rounds > 0 and candidates else None
     slack = SLACK * len(refine or [])
 
     def need(k: int) -> int:
         s = dataclasses.replace(spec, examples=spec.examples[:k])
-        return int(estimate(build_messages(s, templates, refine))) + answer_tokens + slack
+        return int(estimate(build_messages(s, templates, refine, scorer))) + answer_tokens + slack
 
     s = len(spec.examples)
     if estimate(build_messages(spec, templates, refine)) is None:  # a backend that cannot count

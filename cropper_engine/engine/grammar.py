@@ -3,9 +3,9 @@
 An answer is exactly `boxes` boxes `(s, x1, y1, x2, y2)` separated by ", " (the loop asks for R
 in one answer by default, one per sample in parallel mode; `BoxGrammar.boxes` says how many one
 answer holds, `longest()` is its longest text), with coordinates integers 1..1000 (no
-leading zeros) and `s` a score like `4`, `4.5` or `0.73` (at most 2 digits either side of the
-point). `score=False` drops `s`. One optional space may lead the answer: after
-"Assistant:" a SentencePiece model naturally starts with a '▁'-prefixed token such as "▁(".
+leading zeros) and `s` a MOS on the prompt's scale, 0 to 5 with at most 2 decimals (`4`, `4.5`,
+`0.73`, `5.0`; the prompt says s runs from 1 to 5). `score=False` drops `s`. One optional space
+may lead the answer: after "Assistant:" a SentencePiece model naturally starts with a '▁'-prefixed token such as "▁(".
 
 `TokenConstraint` turns the DFA into a transformers LogitsProcessor: only tokens that keep the text
 inside the grammar may be sampled, and EOS only once the text is complete.
@@ -33,21 +33,23 @@ _COORD = {  # 1..999 or 1000
     "thousand": {},
 }
 _COORD_END = frozenset({"a1", "one", "a2", "ten", "a3", "hundred", "thousand"})
-_SCORE = {  # 0 | [1-9][0-9]? , then optionally . and 1-2 digits
-    "s": {"0": "zero", **{d: "i1" for d in "123456789"}},
-    "zero": {".": "point"},
-    "i1": {".": "point", **{d: "i2" for d in _DIGITS}},
-    "i2": {".": "point"},
+_SCORE = {  # 0..4 with up to 2 decimals, or 5, 5.0, 5.00: a MOS from 0 to 5
+    "s": {**{d: "i1" for d in "01234"}, "5": "five"},
+    "i1": {".": "point"},
     "point": {d: "f1" for d in _DIGITS},
     "f1": {d: "f2" for d in _DIGITS},
     "f2": {},
+    "five": {".": "five_point"},
+    "five_point": {"0": "five_f1"},
+    "five_f1": {"0": "five_f2"},
+    "five_f2": {},
 }
-_SCORE_END = frozenset({"zero", "i1", "i2", "f1", "f2"})
+_SCORE_END = frozenset({"i1", "f1", "f2", "five", "five_f1", "five_f2"})
 _NUMBERS = {"coord": (_COORD, _COORD_END), "score": (_SCORE, _SCORE_END)}
 
 # Plain groups only (no `(?:`): every structured-output backend's regex dialect takes them.
 COORD_REGEX = r"(1000|[1-9][0-9]{0,2})"
-SCORE_REGEX = r"(0|[1-9][0-9]?)(\.[0-9]{1,2})?"
+SCORE_REGEX = r"(5(\.00?)?|[0-4](\.[0-9]{1,2})?)"
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,8 @@ class BoxGrammar:
         return ", ".join([box] * self.boxes)
 
     def longest(self) -> str:
-        """The longest answer the grammar allows, in characters (a score of 5, coordinates of 4)."""
-        box = "(" + ", ".join((["99.99"] if self.score else []) + ["1000"] * 4) + ")"
+        """The longest answer the grammar allows, in characters (a score of 4, coordinates of 4)."""
+        box = "(" + ", ".join((["4.99"] if self.score else []) + ["1000"] * 4) + ")"
         return (" " if self.leading_space else "") + ", ".join([box] * self.boxes)
 
     # --- the DFA ------------------------------------------------------------------------

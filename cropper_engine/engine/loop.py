@@ -607,10 +607,15 @@ class Cropper:
             job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples, n_boxes, job.ratio,
                                   job.subject if job.task is Task.SUBJECT else None,
                                   query_uuid="q-" + job.image.uid, query_name=str(job.image.path))
+            # fewer examples if S would not fit the context
             job.spec, note = fit_to_context(job.spec, self.templates, self.vlm, cfg.candidates, cfg.rounds,
-                                            params.max_new_tokens)  # fewer examples if S would not fit
+                                            params.max_new_tokens, self._scorer_words(job))
             if note:
                 job.notes.append(note)
+            if not job.spec.examples:
+                why = "S=0" if self.cfg.retrieval.examples == 0 else (
+                    "no example index" if self.zero_shot else "no example could be shown")
+                job.notes.append(f"zero-shot: the VLM was shown no examples ({why})")
             if self.record_prompts:
                 job.prompts = []
         t = tick("prompt", t)
@@ -646,8 +651,9 @@ class Cropper:
             convs = []
             for job in active:
                 prev = sorted(job.round_candidates(r - 1), key=lambda c: -c.score)[: cfg.candidates]
-                refine = [(c.box, c.score, c.vlm_score) for c in prev]
-                convs.append(build_messages(job.spec, self.templates, refine))  # type: ignore[arg-type]
+                refine = [(c.box, c.score, c.vlm_score) for c in prev]  # each box as scored, its score
+                convs.append(build_messages(job.spec, self.templates, refine,  # type: ignore[arg-type]
+                                            self._scorer_words(job)))
             t = tick("prompt", t)
             gens = self._generate(convs, params, r + 10, active, r)
             t = tick("generate", t)
@@ -661,6 +667,11 @@ class Cropper:
             self._score(active, [sal[j.req] for j in active], only_round=r)
             t = tick("score", t)
         return t
+
+    def _scorer_words(self, job: Job) -> str:
+        """What the refinement prompt says its scores measure (the scorer's terms for the task)."""
+        fn = getattr(self.scorer, "prompt_words", None)
+        return fn(job.task) if fn is not None else "the scorer"
 
     def _generate(self, convs: list[Any], params: GenerationParams, salt: int, jobs: list[Job],
                   round_idx: int) -> list[Any]:

@@ -3,16 +3,19 @@
 `FusedScorer` scores all candidates of all images of a batch in ONE forward pass:
 - prepare (CPU): each image -> a uint8 tensor, boxes -> unit coordinates;
 - forward (device): every image is resized (antialiased) onto a square canvas, the canvases
-  sit side by side in one wide tensor, and one `grid_sample` cuts and resizes every crop and
-  every full image to the embedder's input size; one embedder pass embeds them all; the
-  aesthetic head reads the same embeddings;
+  sit side by side in one wide tensor, and one `grid_sample` cuts every crop and every full image
+  to the embedder's input size with their aspect kept, as retrieval preprocesses an image (CLIP's
+  resize of the shorter side and centre crop: the centre square of the crop, in pixels); one
+  embedder pass embeds them all; the aesthetic head reads the same embeddings;
 - finish (CPU): per-term scores in 0..1 and their weighted mean, with the weights of each
   image's task (`scoring.free / subject / ratio`).
 The terms: `aesthetic` (a LAION aesthetic head on the crop's CLIP embedding, 1..10 mapped to
 0..1), `clip` (cosine similarity of the crop's and the whole image's CLIP embeddings, clipped to
 0..1), `area` (crop area / image area, 0..1). A term whose model is missing (no CLIP weights, no
 aesthetic head) is replaced by `classical`, the composition score (saliency / layout features
-through a logistic, 0..1), which takes the missing terms' weights; random weights never score.
+through a logistic, 0..1), which takes the missing terms' weights and is named a stand-in wherever
+its score is shown (`describe`, `prompt_words`); random weights never score. The weights per task
+are config data (config.ScoringConfig, the paper's choice per task).
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ def crop_grid(boxes_unit: Any, size: int, canvas_index: Any, n_canvases: int, ca
     gy = ys * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [M, S, S, 2]
     return grid.reshape(1, m * size, size, 2)
+
+
+def centre_square(boxes_unit: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Each box's centred square (side: its shorter side in pixels), in unit coordinates: what
+    CLIP's preprocessing (shorter side resized, centre crop) keeps of a crop, without squashing it."""
+    u = np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4)
+    cx, cy = (u[:, 0] + u[:, 2]) / 2, (u[:, 1] + u[:, 3]) / 2
+    side = np.minimum((u[:, 2] - u[:, 0]) * width, (u[:, 3] - u[:, 1]) * height)
+    hw, hh = side / 2 / width, side / 2 / height
+    return np.stack([cx - hw, cy - hh, cx + hw, cy + hh], axis=1)
 
 
 def cut_and_resize(canvases: Any, boxes_unit: Any, canvas_index: Any, size: int) -> Any:
@@ -160,6 +173,7 @@ class ScoreOutput:
 
 
 TERMS = ("aesthetic", "clip", "area")
+_WORDS = {"aesthetic": "aesthetics", "clip": "content kept", "area": "area"}
 TASKS = ("free", "subject", "ratio")
 
 
@@ -176,8 +190,11 @@ class FusedScorer:
                  *, task_weights: Mapping[str, Any] | None = None, classical_weight: float = 1.0,
                  classical: ClassicalScorer | None = None, saliency_size: int = 64) -> None:
         """task_weights: {task: {"aesthetic", "clip", "area"} or an object with those attributes}
-        (config.TermWeights); tasks left out weigh the three terms equally, as the paper does.
-        classical_weight: the no-VLM default's model weight in its CLIP re-rank (`weights`)."""
+        (config.TermWeights); tasks left out take the config's defaults (config.ScoringConfig: the
+        paper's terms per task). classical_weight: the no-VLM default's model weight in its CLIP
+        re-rank (`weights`)."""
+        from cropper_engine.config import ScoringConfig
+
         self.embedder = embedder if embedder is not None and hasattr(embedder, "encode_pixels") else None
         self.aesthetic = aesthetic if self.embedder is not None else None
         self.classical = classical or ClassicalScorer()
@@ -185,23 +202,42 @@ class FusedScorer:
         self._images: OrderedDict[int, tuple[Any, Any, dict[str, Any]]] = OrderedDict()
         self._lock = threading.Lock()
         given = dict(task_weights or {})
+        defaults = ScoringConfig()
         self.task_weights: dict[str, dict[str, float]] = {}
+        self.stand_in_for: dict[str, list[str]] = {}  # per task: the terms `classical` stands in for
         for task in TASKS:
-            w = given.get(task)
-            raw = {t: float(w[t] if isinstance(w, Mapping) else getattr(w, t)) for t in TERMS} if w is not None \
-                else dict.fromkeys(TERMS, 1.0)
+            w = given.get(task, getattr(defaults, task))
+            raw = {t: float(w[t] if isinstance(w, Mapping) else getattr(w, t)) for t in TERMS}
             self.task_weights[task] = self._effective(raw)
-        free = self.task_weights["free"]
-        # the legacy single view, read by the no-VLM default's CLIP re-rank (engine/default_pipeline.py)
-        self.weights = {"classical": classical_weight, **{k: v for k, v in free.items() if k != "classical"}}
+            self.stand_in_for[task] = [t for t in TERMS if raw[t] > 0 and not self._present(t)]
+        # the no-VLM default's CLIP re-rank (engine/default_pipeline.py): its fitted model, CLIP
+        # similarity and aesthetics (where their models are here), weighed equally; not the VLM
+        # loop's per-task weights
+        self.weights = {"classical": classical_weight, "area": 1.0,
+                        **{t: 1.0 for t in ("clip", "aesthetic") if self._present(t)}}
+
+    def _present(self, term: str) -> bool:
+        return {"area": True, "clip": self.embedder is not None, "aesthetic": self.aesthetic is not None}[term]
 
     def _effective(self, raw: dict[str, float]) -> dict[str, float]:
-        present = {"area": True, "clip": self.embedder is not None, "aesthetic": self.aesthetic is not None}
-        out = {t: raw[t] for t in TERMS if present[t] and raw[t] > 0}
-        missing = sum(raw[t] for t in TERMS if not present[t])
+        out = {t: raw[t] for t in TERMS if self._present(t) and raw[t] > 0}
+        missing = sum(raw[t] for t in TERMS if not self._present(t))
         if missing > 0:
             out["classical"] = missing
         return out
+
+    def prompt_words(self, task: Any) -> str:
+        """What a score of `task` measures, in words for the refinement prompt: the stand-in named."""
+        key = _task_key(task)
+        weights = self.task_weights[key]
+        words = []
+        for term in ("aesthetic", "clip", "area"):
+            if term in weights:
+                words.append(_WORDS[term])
+        if "classical" in weights:
+            stands = " and ".join(_WORDS[t] for t in self.stand_in_for[key])
+            words.insert(0, f"a composition estimate (standing in for {stands})")
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
     def weights_for(self, task: Any) -> dict[str, float]:
         """The weights the total of a candidate of `task` uses (term -> weight)."""
@@ -216,10 +252,14 @@ class FusedScorer:
         return any("classical" in w for w in self.task_weights.values())
 
     def describe(self) -> str:
-        def one(w: dict[str, float]) -> str:
-            return " + ".join(f"{v:g}*{k}" for k, v in sorted(w.items()))
+        def one(task: str) -> str:
+            w = self.task_weights[task]
+            text = " + ".join(f"{v:g}*{k}" for k, v in sorted(w.items()))
+            if "classical" in w:
+                text += f" (classical: the composition stand-in for {' and '.join(self.stand_in_for[task])})"
+            return text
 
-        views = {t: one(w) for t, w in self.task_weights.items()}
+        views = {t: one(t) for t in self.task_weights}
         if len(set(views.values())) == 1:
             return views["free"]
         return "; ".join(f"{t}: {v}" for t, v in views.items())
@@ -290,9 +330,10 @@ class FusedScorer:
                 for t in prep.images
             ])
             boxes, index = [], []
-            for i, u in enumerate(prep.boxes_unit):
-                boxes.append(torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float32))  # full image
-                boxes.append(torch.as_tensor(u, dtype=torch.float32))
+            for i, (u, (w, h)) in enumerate(zip(prep.boxes_unit, prep.sizes, strict=True)):
+                # the full image and each crop, their aspect kept (the centre square, as retrieval)
+                both = np.concatenate([[[0.0, 0.0, 1.0, 1.0]], u]) if len(u) else np.array([[0.0, 0.0, 1.0, 1.0]])
+                boxes.append(torch.as_tensor(centre_square(both, w, h), dtype=torch.float32))
                 index.extend([i] * (len(u) + 1))
             bt = torch.cat(boxes).to(dev)
             it = torch.tensor(index, device=dev)
