@@ -95,7 +95,7 @@ def auto_subject(example: Example, image: Any) -> AutoSubject:
     "saliency"). Deterministic; never raises for lack of a detector (then: "saliency")."""
     from PIL import Image
 
-    from cropper_engine.engine.subject.detectors import DETECT_SIDE, _pil, _small, salient_mask
+    from cropper_engine.engine.subject.detectors import DETECT_SIDE, _pil, _small
     from cropper_engine.engine.subject.resolve import resolve_subject
 
     img = _pil(image)
@@ -117,31 +117,41 @@ def auto_subject(example: Example, image: Any) -> AutoSubject:
     total = int(mask.sum())
     crop_boxes: list[Box | None] = []
     crop_from: list[str] = []
+    seen: dict[tuple[int, int, int, int], tuple[Box | None, str]] = {}  # GAICD-like sets repeat crops
     for c in example.crops:
         x1, y1 = max(0, math.floor(c.x1 * kx)), max(0, math.floor(c.y1 * ky))
         x2, y2 = min(sw, math.ceil(c.x2 * kx)), min(sh, math.ceil(c.y2 * ky))
-        if x2 <= x1 or y2 <= y1:
-            crop_boxes.append(None)
-            crop_from.append("none")
-            continue
-        inside = mask[y1:y2, x1:x2]
-        n = int(inside.sum())
-        tight = _tight(inside) if n else None
-        if tight is not None and (n >= CROP_SUBJECT_MIN_SHARE * total
-                                  or n >= CROP_SUBJECT_MIN_SHARE * (x2 - x1) * (y2 - y1)):
-            bx1, by1, bx2, by2 = tight
-            crop_boxes.append(to_example(x1 + bx1, y1 + by1, x1 + bx2, y1 + by2))
-            crop_from.append("subject")
-            continue
-        sal = salient_mask(small.crop((x1, y1, x2, y2)))
-        t = _tight(sal)
-        if t is None:  # pragma: no cover - salient_mask is never empty
-            t = (0, 0, sal.shape[1], sal.shape[0])
-        fx, fy = (x2 - x1) / sal.shape[1], (y2 - y1) / sal.shape[0]
-        crop_boxes.append(to_example(x1 + t[0] * fx, y1 + t[1] * fy, x1 + t[2] * fx, y1 + t[3] * fy))
-        crop_from.append("crop-saliency")
+        key = (x1, y1, x2, y2)
+        if key not in seen:
+            seen[key] = _crop_subject(small, mask, total, *key, to_example)
+        box, how = seen[key]
+        crop_boxes.append(box)
+        crop_from.append(how)
     return AutoSubject(to_example(*whole), crop_boxes, _SOURCE_OF_KIND.get(sub.kind or "", "saliency"),
                        crop_from, dict(sub.detectors))
+
+
+def _crop_subject(small: Any, mask: np.ndarray, total: int, x1: int, y1: int, x2: int, y2: int,
+                  to_example: Any) -> tuple[Box | None, str]:
+    """One crop's subject box (detection pixels x1..x2, y1..y2 -> the example's) and how it was
+    found: "subject" (the subject inside the crop), "crop-saliency" or "none" (an empty crop)."""
+    from cropper_engine.engine.subject.detectors import salient_mask
+
+    if x2 <= x1 or y2 <= y1:
+        return None, "none"
+    inside = mask[y1:y2, x1:x2]
+    n = int(inside.sum())
+    tight = _tight(inside) if n else None
+    if tight is not None and (n >= CROP_SUBJECT_MIN_SHARE * total
+                              or n >= CROP_SUBJECT_MIN_SHARE * (x2 - x1) * (y2 - y1)):
+        bx1, by1, bx2, by2 = tight
+        return to_example(x1 + bx1, y1 + by1, x1 + bx2, y1 + by2), "subject"
+    sal = salient_mask(small.crop((x1, y1, x2, y2)))
+    t = _tight(sal)
+    if t is None:  # pragma: no cover - salient_mask is never empty
+        t = (0, 0, sal.shape[1], sal.shape[0])
+    fx, fy = (x2 - x1) / sal.shape[1], (y2 - y1) / sal.shape[0]
+    return to_example(x1 + t[0] * fx, y1 + t[1] * fy, x1 + t[2] * fx, y1 + t[3] * fy), "crop-saliency"
 
 
 def apply_auto_subject(example: Example, image: Any) -> AutoSubject | None:
