@@ -256,7 +256,7 @@ def subjects_summary(manifest: dict[str, Any]) -> str:
         text += (f"; detectors: faces {det.get('faces') or 'none'}, persons {det.get('persons') or 'none'}"
                  f" (mediapipe {det.get('mediapipe') or '-'}, opencv {det.get('opencv') or '-'})")
     if rec.get("mode") == "none":
-        text += "; automatic subject boxes were off (--subjects none)"
+        text += "; built with --subjects none"
     return text
 
 
