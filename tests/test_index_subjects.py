@@ -286,3 +286,39 @@ def test_with_the_detectors_installed_here(photos):
             assert info["persons"] is not None
         if p.stem == "astronaut" and info["faces"] == "mediapipe":
             assert got.source == "faces"
+
+
+def test_without_mediapipe_installed(photos, tmp_path):
+    """In a process where MediaPipe cannot be imported: the build still gives every example a
+    subject box, from the salient region (or OpenCV's Haar faces where that build ships them),
+    and the manifest says no person detector was there."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+sys.modules["mediapipe"] = None  # import mediapipe -> ImportError
+from PIL import Image
+from cropper_engine.data.example import Example
+from cropper_engine.index.store import ExampleIndex
+from cropper_engine.types import Box
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_index_subjects import FakeEmbedder
+exs = []
+for p in {[str(p) for p in photos]!r}:
+    w, h = Image.open(p).size
+    exs.append(Example(p, p, w, h, [Box(0, 0, w / 2, h), Box(w / 2, 0, w, h)]))
+rep = ExampleIndex.build(exs, FakeEmbedder(), {str(tmp_path / "idx")!r})
+idx = ExampleIndex.load({str(tmp_path / "idx")!r})
+print(json.dumps({{"subjects": idx.manifest["subjects"],
+                   "rows": [[ex.extra["mask_box_from"], len(ex.extra["mask_boxes"])] for ex in idx]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    det = got["subjects"]["detectors"]
+    assert det["persons"] is None and det["faces"] in (None, "opencv-haar") and "note" in det
+    allowed = {"auto:saliency"} | ({"auto:faces"} if det["faces"] else set())
+    assert all(src in allowed and n == 2 for src, n in got["rows"])
+    assert sum(got["subjects"]["counts"].values()) == len(photos)
