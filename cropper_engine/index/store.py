@@ -427,7 +427,8 @@ def _derive_subject_box(ex: Example) -> None:
     """The subject box of an example with a mask file: the mask's tight box (scaled to the image
     when the mask has another size), the same way the loop derives a query's; stored in the
     metadata as `mask_box` with extra["mask_box_from"] = "mask". An unreadable or empty mask
-    leaves the dataset's own `mask_box` (if any)."""
+    leaves the dataset's own `mask_box` (if any; else, with subjects="auto", the
+    automatic subject: index/subjects.py)."""
     from cropper_engine.engine.geometry import mask_bbox
     from cropper_engine.imageio import load_mask
 
