@@ -570,6 +570,25 @@ def get_embedder(cfg: Any, spec: str | None, quiet: bool = False) -> Any:
     return emb
 
 
+def subjects_option(default: str | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    more = "" if default else " [default: the index's own, else auto]"
+    return click.option(
+        "--subjects", "subjects", type=click.Choice(["auto", "none"]), default=default, show_default=bool(default),
+        help="Subject boxes for examples whose dataset has no mask (no mask file, no box): auto gives each "
+             "the automatic subject of `crop --subject auto` (faces, else persons, else the salient region) "
+             "and one subject box per crop, for the subject task; none leaves them without." + more)
+
+
+def subjects_line(report: Any) -> str:
+    """What the build did about subject boxes, for the closing line."""
+    counts = (report.subjects or {}).get("counts") or {}
+    auto = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("auto:")}
+    if not auto:
+        return ""
+    how = ", ".join(f"{k} {v}" for k, v in sorted(auto.items()))
+    return f"; automatic subject boxes: {sum(auto.values())} ({how}), {report.subjects.get('seconds', 0):.1f} s"
+
+
 def skipped_count(ds: Any, report: Any) -> str:
     """'N skipped' counting records, as `eval` does: those the reader skipped and those whose
     image could not be embedded."""
@@ -588,12 +607,16 @@ def skipped_count(ds: Any, report: Any) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing index at --out.")
 @click.option("--m", "M", type=click.IntRange(4, 128), default=None, help="HNSW graph degree M.")
 @click.option("--ef-construction", type=click.IntRange(8, 2000), default=None)
+@subjects_option("auto")
 @click.pass_context
 @friendly_errors
 def index_build(ctx: click.Context, kind: str, annotations: str, images: str | None, split: str | None,
                 limit: int | None, out_dir: str, embedder: str | None, overwrite: bool,
-                M: int | None, ef_construction: int | None) -> None:
-    """Embed a dataset's images and write an example index (atomically) to --out."""
+                M: int | None, ef_construction: int | None, subjects: str) -> None:
+    """Embed a dataset's images and write an example index (atomically) to --out.
+
+    Every example gets a subject box (the subject task's): from its mask file, else the box its
+    dataset gives, else (--subjects auto) the automatic subject of `crop --subject auto`."""
     from pathlib import Path
 
     from cropper_engine.errors import ExampleIndexError
@@ -615,21 +638,23 @@ def index_build(ctx: click.Context, kind: str, annotations: str, images: str | N
         ds.examples, emb, out_dir, overwrite=overwrite, progress=True,
         source={"dataset": kind, "annotations": str(Path(annotations).resolve()),
                 "images": str(Path(images).resolve()) if images else None, "split": split},
-        **kw,
+        subjects=subjects, **kw,
     )
     for line in summarise_skipped(report.skipped):
         click.echo(f"skipped: {line}", err=True)
-    click.echo(f"wrote {out_dir}: {report.count} examples, {skipped_count(ds, report)}, {report.seconds:.1f} s")
+    click.echo(f"wrote {out_dir}: {report.count} examples, {skipped_count(ds, report)}, {report.seconds:.1f} s"
+               f"{subjects_line(report)}")
 
 
 @index.command("add")
 @click.argument("index_dir", type=click.Path(exists=True, file_okay=False))
 @dataset_options
 @embedder_option
+@subjects_option(None)
 @click.pass_context
 @friendly_errors
 def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, images: str | None,
-              split: str | None, limit: int | None, embedder: str | None) -> None:
+              split: str | None, limit: int | None, embedder: str | None, subjects: str | None) -> None:
     """Append a dataset's examples to an existing index (same embedder)."""
     from cropper_engine.index.store import ExampleIndex
 
@@ -639,10 +664,10 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
     emb = get_embedder(cfg, spec)
     ds = read_examples(kind, annotations, images, split, limit)
     idx = ExampleIndex.load(index_dir, embedder=emb)
-    report = idx.add(ds.examples, emb, progress=True)
+    report = idx.add(ds.examples, emb, progress=True, subjects=subjects)
     for line in summarise_skipped(report.skipped):
         click.echo(f"skipped: {line}", err=True)
-    click.echo(f"added {report.count} examples to {index_dir} ({skipped_count(ds, report)})")
+    click.echo(f"added {report.count} examples to {index_dir} ({skipped_count(ds, report)}{subjects_line(report)})")
 
 
 @index.command("info")
@@ -650,8 +675,10 @@ def index_add(ctx: click.Context, index_dir: str, kind: str, annotations: str, i
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def index_info(index_dir: str, as_json: bool) -> None:
-    """Describe an index: embedder, size, graph parameters, source; checks its files' checksums."""
+    """Describe an index: embedder, size, graph parameters, source, subject boxes (how many
+    examples have one, from where); checks its files' checksums."""
     from cropper_engine.index.store import ExampleIndex
+    from cropper_engine.index.subjects import subjects_summary
 
     idx = ExampleIndex.load(index_dir)
     idx.verify()
@@ -659,8 +686,11 @@ def index_info(index_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    info["subjects"] = subjects_summary(info)
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "additions" and isinstance(value, list):
+            value = "; ".join(f"{a.get('time')}: {a.get('count')} examples" for a in value if isinstance(a, dict))
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key:>16}: {value}")
 

@@ -4,8 +4,11 @@
 - subject-aware: G = -L2 distance between the query mask's centre and the example mask's
   centre, both in unit (0..1) image coordinates; ties (every crop of an example that has one
   mask) by MOS. An example may carry one subject box per crop in `extra["mask_boxes"]`
-  (pixels, x1 y1 x2 y2, aligned with `crops`), as in SACD where each (mask, crop) pair is one
-  subject; otherwise its `mask_box` applies to all its crops. Crops without any mask come last.
+  (pixels, x1 y1 x2 y2, aligned with `crops`): `index build` writes them for examples whose
+  dataset has no mask (the automatic subject inside each crop, index/subjects.py), so each crop
+  has its own centre and the order follows the query's subject; otherwise (a mask file, or a
+  box from the dataset) its `mask_box` applies to all its crops and MOS decides. Crops without
+  any subject box come last.
   `mask_center_distance` gives the same distance per example, so retrieval can re-rank by it;
 - aspect-ratio-aware: the crops whose aspect ratio is nearest the target, compared as
   |log(w/h) - log(target)|, ties by MOS.
@@ -31,8 +34,9 @@ def _unit_center(box: Box, example: Example) -> tuple[float, float]:
 
 
 def crop_subject_boxes(example: Example) -> list[Box | None]:
-    """The subject box of each crop (pixels): per-crop boxes from extra["mask_boxes"], else
-    `mask_box` (given by the dataset, or derived from its mask file at index build)."""
+    """The subject box of each crop (pixels): per-crop boxes from extra["mask_boxes"] (written
+    by index build for examples without a mask: index/subjects.py), else `mask_box` (given by
+    the dataset, or derived from its mask file at index build)."""
     per_crop = example.extra.get("mask_boxes") if example.extra else None
     if isinstance(per_crop, list) and len(per_crop) == len(example.crops):
         return [Box(*map(float, b)) if b is not None else None for b in per_crop]

@@ -11,6 +11,14 @@ loading requires it):
 - `vectors.npy`    float32 [N, D] unit rows, for exact search and for appending;
 - `metadata.jsonl` row i = example i as `Example.to_json()` ("id" first). No pickle.
 
+Subject boxes (the subject-aware task's examples): an example with a mask file gets the mask's
+tight box (`mask_box`, extra["mask_box_from"] = "mask"); one with a box from its dataset keeps
+it; one without either gets the automatic subject of `--subject auto` (faces, else persons, else
+the salient region; index/subjects.py): `mask_box`, one box per crop in extra["mask_boxes"] and
+extra["mask_box_from"] = "auto:faces" | "auto:persons" | "auto:saliency". `subjects="none"`
+(`index build --subjects none`) leaves such examples without. The manifest's "subjects" records
+the mode, how many rows got their box from where ("counts"), the detectors and their versions.
+
 Loading is cheap: vectors are memory-mapped, metadata rows are parsed on first use and the
 graph is read on the first approximate query. Small indexes (< `exact_below` rows) are
 searched exactly by default.
@@ -36,6 +44,7 @@ import numpy as np
 
 from cropper_engine.data.example import Example
 from cropper_engine.errors import ExampleIndexError, ImageError, InputError
+from cropper_engine.index.subjects import subject_counts
 from cropper_engine.types import Box
 
 FORMAT_VERSION = 1
@@ -44,6 +53,7 @@ GRAPH = "graph.bin"
 VECTORS = "vectors.npy"
 METADATA = "metadata.jsonl"
 SPACE = "ip"
+SUBJECT_MODES = ("auto", "none")
 
 # Chosen with bench/index_bench.py (512-d, 1,000 Gaussian clusters, 2 cores). HNSW recall@30 against
 # exact search: 0.993 at 10k, 1.000 at 100k, 0.991 at 1M (a plateau set by the graph: more ef does not
@@ -78,11 +88,12 @@ class BuildReport:
     seconds: float = 0.0
     path: str = ""
     total: int = 0
+    subjects: dict[str, Any] = field(default_factory=dict)  # the rows written: counts by subject-box source
 
     def to_json(self) -> dict[str, Any]:
         return {"count": self.count, "total": self.total, "skipped": len(self.skipped),
                 "skipped_messages": list(self.skipped), "seconds": round(self.seconds, 3),
-                "path": self.path}
+                "path": self.path, "subjects": dict(self.subjects)}
 
 
 def _now() -> str:
@@ -289,16 +300,34 @@ def _example_line(row: Example | dict[str, Any]) -> bytes:
 # --- embedding examples -----------------------------------------------------------------
 
 
+def _check_subjects(subjects: str) -> str:
+    mode = str(subjects).strip().lower()
+    if mode not in SUBJECT_MODES:
+        raise InputError(f"subjects must be one of {', '.join(SUBJECT_MODES)}, got {subjects!r}")
+    return mode
+
+
 def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: int, progress: bool,
                     on_error: Callable[[str], None] | None, skip_ids: Collection[str] = (),
+                    subjects: str = "auto", stats: dict[str, Any] | None = None,
                     ) -> tuple[np.ndarray, list[Example], list[str]]:
-    """Open and embed examples in batches; unreadable images are reported and skipped."""
+    """Open and embed examples in batches; unreadable images are reported and skipped.
+
+    Each example gets its subject box on the way (see the module's docstring): from its mask
+    file, else (subjects="auto", no box from the dataset) the automatic subject of its image.
+    `stats` (when given) receives "subject_seconds" and "crop_boxes" (how the automatic per-crop
+    boxes were found: the subject inside the crop, or the crop's own salient region)."""
     from tqdm import tqdm
 
     from cropper_engine.imageio import open_image
+    from cropper_engine.index.subjects import apply_auto_subject, has_subject_box
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    auto = _check_subjects(subjects) == "auto"
+    stats = stats if stats is not None else {}
+    stats.setdefault("subject_seconds", 0.0)
+    crop_from: dict[str, int] = stats.setdefault("crop_boxes", {})
     dim = int(embedder.dim)
     chunks: list[np.ndarray] = []
     kept: list[Example] = []
@@ -326,7 +355,8 @@ def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: i
         batch_images.clear()
         batch_examples.clear()
 
-    bar = tqdm(examples, desc="embedding examples", unit="img", file=sys.stderr, disable=not progress)
+    desc = "embedding examples, subject boxes" if auto else "embedding examples"
+    bar = tqdm(examples, desc=desc, unit="img", file=sys.stderr, disable=not progress)
     for ex in bar:
         if ex.id in seen:
             skip(f"{ex.id}: duplicate example id (already in the index), skipped")
@@ -339,6 +369,12 @@ def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: i
         seen.add(ex.id)
         if ex.mask_path:
             _derive_subject_box(ex)
+        if auto and not has_subject_box(ex):
+            t = time.perf_counter()
+            got = apply_auto_subject(ex, image)
+            stats["subject_seconds"] += time.perf_counter() - t
+            for how in got.crop_from if got is not None else ():
+                crop_from[how] = crop_from.get(how, 0) + 1
         batch_images.append(image)
         batch_examples.append(ex)
         if len(batch_images) >= batch_size:
@@ -349,11 +385,50 @@ def _embed_examples(examples: Iterable[Example], embedder: Any, *, batch_size: i
     return vectors, kept, skipped
 
 
+def _subjects_record(mode: str, kept: Sequence[Example], stats: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's "subjects" for rows just embedded: the mode, the counts by source, and
+    (where automatic boxes were computed) how the per-crop boxes were found, the seconds spent
+    and the detectors with their versions."""
+    from cropper_engine.index.subjects import detector_info
+
+    counts = subject_counts(kept)
+    rec: dict[str, Any] = {"mode": mode, "counts": counts}
+    if any(k.startswith("auto:") for k in counts):
+        rec["crop_boxes"] = dict(sorted(stats.get("crop_boxes", {}).items()))
+        rec["seconds"] = round(float(stats.get("subject_seconds", 0.0)), 3)
+        rec["detectors"] = detector_info()
+    return rec
+
+
+def _merge_subjects(old: dict[str, Any], new: dict[str, Any], old_rows: Sequence[bytes]) -> dict[str, Any]:
+    """The manifest's "subjects" after an append: counts over all rows (an index written before
+    they were recorded is counted from its rows), the build's detectors (each addition keeps its
+    own in "additions")."""
+    old_counts = old.get("counts")
+    if not isinstance(old_counts, dict):
+        old_counts = subject_counts(json.loads(line) for line in old_rows)
+    counts = dict(old_counts)
+    for k, v in new["counts"].items():
+        counts[k] = counts.get(k, 0) + v
+    out = {**new, **{k: v for k, v in old.items() if k not in ("counts", "crop_boxes", "seconds")}}
+    out["counts"] = dict(sorted(counts.items()))
+    crop_boxes = dict(old.get("crop_boxes") or {})
+    for k, v in (new.get("crop_boxes") or {}).items():
+        crop_boxes[k] = crop_boxes.get(k, 0) + v
+    if crop_boxes:
+        out["crop_boxes"] = dict(sorted(crop_boxes.items()))
+    seconds = float(old.get("seconds") or 0.0) + float(new.get("seconds") or 0.0)
+    if seconds:
+        out["seconds"] = round(seconds, 3)
+    return out
+
+
 def _derive_subject_box(ex: Example) -> None:
     """The subject box of an example with a mask file: the mask's tight box (scaled to the image
     when the mask has another size), the same way the loop derives a query's; stored in the
     metadata as `mask_box` with extra["mask_box_from"] = "mask". An unreadable or empty mask
-    leaves the dataset's own `mask_box` (if any)."""
+    leaves the dataset's own `mask_box` (if any; else, with subjects="auto", the
+    automatic subject: index/subjects.py)."""
     from cropper_engine.engine.geometry import mask_bbox
     from cropper_engine.imageio import load_mask
 
@@ -395,31 +470,43 @@ class ExampleIndex:
     def build(cls, examples: Iterable[Example], embedder: Any, out_dir: str | os.PathLike[str], *,
               M: int = DEFAULT_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef: int = DEFAULT_EF,
               batch_size: int = 32, overwrite: bool = False, source: dict[str, Any] | None = None,
-              progress: bool = False, on_error: Callable[[str], None] | None = None) -> BuildReport:
-        """Embed the examples' images and write a new index to `out_dir` atomically."""
+              progress: bool = False, on_error: Callable[[str], None] | None = None,
+              subjects: str = "auto") -> BuildReport:
+        """Embed the examples' images and write a new index to `out_dir` atomically.
+
+        subjects="auto" (the default) gives every example without a subject box (no mask file,
+        no box from its dataset) the automatic subject of `--subject auto` (index/subjects.py);
+        "none" leaves them without. The manifest's "subjects" records the counts by source."""
         t0 = time.perf_counter()
         out = Path(out_dir)
+        mode = _check_subjects(subjects)
         _check_target(out, overwrite)
+        stats: dict[str, Any] = {}
         vectors, kept, skipped = _embed_examples(examples, embedder, batch_size=batch_size,
-                                                 progress=progress, on_error=on_error)
+                                                 progress=progress, on_error=on_error, subjects=mode, stats=stats)
         if not kept:
             first = f"; first problem: {skipped[0]}" if skipped else ""
             raise ExampleIndexError(f"no example could be embedded, so no index was written to {out}{first}")
+        record = _subjects_record(mode, kept, stats)
         cls.from_vectors(vectors, kept, out, embedder=embedder, M=M, ef_construction=ef_construction,
-                         ef=ef, overwrite=overwrite, source=source)
+                         ef=ef, overwrite=overwrite, source=source, subjects=record)
         return BuildReport(count=len(kept), skipped=skipped, seconds=time.perf_counter() - t0,
-                           path=str(out), total=len(kept))
+                           path=str(out), total=len(kept), subjects=record)
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, rows: Sequence[Example | dict[str, Any]],
                      out_dir: str | os.PathLike[str], *, embedder: Any, M: int = DEFAULT_M,
                      ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef: int = DEFAULT_EF,
                      overwrite: bool = False, source: dict[str, Any] | None = None, graph: Any = None,
-                     num_threads: int = -1, exact_below: int = DEFAULT_EXACT_BELOW) -> ExampleIndex:
+                     num_threads: int = -1, exact_below: int = DEFAULT_EXACT_BELOW,
+                     subjects: dict[str, Any] | None = None) -> ExampleIndex:
         """Write an index of precomputed unit vectors and their rows (Examples or their JSON).
 
         `embedder` is the Embedder (or its describe() dict) that made the vectors; `graph`
-        an hnswlib graph already built over exactly these vectors (see `build_graph`).
+        an hnswlib graph already built over exactly these vectors (see `build_graph`);
+        `subjects` the manifest's record of how the rows got their subject boxes (`build`
+        passes it; by default mode "given": the rows are written as they are), whose "counts"
+        are always those of `rows`.
         """
         out = Path(out_dir)
         _check_target(out, overwrite)
@@ -458,6 +545,7 @@ class ExampleIndex:
             "created": now,
             "updated": now,
             "hnswlib": _hnswlib_version(),
+            "subjects": {"mode": "given", **(subjects or {}), "counts": subject_counts(rows)},
         }
         tmp = _temp_dir(out, "tmp")
         try:
@@ -470,14 +558,23 @@ class ExampleIndex:
 
     def add(self, examples: Iterable[Example], embedder: Any, *, batch_size: int = 32,
             progress: bool = False, on_error: Callable[[str], None] | None = None,
-            source: dict[str, Any] | None = None) -> BuildReport:
-        """Append examples (ids already present are skipped) and rewrite the index atomically."""
+            source: dict[str, Any] | None = None, subjects: str | None = None) -> BuildReport:
+        """Append examples (ids already present are skipped) and rewrite the index atomically.
+
+        `subjects` as for `build`; None: the index's own mode (its manifest's), else "auto"."""
         t0 = time.perf_counter()
         self._check_embedder(embedder)
+        old_rec = self.manifest.get("subjects") if isinstance(self.manifest.get("subjects"), dict) else {}
+        if subjects is None:
+            subjects = old_rec.get("mode") if old_rec.get("mode") in SUBJECT_MODES else "auto"
+        mode = _check_subjects(subjects)
+        stats: dict[str, Any] = {}
         vectors, kept, skipped = _embed_examples(examples, embedder, batch_size=batch_size,
                                                  progress=progress, on_error=on_error,
-                                                 skip_ids=self._id_map().keys())
-        report = BuildReport(count=len(kept), skipped=skipped, path=str(self.path), total=len(self))
+                                                 skip_ids=self._id_map().keys(), subjects=mode, stats=stats)
+        record = _subjects_record(mode, kept, stats)
+        report = BuildReport(count=len(kept), skipped=skipped, path=str(self.path), total=len(self),
+                             subjects=record)
         if not kept:
             report.seconds = time.perf_counter() - t0
             return report
@@ -500,7 +597,9 @@ class ExampleIndex:
         manifest["updated"] = _now()
         manifest["hnswlib"] = _hnswlib_version()
         manifest["additions"] = [*manifest.get("additions", []),
-                                 {"time": manifest["updated"], "count": len(kept), "source": dict(source or {})}]
+                                 {"time": manifest["updated"], "count": len(kept), "source": dict(source or {}),
+                                  "subjects": record}]
+        manifest["subjects"] = _merge_subjects(old_rec, record, self._rows())
         lines = [*self._rows(), *(_example_line(ex) for ex in kept)]
         tmp = _temp_dir(self.path, "tmp")
         try:
