@@ -322,3 +322,15 @@ print(json.dumps({{"subjects": idx.manifest["subjects"],
     allowed = {"auto:saliency"} | ({"auto:faces"} if det["faces"] else set())
     assert all(src in allowed and n == 2 for src, n in got["rows"])
     assert sum(got["subjects"]["counts"].values()) == len(photos)
+
+
+def test_ratio_near_ties_are_broken_by_mos():
+    """Crops whose ratios read the same in the prompt (2 decimals) are ordered by MOS, not by a
+    difference in the third decimal the model never sees."""
+    from cropper_engine.data.example import Example
+    from cropper_engine.index.select import select_indices
+    from cropper_engine.types import Box, Ratio, Task
+
+    crops = [Box(0, 0, 1333, 1000), Box(0, 0, 1334, 1000), Box(0, 0, 1500, 1000)]  # 1.333, 1.334, 1.5
+    ex = Example("e", "e.jpg", 2000, 1000, crops, [3.0, 4.5, 5.0])
+    assert select_indices(ex, Task.RATIO, 3, ratio=Ratio(4, 3)) == [1, 0, 2]

@@ -15,6 +15,7 @@ from PIL import Image
 from cropper_engine.cli import main
 from cropper_engine.config import load_config
 from cropper_engine.engine.loop import Cropper
+from cropper_engine.engine.prompt import render_text
 from cropper_engine.models.base import Generation
 from cropper_engine.types import CropRequest, Task
 
@@ -29,6 +30,7 @@ class TrainedModelDouble:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []  # (n samples, boxes per answer)
         self.texts: list[str] = []
+        self.rendered: list[str] = []  # with each image named where it stands
 
     def generate(self, conversations, params):
         boxes = params.grammar.boxes if params.grammar is not None else 1
@@ -36,6 +38,7 @@ class TrainedModelDouble:
         out = []
         for conv in conversations:
             self.texts.append("".join(p for m in conv for p in m.content if isinstance(p, str)))
+            self.rendered.append(render_text(conv))
             shift = 10 * len(self.calls)  # each round proposes somewhat new crops
             if boxes == 1:  # n samples of one box: near-identical
                 texts = [f"(4.{k % 10}, {100 + shift + k % 2}, 120, {800 + shift}, 880)" for k in range(params.n)]
@@ -108,7 +111,10 @@ def test_subject_task_shows_subject_boxes_and_t_crops(photos, tiny_clip, example
         assert g[4].count("(") == 3
 
 
-def test_subject_task_leaves_out_examples_without_a_subject_box(photos, tiny_clip, tmp_path):
+def test_subject_task_shows_every_example_even_from_an_index_without_subject_boxes(photos, tiny_clip, tmp_path):
+    """An index built without subject boxes (`--subjects none`, or before they were stored): the
+    subject task still shows S examples, each with the subject boxes found at query time (the
+    same automatic subject `index build` stores), never a silent zero-shot prompt."""
     from cropper_engine.data.example import Example
     from cropper_engine.index.store import ExampleIndex
     from cropper_engine.types import Box
@@ -116,19 +122,32 @@ def test_subject_task_leaves_out_examples_without_a_subject_box(photos, tiny_cli
     exs = []
     for i, p in enumerate(photos):
         w, h = Image.open(p).size
-        exs.append(Example(p.name, str(p), w, h, [Box(0, 0, w, h)], None, None,
+        exs.append(Example(p.name, str(p), w, h, [Box(0, 0, w, h), Box(0, 0, w / 2, h)], None, None,
                            Box(0, 0, w / 2, h / 2) if i % 2 else None))
-    ExampleIndex.build(exs, tiny_clip, tmp_path / "idx")
+    ExampleIndex.build(exs, tiny_clip, tmp_path / "idx", subjects="none")
     vlm = TrainedModelDouble()
     w, h = Image.open(photos[0]).size
     mask = np.zeros((h, w), bool)
     mask[10:50, 10:50] = True
-    res = _cropper({"vlm.rounds": 0}, tiny_clip, tmp_path / "idx", vlm).crop(
+    cfg = {"vlm.rounds": 0, "retrieval.examples": 3}
+    res = _cropper(cfg, tiny_clip, tmp_path / "idx", vlm).crop(CropRequest(photos[0], Task.SUBJECT, mask=mask))[0]
+    text = vlm.rendered[0]
+    assert text.count("<image: ") == 4 and "several images" in text  # S=3 examples and the query
+    examples = text.split("<image: ")[1:-1]
+    assert all("Subject (" in ex for ex in examples), text
+    assert any("found at query time" in n for n in res.notes) and not any("zero-shot" in n for n in res.notes)
+
+
+def test_subject_task_with_no_example_is_a_coherent_zero_shot_prompt(photos, tiny_clip, example_index):
+    vlm = TrainedModelDouble()
+    w, h = Image.open(photos[0]).size
+    mask = np.zeros((h, w), bool)
+    mask[10:50, 10:50] = True
+    res = _cropper({"vlm.rounds": 0, "retrieval.examples": 0}, tiny_clip, example_index, vlm).crop(
         CropRequest(photos[0], Task.SUBJECT, mask=mask))[0]
-    with_box = [p.name for i, p in enumerate(photos) if i % 2 and p != photos[0]]
-    shown = re.findall(r"Subject \(", vlm.texts[0])
-    assert len(shown) == len(with_box) + 1  # the examples with a box, and the query
-    assert any("examples shown: the others retrieved have no subject box" in n for n in res.notes)
+    text = vlm.rendered[0]
+    assert text.count("<image: ") == 1 and "several images" not in text and "No example" not in text
+    assert any(n.startswith("zero-shot: the VLM was shown no examples (S=0)") for n in res.notes), res.notes
 
 
 def run(*args, ok=True):

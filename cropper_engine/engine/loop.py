@@ -181,6 +181,8 @@ class Cropper:
         self.reasons = reasons or {}
         self.default_model = default_model  # the no-VLM ranker (`cropper-engine fit`); None: the shipped one
         self.example_images = ImageCache(max_side=getattr(vlm, "image_edge", None) or 1024)
+        # subject boxes of examples of an index built without them (index/subjects.py), by example id
+        self._auto_subjects: OrderedDict[str, Any] = OrderedDict()
         self.vlm_stage_times: dict[str, float] = {}  # vision / prefill / decode, for benchmarks
         self.record_prompts = False  # keep every prompt's text and raw answers (crop --save-prompts)
         self._pool: tuple[int, Any] | None = None  # (pid, thread pool) for face detection beside the rest
@@ -421,10 +423,29 @@ class Cropper:
         if batch.failed:
             jobs[:] = [j for j in jobs if j.req not in batch.failed]
 
+    def _with_subject(self, ex: Any, job: Job) -> Any:
+        """The example with subject boxes for the subject task: its own, else (an index built
+        without them) its automatic ones, computed once per example (index/subjects.py)."""
+        from cropper_engine.index.subjects import has_subject_box, with_auto_subject
+
+        if has_subject_box(ex):
+            return ex
+        hit = self._auto_subjects.get(ex.id)
+        if hit is None:
+            hit = with_auto_subject(ex, self.example_images.get(ex.image_path))
+            self._auto_subjects[ex.id] = hit
+            if len(self._auto_subjects) > 4096:
+                self._auto_subjects.popitem(last=False)
+        else:
+            self._auto_subjects.move_to_end(ex.id)
+        job.notes.append("subject boxes of examples found at query time: the index has none stored "
+                         "(rebuild it with `cropper-engine index build` to store them)")
+        return hit
+
     def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
         """The S examples shown to the VLM, each with its T best crops by the task's G (and, for
-        the subject task, each crop's subject box; examples without one are not shown), and the
-        neighbours' best crops for the no-VLM proposers."""
+        the subject task, each crop's subject box: the index's, else found at query time), and
+        the neighbours' best crops for the no-VLM proposers."""
         from cropper_engine.index.select import crop_subject_boxes, select_indices
 
         if not hits:
@@ -436,8 +457,15 @@ class Cropper:
             center_unit = (cx / w, cy / h)
         t_crops = self.cfg.retrieval.crops
         examples: list[PromptExample] = []
+        showing = self.vlm is not None and not self.zero_shot
         for hit in hits:
             ex = self.index.example(hit.row)
+            if job.task is Task.SUBJECT and showing and len(examples) < self.cfg.retrieval.examples:
+                try:
+                    ex = self._with_subject(ex, job)
+                except ImageError as exc:
+                    job.notes.append(f"example {ex.id} skipped: {exc}")
+                    continue
             task = job.task if job.task is not Task.SUBJECT or center_unit is not None else Task.FREE
             order = select_indices(ex, task, t_crops, ratio=job.ratio, mask_center_unit=center_unit)
             scores = ex.scores if ex.scores is not None and len(ex.scores) == len(ex.crops) else None
@@ -445,14 +473,12 @@ class Cropper:
             for b, _ in sel[:1]:
                 job.neighbours_unit.append(list(b.to_unit(ex.width, ex.height)))
                 job.neighbour_weights.append(max(hit.similarity, 0.0))
-            if self.vlm is None or self.zero_shot or len(examples) >= self.cfg.retrieval.examples:
+            if not showing or len(examples) >= self.cfg.retrieval.examples:
                 continue
             subjects = None
             if job.task is Task.SUBJECT:
                 per_crop = crop_subject_boxes(ex)
                 subjects = [per_crop[i] for i in order]
-                if all(b is None for b in subjects):
-                    continue  # no subject box: not an example of the subject task
             try:
                 img = self.example_images.get(ex.image_path)
             except ImageError as exc:
@@ -460,10 +486,6 @@ class Cropper:
                 continue
             examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), subjects,
                                           ex.image_path))
-        if job.task is Task.SUBJECT and self.vlm is not None and not self.zero_shot \
-                and len(examples) < self.cfg.retrieval.examples:
-            job.notes.append(f"{len(examples)} of {self.cfg.retrieval.examples} examples shown: "
-                             "the others retrieved have no subject box")
         job.examples = examples
 
     def _propose_classical(self, job: Job, saliency: np.ndarray | None, analysis: Any = None, model: Any = None,

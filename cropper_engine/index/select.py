@@ -11,7 +11,7 @@
   any subject box come last.
   `mask_center_distance` gives the same distance per example, so retrieval can re-rank by it;
 - aspect-ratio-aware: the crops whose aspect ratio is nearest the target, compared as
-  |log(w/h) - log(target)|, ties by MOS.
+  |log(w/h) - log(target)| to a hundredth (the prompt writes ratios to 2 decimals), ties by MOS.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def select_indices(example: Example, task: Task | str, t: int, *, ratio: Ratio |
         def ratio_key(i: int) -> tuple[float, float, int]:
             box = example.crops[i]
             d = abs(math.log(box.aspect) - target) if box.is_valid() else math.inf
-            return (_quantise(d), *mos_key(i))
+            # distances within a hundredth (the prompt writes ratios to 2 decimals) are a tie, which MOS breaks
+            return (d if math.isinf(d) else round(d, 2), *mos_key(i))
 
         order.sort(key=ratio_key)
     return order[:t]
