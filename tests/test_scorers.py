@@ -175,7 +175,7 @@ def test_without_clip_the_classical_term_stands_in_for_clip_and_aesthetics():
     np.testing.assert_allclose(out.total[0], (c["area"] + 2 * c["classical"]) / 3)
     np.testing.assert_allclose(out.total[1], (c["area"] + c["classical"]) / 2)
     # the stand-in is named wherever its score is shown
-    assert "stand-in for aesthetic and clip" in scorer.describe()
+    assert "classical: the composition stand-in, for no aesthetic head and no CLIP weights here" in scorer.describe()
     assert scorer.prompt_words("ratio") == "a composition estimate (standing in for aesthetics and content kept) " \
         "and area"
     assert scorer.prompt_words("free") == "a composition estimate (standing in for aesthetics) and area"

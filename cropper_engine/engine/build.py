@@ -88,9 +88,7 @@ def _scorer(cfg: Config, embedder: Any, reasons: dict[str, str]) -> Any:
                               f"gives {tensor.dim}-d: use the head trained for this CLIP model")
     scorer = FusedScorer(tensor, head, task_weights={t: getattr(sc, t) for t in ("free", "subject", "ratio")},
                          classical_weight=sc.classical_weight)
-    missing = [name for name, ok in (("CLIP weights", tensor), ("aesthetic head", head)) if not ok]
-    stand_in = f" (no {' or '.join(missing)}: the classical composition term stands in)" if missing else ""
-    reasons["scorer"] = scorer.describe() + stand_in
+    reasons["scorer"] = scorer.describe()  # names the composition stand-in where one is used
     return scorer
 
 

@@ -252,17 +252,12 @@ class FusedScorer:
         return any("classical" in w for w in self.task_weights.values())
 
     def describe(self) -> str:
-        def one(task: str) -> str:
-            w = self.task_weights[task]
-            text = " + ".join(f"{v:g}*{k}" for k, v in sorted(w.items()))
-            if "classical" in w:
-                text += f" (classical: the composition stand-in for {' and '.join(self.stand_in_for[task])})"
-            return text
-
-        views = {t: one(t) for t in self.task_weights}
-        if len(set(views.values())) == 1:
-            return views["free"]
-        return "; ".join(f"{t}: {v}" for t, v in views.items())
+        views = {t: " + ".join(f"{v:g}*{k}" for k, v in sorted(w.items())) for t, w in self.task_weights.items()}
+        text = views["free"] if len(set(views.values())) == 1 else "; ".join(f"{t}: {v}" for t, v in views.items())
+        missing = [m for t, m in (("aesthetic", "aesthetic head"), ("clip", "CLIP weights")) if not self._present(t)]
+        if any("classical" in w for w in self.task_weights.values()):
+            text += f" (classical: the composition stand-in, for no {' and no '.join(missing)} here)"
+        return text
 
     # -- the three stages ----------------------------------------------------------------
     def prepare(self, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
