@@ -230,7 +230,7 @@ def pillow_errors(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[N
                          "and decode fewer images at once)") from None
     except OSError as exc:
         msg = str(exc)
-        if "truncated" in msg or "Truncated" in msg:
+        if "truncated" in msg:
             raise ImageError(f"{name}: truncated file ({msg})") from None
         raise ImageError(f"{name}: cannot read image ({msg})") from None
     except PILLOW_DECODE_ERRORS as exc:  # Pillow raises these on damaged files
