@@ -449,15 +449,19 @@ class CropResult:
 
     def __post_init__(self) -> None:
         """A ratio's crop is on whole pixels at the integer size nearest its ratio
-        (`geometry.whole_pixel_box`: where the pipeline's box is further than RATIO_TOLERANCE from
-        it, the nearest size that is within it, e.g. 40x2 for 50x2.5 at 20:1), and where no box
-        that close fits the image (1x1 at 16:9) a note says so."""
+        (`geometry.whole_pixel_box`): a box whose height is not the nearest the ratio for its
+        width (a rounded 319x320 at 1:1) is snapped, and where the box is further than
+        RATIO_TOLERANCE from the ratio, the nearest size within it that fits (40x2 for 50x2.5 at
+        20:1); where no box that close fits the image (1x1 at 16:9) a note says so."""
         if self.ratio is None or self.width < 1 or self.height < 1 or not self.box.is_valid():
             return
         from cropper_engine.engine.geometry import RATIO_TOLERANCE, ratio_error, ratio_note, whole_pixel_box
 
         r, b = self.ratio.value, self.box
-        if not all(float(v).is_integer() for v in b.as_list()) or ratio_error(b.width, b.height, r) > RATIO_TOLERANCE:
+        w, h = b.width, b.height
+        h_best = max(1, min(self.height, round(w / r)))  # the height nearest the ratio for this width
+        if (not all(float(v).is_integer() for v in b.as_list()) or ratio_error(w, h, r) > RATIO_TOLERANCE
+                or ratio_error(w, h, r) > ratio_error(w, h_best, r) + 1e-12):  # e.g. 319x320 at 1:1
             self.box = whole_pixel_box(b, r, self.width, self.height)
         note = ratio_note(self.box, r, str(self.ratio), self.width, self.height)
         if note and note not in self.notes:
