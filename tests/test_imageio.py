@@ -257,12 +257,16 @@ def test_fuzzed_files_give_image_errors():
     assert not raw, [str(w.message) for w in raw[:5]]
 
 
-def test_16_bit_grey_is_decoded_straight_to_8_bits(tmp_path):
+def test_16_bit_grey_is_decoded_straight_to_8_bits(tmp_path, monkeypatch):
     """A 16-bit grey PNG (and PGM, uncompressed TIFF) is decoded by Pillow straight to 8 bits:
     no 16-bit copy is held, and it counts against the limit as an 8-bit image; where that
     cannot be (compressed TIFF) it is converted in strips and counts 1.2 times."""
+    import cropper_engine.imageio as imageio
     from cropper_engine.imageio import _decoded_mode, charged_pixels, probe_pixels
 
+    decoded = []  # the mode each image had once Pillow decoded it
+    real = imageio._to_rgb
+    monkeypatch.setattr(imageio, "_to_rgb", lambda im: (decoded.append(im.mode), real(im))[1])
     arr = (np.arange(300 * 200, dtype=np.uint32).reshape(200, 300) * 21 % 65536).astype(np.uint16)
     want = np.round(arr / 257.0)
     for name, kw in (("g.png", {}), ("g.tif", {}), ("g.pgm", {}), ("lzw.tif", {"compression": "tiff_lzw"})):
@@ -272,6 +276,7 @@ def test_16_bit_grey_is_decoded_straight_to_8_bits(tmp_path):
             assert direct == (name != "lzw.tif"), name
         got = open_image(p).array()
         assert got.shape == (200, 300, 3) and np.abs(got[..., 0] - want).max() <= 1, name
+        assert (decoded.pop() == "L") == direct, name  # no 16-bit image was ever held
         assert probe_pixels(p.read_bytes()) == (60_000 if direct else 72_000), name
     assert charged_pixels(100, 100, "RGB") == charged_pixels(100, 100, "L") == charged_pixels(100, 100, "1") == 10_000
     assert charged_pixels(100, 100, "RGBA") == charged_pixels(100, 100, "I") == 16_000
