@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, overload
 
 from cropper_engine.errors import CropperError, ImageError, InputError
-from cropper_engine.types import Candidate, CropRequest, CropResult, Ratio, Task
+from cropper_engine.types import Candidate, CropRequest, CropResult, Ratio, Task, parse_ratios
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -169,26 +169,45 @@ def _parse_size(size: tuple[int, int] | str | Sequence[int] | None) -> tuple[int
 
 
 def _ratios(ratio: RatioInput | Sequence[RatioInput] | None) -> tuple[list[Ratio], bool]:
-    """The ratios, and whether several were asked for (then the answer is a list)."""
-    if ratio is None:
-        return [], False
-    if isinstance(ratio, Ratio):
-        return [ratio], False
-    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
-        return [Ratio(float(ratio), 1.0)], False
-    if isinstance(ratio, str):
-        parts = [p for p in ratio.split(",") if p.strip()]
-        return [Ratio.parse(p) for p in parts] or [Ratio.parse(ratio)], len(parts) > 1
-    if isinstance(ratio, Sequence):
-        return [_ratios(r)[0][0] for r in ratio], True
-    raise InputError(f"bad ratio {ratio!r}: give 'W:H' (e.g. '16:9'), several ('1:1,16:9' or a list), "
-                     "or a number (width / height)")
+    """The ratios (`types.parse_ratios`: the command line's, the manifests' and the server's
+    reading), and whether several were asked for (a comma list or a list: the answer is a list)."""
+    ratios = parse_ratios(ratio)
+    several = isinstance(ratio, (list, tuple)) or (isinstance(ratio, str) and len(ratios) > 1)
+    return ratios, several
 
 
 def _image_name(image: Any) -> str | None:
     if isinstance(image, (str, os.PathLike)):
         return Path(image).name
     return None
+
+
+def _check_image(image: Any) -> None:
+    """Refuse what cannot be an image before anything runs: None, a number, a path with a NUL
+    byte, an array or PIL image with no pixels (an ImageError or InputError naming the fix)."""
+    import numpy as np
+
+    if image is None:
+        raise InputError("image is None: give a path, the bytes of an image file, a PIL image or an H x W x 3 "
+                         "uint8 array")
+    if isinstance(image, (bool, int, float, complex)):
+        raise InputError(f"image {image!r} ({type(image).__name__}) is not an image: give a path, the bytes of an "
+                         "image file, a PIL image or an H x W x 3 uint8 array")
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if (b"\0" if isinstance(text, bytes) else "\0") in text:
+            raise InputError(f"image path {text[:80]!r} contains a NUL character, which no file name can: pass "
+                             "a file's contents as bytes, not as a path")
+        if not text:
+            raise InputError("image path is empty: give the path of an image file")
+        return
+    if isinstance(image, np.ndarray) and image.ndim >= 2 and min(image.shape[:2]) <= 0:
+        raise ImageError(f"the image array has no pixels (shape {image.shape}): an image needs at least 1 x 1 pixel")
+    size = getattr(image, "size", None) if hasattr(image, "mode") and hasattr(image, "getbands") else None
+    if isinstance(size, tuple) and len(size) == 2 and min(size) <= 0:
+        raise ImageError(f"the PIL image has no pixels ({size[0]}x{size[1]}): an image needs at least 1 x 1 pixel")
+    if isinstance(image, (bytes, bytearray, memoryview)) and len(image) == 0:
+        raise ImageError("the image bytes are empty (0 bytes): give the contents of an image file")
 
 
 def _as_source(image: Any) -> Any:
@@ -208,6 +227,7 @@ def make_request(image: Any, ratio: RatioInput | Sequence[RatioInput] | None = N
     subject, and the same refusals), and whether the answer is a list (several ratios)."""
     from cropper_engine.types import SubjectSpec
 
+    _check_image(image)
     ratios, several = _ratios(ratio)
     spec = SubjectSpec.parse(subject) if subject is not None else None
     if spec is not None and mask is not None:
@@ -226,6 +246,8 @@ def make_request(image: Any, ratio: RatioInput | Sequence[RatioInput] | None = N
                          "not to task='free' (keep_faces does)")
     if isinstance(mask, (str, os.PathLike)):
         mask = os.fspath(mask)
+    elif isinstance(mask, (bytearray, memoryview)):
+        mask = bytes(mask)
     src = _as_source(image)
     req = CropRequest(src, t, ratios, mask, id=id if id is not None else _image_name(src), subject=spec,
                       keep_faces=keep_faces)
@@ -403,7 +425,7 @@ class Cropper:
                 slots.append(None)
                 todo.append((k, req, several))
             if todo:
-                outs = self.engine.crop_batch([r for _, r, _ in todo])
+                outs = self._crop_each([r for _, r, _ in todo])
                 for (k, _, several), out in zip(todo, outs, strict=True):
                     if isinstance(out, CropperError):
                         slots[k] = out
@@ -411,6 +433,23 @@ class Cropper:
                         crops = [Crop(r, fit) for r in out]
                         slots[k] = crops if several else crops[0]
             yield from slots
+
+    def _crop_each(self, requests: list[CropRequest]) -> list[Any]:
+        """The engine's answers for a batch; where the batch as a whole raises (an engine fault on
+        one image), each request again alone, so that only the one that fails gets an error and
+        the others their crops: a stream never ends on one item."""
+        try:
+            return list(self.engine.crop_batch(requests))
+        except Exception as exc:  # any fault of one item must not end the stream
+            if len(requests) > 1:
+                return [self._crop_each([r])[0] for r in requests]
+            if isinstance(exc, CropperError):
+                return [exc]
+            what = requests[0].id or "this image"
+            err = CropperError(f"{what}: the engine failed on it ({type(exc).__name__}: {exc}); the other images "
+                               "went on. Please report it with the image")
+            err.__cause__ = exc
+            return [err]
 
 
 __all__ = ["Crop", "CropBox", "Cropper", "make_request"]

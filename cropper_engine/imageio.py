@@ -6,13 +6,17 @@ batch can count and skip a bad image and go on.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import re
+import struct
 import threading
 import uuid
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ class LoadedImage:
 
 RAISE_HINT = "if the image is genuine, raise the limit: --max-pixels N (crop, serve) or CROPPER_MAX_PIXELS"
 _GUARD_LOCK = threading.Lock()
+_PIL_MODULES = r"PIL(\.|$)"  # the warnings of Pillow's decoders are silenced (`pillow_guard`)
 
 
 def format_pixels(n: int) -> str:
@@ -63,7 +68,9 @@ def too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
 def pillow_guard(max_pixels: int) -> None:
     """Pillow refuses images over its own MAX_IMAGE_PIXELS (89.5 MP, an error at twice that)
     inside Image.open, before we see the size: it is raised to our limit, which we check
-    ourselves before decoding, and its warning (our limit is the one that counts) silenced.
+    ourselves before decoding, and its warnings silenced: the bomb warning (our limit is the one
+    that counts) and what its decoders say of damaged metadata ("Tag data larger than file",
+    "Corrupt EXIF data"): an image that decodes is used, one that does not is an ImageError.
     The guard only ever goes up, so concurrent callers with other limits stay safe."""
     from PIL import Image
 
@@ -71,9 +78,13 @@ def pillow_guard(max_pixels: int) -> None:
         cur = Image.MAX_IMAGE_PIXELS
         if cur is not None and cur < max_pixels:
             Image.MAX_IMAGE_PIXELS = max_pixels
-        if not getattr(pillow_guard, "silenced", False):
+        # checked on every call: a test harness or another thread's catch_warnings may have reset them
+        kinds = {f[2] for f in warnings.filters if f[0] == "ignore"}
+        if Image.DecompressionBombWarning not in kinds:
             warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-            pillow_guard.silenced = True  # type: ignore[attr-defined]
+        if not any(f[0] == "ignore" and f[2] is UserWarning and f[3] is not None and f[3].pattern == _PIL_MODULES
+                   for f in warnings.filters):
+            warnings.filterwarnings("ignore", category=UserWarning, module=_PIL_MODULES)
 
 
 def with_image_notes(row: dict[str, Any], loaded: LoadedImage | None) -> dict[str, Any]:
@@ -88,32 +99,231 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+# What Pillow raises on damaged files besides OSError: a fuzz of truncations and byte flips over
+# 17 formats (tests/test_imageio.py::test_fuzzed_files_give_image_errors) found TypeError
+# ("Missing dimensions", multi-page TIFF), KeyError and IndexError (TIFF tags, GIF frames),
+# struct.error, RuntimeError (AVIF), NotImplementedError (BLP), ValueError, SyntaxError, EOFError.
+# Only Pillow's own calls (open, seek, load, transpose, convert) are guarded with these.
+PILLOW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, struct.error, RuntimeError,
+    NotImplementedError, ZeroDivisionError, OverflowError, zlib.error,
+)
+# Bytes a decoded pixel holds in Pillow (RGB is stored as 4 bytes), by mode
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "PA": 4,
+                "La": 4, "RGB": 4, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "YCbCr": 4, "LAB": 4, "HSV": 4,
+                "I": 4, "F": 4}
+RGB_PIXEL_BYTES = 4
+# What an 8-bit image (grey, palette, 1-bit, RGB) holds per pixel while it becomes RGB: the pixel
+# limit counts pixels at this weight, and an image that needs more (16-bit kept as is, alpha,
+# CMYK, 32-bit) counts as that many more pixels (`charged_pixels`).
+BASE_PIXEL_BYTES = 5
+STRIP_BYTES = 16 << 20  # modes converted by numpy are converted this many source bytes at a time
+_DIRECT_8BIT = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B", "I;16N": "L;16"}
+
+
+def held_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel decoding an image of this Pillow mode holds at its peak: the decoded
+    image, plus the RGB image made of it (converted in strips, so nothing else of that size)."""
+    own = _PIXEL_BYTES.get(mode, 4)
+    return own if mode == "RGB" else own + RGB_PIXEL_BYTES
+
+
+def charged_pixels(width: int, height: int, mode: str = "RGB") -> int:
+    """The pixels an image counts against the pixel limit (and a server's pixel budget): its
+    pixels, more where decoding holds more bytes per pixel than an 8-bit image does (16-bit grey
+    that cannot be decoded straight to 8 bits x1.2, alpha / CMYK / 32-bit x1.6)."""
+    n = int(width) * int(height)
+    per = held_bytes_per_pixel(mode)
+    return n if per <= BASE_PIXEL_BYTES else -(-n * per // BASE_PIXEL_BYTES)
+
+
+def _decoded_mode(im: Any) -> str:
+    """The mode `open_image` decodes an opened (not yet loaded) image to: 16-bit grey PNG, PGM
+    and uncompressed TIFF are decoded straight to 8 bits (`_decode_16_as_8`)."""
+    return "L" if _direct_tiles(im) is not None else im.mode
+
+
+def probe_pixels(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """`charged_pixels` of an image file (bytes or a path) from its header only, without
+    decoding; 0 when the header cannot be read (`open_image` then names the problem). For a
+    caller that budgets decoded memory before decoding (the server's pixel budget)."""
+    from PIL import Image
+
+    pillow_guard(max_pixels)
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with Image.open(fp) as im:
+            return charged_pixels(im.width, im.height, _decoded_mode(im))
+    except (OSError, Image.DecompressionBombError, *PILLOW_DECODE_ERRORS):
+        return 0
+
+
+def _depth_words(mode: str) -> str:
+    return {"I;16": "16-bit grey", "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I;16N": "16-bit grey",
+            "I": "32-bit integer", "F": "32-bit float", "CMYK": "CMYK", "LA": "grey with alpha",
+            "PA": "palette with alpha", "RGBA": "RGB with alpha", "RGBa": "RGB with alpha"}.get(mode, mode)
+
+
+def check_pixels(name: str, w: int, h: int, max_pixels: int, mode: str = "RGB") -> None:
+    """Raise ImageError when an image of this size and decoded mode is over the pixel limit."""
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    charged = charged_pixels(w, h, mode)
+    if charged <= max_pixels:
+        return
+    if charged == w * h:
+        raise ImageError(too_many_pixels(name, w, h, max_pixels))
+    raise ImageError(
+        f"{name}: {w}x{h} = {format_pixels(w * h)} of {_depth_words(mode)}, which decodes at "
+        f"{held_bytes_per_pixel(mode)} bytes a pixel (an 8-bit image {BASE_PIXEL_BYTES}) and so counts as "
+        f"{format_pixels(charged)}, more than the limit of {format_pixels(max_pixels)}; {RAISE_HINT}")
+
+
+def _direct_tiles(im: Any) -> list[Any] | None:
+    """The tiles of a 16-bit grey image rewritten so Pillow's decoder unpacks each sample's high
+    byte into an 8-bit image (no 16-bit copy is ever held); None where that does not apply (only
+    PNG's and the raw decoder's tiles, no transparency key)."""
+    if im.mode not in _DIRECT_8BIT and not (im.mode == "I" and im.format == "PPM"):
+        return None
+    if "transparency" in getattr(im, "info", {}) or not hasattr(im, "_mode"):
+        return None
+    tiles = []
+    for t in getattr(im, "tile", None) or []:
+        args = t.args if hasattr(t, "args") else t[3]
+        raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
+        codec = t.codec_name if hasattr(t, "codec_name") else t[0]
+        if codec not in ("zip", "raw") or raw not in _DIRECT_8BIT:
+            return None
+        new = _DIRECT_8BIT[raw]
+        tiles.append(t._replace(args=new if isinstance(args, str) else (new, *args[1:])))
+    return tiles or None
+
+
+def _decode_16_as_8(im: Any) -> None:
+    """Decode a 16-bit grey image straight to 8 bits where Pillow's decoder can (see `_direct_tiles`)."""
+    tiles = _direct_tiles(im)
+    if tiles is not None:
+        im.tile = tiles
+        im._mode = "L"
+
+
+@contextlib.contextmanager
+def pillow_errors(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[None]:
+    """Pillow's calls inside become ImageErrors naming `name` and the problem: unreadable,
+    truncated, a decompression bomb, or damaged in a way Pillow does not name (PILLOW_DECODE_ERRORS).
+    ImageErrors raised inside pass through."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        n = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{format_pixels(int(n.group(1)))}, " if n else ""
+        raise ImageError(f"{name}: {size}more than the limit of {format_pixels(max_pixels)} (a decompression "
+                         f"bomb?); {RAISE_HINT}") from None
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode it (a damaged header, or lower --max-pixels "
+                         "and decode fewer images at once)") from None
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg:
+            raise ImageError(f"{name}: truncated file ({msg})") from None
+        raise ImageError(f"{name}: cannot read image ({msg})") from None
+    except PILLOW_DECODE_ERRORS as exc:  # Pillow raises these on damaged files
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ImageError(f"{name}: corrupt image ({why}); the file is damaged: export it again from its "
+                         "source, or leave it out") from None
+
+
+def _strips(im: Any) -> Iterator[tuple[int, Any]]:
+    """(top row, a copy of the rows from there) over the image, STRIP_BYTES of it at a time."""
+    w, h = im.size
+    rows = max(1, STRIP_BYTES // max(1, w * _PIXEL_BYTES.get(im.mode, 4)))
+    for y in range(0, h, rows):
+        yield y, im.crop((0, y, w, min(h, y + rows)))
+
+
 def _to_rgb(im: Any) -> Any:
-    """Any Pillow mode -> RGB: 16-bit and float scaled, alpha composited on white."""
+    """Any Pillow mode -> RGB: 16-bit and float scaled, alpha composited on white. What Pillow
+    converts in one step it converts; the rest (16 / 32-bit, alpha) is converted in strips
+    into one RGB image, so no full-size intermediate is held beside it."""
     from PIL import Image
 
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16"):
-            arr = arr / 257.0
+    alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
+    wide = mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+    if not alpha and not wide:
+        return im.convert("RGB")
+    out = Image.new("RGB", im.size)
+    lo = hi = 0.0
+    if wide and not mode.startswith("I;16"):
+        lo, hi = (float(v) for v in im.getextrema())
+    for y, strip in _strips(im):
+        if wide:
+            arr = np.asarray(strip)
+            if mode.startswith("I;16"):
+                grey = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+            else:
+                f = arr.astype(np.float32)
+                if hi > 255 or lo < 0:
+                    f = (f - lo) * np.float32(255.0 / max(hi - lo, 1e-12))
+                grey = np.clip(f + 0.5, 0, 255).astype(np.uint8)
+            part = Image.fromarray(grey, "L").convert("RGB")
         else:
-            hi = float(arr.max()) if arr.size else 0.0
-            lo = float(arr.min()) if arr.size else 0.0
-            if hi > 255 or lo < 0:
-                arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
-        gray = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
-        return gray.convert("RGB")
-    if mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-        mode = im.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
+            rgba = strip.convert("RGBA")
+            part = Image.new("RGB", rgba.size, (255, 255, 255))
+            part.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        out.paste(part, (0, y))
+    return out
+
+
+def _name_of(source: Any, name: str | None) -> str:
+    if name is not None:
+        return name
+    if isinstance(source, (bytes, bytearray, memoryview, io.IOBase)):
+        return "the image"
+    return str(source)
+
+
+def _as_file(source: Any, name: str, what: str = "") -> Any:
+    """A path or file object Pillow can open, after the checks a path needs (it exists, is a
+    file, is not empty, is a name the system can take)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageError(f"{name}: empty {what or 'data'} (no bytes)")
+        return io.BytesIO(bytes(source))
+    if isinstance(source, io.IOBase) or (hasattr(source, "read") and hasattr(source, "seek")):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"{name}: not an image: give a path, bytes, a PIL image or an H x W x 3 uint8 array "
+                         f"(got {type(source).__name__})")
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "\0" in text:
+        raise ImageError(f"{name!r}: a path cannot contain a NUL character (\\0); is it a file's bytes? "
+                         "pass bytes as bytes, not as a path")
+    p = Path(text)
+    try:
+        if not p.exists():
+            raise ImageError(f"{name}: {missing_reason(p)}")
+        if p.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image")
+        if p.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file")
+    except OSError as exc:  # a name too long for the file system, a component that is a file, ...
+        raise ImageError(f"{_short(name)}: cannot use this path ({exc.strerror or exc})") from None
+    return str(p)
+
+
+def _short(name: str, n: int = 120) -> str:
+    return name if len(name) <= n else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
 
 
 def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side: int | None = None,
@@ -125,12 +335,17 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
 
     name: what messages call the image (an upload's file name) [default: its path, or "the image"].
 
-    Raises ImageError for a missing, unreadable, truncated or oversized image.
+    max_pixels counts pixels at the bytes per pixel decoding holds (`charged_pixels`): 16-bit
+    grey is decoded straight to 8 bits where Pillow can, else converted in strips.
+
+    Raises ImageError for a missing, unreadable, truncated, damaged, empty or oversized image.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if isinstance(source, LoadedImage):
         return source
+    if source is None:
+        raise ImageError("no image given (None): give a path, bytes, a PIL image or an H x W x 3 uint8 array")
     if isinstance(source, np.ndarray):
         arr = source
         if arr.ndim == 2:
@@ -139,41 +354,40 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
             raise ImageError(f"an image array must be H x W x 3 (RGB), got shape {arr.shape}")
         if arr.dtype != np.uint8:
             raise ImageError(f"an image array must be uint8, got {arr.dtype}")
-        return LoadedImage(_to_rgb(Image.fromarray(arr)), "<array>")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ImageError(f"the image array has no pixels (shape {arr.shape}): an image needs at least 1 x 1")
+        return LoadedImage(_to_rgb(Image.fromarray(np.ascontiguousarray(arr))), "<array>")
     if isinstance(source, Image.Image):
-        return LoadedImage(_to_rgb(ImageOps.exif_transpose(source) or source), "<image>",
-                           _rgb_profile(source.info.get("icc_profile"), source.mode), source.mode)
+        name = name or getattr(source, "filename", None) or "the PIL image"
+        pillow_guard(max_pixels)
+        w, h = source.size
+        check_pixels(name, w, h, max_pixels, source.mode)
+        with pillow_errors(name, max_pixels):  # a lazily opened file is decoded here
+            source.load()
+            up = ImageOps.exif_transpose(source) or source
+            rgb = _to_rgb(up)
+        return LoadedImage(rgb, "<image>", _rgb_profile(source.info.get("icc_profile"), source.mode), source.mode)
+    if isinstance(source, (bool, int, float)):
+        raise ImageError(f"not an image: {source!r} ({type(source).__name__}); give a path, bytes, a PIL image or "
+                         "an H x W x 3 uint8 array")
 
-    if name is None:
-        name = "the image" if isinstance(source, (bytes, bytearray, io.IOBase)) else str(source)
-    if isinstance(source, (bytes, bytearray)):
-        fp: Any = io.BytesIO(source)
-    elif isinstance(source, io.IOBase):
-        fp = source
-    else:
-        p = Path(source)
-        if not p.exists():
-            raise ImageError(f"{name}: {missing_reason(p)}")
-        if p.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image")
-        if p.stat().st_size == 0:
-            raise ImageError(f"{name}: empty file")
-        fp = str(p)
+    name = _name_of(source, name)
+    fp = _as_file(source, name)
     pillow_guard(max_pixels)
-    try:
+    with pillow_errors(name, max_pixels):
         im = Image.open(fp)
         w, h = im.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"{name}: image has no pixels ({w}x{h})")
-        if w * h > max_pixels:
-            raise ImageError(too_many_pixels(name, w, h, max_pixels))
+        check_pixels(name, w, h, max_pixels, _decoded_mode(im))
         source_mode = im.mode
         icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
         frames = int(getattr(im, "n_frames", 1) or 1)
         if draft_side and im.format == "JPEG" and max(w, h) > 2 * draft_side:
             s = draft_side / max(w, h)
             im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+        _decode_16_as_8(im)
         im.load()
+        if im.size[0] <= 0 or im.size[1] <= 0:
+            raise ImageError(f"{name}: image has no pixels ({im.size[0]}x{im.size[1]})")
         rotated = _orientation(im) not in (None, 1)
         if rotated:
             im = ImageOps.exif_transpose(im)
@@ -183,22 +397,6 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         if _has_transparency(im):
             notes.append("transparent pixels were composited on white (the crop has no alpha)")
         rgb = _to_rgb(im)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        n = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{format_pixels(int(n.group(1)))}, " if n else ""
-        raise ImageError(f"{name}: {size}more than the limit of {format_pixels(max_pixels)} (a decompression "
-                         f"bomb?); {RAISE_HINT}") from None
-    except OSError as exc:
-        msg = str(exc)
-        if "truncated" in msg:
-            raise ImageError(f"{name}: truncated file ({msg})") from None
-        raise ImageError(f"{name}: cannot read image ({msg})") from None
-    except (ValueError, SyntaxError, EOFError) as exc:  # Pillow raises these on broken headers
-        raise ImageError(f"{name}: corrupt image ({exc})") from None
     return LoadedImage(rgb, name, icc, source_mode, rotated, notes=notes)
 
 
@@ -247,58 +445,79 @@ def _orientation(im: Any) -> int | None:
 
 def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """The upright (EXIF-rotated) size of an image, read from its header only."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if _orientation(im) in (5, 6, 7, 8):
-                w, h = h, w
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read image ({exc})") from None
-    if w * h > max_pixels:
-        raise ImageError(too_many_pixels(str(path), w, h, max_pixels))
+    name = str(path)
+    fp = _as_file(path, name)
+    pillow_guard(max_pixels)
+    with pillow_errors(name, max_pixels), Image.open(fp) as im:
+        w, h = im.size
+        check_pixels(name, w, h, max_pixels, _decoded_mode(im))
+        if _orientation(im) in (5, 6, 7, 8):
+            w, h = h, w
     return w, h
 
 
-def load_mask(source: Any, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A binary subject mask (H x W bool) from a path, PIL image or array.
+def load_mask(source: Any, size: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+              name: str | None = None) -> np.ndarray:
+    """A binary subject mask (H x W bool) from a path, the bytes of an image file, a PIL image or
+    an array.
 
-    `size` (W, H) is the image's size: a mask of another size is refused, an empty one too.
+    `size` (W, H) is the image's size: a mask of another size is refused, an empty one too. A
+    mask file goes through the images' pixel limit with the images' message (read from its
+    header, before decoding); one of exactly the image's size is never over it (the image was not).
     """
     from PIL import Image
 
+    if source is None:
+        raise ImageError("no mask given (None): give a path, the bytes of an image file, a PIL image or an array")
     if isinstance(source, np.ndarray):
         arr = source
+        if arr.size == 0:
+            raise ImageError(f"the mask array has no pixels (shape {arr.shape})")
     else:
-        if isinstance(source, (str, os.PathLike)):
-            try:
-                img = Image.open(source)
-                img.load()
-            except FileNotFoundError:
-                raise ImageError(f"mask {source}: no such file") from None
-            except OSError as exc:
-                raise ImageError(f"mask {source}: cannot read ({exc})") from None
+        pillow_guard(max_pixels)
+        if isinstance(source, Image.Image):
+            label = name or f"the mask {getattr(source, 'filename', '') or '(a PIL image)'}".rstrip()
+            img, fp = source, None
         else:
-            img = source
-        if img.mode in ("RGBA", "LA"):
-            arr = np.asarray(img)[..., -1]
-        else:
-            arr = np.asarray(img.convert("L"))
+            what = name or ("the mask" if isinstance(source, (bytes, bytearray, memoryview, io.IOBase))
+                            else f"mask {source}")
+            label = what
+            fp = _as_file(source, what, "mask")
+            img = None
+        with pillow_errors(label, max_pixels):
+            if img is None:
+                img = Image.open(fp)
+            w, h = img.size
+            if size is None or (w, h) != tuple(size):
+                check_pixels(label, w, h, max_pixels, "L")
+            if size is not None and (w, h) != tuple(size):
+                _wrong_size(w, h, size)
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA"):
+                arr = np.asarray(img.getchannel("A"))
+            elif img.mode in ("1", "L", "P", "RGB"):
+                arr = np.asarray(img.convert("L"))
+            else:  # 16 / 32-bit and the rest: anything above zero is the subject
+                arr = np.asarray(img) if img.mode.startswith(("I", "F")) else np.asarray(img.convert("L"))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     if arr.ndim != 2:
         raise ImageError(f"a mask must be a 2-D image, got shape {arr.shape}")
-    mask = arr > (0.5 if arr.dtype == bool or arr.max(initial=0) <= 1 else 127)
+    if arr.dtype == bool or arr.max(initial=0) <= 1:
+        mask = arr > 0.5
+    elif arr.dtype == np.uint8 or arr.max(initial=0) <= 255:
+        mask = arr > 127
+    else:  # a 16-bit mask: half its range
+        mask = arr > (32767 if arr.max(initial=0) <= 65535 else float(arr.max()) / 2)
     if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
-        raise ImageError(
-            f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}; "
-            "a subject mask must have the image's size"
-        )
+        _wrong_size(mask.shape[1], mask.shape[0], size)
     if not mask.any():
         raise ImageError("the subject mask is empty (no foreground pixels)")
     return mask
+
+
+def _wrong_size(w: int, h: int, size: tuple[int, int]) -> None:
+    raise ImageError(f"the mask is {w}x{h} but the image is {size[0]}x{size[1]}; "
+                     "a subject mask must have the image's size")

@@ -8,6 +8,7 @@ left / top edge and 1000 the right / bottom edge; `Box.to_norm` and `Box.from_no
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -68,12 +69,25 @@ class Ratio:
         return f"{fmt(self.w)}:{fmt(self.h)}"
 
     @classmethod
-    def parse(cls, text: str | Ratio) -> Ratio:
-        """Parse 'W:H' (also 'WxH' or 'W/H'); raise InputError naming the problem."""
+    def parse(cls, text: str | Ratio | float) -> Ratio:
+        """Parse 'W:H' (also 'WxH' or 'W/H'), or a number (width / height); raise InputError
+        naming the problem. Terms must be positive and the ratio no more extreme than 20:1."""
         if isinstance(text, Ratio):
             return text
         from cropper_engine.errors import InputError
 
+        if isinstance(text, bool) or not isinstance(text, (str, numbers.Real)):
+            raise InputError(f"bad aspect ratio {text!r}: write it as 'W:H' (e.g. '16:9') or a number "
+                             "(width / height, e.g. 1.5)")
+        if not isinstance(text, str):
+            v = float(text)
+            if not math.isfinite(v) or v <= 0:
+                raise InputError(f"bad aspect ratio {text!r}: a ratio as a number is width / height and must be "
+                                 "positive, e.g. 1.5 (or write 'W:H', e.g. '3:2')")
+            if max(v, 1 / v) > MAX_RATIO:
+                raise InputError(f"bad aspect ratio {text!r}: more extreme than {MAX_RATIO:g}:1 "
+                                 f"(width / height must be within 1/{MAX_RATIO:g} .. {MAX_RATIO:g})")
+            return cls(v, 1.0)
         raw = str(text).strip()
         for sep in (":", "x", "X", "/"):
             if sep in raw:
@@ -87,9 +101,43 @@ class Ratio:
             raise InputError(f"bad aspect ratio {raw!r}: write it as W:H with numbers, e.g. 4:3") from None
         if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
             raise InputError(f"bad aspect ratio {raw!r}: both terms must be positive, e.g. 3:2")
-        if max(w / h, h / w) > 20:
-            raise InputError(f"bad aspect ratio {raw!r}: more extreme than 20:1")
+        if max(w / h, h / w) > MAX_RATIO:
+            raise InputError(f"bad aspect ratio {raw!r}: more extreme than {MAX_RATIO:g}:1")
         return cls(w, h)
+
+
+MAX_RATIO = 20.0  # the most extreme aspect ratio asked for, either way
+
+
+def parse_ratios(value: Any, field: str = "ratio") -> list[Ratio]:
+    """The one reading of a ratio option, for the library, the command line, manifests and the
+    server: 'W:H', a comma list 'W:H,W:H', a number (width / height), a Ratio, or a list of
+    any of these (nested lists and comma lists flattened, in order). None means no ratio and
+    gives []; anything that names no ratio (an empty string or list, only commas, 0, False) is
+    refused with an InputError naming `field`, as is each bad ratio (`Ratio.parse`)."""
+    from cropper_engine.errors import InputError
+
+    if value is None:
+        return []
+    out: list[Ratio] = []
+
+    def add(v: Any, depth: int) -> None:
+        if isinstance(v, (Ratio, numbers.Real)) and not isinstance(v, bool):
+            out.append(Ratio.parse(v))
+        elif isinstance(v, str):
+            out.extend(Ratio.parse(p) for p in v.split(",") if p.strip())
+        elif isinstance(v, (list, tuple)) and depth < 4:
+            for x in v:
+                add(x, depth + 1)
+        else:
+            raise InputError(f"bad {field} {v!r}: give 'W:H' (e.g. '16:9'), several ('1:1,16:9' or a list of "
+                             "them), or a number (width / height)")
+
+    add(value, 0)
+    if not out:
+        raise InputError(f"{field} {value!r} names no ratio: give W:H, e.g. 16:9 or 1:1,4:5 (leave {field} out "
+                         "for a free-form crop)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -398,6 +446,26 @@ class CropResult:
     prompts: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)  # see below
     # `prompts` (not serialised): with `Cropper.record_prompts`, each VLM call's prompt text and raw
     # answers as {"round", "attempt", "prompt", "answers"}; `crop --save-prompts` writes them
+
+    def __post_init__(self) -> None:
+        """A ratio's crop is on whole pixels at the integer size nearest its ratio
+        (`geometry.whole_pixel_box`): a box whose height is not the nearest the ratio for its
+        width (a rounded 319x320 at 1:1) is snapped, and where the box is further than
+        RATIO_TOLERANCE from the ratio, the nearest size within it that fits (40x2 for 50x2.5 at
+        20:1); where no box that close fits the image (1x1 at 16:9) a note says so."""
+        if self.ratio is None or self.width < 1 or self.height < 1 or not self.box.is_valid():
+            return
+        from cropper_engine.engine.geometry import RATIO_TOLERANCE, ratio_error, ratio_note, whole_pixel_box
+
+        r, b = self.ratio.value, self.box
+        w, h = b.width, b.height
+        h_best = max(1, min(self.height, round(w / r)))  # the height nearest the ratio for this width
+        if (not all(float(v).is_integer() for v in b.as_list()) or ratio_error(w, h, r) > RATIO_TOLERANCE
+                or ratio_error(w, h, r) > ratio_error(w, h_best, r) + 1e-12):  # e.g. 319x320 at 1:1
+            self.box = whole_pixel_box(b, r, self.width, self.height)
+        note = ratio_note(self.box, r, str(self.ratio), self.width, self.height)
+        if note and note not in self.notes:
+            self.notes.append(note)
 
     def to_json(self) -> dict[str, Any]:
         out = {

@@ -82,6 +82,7 @@ BAD_FILES = {
     "empty.jpg": "empty file",
     "bomb.png": "more than the limit of 120 MP",
     "garbage.gif": "not an image Pillow can read",
+    "damaged-pages.tif": "corrupt image (TypeError: Missing dimensions); the file is damaged",  # issue 23
 }
 LINKS = {  # file-system faults: the CLI only (an upload has no links)
     "loop.jpg": "a loop of symbolic links",
@@ -105,6 +106,8 @@ def make_catalogue(folder: Path, photos: list[Path]) -> tuple[set[str], set[str]
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "bomb.png").write_bytes(bomb_png())
     (folder / "garbage.gif").write_bytes(b"GIF89a" + b"\x01" * 50)
+    for name, make in DAMAGED_FILES.items():  # issue 23's, made at the end of this file
+        (folder / name).write_bytes(make())
     frames = [Image.new("RGB", (160, 120), c) for c in ("red", "green", "blue")]
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
     rgba = np.zeros((120, 160, 4), np.uint8)
@@ -534,3 +537,202 @@ def test_server_auth_and_limits(engine, photos):
         msg = error_of(c.post("/v1/crop", files={"image": ("a.jpg", data)}), 422, "invalid_image")
         assert msg.startswith("a.jpg: ") and "more than the limit of 1,000 pixels" in msg
         assert c.get("/v1/info").json()["limits"]["max_pixels"] == 1000
+
+
+# --- issue 23: images, masks and the library ------------------------------------------------------
+#
+#   a damaged multi-page TIFF (BAD_FILES above)        test_cli_folder_catalogue, test_server_upload_catalogue
+#   one stream of good and bad library inputs          test_crop_many_catalogue
+#   a 0-size array, a broken face-detector graph       test_a_bad_input_never_breaks_the_cropper
+#   ratios that name no ratio or an extreme one        test_ratio_catalogue
+#   a decompression-bomb mask: library, CLI            test_mask_bomb_catalogue
+#   16-bit / alpha images under the pixel limit        test_pixel_limit_counts_bytes_per_pixel
+#   a fitted model with a truncated ratio.npz          test_truncated_fitted_model
+#   tiny images: the exact ratio, or a note            test_tiny_images_keep_the_ratio_or_say_so
+
+
+def _damaged_tiff() -> bytes:
+    from tests.test_imageio import damaged_tiff
+
+    return damaged_tiff()
+
+
+DAMAGED_FILES = {"damaged-pages.tif": _damaged_tiff}
+
+
+@pytest.fixture(scope="module")
+def library():
+    from cropper_engine import Cropper
+
+    c = Cropper(overrides={"vlm.model": "none", "retrieval.embedder": "classical"})
+    yield c
+    c.close()
+
+
+def test_crop_many_catalogue(library, photos, tmp_path):
+    """One crop_many stream, batches of 3, good and bad items mixed: each bad item is its own named
+    CropperError in its slot, every good one (in the same batches) is cropped, in order."""
+    from bench.memory_bench import big_png
+    from cropper_engine.errors import CropperError, InputError
+
+    data = photos[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "bomb-mask.png").write_bytes(big_png(20_000, 10_000))  # 200 MP, a few KB
+    w, h = Image.open(photos[0]).size
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 3: h // 2, w // 3: w // 2] = 255
+    mask_png = png(Image.fromarray(mask))
+    good = str(photos[0])
+    items = [
+        (good, None),
+        (None, (InputError, "image is None")),
+        (5, (InputError, "image 5 (int) is not an image")),
+        ("a\0b.jpg", (InputError, "contains a NUL character")),
+        (str(tmp_path / ("x" * 300 + ".jpg")), (ImageError, "cannot use this path (File name too long)")),
+        (Image.open(tmp_path / "cut.jpg"), (ImageError, "cut.jpg: truncated file")),
+        (np.zeros((0, 10, 3), np.uint8), (ImageError, "has no pixels (shape (0, 10, 3))")),
+        ({"image": good, "mask": str(tmp_path / "bomb-mask.png")},
+         (ImageError, "20000x10000 = 200 MP, more than the limit of 120 MP")),
+        ({"image": good, "mask": mask_png}, None),  # a mask given as the bytes of a PNG: it works
+        ({"image": good, "ratio": []}, (InputError, "names no ratio")),
+        (str(photos[1]), None),
+    ]
+    outs = list(library.crop_many([i for i, _ in items], ratio=None, batch_size=3))
+    assert len(outs) == len(items)
+    for (item, want), out in zip(items, outs, strict=True):
+        if want is None:
+            assert not isinstance(out, CropperError), (item if not isinstance(item, dict) else item["mask"][:20], out)
+            continue
+        kind, text = want
+        assert isinstance(out, kind) and text in str(out), (type(out).__name__, str(out))
+        assert "Traceback" not in str(out) and "DecompressionBomb" not in str(out)
+    kept = outs[8]
+    assert kept.box.x1 <= w // 3 and kept.box.y1 <= h // 3 and kept.box.x2 >= w // 2 and kept.box.y2 >= h // 2
+
+
+def test_crop_many_an_engine_fault_stays_with_its_item(library, photos, monkeypatch):
+    """An unexpected exception for one image inside a batch: that item gets a CropperError naming
+    it, the others of its batch are cropped, the stream goes on."""
+    from cropper_engine.errors import CropperError
+
+    engine = library.engine
+    real = engine.crop_batch
+
+    def flaky(requests, *a, **kw):
+        if any(r.id == photos[1].name for r in requests):
+            raise RuntimeError("Graph has errors")
+        return real(requests, *a, **kw)
+
+    monkeypatch.setattr(engine, "crop_batch", flaky)
+    outs = list(library.crop_many([str(p) for p in photos[:3]], batch_size=3))
+    assert isinstance(outs[1], CropperError), outs[1]
+    assert f"{photos[1].name}: the engine failed on it (RuntimeError" in str(outs[1])
+    assert not isinstance(outs[0], CropperError) and not isinstance(outs[2], CropperError)
+
+
+def test_a_bad_input_never_breaks_the_cropper(library, photos):
+    """A 0-size array is refused before anything runs; and a face-detector graph left in error
+    (as a 0-size image once left it) is rebuilt: the next photo is cropped, faces kept."""
+    pytest.importorskip("mediapipe", reason="the subject extra (mediapipe) is not installed")
+    from cropper_engine.engine.subject.detectors import face_detector
+
+    with pytest.raises(ImageError, match=r"no pixels \(shape \(0, 10, 3\)\)"):
+        library.crop(np.zeros((0, 10, 3), np.uint8))
+    det = face_detector()
+    before = getattr(det, "rebuilds", 0)
+    with pytest.raises(RuntimeError):  # what MediaPipe's graph does with a 0-size image
+        det._full.process(np.zeros((0, 10, 3), np.uint8))
+    for p in photos[:2]:
+        crop = library.crop(str(p), ratio="16:9")
+        assert crop.box.width > 0
+    assert det.rebuilds == before + 1
+
+
+def test_ratio_catalogue(library, photos):
+    """The one ratio parser: numbers range-checked, nested comma lists flattened, empty or 0
+    refused (as a server's \"ratio\": [] and a manifest's \"ratio\": \"\" or 0 will be)."""
+    from cropper_engine.errors import InputError
+    from cropper_engine.types import parse_ratios
+
+    img = str(photos[0])
+    for bad, text in ((1000.0, "more extreme than 20:1"), (0.01, "more extreme than 20:1"), ([], "names no ratio"),
+                      ("", "names no ratio"), (" , ", "names no ratio"), (0, "must be positive"),
+                      ([[]], "names no ratio"), (True, "bad ratio True"), ({"w": 1}, "bad ratio")):
+        with pytest.raises(InputError, match=text):
+            library.crop(img, ratio=bad)
+        with pytest.raises(InputError, match=text):
+            parse_ratios(bad)
+    crops = library.crop(img, ratio=["1:1,16:9", "4:5"])
+    assert [str(c.ratio) for c in crops] == ["1:1", "16:9", "4:5"]
+    assert str(library.crop(img, ratio=1.5).ratio) == "1.5:1"
+    assert parse_ratios(None) == []
+    assert [str(r) for r in parse_ratios(["16:9", ["1:1", "4:3,3:2"]])] == ["16:9", "1:1", "4:3", "3:2"]
+
+
+def test_mask_bomb_catalogue(library, photos, tmp_path):
+    """A decompression-bomb mask: the images' message (its size, the limit, the flag) from the
+    library and the CLI; no Pillow wording, no traceback, no raw warning."""
+    import warnings
+
+    from bench.memory_bench import big_png
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(big_png(13_000, 10_000))  # 130 MP: over the limit, over Pillow's warning, under its error
+    img = str(photos[0])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(ImageError) as exc:
+        library.crop(img, mask=str(bomb))
+    msg = str(exc.value)
+    assert "13000x10000 = 130 MP, more than the limit of 120 MP" in msg and "--max-pixels" in msg, msg
+    assert "Decompression" not in msg, msg
+    assert not [w for w in seen if "pixels" in str(w.message)], [str(w.message) for w in seen]
+    res = cli("crop", img, "--mask", bomb, "--max-pixels", "50000000")
+    assert res.exit_code == 1 and "13000x10000 = 130 MP, more than the limit of" in res.output, res.output
+    assert "DecompressionBomb" not in res.output and "Warning" not in res.output
+
+
+def test_pixel_limit_counts_bytes_per_pixel(tmp_path):
+    """A 16-bit grey PNG counts as an 8-bit one (decoded straight to 8 bits); an RGBA one counts
+    1.6 times its pixels (8 bytes a pixel to decode, an 8-bit image 5), named with both figures."""
+    g16 = tmp_path / "g16.png"
+    g16.write_bytes(big_png(1_000, 1_000, bit_depth=16))
+    assert open_image(g16, 1_000_000).size == (1_000, 1_000)
+    rgba = tmp_path / "a.png"
+    Image.new("RGBA", (1_000, 1_000)).save(rgba)
+    with pytest.raises(ImageError, match=r"1000x1000 = 1 MP of RGB with alpha, .* counts as 1.6 MP, more than the "
+                                         r"limit of 1.5 MP"):
+        open_image(rgba, 1_500_000)
+
+
+def test_truncated_fitted_model(photos, tmp_path):
+    """A fitted model whose ratio.npz was cut short: the folder, the file and the fix, not BadZipFile."""
+    import shutil
+
+    from cropper_engine.errors import ModelNotFoundError
+    from cropper_engine.models.default_model import MODEL_DIR
+    from cropper_engine.models.fitted import load_fitted
+
+    d = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, d)
+    data = (d / "ratio.npz").read_bytes()
+    (d / "ratio.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelNotFoundError) as exc:
+        load_fitted(d)
+    msg = str(exc.value)
+    assert str(d) in msg and "ratio.npz" in msg and "damaged or truncated" in msg and "cropper-engine fit" in msg, msg
+    res = cli("crop", photos[0], "--default-model", d)
+    assert res.exit_code != 0 and "BadZipFile: File" in res.output and "fit it again" in res.output, res.output
+
+
+def test_tiny_images_keep_the_ratio_or_say_so(library):
+    """The best whole-pixel box of the exact ratio that fits (50x20000 at 20:1: 40x2, not 49x2);
+    where none fits (1x1 at 16:9, 5000x2 at 16:9), the crop says so in a note."""
+    rng = np.random.default_rng(0)
+    tall = rng.integers(0, 255, (20_000, 50, 3), dtype=np.uint8)
+    c = library.crop(tall, ratio="20:1")
+    assert (c.box.width, c.box.height) == (40, 2) and not c.notes, (c.box, c.notes)
+    for shape, ratio in (((1, 1), "16:9"), ((2, 5_000), "16:9")):
+        c = library.crop(rng.integers(0, 255, (*shape, 3), dtype=np.uint8), ratio=ratio)
+        want = f"no whole-pixel box of {ratio} fits this {shape[1]}x{shape[0]} image"
+        assert any(want in n for n in c.notes), c.notes
+    c = library.crop(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), ratio="16:9")
+    assert abs(c.box.width / c.box.height / (16 / 9) - 1) < 0.01 and not any("whole-pixel" in n for n in c.notes)

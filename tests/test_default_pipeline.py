@@ -153,9 +153,13 @@ def test_subject_crops_contain_the_mask(cropper):
         m = np.zeros((600, 800), bool)
         m[box[1]:box[3], box[0]:box[2]] = True
         r = cropper.crop_batch([CropRequest(img, Task.SUBJECT, mask=m)])[0][0]
-        s = r.extra["subject_box"]
-        assert r.box.x1 <= s[0] and r.box.y1 <= s[1] and r.box.x2 >= s[2] and r.box.y2 >= s[3], (r.box, s)
-        assert all(c.box.contains(Box(*map(float, s)), tol=0.5) for c in r.candidates)
+        ys, xs = np.nonzero(m)  # the mask's own pixels, not the engine's subject_box
+        x1, y1, x2, y2 = int(r.box.x1), int(r.box.y1), int(r.box.x2), int(r.box.y2)
+        assert m[y1:y2, x1:x2].sum() == m.sum(), (r.box, box)  # every subject pixel inside the crop
+        assert x1 <= xs.min() and y1 <= ys.min() and x2 >= xs.max() + 1 and y2 >= ys.max() + 1, (r.box, box)
+        for c in r.candidates:
+            cx1, cy1, cx2, cy2 = (int(round(v)) for v in c.box.as_list())
+            assert m[max(cy1, 0):cy2, max(cx1, 0):cx2].sum() == m.sum(), (c.box, box)
 
 
 def test_timings_and_describe(cropper):

@@ -22,6 +22,7 @@ SUBJECTS = {
     "coffee": Box(170, 15, 420, 310),
     "rocket": Box(305, 125, 340, 410),
 }
+HER_FACE = Box(180, 75, 270, 165)  # the astronaut's face, brows to chin (as tests/test_subject.py)
 MIN_SHARE = 0.5  # of the largest crop of the ratio (of the image, free-form)
 SUBJECT_SHARE = 0.8  # of the subject a crop of the ratio could hold at best
 
@@ -99,6 +100,8 @@ def test_the_astronaut_keeps_her_face(golden, ratio):
     faces = res.extra.get("faces") or []
     assert len(faces) == 1 and res.extra["keep_faces"] is True
     face = Box(*faces[0]["box"])
+    assert face.contains(HER_FACE), face  # the detector found her face, where the photo has it
+    assert res.box.contains(HER_FACE, tol=1), (ratio, res.box, face)  # measured on the photo, not the report
     assert res.box.contains(face, tol=1), (ratio, res.box, face)
     assert not any("left out" in n or "cannot keep" in n for n in res.notes), res.notes
 

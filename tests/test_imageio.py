@@ -140,3 +140,220 @@ def test_arrays_and_masks(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.putpixel((1, 1), (0, 0, 0, 255))
     assert load_mask(rgba).sum() == 1  # alpha is the mask
+
+
+# --- issue 23: damaged files, 16-bit memory, masks through the pixel limit --------------------
+
+
+def _format_samples() -> dict[str, bytes]:
+    """One small image in each format Pillow writes here (17 formats, TIFF single and multi-page
+    with each compression, animated GIF / PNG / WebP, 16-bit PNG and TIFF)."""
+    from PIL import features
+
+    arr = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    rgb = Image.fromarray(arr)
+    g16 = Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
+    frames = [rgb.rotate(90), rgb.rotate(180)]
+    out: dict[str, bytes] = {}
+
+    def save(name, im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        out[name] = buf.getvalue()
+
+    save("jpg", rgb, "JPEG")
+    save("jpg-progressive", rgb, "JPEG", progressive=True)
+    save("png", rgb, "PNG")
+    save("png-palette", rgb.convert("P"), "PNG")
+    save("png-16", g16, "PNG")
+    save("png-la", rgb.convert("LA"), "PNG")
+    save("apng", rgb, "PNG", save_all=True, append_images=frames)
+    save("gif", rgb, "GIF", save_all=True, append_images=frames)
+    save("bmp", rgb, "BMP")
+    for comp in (None, "tiff_lzw", "tiff_deflate", "packbits", "jpeg"):
+        save(f"tiff-{comp}", rgb, "TIFF", compression=comp)
+        save(f"tiff-pages-{comp}", rgb, "TIFF", compression=comp, save_all=True, append_images=frames)
+    save("tiff-16", g16, "TIFF")
+    save("tiff-g4", rgb.convert("1"), "TIFF", compression="group4")
+    save("tiff-cmyk", rgb.convert("CMYK"), "TIFF")
+    save("ico", rgb, "ICO")
+    save("ppm", rgb, "PPM")
+    save("tga", rgb, "TGA", compression="tga_rle")
+    save("pcx", rgb, "PCX")
+    save("sgi", rgb, "SGI")
+    save("dds", rgb.convert("RGBA"), "DDS")
+    save("qoi", rgb, "QOI")
+    save("blp", rgb.convert("P"), "BLP")
+    save("mpo", rgb, "MPO", save_all=True, append_images=frames[:1])
+    if features.check("webp"):
+        save("webp", rgb, "WEBP")
+        save("webp-anim", rgb, "WEBP", save_all=True, append_images=frames)
+    if features.check("jpg_2000"):
+        save("jp2", rgb, "JPEG2000")
+    if features.check("avif"):
+        save("avif", rgb, "AVIF")
+    return out
+
+
+def _mutate(data: bytes, rng) -> bytes:
+    """A truncation, a few flipped or replaced bytes, or both."""
+    k = rng.random()
+    if k < 0.3:
+        return data[: rng.randrange(1, len(data))]
+    b = bytearray(data)
+    for _ in range(rng.randrange(1, 9)):
+        i = rng.randrange(len(b))
+        b[i] = b[i] ^ (1 << rng.randrange(8)) if rng.random() < 0.5 else rng.randrange(256)
+    return bytes(b[: rng.randrange(1, len(b))]) if k > 0.85 else bytes(b)
+
+
+def damaged_tiff() -> bytes:
+    """A 3-page TIFF whose last page has no width (its ImageWidth tag renamed): Pillow raises
+    `TypeError: Missing dimensions` when it counts the pages (issue 23, item 1)."""
+    pages = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    data = buf.getvalue()
+    k = data.rindex(b"\x00\x01\x04\x00\x01\x00\x00\x00")  # the last page's ImageWidth (tag 256, LONG, 1)
+    return data[:k] + b"\x99\x99" + data[k + 2:]
+
+
+def test_a_damaged_multi_page_tiff_is_an_image_error():
+    with pytest.raises(ImageError, match=r"pages.tif: corrupt image \(TypeError: Missing dimensions\); the file "
+                                         "is damaged: export it again"):
+        open_image(damaged_tiff(), name="pages.tif")
+
+
+def test_fuzzed_files_give_image_errors():
+    """Truncations and byte flips of small files in every format Pillow writes here (a fixed
+    seed, at most ~10 s): each decodes or is an ImageError, as an image and as a mask (bytes);
+    never another exception and never a warning."""
+    import random
+    import time
+    import warnings
+
+    samples = _format_samples()
+    assert len(samples) >= 30
+    rng = random.Random(23)
+    names = sorted(samples)
+    t0, n, errors = time.perf_counter(), 0, 0
+    with warnings.catch_warnings(record=True) as seen:  # the filters in force (imageio's) still apply
+        while n < 6000 and time.perf_counter() - t0 < 10:
+            name = names[n % len(names)]
+            data = _mutate(samples[name], rng)
+            n += 1
+            try:
+                out = open_image(data, 1_000_000, name=name)
+                assert out.image.mode == "RGB" and min(out.size) >= 1
+            except ImageError as exc:
+                errors += 1
+                assert str(exc).startswith(f"{name}: "), exc
+            try:
+                load_mask(data)
+            except ImageError:
+                pass
+    assert n >= 1000 and errors > n // 10, (n, errors)
+    raw = [w for w in seen if not issubclass(w.category, DeprecationWarning)]  # Pillow's own, of formats it drops
+    assert not raw, [str(w.message) for w in raw[:5]]
+
+
+def test_16_bit_grey_is_decoded_straight_to_8_bits(tmp_path, monkeypatch):
+    """A 16-bit grey PNG (and PGM, uncompressed TIFF) is decoded by Pillow straight to 8 bits:
+    no 16-bit copy is held, and it counts against the limit as an 8-bit image; where that
+    cannot be (compressed TIFF) it is converted in strips and counts 1.2 times."""
+    import cropper_engine.imageio as imageio
+    from cropper_engine.imageio import _decoded_mode, charged_pixels, probe_pixels
+
+    decoded = []  # the mode each image had once Pillow decoded it
+    real = imageio._to_rgb
+    monkeypatch.setattr(imageio, "_to_rgb", lambda im: (decoded.append(im.mode), real(im))[1])
+    arr = (np.arange(300 * 200, dtype=np.uint32).reshape(200, 300) * 21 % 65536).astype(np.uint16)
+    want = np.round(arr / 257.0)
+    for name, kw in (("g.png", {}), ("g.tif", {}), ("g.pgm", {}), ("lzw.tif", {"compression": "tiff_lzw"})):
+        p = _save(Image.fromarray(arr), tmp_path / name, **kw)
+        with Image.open(p) as im:
+            direct = _decoded_mode(im) == "L"
+            assert direct == (name != "lzw.tif"), name
+        got = open_image(p).array()
+        assert got.shape == (200, 300, 3) and np.abs(got[..., 0] - want).max() <= 1, name
+        assert (decoded.pop() == "L") == direct, name  # no 16-bit image was ever held
+        assert probe_pixels(p.read_bytes()) == (60_000 if direct else 72_000), name
+    assert charged_pixels(100, 100, "RGB") == charged_pixels(100, 100, "L") == charged_pixels(100, 100, "1") == 10_000
+    assert charged_pixels(100, 100, "RGBA") == charged_pixels(100, 100, "I") == 16_000
+    assert probe_pixels(b"not an image") == 0
+
+
+def test_the_pixel_limit_counts_bytes_per_pixel(tmp_path):
+    """An RGBA image of 10 000 pixels decodes at 8 bytes a pixel (an 8-bit one at 5): it counts
+    as 16 000, refused under a 12 000 limit with both figures and the flag; an RGB one is not."""
+    rgba = _save(Image.new("RGBA", (100, 100), (1, 2, 3, 4)), tmp_path / "a.png")
+    with pytest.raises(ImageError) as exc:
+        open_image(rgba, 12_000)
+    msg = str(exc.value)
+    assert "100x100 = 10,000 pixels of RGB with alpha" in msg and "counts as 16,000 pixels" in msg, msg
+    assert "more than the limit of 12,000 pixels" in msg and "--max-pixels" in msg, msg
+    assert open_image(_save(Image.new("RGB", (100, 100)), tmp_path / "b.png"), 12_000).size == (100, 100)
+    assert open_image(rgba, 16_000).size == (100, 100)
+
+
+def test_modes_converted_in_strips_match_the_whole(tmp_path, monkeypatch):
+    """Alpha, 32-bit and float images are converted in strips into one RGB image: the same
+    pixels as converting the whole at once."""
+    import cropper_engine.imageio as imageio
+
+    rng = np.random.default_rng(5)
+    rgba = Image.fromarray(rng.integers(0, 255, (57, 41, 4), dtype=np.uint8), "RGBA")
+    i32 = Image.fromarray(rng.integers(-5000, 70000, (57, 41), dtype=np.int32), "I")
+    whole = {k: imageio._to_rgb(v).tobytes() for k, v in (("rgba", rgba), ("i", i32))}
+    monkeypatch.setattr(imageio, "STRIP_BYTES", 41 * 4 * 5)  # 5 rows a strip
+    assert {k: imageio._to_rgb(v).tobytes() for k, v in (("rgba", rgba), ("i", i32))} == whole
+    white = np.asarray(imageio._to_rgb(Image.new("RGBA", (3, 3), (255, 0, 0, 0))))
+    assert (white == 255).all()
+
+
+def test_odd_sources_are_named_errors(tmp_path):
+    """None, a number, a path with NUL or too long for the file system, a lazily opened PIL image
+    of a truncated file, an array or PIL image with no pixels: each a named ImageError."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    cases = [
+        (None, "no image given"),
+        (7, "not an image: 7 (int)"),
+        ("a\0b.jpg", "cannot contain a NUL character"),
+        ("x" * 300 + ".jpg", "(304 characters): cannot use this path"),
+        (Image.open(tmp_path / "cut.jpg"), "cut.jpg: truncated file"),
+        (np.zeros((0, 10, 3), np.uint8), "has no pixels (shape (0, 10, 3))"),
+        (Image.new("RGB", (0, 5)), "image has no pixels (0x5)"),
+        (b"", "empty data"),
+    ]
+    for source, text in cases:
+        with pytest.raises(ImageError) as exc:
+            open_image(source)
+        assert text in str(exc.value), (source, str(exc.value))
+
+
+def test_masks_go_through_the_pixel_limit_and_may_be_bytes(tmp_path, recwarn):
+    """A mask bomb (a path, bytes or a PIL image) is refused from its header with the images'
+    message (never Pillow's, never a raw warning); a mask of the image's own size is never over
+    the limit; a mask given as the bytes of a PNG works."""
+    from bench.memory_bench import big_png
+
+    bomb = big_png(20_000, 5_000)  # 100 MP, a few KB
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    for source in (tmp_path / "bomb.png", str(tmp_path / "bomb.png"), bomb):
+        with pytest.raises(ImageError) as exc:
+            load_mask(source, (300, 200), max_pixels=50_000_000)
+        assert "20000x5000 = 100 MP, more than the limit of 50 MP" in str(exc.value), exc.value
+        assert "--max-pixels" in str(exc.value) and "DecompressionBomb" not in str(exc.value)
+    with pytest.raises(ImageError, match="the mask is 20000x5000 but the image is 300x200"):
+        load_mask(bomb, (300, 200))  # under the default limit: the size is wrong, said before decoding
+    m = np.zeros((200, 300), np.uint8)
+    m[50:100, 60:120] = 255
+    buf = io.BytesIO()
+    Image.fromarray(m).save(buf, "PNG")
+    assert load_mask(buf.getvalue(), (300, 200)).sum() == 50 * 60
+    assert load_mask(bytearray(buf.getvalue())).sum() == 50 * 60
+    with pytest.raises(ImageError, match="empty"):
+        load_mask(big_png(3_000, 1_000, bit_depth=8), (3_000, 1_000), max_pixels=1_000_000)  # its own size: decoded
+    assert not [w for w in recwarn if "PIL" in str(w.filename) or "Decompression" in str(w.message)]

@@ -31,7 +31,14 @@ def test_ray_crops_every_image_once_and_resumes(local_ray, photos, tiny_dir, tmp
     good = [r for r in rows if not r.get("error")]
     assert sorted(r["source"] for r in good) == sorted(map(str, photos))  # each once, none mixed up
     assert all(r["pipeline"] == "vlm" and r["ratio"] == "1:1" for r in good)
-    assert all((out / "crops").rglob("*")) and len(list((out / "crops").rglob("*.jpg"))) == len(photos)
+    from PIL import Image
+
+    assert len(list((out / "crops").rglob("*.jpg"))) == len(photos)
+    for r in good:  # each row's own file: a whole JPEG of its box (1:1), not an empty or torn file
+        x1, y1, x2, y2 = r["box"]
+        with Image.open(r["output"]) as im:
+            im.load()
+            assert im.size == (x2 - x1, y2 - y1) and im.width == im.height > 0, (r["output"], im.size, r["box"])
     assert "no such file" in next(r for r in rows if r.get("error"))["error"]
     # a rerun does only what is missing: the broken path, which fails again
     again = run(str(manifest), str(out), actors=1, batch_size=2, overrides=over, task="ratio", ratios="1:1")

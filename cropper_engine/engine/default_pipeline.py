@@ -157,26 +157,10 @@ def retrieve_for_model(index: Any, embedder: Any, hits: dict[int, list[Any]], re
 
 def snap_to_pixels(box: Any, ratio: float | None, width: int, height: int) -> Any:
     """The box on whole pixels: rounding it later changes nothing, and with a ratio its integer
-    size is the one nearest that ratio (1:1 stays square)."""
-    from cropper_engine.types import Box
+    size is the one nearest that ratio (1:1 stays square): `geometry.whole_pixel_box`."""
+    from cropper_engine.engine.geometry import whole_pixel_box
 
-    if not ratio:
-        return box.rounded()
-    best = None
-    w0 = box.width
-    for w in {max(1, min(width, int(np.floor(w0)) + d)) for d in (-1, 0, 1, 2)}:
-        h = max(1, min(height, round(w / ratio)))
-        key = (abs(np.log((w / h) / ratio)), abs(w - w0))
-        if best is None or key < best[0]:
-            best = (key, w, h)
-    _, w, h = best  # type: ignore[misc]
-    cx, cy = box.center
-    x1 = min(max(round(cx - w / 2), 0), width - w)
-    y1 = min(max(round(cy - h / 2), 0), height - h)
-    # a box on an image edge stays on it: a face there has no padding left to lose to rounding
-    x1 = 0 if box.x1 <= 0.5 else width - w if box.x2 >= width - 0.5 else x1
-    y1 = 0 if box.y1 <= 0.5 else height - h if box.y2 >= height - 0.5 else y1
-    return Box(float(x1), float(y1), float(x1 + w), float(y1 + h))
+    return whole_pixel_box(box, ratio, width, height)
 
 
 def keep_ranked(ranked: Ranked, n: int) -> list[int]:

@@ -17,6 +17,8 @@ logistic is the 0..1 `score` shown with each candidate.
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -196,10 +198,18 @@ def read_model(d: str | Path = MODEL_DIR) -> DefaultModel:
             "--fcdb ../shared/data/fcdb")
     tasks = {}
     for name, t in meta["tasks"].items():
-        with np.load(p / t["file"], allow_pickle=False) as a:
-            trees = TreeEnsemble.from_arrays(a)
-            cx = np.asarray(a["check_x"]) if "check_x" in a else None
-            cy = np.asarray(a["check_y"]) if "check_y" in a else None
+        f = p / t["file"]
+        try:
+            with np.load(f, allow_pickle=False) as a:
+                trees = TreeEnsemble.from_arrays(a)
+                cx = np.asarray(a["check_x"]) if "check_x" in a else None
+                cy = np.asarray(a["check_y"]) if "check_y" in a else None
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"the model in {p} has no {t['file']} (its {name} trees); refit it") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+            # a truncated or damaged .npz (a copy cut short, a full disk while fitting)
+            raise ModelNotFoundError(f"the model in {p}: {t['file']} (its {name} trees) is damaged or truncated "
+                                     f"({type(exc).__name__}: {exc}); refit it") from None
         tasks[name] = TaskModel(name, tuple(t["features"]), trees, float(t["blend_temperature"]), cx, cy)
     return DefaultModel(tasks, meta)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,10 @@ def _load(path: str, mtime: float) -> Any:
     p = Path(path)
     try:
         model = read_model(p)
-    except ModelNotFoundError as exc:  # features of another version: say how to refit this one
-        raise ModelNotFoundError(str(exc).split("; refit it")[0]
+    except ModelNotFoundError as exc:  # features of another version, a damaged .npz: say how to refit this one
+        raise ModelNotFoundError(str(exc).split("; refit it")[0].replace("the model in", "the fitted model in")
                                  + "; fit it again with `cropper-engine fit` (its command is in model.json)") from None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ModelNotFoundError(f"the fitted model in {p} cannot be read ({type(exc).__name__}: {exc}); "
                                  "fit it again with `cropper-engine fit`") from None
     if (p / TABLE / "manifest.json").is_file():

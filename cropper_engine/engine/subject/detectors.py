@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cropper_engine.errors import BackendUnavailableError
+from cropper_engine.errors import BackendUnavailableError, ImageError
 from cropper_engine.types import Box, SubjectSpec
 
 DETECT_SIDE = 512  # detection runs on a copy with this longest side, px
@@ -91,17 +91,23 @@ class MediaPipeFaces:
     name = "mediapipe"
 
     def __init__(self) -> None:
+        self._build()
+        self._lock = threading.Lock()
+        self.rebuilds = 0  # graphs rebuilt after an error (tests, logs)
+
+    def _build(self) -> None:
         os.environ.setdefault("GLOG_minloglevel", "2")
         with _quiet_stderr():
             import mediapipe as mp
 
+            for old in (getattr(self, "_full", None), getattr(self, "_short", None)):
+                _close(old)
             fd = mp.solutions.face_detection
             self._full = fd.FaceDetection(model_selection=1, min_detection_confidence=FACE_MIN_SCORE)
             self._short = fd.FaceDetection(model_selection=0, min_detection_confidence=FACE_MIN_SCORE)
             blank = np.zeros((64, 64, 3), np.uint8)
             self._full.process(blank)
             self._short.process(blank)
-        self._lock = threading.Lock()
 
     @staticmethod
     def _boxes(result: Any, w: int, h: int) -> list[tuple[Box, float]]:
@@ -115,10 +121,12 @@ class MediaPipeFaces:
 
     def detect(self, rgb: np.ndarray) -> list[tuple[Box, float]]:
         h, w = rgb.shape[:2]
+        if h < 1 or w < 1:  # MediaPipe's graph errors on it, and then on every later image
+            return []
         arr = np.ascontiguousarray(rgb)
         with self._lock:
-            full = self._boxes(self._full.process(arr), w, h)
-            short = self._boxes(self._short.process(arr), w, h)
+            full, short = _run_graph(self, lambda: (self._boxes(self._full.process(arr), w, h),
+                                                    self._boxes(self._short.process(arr), w, h)), w, h, "face")
         # a close-up face the full-range model missed; where both found it, the full-range box
         return full + [(b, s) for b, s in short if all(b.iou(f) < 0.3 for f, _ in full)]
 
@@ -130,6 +138,11 @@ class MediaPipePersons:
     name = "mediapipe"
 
     def __init__(self) -> None:
+        self._build()
+        self._lock = threading.Lock()
+        self.rebuilds = 0
+
+    def _build(self) -> None:
         os.environ.setdefault("GLOG_minloglevel", "2")
         with _quiet_stderr():
             import mediapipe as mp
@@ -141,18 +154,21 @@ class MediaPipePersons:
                 'input_stream: "image" output_stream: "detections" '
                 'node { calculator: "PoseDetectionCpu" input_stream: "IMAGE:image" '
                 'output_stream: "DETECTIONS:detections" }', calculator_pb2.CalculatorGraphConfig())
+            for old in (getattr(self, "_pose", None), getattr(self, "_seg", None)):
+                _close(old)
             self._pose = SolutionBase(graph_config=graph, outputs=["detections"])
             self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
             blank = np.zeros((64, 64, 3), np.uint8)
             self._pose.process({"image": blank})
             self._seg.process(blank)
-        self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> tuple[list[tuple[Box, float]], np.ndarray | None]:
         h, w = rgb.shape[:2]
+        if h < 1 or w < 1:
+            return [], None
         arr = np.ascontiguousarray(rgb)
         with self._lock:
-            dets = self._pose.process({"image": arr}).detections or []
+            dets = _run_graph(self, lambda: self._pose.process({"image": arr}).detections or [], w, h, "person")
             people = []
             for d in dets:
                 score = float(d.score[0])
@@ -167,8 +183,33 @@ class MediaPipePersons:
                     people.append((box, score))
             if not people:
                 return [], None
-            prob = np.asarray(self._seg.process(arr).segmentation_mask, dtype=np.float32)
+            prob = np.asarray(_run_graph(self, lambda: self._seg.process(arr).segmentation_mask, w, h, "person"),
+                              dtype=np.float32)
         return people, prob
+
+
+def _close(solution: Any) -> None:
+    close = getattr(solution, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):  # a graph that errored may refuse to close cleanly
+            close()
+
+
+def _run_graph(det: Any, run: Any, w: int, h: int, what: str) -> Any:
+    """Run a MediaPipe graph; a graph that errors (RuntimeError "Graph has errors") refuses every
+    later image, so it is rebuilt and the image tried once more; when that fails too, the graph is
+    rebuilt again and the image (only it) gets an ImageError."""
+    for attempt in (0, 1):
+        try:
+            return run()
+        except RuntimeError as exc:
+            det.rebuilds += 1
+            det._build()
+            if attempt:
+                first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+                raise ImageError(f"{what} detection failed on this {w}x{h} image ({first}); crop it without "
+                                 f"{what} detection (keep_faces=False / --keep-faces off)") from None
+    return None  # pragma: no cover
 
 
 class HaarFaces:
