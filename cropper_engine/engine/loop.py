@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -257,7 +258,8 @@ class Cropper:
                     else:
                         sub = resolve_subject(req.subject, img, keep)
                 if req.task is Task.SUBJECT:  # the subject's mask, else the user's
-                    mask = sub.mask if sub is not None and req.subject is not None else load_mask(req.mask, img.size)
+                    mask = sub.mask if sub is not None and req.subject is not None else \
+                        load_mask(req.mask, img.size, self.cfg.max_pixels)
                 if mask is not None:
                     subject = mask_bbox(mask)
                 images.append(img)
@@ -414,6 +416,11 @@ class Cropper:
                 sub = fut.result()
             except CropperError as exc:
                 batch.failed[i] = exc
+                continue
+            except Exception as exc:  # a detector fault is this request's error, not the batch's
+                logging.getLogger(__name__).exception("face detection failed")
+                batch.failed[i] = CropperError(f"face detection failed ({type(exc).__name__}: {exc}); "
+                                               "crop this image with --no-keep-faces")
                 continue
             finally:
                 del batch.pending_faces[i]
