@@ -647,3 +647,26 @@ def test_a_face_that_only_fits_without_its_margin_beside_a_left_out_one():
     kept = subj.faces_to_keep(faces, 9 / 16, w, h)
     box, ok = keep_faces_whole(Box(270, 2, 558, 514), kept, w, h, 9 / 16, None, 80, 53)
     assert ok and box.contains(faces[0].box, tol=0.5) and not cuts(box, faces[1].box)
+
+
+def test_a_face_detector_fault_fails_its_own_request_only(photos):
+    """A detector that raises something other than a CropperError (a broken graph, a bug) on one
+    image: that request gets a named error in its slot, the other images of the batch are cropped."""
+
+    class Flaky:
+        name = "flaky"
+
+        def detect(self, rgb):
+            if rgb.shape[0] > rgb.shape[1]:  # the portrait image only
+                raise RuntimeError("graph has errors")
+            return []
+
+    subj.set_detectors(faces=Flaky(), persons=None)
+    from cropper_engine.engine.loop import Cropper
+
+    c = Cropper.from_config(load_config(env={"CROPPER_LOOP_KEEP_FACES": "on"}, overrides={"vlm.model": "none"}))
+    imgs = [Image.new("RGB", (300, 200), (90, 120, 150)), Image.new("RGB", (200, 300), (150, 120, 90)),
+            Image.new("RGB", (320, 240), (60, 60, 60))]
+    outs = c.crop_batch([CropRequest(im, Task.FREE) for im in imgs])
+    assert isinstance(outs[1], CropperError) and "face detection failed" in str(outs[1])
+    assert all(isinstance(o, list) and o[0].box.is_valid() for o in (outs[0], outs[2]))
