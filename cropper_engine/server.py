@@ -94,8 +94,8 @@ def check_bind(cfg: Config) -> None:
     """Binding anywhere but loopback needs an API key; the key and the limits must be usable."""
     s = cfg.server
     if s.api_key and s.api_key != s.api_key.strip():
-        what = "blank" if not s.api_key.strip() else "has spaces around it"
-        raise ConfigError(f"the API key is {what}: no request could send it (a Bearer token is trimmed); "
+        what = "is blank" if not s.api_key.strip() else "has spaces around it"
+        raise ConfigError(f"the API key {what}: no request could send it (a Bearer token is trimmed); "
                           "set a key of visible characters, e.g. CROPPER_SERVER_API_KEY=$(openssl rand -hex 16)")
     for key in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "decode_wait_s",
                 "max_pixels_in_flight", "max_upload_mb", "max_batch", "queue_size"):
@@ -109,12 +109,26 @@ def check_bind(cfg: Config) -> None:
 
 # --- the body-size limit (pure ASGI, before any parsing) -----------------------------------------
 
+MB = 1024 * 1024  # server.max_upload_mb counts these: every size and limit is reported in them
+
+
+def format_mb(n: int) -> str:
+    """A size in bytes in the unit of server.max_upload_mb: 26214400 -> '25.0 MB'."""
+    v = n / MB
+    return f"{v:.1f} MB" if v >= 10 else f"{v:.3g} MB"
+
+
+def upload_limit(limit_mb: float) -> str:
+    """The limit as it was set: 25 -> '25 MB (server.max_upload_mb)'."""
+    return f"{limit_mb:g} MB (server.max_upload_mb)"
+
 
 class BodyLimit:
-    """Refuse request bodies above `max_bytes`: at once from Content-Length, else while streaming."""
+    """Refuse request bodies above `max_bytes`: at once from Content-Length, else while streaming.
+    `limit_mb` is the upload limit it was derived from (a body may be larger: base64, a mask)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, limit_mb: float) -> None:
+        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -127,8 +141,8 @@ class BodyLimit:
                 except ValueError:
                     n = -1
                 if n < 0 or n > self.max_bytes:
-                    msg = (f"the request body is {n / 1e6:.1f} MB; the limit is {self.max_bytes / 1e6:.1f} MB"
-                           if n >= 0 else "bad Content-Length header")
+                    msg = (f"the request body is {format_mb(n)}, more than an upload limit of "
+                           f"{upload_limit(self.limit_mb)} allows" if n >= 0 else "bad Content-Length header")
                     resp = error_response(413 if n >= 0 else 400, "too_large" if n >= 0 else "bad_request", msg)
                     await resp(scope, receive, send)
                     return
@@ -140,7 +154,8 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge(f"the request body is over the limit of {self.max_bytes / 1e6:.1f} MB")
+                    raise BodyTooLarge(f"the request body is over {format_mb(self.max_bytes)}, more than an "
+                                       f"upload limit of {upload_limit(self.limit_mb)} allows")
             return msg
 
         await self.app(scope, limited, send)
@@ -433,7 +448,7 @@ def parse_json_body(raw: bytes) -> Upload:
                   _opt_str(data, "subject"), _bool_field(data.get("keep_faces"), "keep_faces"))
 
 
-async def parse_form(request: Any, max_bytes: int) -> Upload:
+async def parse_form(request: Any, max_bytes: int, limit_mb: float) -> Upload:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException
 
@@ -463,7 +478,7 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
                 raise HTTPError(400, "bad_request", f"'{name}' must be a file upload (multipart file part)")
             data = await v.read(max_bytes + 1)
             if len(data) > max_bytes:
-                raise HTTPError(413, "too_large", f"'{name}' is over the limit of {max_bytes / 1e6:.1f} MB")
+                raise HTTPError(413, "too_large", f"'{name}' is over the limit of {upload_limit(limit_mb)}")
             if not data:
                 raise HTTPError(400, "bad_request", f"'{name}' is an empty file")
             return data, v.filename or "upload"
@@ -487,7 +502,7 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
         await form.close()
 
 
-def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
+def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | None = None) -> tuple[Any, int]:
     """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -497,8 +512,9 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     from cropper_engine.types import CropRequest, Ratio, Task
 
     if len(upload.image) > max_bytes:
-        raise HTTPError(413, "too_large", f"the image is {len(upload.image) / 1e6:.1f} MB; "
-                        f"the limit is {max_bytes / 1e6:.1f} MB")
+        limit = upload_limit(limit_mb) if limit_mb is not None else format_mb(max_bytes)
+        raise HTTPError(413, "too_large", f"the image is {format_mb(len(upload.image))}, over the limit of "
+                        f"{limit}")
     ratios_in = upload.ratio
     if isinstance(ratios_in, str):
         ratios_in = [p for p in ratios_in.split(",") if p.strip()]
@@ -715,7 +731,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     cfg = config if config is not None else load_config()
     check_bind(cfg)
     s = cfg.server
-    max_image_bytes = int(s.max_upload_mb * 1024 * 1024)
+    max_image_bytes = int(s.max_upload_mb * MB)
     max_body = int(max_image_bytes * 4 / 3) + 1024 * 1024  # base64 in JSON, multipart overhead, a mask
     state = ServerState(cfg, cropper)
 
@@ -747,7 +763,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
         app = FastAPI(docs_url=None, redoc_url=None, **kw)
     app.state.cropper_state = state
     app.state.startup_error = None
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body, limit_mb=s.max_upload_mb)
     app.add_middleware(BodyDeadline, seconds=s.body_timeout_s)
     if not s.api_key:
         app.add_middleware(LoopbackOrKey)
@@ -862,7 +878,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
         try:
             if ctype == "multipart/form-data":
-                upload = await parse_form(request, max_image_bytes)
+                upload = await parse_form(request, max_image_bytes, s.max_upload_mb)
             elif ctype == "application/json":
                 upload = parse_json_body(await request.body())
             else:
@@ -897,7 +913,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
     async def _crop_decoded(request: Request, return_: str, upload: Upload, t: float) -> Any:
         try:
-            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes)
+            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes, s.max_upload_mb)
         except ImageError as exc:
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:

@@ -18,6 +18,7 @@ status code. The README's "Reliability" section lists it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
@@ -534,3 +535,38 @@ def test_server_auth_and_limits(engine, photos):
         msg = error_of(c.post("/v1/crop", files={"image": ("a.jpg", data)}), 422, "invalid_image")
         assert msg.startswith("a.jpg: ") and "more than the limit of 1,000 pixels" in msg
         assert c.get("/v1/info").json()["limits"]["max_pixels"] == 1000
+
+
+# --- issue 23: the server --------------------------------------------------------------------------
+#
+#   wording: the API key; the upload limit in the unit it was set in     test_server_wording_*
+
+
+def test_server_wording_api_key():
+    with pytest.raises(ConfigError) as exc:
+        create_app(cfg(**{"server.api_key": "  secret "}))
+    assert str(exc.value).startswith("the API key has spaces around it: ") and "is has" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        create_app(cfg(**{"server.api_key": "  "}))
+    assert str(exc.value).startswith("the API key is blank: ")
+
+
+def test_server_wording_upload_limit_in_the_unit_it_was_set_in(engine):
+    """max_upload_mb=25: every refusal says 25 MB (never 26.2, its bytes / 10^6), and sizes are
+    in the same MB (2^20 bytes)."""
+    app = create_app(cfg(**{"server.max_upload_mb": 25}), cropper=engine)
+    over = b"\0" * (25 * 2**20 + 300 * 1024)  # 25.3 MB
+    messages = []
+    with TestClient(app) as c:
+        assert c.get("/v1/info").json()["limits"]["max_upload_mb"] == 25
+        messages.append(error_of(c.post("/v1/crop", files={"image": ("big.jpg", over)}), 413, "too_large"))
+        b64 = base64.b64encode(over).decode()  # 33.7 MB of body: under the body limit, over the upload's
+        messages.append(error_of(c.post("/v1/crop", json={"image": b64}), 413, "too_large"))
+        huge = b"x" * (36 * 2**20)
+        messages.append(error_of(c.post("/v1/crop", content=huge, headers={"content-type": "application/json"}),
+                                 413, "too_large"))
+    assert messages[0] == "'image' is over the limit of 25 MB (server.max_upload_mb)", messages
+    assert messages[1] == "the image is 25.3 MB, over the limit of 25 MB (server.max_upload_mb)", messages
+    assert messages[2] == ("the request body is 36.0 MB, more than an upload limit of 25 MB "
+                           "(server.max_upload_mb) allows"), messages
+    assert not any("26.2" in m for m in messages)
