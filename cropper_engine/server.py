@@ -27,6 +27,8 @@ import ipaddress
 import json
 import logging
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from cropper_engine.config import Config, load_config
+from cropper_engine.config import Config, ServerConfig, load_config
 from cropper_engine.errors import ConfigError, CropperError, ImageError, InputError
 from cropper_engine.imageio import format_pixels, with_image_notes
 
@@ -97,7 +99,7 @@ def check_bind(cfg: Config) -> None:
         what = "is blank" if not s.api_key.strip() else "has spaces around it"
         raise ConfigError(f"the API key {what}: no request could send it (a Bearer token is trimmed); "
                           "set a key of visible characters, e.g. CROPPER_SERVER_API_KEY=$(openssl rand -hex 16)")
-    for key in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "decode_wait_s",
+    for key in ("header_timeout_s", "body_timeout_s", "send_timeout_s", "request_timeout_s", "decode_wait_s",
                 "max_pixels_in_flight", "max_upload_mb", "max_batch", "queue_size"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"server.{key} must be positive, got {getattr(s, key)}")
@@ -192,23 +194,72 @@ class BodyDeadline:
         await self.app(scope, timed, send)
 
 
-def header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, but a connection whose request headers do not all arrive within
-    `seconds` (from its opening, or from the end of its previous response) is closed, with one
-    log line: uvicorn alone waits for them forever. For `uvicorn.run(..., http=...)`."""
+def header_timeout_protocol(seconds: float, send_timeout_s: float | None = None) -> type:
+    """uvicorn's h11 protocol, with the two time-outs uvicorn lacks, each one log line:
+
+    - a connection whose request headers do not all arrive within `seconds` (from its opening,
+      or from the end of its previous response) is closed: uvicorn alone waits for them forever;
+    - a client that does not take its answer is dropped: once part of an answer waits in the
+      server's buffer (the kernel's buffers for the socket are full: the client reads too little),
+      the client has `send_timeout_s` to take all of it, however it trickles; else the connection
+      is aborted and the buffer, the whole answer, freed. uvicorn alone holds both for as long as
+      the client keeps the socket open, and a closed one until its buffer drains.
+
+    `send_timeout_s` None: the served app's own server.send_timeout_s when it is one of
+    `create_app`'s, else the default. For `uvicorn.run(..., http=...)`."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    given = send_timeout_s
 
     class HeaderTimeoutH11(H11Protocol):
         header_timeout_s = seconds
+        send_timeout_s_given = given
         _header_timer: Any = None
+        _send_timer: Any = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # pause (and arm the send timer) at any byte the kernel would not take, resume at none
+            transport.set_write_buffer_limits(high=0)
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            self._cancel_send_timer()
             super().connection_lost(exc)
+
+        @property
+        def send_timeout_s(self) -> float:
+            if self.send_timeout_s_given is not None:
+                return self.send_timeout_s_given
+            state = getattr(getattr(getattr(self.config, "app", None), "state", None), "cropper_state", None)
+            return state.cfg.server.send_timeout_s if state is not None else ServerConfig.send_timeout_s
+
+        def pause_writing(self) -> None:  # some of an answer waits: the client is not taking it
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
+
+        def resume_writing(self) -> None:  # it took all of it
+            super().resume_writing()
+            self._cancel_send_timer()
+
+        def _cancel_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_late(self) -> None:
+            self._send_timer = None
+            left = self.transport.get_write_buffer_size()
+            log.info("dropped the connection from %s: it did not take its answer within %g s "
+                     "(server.send_timeout_s; %s not taken)", _peer(self.client), self.send_timeout_s,
+                     format_mb(left))
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops what it holds for the client too
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()  # close() would wait for the buffer to drain: forever
 
         def handle_events(self) -> None:
             before = self.cycle
@@ -990,7 +1041,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             "ready": state.ready, "loading": state.loading, "error": state.load_error,
             "limits": {"max_upload_mb": s.max_upload_mb, "max_pixels": cfg.max_pixels,
                        "max_pixels_in_flight": s.max_pixels_in_flight, "header_timeout_s": s.header_timeout_s,
-                       "body_timeout_s": s.body_timeout_s, "request_timeout_s": s.request_timeout_s,
+                       "body_timeout_s": s.body_timeout_s, "send_timeout_s": s.send_timeout_s,
+                       "request_timeout_s": s.request_timeout_s,
                        "max_batch": s.max_batch, "queue_size": s.queue_size},
             "tasks": ["free", "subject", "ratio"],
         }

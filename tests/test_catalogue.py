@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -540,6 +541,7 @@ def test_server_auth_and_limits(engine, photos):
 # --- issue 23: the server --------------------------------------------------------------------------
 #
 #   wording: the API key; the upload limit in the unit it was set in     test_server_wording_*
+#   a client that never reads its answer: dropped at server.send_timeout_s  test_server_send_timeout_*
 
 
 def test_server_wording_api_key():
@@ -570,3 +572,110 @@ def test_server_wording_upload_limit_in_the_unit_it_was_set_in(engine):
     assert messages[2] == ("the request body is 36.0 MB, more than an upload limit of 25 MB "
                            "(server.max_upload_mb) allows"), messages
     assert not any("26.2" in m for m in messages)
+
+
+
+@contextlib.contextmanager
+def uvicorn_logged(caplog):
+    """uvicorn's own log lines (its "Exception in ASGI application" with a traceback) in caplog
+    too: its logging config stops them at the "uvicorn" logger. After LiveServer(...), which
+    applies that config."""
+    logger = logging.getLogger("uvicorn")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def wait_for(what, seconds: float = 20.0, step: float = 0.02):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(step)
+    return what()
+
+
+def noise_png(w: int = 2400, h: int = 1800) -> bytes:
+    """Noise does not compress: 12 MB here, and the free crop of it (the whole image) 10 MB."""
+    arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def multipart_request(name: str, data: bytes, query: str = "", close: bool = False) -> bytes:
+    body = (b'--XX\r\nContent-Disposition: form-data; name="image"; filename="' + name.encode() + b'"\r\n\r\n'
+            + data + b"\r\n--XX--\r\n")
+    return (f"POST /v1/crop{query} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+            f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+            ).encode() + body
+
+
+def connections(srv: LiveServer) -> list:
+    for _ in range(50):
+        try:
+            return list(srv.server.server_state.connections)
+        except RuntimeError:  # changed size while copied (the server's thread)
+            time.sleep(0.01)
+    return list(srv.server.server_state.connections)
+
+
+def test_server_send_timeout_drops_a_client_that_never_reads(engine, caplog):
+    """A client that asks for a 10 MB answer (?return=image) and never reads it: the answer
+    backs up in the server; at server.send_timeout_s the connection is aborted and that buffer
+    freed (uvicorn alone held both for as long as the client kept the socket). A client that
+    reads gets its whole answer; the server serves on."""
+    data = noise_png()
+    app = create_app(cfg(**{"server.send_timeout_s": 0.5, "server.max_upload_mb": 64}), cropper=engine)
+    with LiveServer(app, header_timeout_s=30) as srv, caplog.at_level(logging.INFO), uvicorn_logged(caplog):
+        reader = srv.connect()  # one that reads: the whole answer
+        reader.sendall(multipart_request("noise.png", data, "?return=image", close=True))
+        answer = read_all(reader)
+        reader.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"image/png" in head, head
+        headers = dict(h.decode().lower().split(": ", 1) for h in head.split(b"\r\n")[1:])
+        length = int(headers["content-length"])
+        assert length > 8 * 2**20 and len(body) == length
+        x1, y1, x2, y2 = (int(v) for v in headers["x-crop-box"].split(","))
+        assert Image.open(io.BytesIO(body)).size == (x2 - x1, y2 - y1)
+
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer backs up
+        s.settimeout(20)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(multipart_request("noise.png", data, "?return=image"))
+        t0 = time.monotonic()
+        held = wait_for(lambda: sum(p.transport.get_write_buffer_size() for p in connections(srv)))
+        assert held > 2**20, held  # the answer is held in the server, waiting for the client
+        t_held = time.monotonic()
+        assert wait_for(lambda: not connections(srv), 10), "the connection was kept"
+        dropped_after = time.monotonic() - t_held
+        assert dropped_after < 3.0, dropped_after  # 0.5 s after it backed up, give or take the machine
+        got = b""
+        with pytest.raises(ConnectionResetError):  # aborted: what the kernel held, then a reset
+            while chunk := s.recv(65536):
+                got += chunk
+        s.close()
+        assert len(got) < length, (len(got), length, time.monotonic() - t0)
+        c = srv.connect()
+        c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_all(c).startswith(b"HTTP/1.1 200")
+        c.close()
+    lines = [r.getMessage() for r in caplog.records if "did not take its answer" in r.getMessage()]
+    assert len(lines) == 1 and "within 0.5 s (server.send_timeout_s" in lines[0], lines
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_server_send_timeout_is_configured_with_the_others():
+    s = load_config(env={}).server
+    assert s.send_timeout_s == 30
+    assert load_config(env={"CROPPER_SERVER_SEND_TIMEOUT_S": "7"}).server.send_timeout_s == 7
+    assert header_timeout_protocol(30, 4).send_timeout_s_given == 4
+    with pytest.raises(ConfigError, match="send_timeout_s"):
+        create_app(cfg(**{"server.send_timeout_s": 0}))
+    with TestClient(create_app(cfg(**{"server.send_timeout_s": 9}))) as c:
+        assert c.get("/v1/info").json()["limits"]["send_timeout_s"] == 9
