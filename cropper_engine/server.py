@@ -77,6 +77,10 @@ class BodyTimeout(Exception):
     """The request body did not arrive within server.body_timeout_s of its headers."""
 
 
+INTERNAL_MESSAGE = "internal error: the server could not handle this request (a fault of the server, logged there)"
+STARLETTE_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
 def error_response(status: int, type_: str, message: str, retry_after: int | None = None) -> Any:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
@@ -315,6 +319,36 @@ def _peer(client: Any) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
+class OneTraceback:
+    """An unexpected exception anywhere in the app is one logged traceback and a 500 with a
+    stable JSON message that names nothing inside the server. (Starlette's own handler for
+    `Exception` answers, then re-raises for uvicorn to log the same traceback a second time.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("500 for %s on %s %s: unexpected error", _peer(scope.get("client")),
+                          scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, "internal", INTERNAL_MESSAGE)(scope, receive, send)
+            # else the answer was cut short: uvicorn closes the connection
+
+
 class CleanStartupFailure:
     """A start-up that fails (the engine could not load) is reported by the server in one line:
     Starlette sends the traceback as the lifespan's failure message, which uvicorn would print."""
@@ -507,6 +541,10 @@ async def parse_form(request: Any, max_bytes: int, limit_mb: float) -> Upload:
         form = await request.form(max_files=2, max_fields=8, max_part_size=64 * 1024)
     except MultiPartException as exc:
         raise HTTPError(400, "bad_request", f"malformed multipart body: {exc.message}") from None
+    except StarletteHTTPException as exc:  # what Starlette makes of a MultiPartException inside an app
+        if exc.status_code != 400:
+            raise
+        raise HTTPError(400, "bad_request", f"malformed multipart body: {exc.detail}") from None
     try:
         keys = [k for k, _ in form.multi_items()]
         unknown = sorted(set(keys) - set(FORM_FIELDS))
@@ -819,6 +857,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     if not s.api_key:
         app.add_middleware(LoopbackOrKey)
     app.add_middleware(CleanStartupFailure, state=state)
+    app.add_middleware(OneTraceback)  # the outermost of ours: it sees what all the others raise
     m = state.metrics
 
     # --- errors -> JSON ---------------------------------------------------------------------
@@ -840,13 +879,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(request: Request, exc: StarletteHTTPException) -> Any:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "error"), str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Any:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
+        return error_response(exc.status_code, STARLETTE_KINDS.get(exc.status_code, "error"), str(exc.detail))
 
     def authorize(request: Request) -> None:
         if not s.api_key:
@@ -900,15 +933,26 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     async def crop(request: Request, return_: str = Query("json", alias="return", pattern="^(json|image)$",
                                                           description="json (default) or image")) -> Any:
         t0 = time.perf_counter()
-        status = 500
+        status = 499  # cancelled: the server is stopping
         m.in_flight.inc()
         try:
-            resp = await _crop(request, return_)
+            # every outcome is an answer here, so /metrics counts the status the client got
+            try:
+                resp = await _crop(request, return_)
+            except HTTPError as exc:
+                resp = error_response(exc.status, exc.type, exc.message, exc.retry_after)
+            except StarletteHTTPException as exc:
+                resp = error_response(exc.status_code, STARLETTE_KINDS.get(exc.status_code, "error"),
+                                      str(exc.detail))
+            except BodyTooLarge as exc:
+                resp = error_response(413, "too_large", str(exc))
+            except ImageError as exc:  # wherever it was raised: the upload's fault, and named
+                resp = error_response(422, "invalid_image", str(exc))
+            except Exception:  # a fault of the server: one traceback, and nothing of it in the answer
+                log.exception("500 for %s on /v1/crop: unexpected error", _peer(request.client))
+                resp = error_response(500, "internal", INTERNAL_MESSAGE)
             status = resp.status_code
             return resp
-        except HTTPError as exc:
-            status = exc.status
-            raise
         finally:
             m.in_flight.dec()
             m.requests.labels("crop", str(status)).inc()
@@ -999,8 +1043,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:
             raise HTTPError(422, "invalid_request", str(exc)) from None
-        except InternalError as exc:
-            raise HTTPError(500, "internal", f"internal error: {exc}") from None
+        except InternalError:  # its traceback is logged by the engine thread, once
+            raise HTTPError(500, "internal", INTERNAL_MESSAGE) from None
         rows = []
         for r in out:
             row = with_image_notes(r.to_json(), r.loaded)
