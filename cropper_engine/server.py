@@ -686,12 +686,22 @@ class PixelBudget:
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def acquire(self, n: int, timeout: float) -> None:
+        """Wait for `n` pixels; TimeoutError after `timeout` s. A wait that ends otherwise than
+        by its grant (a time-out, a cancel) holds nothing, even when the grant came meanwhile."""
         if n <= 0:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((n, fut))
         self._wake()
-        await asyncio.wait_for(fut, timeout)  # on timeout, fut is cancelled: _wake skips it
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as the wait gave up: given back
+            else:
+                fut.cancel()  # _wake skips it
+            raise
 
     def release(self, n: int) -> None:
         if n > 0:
@@ -993,18 +1003,43 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
         upload.filename = _filename(upload.filename)
         # decoded pixels in flight are bounded: a request waits (in arrival order) for its share
         pixels = await asyncio.to_thread(probe_pixels, upload, cfg.max_pixels)
-        try:
-            await state.budget.acquire(pixels, s.decode_wait_s)
-        except TimeoutError:
-            m.rejected.labels("pixel_budget").inc()
-            raise HTTPError(503, "overloaded", f"the server is busy decoding other large images (its budget is "
-                            f"{format_pixels(s.max_pixels_in_flight)} in flight); retry shortly", 5) from None
+        await _acquire_budget(request, upload, pixels)
         m.pixels_in_flight.set(state.budget.used)
         try:
             return await _crop_decoded(request, return_, upload, t)
         finally:
             state.budget.release(pixels)
             m.pixels_in_flight.set(state.budget.used)
+
+    async def _acquire_budget(request: Request, upload: Upload, pixels: int) -> None:
+        """Wait for `pixels` of the budget; a client that leaves meanwhile is dropped at once
+        (499), never decoded; one that waits past server.decode_wait_s gets a 503."""
+        if pixels <= 0:
+            return
+        acquire = asyncio.ensure_future(state.budget.acquire(pixels, s.decode_wait_s))
+        gone = asyncio.ensure_future(_disconnected(request))
+        granted = False
+        try:
+            await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done() and not gone.cancelled() and gone.exception() is None:
+                m.rejected.labels("client_gone").inc()
+                log.info("client %s went away while %s waited for the pixel budget; dropped undecoded",
+                         _peer(request.client), upload.filename)
+                raise HTTPError(499, "client_closed", "the client went away")
+            try:
+                acquire.result()
+            except TimeoutError:
+                m.rejected.labels("pixel_budget").inc()
+                raise HTTPError(503, "overloaded", "the server is busy decoding other large images (its budget "
+                                f"is {format_pixels(s.max_pixels_in_flight)} in flight); retry shortly", 5) from None
+            granted = True
+        finally:
+            gone.cancel()
+            if not granted:
+                if not acquire.done():
+                    acquire.cancel()  # PixelBudget.acquire gives back a share granted as it is cancelled
+                elif not acquire.cancelled() and acquire.exception() is None:
+                    state.budget.release(pixels)  # granted as the client left
 
     async def _crop_decoded(request: Request, return_: str, upload: Upload, t: float) -> Any:
         try:

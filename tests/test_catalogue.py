@@ -546,6 +546,8 @@ def test_server_auth_and_limits(engine, photos):
 #   any unexpected error: one traceback, a 500 that names nothing inside    test_server_unexpected_error_*,
 #                                                                           test_server_engine_bug_*
 #   a damaged multi-page TIFF: a named 4xx                                  test_server_damaged_multipage_tiff
+#   a client gone while waiting for the pixel budget: never decoded        test_server_client_gone_while_*
+#   a grant that comes as the wait is cancelled: given back                test_pixel_budget_grant_*
 
 
 def test_server_wording_api_key():
@@ -846,3 +848,70 @@ def test_server_damaged_multipage_tiff(client):
     assert msg.startswith("damaged.tif: "), msg
     assert "Missing dimensions" not in msg or "page" in msg.lower(), msg
     assert client.app.state.cropper_state.engine.alive
+
+
+def test_server_client_gone_while_waiting_for_the_pixel_budget_is_not_decoded(engine, photos, caplog,
+                                                                              monkeypatch):
+    """A holds the whole pixel budget (its crop held at the engine's door); B waits for its
+    share and leaves: B is dropped at once (499, one log line), without being decoded and
+    while A still holds the budget; A is answered; the budget ends empty."""
+    import cropper_engine.server as server
+
+    decoded = []
+    real_prepare = server.prepare
+
+    def counting_prepare(upload, *args, **kw):
+        decoded.append(upload.filename)
+        return real_prepare(upload, *args, **kw)
+
+    monkeypatch.setattr(server, "prepare", counting_prepare)
+    gated = GatedCropper(engine)
+    app = create_app(cfg(**{"server.max_pixels_in_flight": 1000}), cropper=gated)
+    state = app.state.cropper_state
+    data = photos[0].read_bytes()
+    with LiveServer(app, header_timeout_s=30) as srv, caplog.at_level(logging.INFO), uvicorn_logged(caplog):
+        try:
+            a = srv.connect()
+            a.sendall(multipart_request("a.jpg", data, close=True))
+            assert gated.entered.wait(20)  # A is decoded and at the engine, holding the budget
+            b = srv.connect()
+            b.sendall(multipart_request("b.jpg", data, close=True))
+            assert wait_for(lambda: any(not f.done() for _, f in list(state.budget._waiters))), "B never waited"
+            b.close()
+            metrics = wait_for(lambda: next((t for t in [metrics_text(srv)] if 'status="499"} 1.0' in t), ""), 10)
+            assert 'cropper_requests_total{endpoint="crop",status="499"} 1.0' in metrics, "B was not dropped"
+            assert not gated.gate.is_set() and decoded == ["a.jpg"], decoded  # B never decoded
+            assert 'cropper_rejected_total{reason="client_gone"} 1.0' in metrics
+        finally:
+            gated.gate.set()
+        answer = read_all(a)
+        a.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert wait_for(lambda: state.budget.used == 0, 5), state.budget.used
+        assert "cropper_pixels_in_flight 0.0" in metrics_text(srv)
+    assert decoded == ["a.jpg"]
+    gone = [r.getMessage() for r in caplog.records if "waited for the pixel budget" in r.getMessage()]
+    assert len(gone) == 1 and "b.jpg" in gone[0], gone
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_pixel_budget_grant_as_the_wait_is_cancelled_is_given_back():
+    """The grant and the cancel in the same turn of the loop: nothing stays held."""
+    async def scenario() -> None:
+        b = PixelBudget(100)
+        await b.acquire(100, 1)
+        waiting = asyncio.ensure_future(b.acquire(50, 30))
+        await asyncio.sleep(0)
+        b.release(100)  # grants the waiter's share (its task not yet resumed) ...
+        assert b.used == 50
+        waiting.cancel()  # ... and it gives up in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert b.used == 0
+        await b.acquire(100, 1)  # the whole budget is free again
+        with pytest.raises(TimeoutError):
+            await b.acquire(10, 0.01)
+        b.release(100)
+        assert b.used == 0 and not b._waiters
+
+    asyncio.run(scenario())
