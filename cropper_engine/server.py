@@ -1092,9 +1092,11 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             data, mime = await asyncio.to_thread(encode_crop, out[0])
             m.stage.labels("encode").observe(time.perf_counter() - t)
             row = rows[0]
+            x1, y1, x2, y2 = row["box"]
             return Response(data, media_type=mime, headers={
                 "X-Crop-Box": ",".join(str(v) for v in row["box"]), "X-Crop-Score": str(row["score"]),
-                "X-Crop-Pipeline": row["pipeline"], "X-Crop-Size": f"{row['width']}x{row['height']}",
+                "X-Crop-Pipeline": row["pipeline"], "X-Crop-Size": f"{x2 - x1}x{y2 - y1}",
+                "X-Image-Size": f"{row['width']}x{row['height']}",
                 "Content-Disposition": f'inline; filename="crop-{upload.filename}"'})
         return JSONResponse(rows[0] if len(rows) == 1 else {"results": rows})
 
