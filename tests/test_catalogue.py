@@ -548,6 +548,7 @@ def test_server_auth_and_limits(engine, photos):
 #   a damaged multi-page TIFF: a named 4xx                                  test_server_damaged_multipage_tiff
 #   a client gone while waiting for the pixel budget: never decoded        test_server_client_gone_while_*
 #   a grant that comes as the wait is cancelled: given back                test_pixel_budget_grant_*
+#   a body trickled in: 408 at body_timeout_s from the start of the body   test_server_trickled_body_*
 
 
 def test_server_wording_api_key():
@@ -915,3 +916,46 @@ def test_pixel_budget_grant_as_the_wait_is_cancelled_is_given_back():
         assert b.used == 0 and not b._waiters
 
     asyncio.run(scenario())
+
+
+def test_server_trickled_body_is_cut_off_from_the_start_of_the_body(engine, photos, caplog):
+    """100 bytes every 0.3 s: each chunk comes well within the time-out, the body never does.
+    The 408 comes at body_timeout_s from the start of the body (a timer restarted at every
+    chunk would keep this client connected for ever)."""
+    body = photos[0].read_bytes()
+    app = create_app(cfg(**{"server.body_timeout_s": 1.0}), cropper=engine)
+    with LiveServer(app, header_timeout_s=30) as srv, caplog.at_level(logging.INFO), uvicorn_logged(caplog):
+        s = srv.connect()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for i in range(0, len(body), 100):
+                if stop.wait(0.3):
+                    return
+                try:
+                    s.sendall(body[i:i + 100])
+                except OSError:
+                    return
+
+        s.sendall(b"POST /v1/crop HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        t0 = time.monotonic()
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        s.settimeout(6)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+        took = time.monotonic() - t0
+        stop.set()
+        sender.join(2)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 408"), (answer[:200], took)
+        assert b"did not arrive within 1 s" in answer
+        assert 0.9 <= took < 2.5, took  # from the start of the body, not from the last chunk
+    assert "Traceback" not in caplog.text
