@@ -112,6 +112,7 @@ class ServerConfig:
     request_timeout_s: float = 120.0  # queue + engine work of one request: 504 beyond
     header_timeout_s: float = 30.0  # a request's headers must arrive within this (else the connection is closed)
     body_timeout_s: float = 30.0  # and its body within this after the headers (else 408)
+    send_timeout_s: float = 30.0  # a client must take its answer within this once it backs up (else dropped)
     max_pixels_in_flight: int = 120_000_000  # decoded pixels held by requests at once; beyond, a request waits
     decode_wait_s: float = 120.0  # the longest a request waits for that pixel budget (then 503, Retry-After)
 

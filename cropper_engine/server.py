@@ -27,6 +27,8 @@ import ipaddress
 import json
 import logging
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from cropper_engine.config import Config, load_config
+from cropper_engine.config import Config, ServerConfig, load_config
 from cropper_engine.errors import ConfigError, CropperError, ImageError, InputError
 from cropper_engine.imageio import format_pixels, with_image_notes
 
@@ -75,6 +77,10 @@ class BodyTimeout(Exception):
     """The request body did not arrive within server.body_timeout_s of its headers."""
 
 
+INTERNAL_MESSAGE = "internal error: the server could not handle this request (a fault of the server, logged there)"
+STARLETTE_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
 def error_response(status: int, type_: str, message: str, retry_after: int | None = None) -> Any:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
@@ -94,10 +100,10 @@ def check_bind(cfg: Config) -> None:
     """Binding anywhere but loopback needs an API key; the key and the limits must be usable."""
     s = cfg.server
     if s.api_key and s.api_key != s.api_key.strip():
-        what = "blank" if not s.api_key.strip() else "has spaces around it"
-        raise ConfigError(f"the API key is {what}: no request could send it (a Bearer token is trimmed); "
+        what = "is blank" if not s.api_key.strip() else "has spaces around it"
+        raise ConfigError(f"the API key {what}: no request could send it (a Bearer token is trimmed); "
                           "set a key of visible characters, e.g. CROPPER_SERVER_API_KEY=$(openssl rand -hex 16)")
-    for key in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "decode_wait_s",
+    for key in ("header_timeout_s", "body_timeout_s", "send_timeout_s", "request_timeout_s", "decode_wait_s",
                 "max_pixels_in_flight", "max_upload_mb", "max_batch", "queue_size"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"server.{key} must be positive, got {getattr(s, key)}")
@@ -109,12 +115,26 @@ def check_bind(cfg: Config) -> None:
 
 # --- the body-size limit (pure ASGI, before any parsing) -----------------------------------------
 
+MB = 1024 * 1024  # server.max_upload_mb counts these: every size and limit is reported in them
+
+
+def format_mb(n: int) -> str:
+    """A size in bytes in the unit of server.max_upload_mb: 26214400 -> '25.0 MB'."""
+    v = n / MB
+    return f"{v:.1f} MB" if v >= 10 else f"{v:.3g} MB"
+
+
+def upload_limit(limit_mb: float) -> str:
+    """The limit as it was set: 25 -> '25 MB (server.max_upload_mb)'."""
+    return f"{limit_mb:g} MB (server.max_upload_mb)"
+
 
 class BodyLimit:
-    """Refuse request bodies above `max_bytes`: at once from Content-Length, else while streaming."""
+    """Refuse request bodies above `max_bytes`: at once from Content-Length, else while streaming.
+    `limit_mb` is the upload limit it was derived from (a body may be larger: base64, a mask)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, limit_mb: float) -> None:
+        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -127,8 +147,8 @@ class BodyLimit:
                 except ValueError:
                     n = -1
                 if n < 0 or n > self.max_bytes:
-                    msg = (f"the request body is {n / 1e6:.1f} MB; the limit is {self.max_bytes / 1e6:.1f} MB"
-                           if n >= 0 else "bad Content-Length header")
+                    msg = (f"the request body is {format_mb(n)}, more than an upload limit of "
+                           f"{upload_limit(self.limit_mb)} allows" if n >= 0 else "bad Content-Length header")
                     resp = error_response(413 if n >= 0 else 400, "too_large" if n >= 0 else "bad_request", msg)
                     await resp(scope, receive, send)
                     return
@@ -140,7 +160,8 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge(f"the request body is over the limit of {self.max_bytes / 1e6:.1f} MB")
+                    raise BodyTooLarge(f"the request body is over {format_mb(self.max_bytes)}, more than an "
+                                       f"upload limit of {upload_limit(self.limit_mb)} allows")
             return msg
 
         await self.app(scope, limited, send)
@@ -177,23 +198,72 @@ class BodyDeadline:
         await self.app(scope, timed, send)
 
 
-def header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, but a connection whose request headers do not all arrive within
-    `seconds` (from its opening, or from the end of its previous response) is closed, with one
-    log line: uvicorn alone waits for them forever. For `uvicorn.run(..., http=...)`."""
+def header_timeout_protocol(seconds: float, send_timeout_s: float | None = None) -> type:
+    """uvicorn's h11 protocol, with the two time-outs uvicorn lacks, each one log line:
+
+    - a connection whose request headers do not all arrive within `seconds` (from its opening,
+      or from the end of its previous response) is closed: uvicorn alone waits for them forever;
+    - a client that does not take its answer is dropped: once part of an answer waits in the
+      server's buffer (the kernel's buffers for the socket are full: the client reads too little),
+      the client has `send_timeout_s` to take all of it, however it trickles; else the connection
+      is aborted and the buffer, the whole answer, freed. uvicorn alone holds both for as long as
+      the client keeps the socket open, and a closed one until its buffer drains.
+
+    `send_timeout_s` None: the served app's own server.send_timeout_s when it is one of
+    `create_app`'s, else the default. For `uvicorn.run(..., http=...)`."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    given = send_timeout_s
 
     class HeaderTimeoutH11(H11Protocol):
         header_timeout_s = seconds
+        send_timeout_s_given = given
         _header_timer: Any = None
+        _send_timer: Any = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # pause (and arm the send timer) at any byte the kernel would not take, resume at none
+            transport.set_write_buffer_limits(high=0)
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            self._cancel_send_timer()
             super().connection_lost(exc)
+
+        @property
+        def send_timeout_s(self) -> float:
+            if self.send_timeout_s_given is not None:
+                return self.send_timeout_s_given
+            state = getattr(getattr(getattr(self.config, "app", None), "state", None), "cropper_state", None)
+            return state.cfg.server.send_timeout_s if state is not None else ServerConfig.send_timeout_s
+
+        def pause_writing(self) -> None:  # some of an answer waits: the client is not taking it
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_late)
+
+        def resume_writing(self) -> None:  # it took all of it
+            super().resume_writing()
+            self._cancel_send_timer()
+
+        def _cancel_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_late(self) -> None:
+            self._send_timer = None
+            left = self.transport.get_write_buffer_size()
+            log.info("dropped the connection from %s: it did not take its answer within %g s "
+                     "(server.send_timeout_s; %s not taken)", _peer(self.client), self.send_timeout_s,
+                     format_mb(left))
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops what it holds for the client too
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()  # close() would wait for the buffer to drain: forever
 
         def handle_events(self) -> None:
             before = self.cycle
@@ -247,6 +317,36 @@ def return_freed_memory() -> None:
 
 def _peer(client: Any) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class OneTraceback:
+    """An unexpected exception anywhere in the app is one logged traceback and a 500 with a
+    stable JSON message that names nothing inside the server. (Starlette's own handler for
+    `Exception` answers, then re-raises for uvicorn to log the same traceback a second time.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("500 for %s on %s %s: unexpected error", _peer(scope.get("client")),
+                          scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, "internal", INTERNAL_MESSAGE)(scope, receive, send)
+            # else the answer was cut short: uvicorn closes the connection
 
 
 class CleanStartupFailure:
@@ -433,7 +533,7 @@ def parse_json_body(raw: bytes) -> Upload:
                   _opt_str(data, "subject"), _bool_field(data.get("keep_faces"), "keep_faces"))
 
 
-async def parse_form(request: Any, max_bytes: int) -> Upload:
+async def parse_form(request: Any, max_bytes: int, limit_mb: float) -> Upload:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException
 
@@ -441,6 +541,10 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
         form = await request.form(max_files=2, max_fields=8, max_part_size=64 * 1024)
     except MultiPartException as exc:
         raise HTTPError(400, "bad_request", f"malformed multipart body: {exc.message}") from None
+    except StarletteHTTPException as exc:  # what Starlette makes of a MultiPartException inside an app
+        if exc.status_code != 400:
+            raise
+        raise HTTPError(400, "bad_request", f"malformed multipart body: {exc.detail}") from None
     try:
         keys = [k for k, _ in form.multi_items()]
         unknown = sorted(set(keys) - set(FORM_FIELDS))
@@ -463,7 +567,7 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
                 raise HTTPError(400, "bad_request", f"'{name}' must be a file upload (multipart file part)")
             data = await v.read(max_bytes + 1)
             if len(data) > max_bytes:
-                raise HTTPError(413, "too_large", f"'{name}' is over the limit of {max_bytes / 1e6:.1f} MB")
+                raise HTTPError(413, "too_large", f"'{name}' is over the limit of {upload_limit(limit_mb)}")
             if not data:
                 raise HTTPError(400, "bad_request", f"'{name}' is an empty file")
             return data, v.filename or "upload"
@@ -487,7 +591,7 @@ async def parse_form(request: Any, max_bytes: int) -> Upload:
         await form.close()
 
 
-def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
+def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | None = None) -> tuple[Any, int]:
     """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -497,8 +601,9 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int) -> tuple[Any, int]:
     from cropper_engine.types import CropRequest, Ratio, Task
 
     if len(upload.image) > max_bytes:
-        raise HTTPError(413, "too_large", f"the image is {len(upload.image) / 1e6:.1f} MB; "
-                        f"the limit is {max_bytes / 1e6:.1f} MB")
+        limit = upload_limit(limit_mb) if limit_mb is not None else format_mb(max_bytes)
+        raise HTTPError(413, "too_large", f"the image is {format_mb(len(upload.image))}, over the limit of "
+                        f"{limit}")
     ratios_in = upload.ratio
     if isinstance(ratios_in, str):
         ratios_in = [p for p in ratios_in.split(",") if p.strip()]
@@ -581,12 +686,22 @@ class PixelBudget:
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def acquire(self, n: int, timeout: float) -> None:
+        """Wait for `n` pixels; TimeoutError after `timeout` s. A wait that ends otherwise than
+        by its grant (a time-out, a cancel) holds nothing, even when the grant came meanwhile."""
         if n <= 0:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((n, fut))
         self._wake()
-        await asyncio.wait_for(fut, timeout)  # on timeout, fut is cancelled: _wake skips it
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as the wait gave up: given back
+            else:
+                fut.cancel()  # _wake skips it
+            raise
 
     def release(self, n: int) -> None:
         if n > 0:
@@ -715,7 +830,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     cfg = config if config is not None else load_config()
     check_bind(cfg)
     s = cfg.server
-    max_image_bytes = int(s.max_upload_mb * 1024 * 1024)
+    max_image_bytes = int(s.max_upload_mb * MB)
     max_body = int(max_image_bytes * 4 / 3) + 1024 * 1024  # base64 in JSON, multipart overhead, a mask
     state = ServerState(cfg, cropper)
 
@@ -747,11 +862,12 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
         app = FastAPI(docs_url=None, redoc_url=None, **kw)
     app.state.cropper_state = state
     app.state.startup_error = None
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    app.add_middleware(BodyLimit, max_bytes=max_body, limit_mb=s.max_upload_mb)
     app.add_middleware(BodyDeadline, seconds=s.body_timeout_s)
     if not s.api_key:
         app.add_middleware(LoopbackOrKey)
     app.add_middleware(CleanStartupFailure, state=state)
+    app.add_middleware(OneTraceback)  # the outermost of ours: it sees what all the others raise
     m = state.metrics
 
     # --- errors -> JSON ---------------------------------------------------------------------
@@ -773,13 +889,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(request: Request, exc: StarletteHTTPException) -> Any:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "error"), str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Any:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
+        return error_response(exc.status_code, STARLETTE_KINDS.get(exc.status_code, "error"), str(exc.detail))
 
     def authorize(request: Request) -> None:
         if not s.api_key:
@@ -833,15 +943,26 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
     async def crop(request: Request, return_: str = Query("json", alias="return", pattern="^(json|image)$",
                                                           description="json (default) or image")) -> Any:
         t0 = time.perf_counter()
-        status = 500
+        status = 499  # cancelled: the server is stopping
         m.in_flight.inc()
         try:
-            resp = await _crop(request, return_)
+            # every outcome is an answer here, so /metrics counts the status the client got
+            try:
+                resp = await _crop(request, return_)
+            except HTTPError as exc:
+                resp = error_response(exc.status, exc.type, exc.message, exc.retry_after)
+            except StarletteHTTPException as exc:
+                resp = error_response(exc.status_code, STARLETTE_KINDS.get(exc.status_code, "error"),
+                                      str(exc.detail))
+            except BodyTooLarge as exc:
+                resp = error_response(413, "too_large", str(exc))
+            except ImageError as exc:  # wherever it was raised: the upload's fault, and named
+                resp = error_response(422, "invalid_image", str(exc))
+            except Exception:  # a fault of the server: one traceback, and nothing of it in the answer
+                log.exception("500 for %s on /v1/crop: unexpected error", _peer(request.client))
+                resp = error_response(500, "internal", INTERNAL_MESSAGE)
             status = resp.status_code
             return resp
-        except HTTPError as exc:
-            status = exc.status
-            raise
         finally:
             m.in_flight.dec()
             m.requests.labels("crop", str(status)).inc()
@@ -862,7 +983,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
         try:
             if ctype == "multipart/form-data":
-                upload = await parse_form(request, max_image_bytes)
+                upload = await parse_form(request, max_image_bytes, s.max_upload_mb)
             elif ctype == "application/json":
                 upload = parse_json_body(await request.body())
             else:
@@ -882,12 +1003,7 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
         upload.filename = _filename(upload.filename)
         # decoded pixels in flight are bounded: a request waits (in arrival order) for its share
         pixels = await asyncio.to_thread(probe_pixels, upload, cfg.max_pixels)
-        try:
-            await state.budget.acquire(pixels, s.decode_wait_s)
-        except TimeoutError:
-            m.rejected.labels("pixel_budget").inc()
-            raise HTTPError(503, "overloaded", f"the server is busy decoding other large images (its budget is "
-                            f"{format_pixels(s.max_pixels_in_flight)} in flight); retry shortly", 5) from None
+        await _acquire_budget(request, upload, pixels)
         m.pixels_in_flight.set(state.budget.used)
         try:
             return await _crop_decoded(request, return_, upload, t)
@@ -895,9 +1011,39 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             state.budget.release(pixels)
             m.pixels_in_flight.set(state.budget.used)
 
+    async def _acquire_budget(request: Request, upload: Upload, pixels: int) -> None:
+        """Wait for `pixels` of the budget; a client that leaves meanwhile is dropped at once
+        (499), never decoded; one that waits past server.decode_wait_s gets a 503."""
+        if pixels <= 0:
+            return
+        acquire = asyncio.ensure_future(state.budget.acquire(pixels, s.decode_wait_s))
+        gone = asyncio.ensure_future(_disconnected(request))
+        granted = False
+        try:
+            await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done() and not gone.cancelled() and gone.exception() is None:
+                m.rejected.labels("client_gone").inc()
+                log.info("client %s went away while %s waited for the pixel budget; dropped undecoded",
+                         _peer(request.client), upload.filename)
+                raise HTTPError(499, "client_closed", "the client went away")
+            try:
+                acquire.result()
+            except TimeoutError:
+                m.rejected.labels("pixel_budget").inc()
+                raise HTTPError(503, "overloaded", "the server is busy decoding other large images (its budget "
+                                f"is {format_pixels(s.max_pixels_in_flight)} in flight); retry shortly", 5) from None
+            granted = True
+        finally:
+            gone.cancel()
+            if not granted:
+                if not acquire.done():
+                    acquire.cancel()  # PixelBudget.acquire gives back a share granted as it is cancelled
+                elif not acquire.cancelled() and acquire.exception() is None:
+                    state.budget.release(pixels)  # granted as the client left
+
     async def _crop_decoded(request: Request, return_: str, upload: Upload, t: float) -> Any:
         try:
-            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes)
+            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes, s.max_upload_mb)
         except ImageError as exc:
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:
@@ -932,8 +1078,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:
             raise HTTPError(422, "invalid_request", str(exc)) from None
-        except InternalError as exc:
-            raise HTTPError(500, "internal", f"internal error: {exc}") from None
+        except InternalError:  # its traceback is logged by the engine thread, once
+            raise HTTPError(500, "internal", INTERNAL_MESSAGE) from None
         rows = []
         for r in out:
             row = with_image_notes(r.to_json(), r.loaded)
@@ -946,9 +1092,11 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             data, mime = await asyncio.to_thread(encode_crop, out[0])
             m.stage.labels("encode").observe(time.perf_counter() - t)
             row = rows[0]
+            x1, y1, x2, y2 = row["box"]
             return Response(data, media_type=mime, headers={
                 "X-Crop-Box": ",".join(str(v) for v in row["box"]), "X-Crop-Score": str(row["score"]),
-                "X-Crop-Pipeline": row["pipeline"], "X-Crop-Size": f"{row['width']}x{row['height']}",
+                "X-Crop-Pipeline": row["pipeline"], "X-Crop-Size": f"{x2 - x1}x{y2 - y1}",
+                "X-Image-Size": f"{row['width']}x{row['height']}",
                 "Content-Disposition": f'inline; filename="crop-{upload.filename}"'})
         return JSONResponse(rows[0] if len(rows) == 1 else {"results": rows})
 
@@ -974,7 +1122,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
             "ready": state.ready, "loading": state.loading, "error": state.load_error,
             "limits": {"max_upload_mb": s.max_upload_mb, "max_pixels": cfg.max_pixels,
                        "max_pixels_in_flight": s.max_pixels_in_flight, "header_timeout_s": s.header_timeout_s,
-                       "body_timeout_s": s.body_timeout_s, "request_timeout_s": s.request_timeout_s,
+                       "body_timeout_s": s.body_timeout_s, "send_timeout_s": s.send_timeout_s,
+                       "request_timeout_s": s.request_timeout_s,
                        "max_batch": s.max_batch, "queue_size": s.queue_size},
             "tasks": ["free", "subject", "ratio"],
         }

@@ -179,6 +179,9 @@ def test_return_image(client, photos):
     x1, y1, x2, y2 = (int(v) for v in r.headers["x-crop-box"].split(","))
     crop = Image.open(io.BytesIO(r.content))
     assert crop.size == (x2 - x1, y2 - y1) and crop.width == crop.height
+    assert r.headers["x-crop-size"] == f"{x2 - x1}x{y2 - y1}"  # the crop's, not the image's
+    w, h = Image.open(photos[0]).size
+    assert r.headers["x-image-size"] == f"{w}x{h}"
     r = client.post("/v1/crop?return=image", files={"image": ("b.png", png(Image.open(photos[1])))})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert_error(client.post("/v1/crop?return=image", files={"image": ("a.jpg", photos[0].read_bytes())},

@@ -23,9 +23,9 @@ def test_twelve_88_megapixel_uploads_stay_under_2_gb():
     from bench.memory_bench import run
 
     out = run(clients=12, megapixels=88.0, timeout_s=300.0)
-    # each is answered: cropped, or (a machine so busy that one waited server.decode_wait_s for
-    # its share of the pixel budget) a 503 asking to retry; never a 5xx else, never a dropped connection
-    assert out["statuses"].get("200", 0) >= 1 and set(out["statuses"]) <= {"200", "503"}, out
-    assert all("overloaded" in e for e in out["errors"]), out
+    # all twelve are cropped, as the README says: they run one at a time within the pixel budget
+    # (120 MP: 88 MP each), the last well within server.decode_wait_s (120 s) of its arrival
+    assert out["statuses"] == {"200": 12}, out
+    assert out["seconds_max_request"] < 120, out
     assert out["rss_peak_mb"] < 2048, out
     assert out["rss_before_mb"] < out["rss_peak_mb"]  # the sampler saw the burst
