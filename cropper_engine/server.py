@@ -594,23 +594,16 @@ async def parse_form(request: Any, max_bytes: int, limit_mb: float) -> Upload:
 def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | None = None) -> tuple[Any, int]:
     """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     from cropper_engine.engine.subject import SubjectSpec, require_detectors
-    from cropper_engine.imageio import load_mask, open_image, too_many_pixels
-    from cropper_engine.types import CropRequest, Ratio, Task
+    from cropper_engine.imageio import load_mask, open_image
+    from cropper_engine.types import CropRequest, Task, parse_ratios
 
     if len(upload.image) > max_bytes:
         limit = upload_limit(limit_mb) if limit_mb is not None else format_mb(max_bytes)
         raise HTTPError(413, "too_large", f"the image is {format_mb(len(upload.image))}, over the limit of "
                         f"{limit}")
-    ratios_in = upload.ratio
-    if isinstance(ratios_in, str):
-        ratios_in = [p for p in ratios_in.split(",") if p.strip()]
-        if not ratios_in:
-            raise InputError(f"ratio {upload.ratio!r} names no ratio: give W:H, e.g. 16:9 or 1:1,4:5 (leave "
-                             "the field out for a free-form crop)")
-    ratios = [Ratio.parse(r) for r in (ratios_in or [])]
+    ratios = parse_ratios(upload.ratio, "ratio")  # the library's, the CLI's and the manifests' reading
     if len(ratios) > 16:
         raise InputError(f"{len(ratios)} ratios in one request; at most 16")
     spec = SubjectSpec.parse(upload.subject) if upload.subject else None
@@ -634,24 +627,9 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | N
         spec.check(*loaded.size)  # a point outside the image, a box that misses it: 422 now
     require_detectors(spec, upload.keep_faces)
     mask = None
-    if upload.mask is not None:
-        mname = f"the mask {upload.mask_filename}"
-        try:
-            with Image.open(io.BytesIO(upload.mask)) as m:
-                if m.width * m.height > max_pixels:
-                    raise ImageError(too_many_pixels(mname, m.width, m.height, max_pixels))
-                m.load()
-                mask_img = m.copy()
-        except ImageError:
-            raise
-        except UnidentifiedImageError:
-            raise ImageError(f"{mname}: not an image Pillow can read") from None
-        except Exception as exc:
-            raise ImageError(f"{mname}: cannot read it ({type(exc).__name__})") from None
-        try:
-            mask = np.ascontiguousarray(load_mask(mask_img, loaded.size))
-        except ImageError as exc:
-            raise ImageError(f"{mname}: {exc}") from None
+    if upload.mask is not None:  # the images' pixel limit and messages (imageio.load_mask)
+        mask = np.ascontiguousarray(load_mask(upload.mask, loaded.size, max_pixels,
+                                              name=f"the mask {upload.mask_filename}"))
     req = CropRequest(loaded, task, ratios, mask, upload.id, subject=spec, keep_faces=upload.keep_faces)
     return req, max(1, len(ratios))
 
@@ -659,21 +637,11 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | N
 def probe_pixels(upload: Upload, max_pixels: int) -> int:
     """The pixels that decoding an upload will hold (image and mask), from their headers only;
     a header that cannot be read counts 0 (`prepare` then names the problem)."""
-    from PIL import Image
+    from cropper_engine.imageio import probe_pixels as header_pixels
 
-    from cropper_engine.imageio import pillow_guard
-
-    pillow_guard(max_pixels)
-    total = 0
-    for data in (upload.image, upload.mask):
-        if not data:
-            continue
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                total += min(im.width * im.height, max_pixels + 1)
-        except Exception:  # not an image, a bomb, a broken header: refused by prepare, without decoding
-            continue
-    return total
+    # pixels charged by bytes per pixel (a 16-bit or alpha image holds more); an unreadable header
+    # counts 0: prepare refuses it without decoding
+    return sum(min(header_pixels(data, max_pixels), max_pixels + 1) for data in (upload.image, upload.mask) if data)
 
 
 class PixelBudget:

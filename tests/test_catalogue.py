@@ -1146,3 +1146,18 @@ def test_server_trickled_body_is_cut_off_from_the_start_of_the_body(engine, phot
         assert b"did not arrive within 1 s" in answer
         assert 0.9 <= took < 2.5, took  # from the start of the body, not from the last chunk
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("ratio", [[], "", " , ", "0", "1000"])
+def test_server_ratios_that_name_no_ratio_are_refused(client, photos, ratio):
+    """The server reads a ratio as the library, the CLI and manifests do (types.parse_ratios): an
+    empty list or string, only commas, 0 or a ratio beyond 20:1 is a named 422, never a free-form crop."""
+    import base64
+
+    data = base64.b64encode(Path(photos[0]).read_bytes()).decode()
+    msg = error_of(client.post("/v1/crop", json={"image": data, "ratio": ratio}), 422)
+    assert "ratio" in msg, msg
+    if isinstance(ratio, str):
+        msg = error_of(client.post("/v1/crop", files={"image": ("a.jpg", Path(photos[0]).read_bytes())},
+                                   data={"ratio": ratio}), 422)
+        assert "ratio" in msg, msg
