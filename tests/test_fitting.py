@@ -143,7 +143,7 @@ def test_too_few_examples_and_bad_model_dirs_are_refused(tmp_path):
     res = run("fit", "--dataset", "jsonl", "--annotations", ann, "--images", tmp_path / "few", "--out",
               tmp_path / "m", ok=False)
     assert res.exit_code != 0 and "Traceback" not in res.output
-    assert "too few examples to fit: 6 usable image(s) with a crop, at least 20 are needed" in res.output
+    assert "too few images to fit: 6 usable image(s) with a crop, at least 20 distinct images are needed" in res.output
     assert not (tmp_path / "m").exists()
     res = run("crop", tmp_path / "few" / "s00.jpg", "--default-model", tmp_path / "nowhere", ok=False)
     assert "--default-model" in res.output and "no such folder" in res.output and "cropper-engine fit" in res.output
@@ -173,7 +173,9 @@ def test_results_of_a_crop_run_are_training_data(tmp_path):
     assert len(examples) == 4 and len(skipped) == 2 and "not found" in skipped[0]
     res = run("fit", "--dataset", "results", "--annotations", tmp_path / "out" / "results.jsonl", "--out",
               tmp_path / "m", ok=False)
-    assert "crops by pipeline: no-vlm 4" in res.output and "too few examples to fit: 4" in res.output
+    assert "crops by pipeline: no-vlm 4" in res.output
+    assert "too few images to fit: 2 usable image(s) with a crop (4 examples: the crops or ratios of one image " \
+           "count once)" in res.output
 
 
 def test_serve_uses_the_default_model(fitted):
