@@ -556,6 +556,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from cropper_engine import batch as batch_module  # noqa: E402
+from cropper_engine.batch import out_rel  # noqa: E402
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -623,38 +624,47 @@ def test_crops_over_the_file_size_limit_are_never_kept(photos, tmp_path):
     assert not any("-1." in r["output"] for r in rows)
 
 
-def full_disk_after(monkeypatch, budget: int) -> None:
-    """Every write of the batch runner (crops, rows, report) fails with ENOSPC once `budget` bytes
-    are written, the last one short, as a nearly full disk does."""
-    left = [budget]
+def full_disk_at(monkeypatch, target: str, nth: int) -> None:
+    """The disk fills up during the `nth` write of the batch runner to a file whose path holds
+    `target` (crops/, results.jsonl, report/thumbs/, cards.jsonl): that write is cut short (half
+    of it lands), then it and every later write fail with ENOSPC, as on a full disk."""
     real = os.write
+    state = {"n": 0, "full": False}
 
     def write(fd, data):
-        n = min(len(data), left[0])
-        if n <= 0:
+        if not state["full"] and target in os.readlink(f"/proc/self/fd/{fd}"):
+            state["n"] += 1
+            if state["n"] == nth:
+                state["full"] = True
+                if len(data) > 1:
+                    return real(fd, bytes(data[: len(data) // 2]))
+        if state["full"]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        left[0] -= n
-        return real(fd, bytes(data[:n]))
+        return real(fd, data)
 
     monkeypatch.setattr(batch_module, "_write", write)
 
 
-@pytest.mark.parametrize("budget", [0, 70_000, 200_000, 480_000])
-def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes(photos, tmp_path, monkeypatch, budget):
-    """The disk fills up at some point of a run (a crop, a results row, a thumbnail, a card): the
-    run stops with a message (disk full, what to do), no traceback, every row's crop whole and
-    every crop with its row; --resume then finishes it, nothing lost or doubled."""
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to tell the files apart")
+@pytest.mark.parametrize("target,nth", [("crops/", 1), ("crops/", 3), ("results.jsonl", 2),
+                                        ("report/thumbs/", 4), ("cards.jsonl", 3)])
+def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes(photos, tmp_path, monkeypatch, target, nth):
+    """The disk fills up in the middle of a crop, a results row, a thumbnail or a report card: the
+    run stops with a message (disk full, what to do), no traceback, no half row, every row's crop
+    whole, every crop with its row and its card; --resume then finishes it, nothing lost or doubled."""
     src = shoot(photos, tmp_path / "in")
     out = tmp_path / "out"
-    full_disk_after(monkeypatch, budget)
+    full_disk_at(monkeypatch, target, nth)
     res = cli("crop", src, "--ratio", "1:1,16:9", "--out", out, "--report")
     assert res.exit_code == 1
     assert "stopped early: " in res.output and "disk full (no space left on the device)" in res.output
     assert "free some space, then run the same command with --resume" in res.output
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n") or not (out / "results.jsonl").read_bytes()
     assert len(assert_whole(out)) < 2 * len(photos)
     monkeypatch.undo()
     res = cli("crop", src, "--ratio", "1:1,16:9", "--out", out, "--report", "--resume")
     assert res.exit_code == 0, res.output
+    assert "cut short" not in res.output  # nothing half-written was left to repair
     rows = assert_whole(out)
     assert sorted((Path(r["image"]).name, r["ratio"]) for r in rows) == \
         sorted((p.name, r) for p in photos for r in ("1:1", "16:9"))
@@ -682,6 +692,7 @@ def test_manifest_paths_never_leave_out(photos, tmp_path):
     assert res.exit_code == 0, res.output
     assert {p for p in tmp_path.rglob("*") if out not in p.parents} == before  # nothing written outside --out
     names = sorted(Path(r["output"]).relative_to(out / "crops").as_posix() for r in rows_of(out))
+    assert out_rel("../../w/a.jpg") == out_rel("/x/a.jpg") == "a.jpg" and out_rel("sub/b.jpg") == "sub/b.jpg"
     assert names == sorted(["a.jpg", photos[2].name, "a_1x1.jpg", "b.jpg", "a-1.jpg"]), names
 
 
