@@ -758,6 +758,14 @@ def ignore_sigxfsz() -> None:
 RESUME_HINT = "run the same command with --resume: it crops again what results.jsonl does not hold"
 
 
+def _fix(exc: OSError) -> str:
+    if is_disk_full(exc):
+        return "free some space"
+    if exc.errno == errno.EFBIG:
+        return "raise the file-size limit (ulimit -f unlimited)"
+    return "fix that"
+
+
 def _write_failure(image: str, what: str, exc: BaseException) -> tuple[str, bool]:
     """(the message, whether the run must stop) for a failed write of an image's crop or files."""
     if not isinstance(exc, OSError):
@@ -911,8 +919,8 @@ def run_batch(
             except OSError as exc:
                 _discard(written)  # no crop without its row: --resume crops it again
                 raise _Stop(f"{item.path}: cannot add its row to {results_path or RESULTS}: "
-                            f"{os_problem(exc)}; the run stopped here (its crop was removed): "
-                            f"{'free some space' if is_disk_full(exc) else 'fix that'}, then {RESUME_HINT}") from None
+                            f"{os_problem(exc)}; the run stopped here (its crop was removed): {_fix(exc)}, "
+                            f"then {RESUME_HINT}") from None
         if report is not None:
             try:
                 report.add(row, loaded.image)
