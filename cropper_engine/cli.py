@@ -6,10 +6,11 @@ one-line message (no traceback). Heavy imports happen inside the commands.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -82,6 +83,18 @@ def main(ctx: click.Context, config_file: str | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["config"] = config_file
+    lenient_stdio()
+
+
+def lenient_stdio() -> None:
+    """A file name that is not UTF-8 (held as surrogate escapes) is printed as \\udcXX, the escape
+    results.jsonl and errors.jsonl write for it, instead of ending the command with a
+    UnicodeEncodeError (and its summary lost)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            pass
 
 
 # --- eval -------------------------------------------------------------------------------
@@ -182,6 +195,10 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
         from cropper_engine.errors import InputError
 
         raise InputError(f"--subject and --keep-faces need --method cropper (not {method})")
+    if rows is not None:  # an unwritable --rows is refused before the work, not after it
+        from cropper_engine.batch import check_out_file
+
+        check_out_file(rows, "--rows")
     ds = read_examples(kind, annotations, images, split, limit)
     if not ds.examples:
         raise click.ClickException("no usable examples in the dataset (see the messages above)")
@@ -197,9 +214,17 @@ def eval_cmd(ctx: click.Context, kind: str, annotations: str, images: str | None
     s = report.summary
     s["skipped"] = ds.n_skipped  # records, as `index build` counts them (dropped boxes are not records)
     if rows:
-        with open(rows, "w") as fh:
-            for r in report.rows:
-                fh.write(json.dumps(r) + "\n")
+        from pathlib import Path
+
+        from cropper_engine.batch import atomic_write
+
+        try:
+            atomic_write(Path(rows), "".join(json.dumps(r) + "\n" for r in report.rows).encode("ascii"))
+        except OSError as exc:  # the summary below is still printed
+            from cropper_engine.batch import os_problem
+
+            click.echo(f"error: cannot write --rows {rows} ({os_problem(exc)})", err=True)
+            report.errors.append(f"--rows {rows}: {exc}")
     click.echo(format_summary(s))
     if as_json:
         click.echo(json.dumps(s))
@@ -271,16 +296,21 @@ def precheck_sizes(sources: tuple[str, ...], out_dir: str | None = None) -> list
     from pathlib import Path
 
     from cropper_engine.batch import iter_inputs
-    from cropper_engine.errors import ImageError
     from cropper_engine.imageio import image_size, is_image_path
 
-    files = [src for src in sources if Path(src).is_file() and is_image_path(src)]
+    def is_file(src: str) -> bool:
+        try:
+            return Path(src).is_file()
+        except (OSError, ValueError):  # a name the file system refuses: named when its turn comes
+            return False
+
+    files = [src for src in sources if is_file(src) and is_image_path(src)]
     if files:
         sizes = []
         for src in files:
             try:
                 sizes.append((src, *image_size(src)))
-            except ImageError:  # a broken file is reported when its turn comes; the others go on
+            except Exception:  # ImageError, Pillow's bomb error...: named when its turn comes; the others go on
                 continue
         return sizes
     for item in iter_inputs(sources, lambda _m: None, out_dir):
@@ -288,7 +318,7 @@ def precheck_sizes(sources: tuple[str, ...], out_dir: str | None = None) -> list
             continue
         try:
             return [(item.path, *image_size(item.path))]
-        except ImageError:  # reported when its turn comes
+        except Exception:  # named when its turn comes
             continue
     return []
 
@@ -414,6 +444,12 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if t is Task.FREE and mask:
         raise InputError("--mask applies to the subject task, or with --ratio to every ratio's crop (the "
                          "subject kept inside); not to --task free")
+    if out_dir is not None and not out_dir.strip():
+        raise InputError("--out '' names no folder: give one (e.g. --out crops/), or leave --out out to print "
+                         "the results only")
+    if size and not out_dir:
+        raise InputError("--size needs --out DIR: it resizes the crops written to DIR/crops/ (without --out "
+                         "only the boxes are printed)")
     if mask:
         precheck_mask(mask, inputs, out_dir)
     precheck_subject(spec, inputs, out_dir)
@@ -463,14 +499,31 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             on_progress=bar.update, report=rep, save_prompts=save_prompts,
         )
     cropper.close()
+    failed = bool(summary.errors)
     if rep is not None:
-        page = rep.close()
-        click.echo(f"report: {page}", err=True)
+        try:
+            page = rep.close()
+            click.echo(f"report: {page}", err=True)
+        except OSError as exc:
+            from cropper_engine.batch import os_problem
+
+            click.echo(f"error: cannot finish the report in {out_dir}/report ({os_problem(exc)}); the crops and "
+                       "results.jsonl are written; run the same command with --resume --report to write it again",
+                       err=True)
+            failed = True
+    if summary.not_read:
+        where = f" (each with why in {out_dir}/skipped.jsonl)" if out_dir else ""
+        n = len(summary.not_read)
+        click.echo(f"not read: {n} file{'s' if n > 1 else ''} of the folders{where}:", err=True)
+        for line in summarise_skipped([f"{path}: {why}" for path, why in summary.not_read]):
+            click.echo(f"  {line}", err=True)
     pipes = ", ".join(f"{k} {v}" for k, v in summary.pipelines.items()) or "-"
     click.echo(f"{summary.images} images, {summary.results} crops ({pipes}), {summary.skipped} skipped "
-               f"(already done), {len(summary.errors)} errors"
+               f"(already done), {len(summary.not_read)} not read, {len(summary.errors)} errors"
                + (f"; results in {out_dir}/results.jsonl" if out_dir else ""), err=True)
-    if summary.errors:
+    if summary.stopped:
+        click.echo(f"stopped early: {summary.stopped}", err=True)
+    if failed:
         sys.exit(1)
 
 
@@ -517,8 +570,9 @@ def fit_cmd(kind: str, annotations: str, images: str | None, split: str | None, 
     import shlex
     from pathlib import Path
 
-    from cropper_engine.fitting import fit_model, read_training
+    from cropper_engine.fitting import check_fit_out, fit_model, read_training
 
+    check_fit_out(out_dir, overwrite)  # an existing or unwritable MODEL_DIR is refused before the work
     examples, skipped = read_training(kind, annotations, images, split, limit)
     for line in summarise_skipped(skipped):
         click.echo(f"skipped: {line}", err=True)
@@ -535,14 +589,36 @@ def fit_cmd(kind: str, annotations: str, images: str | None, split: str | None, 
                                      *(["--limit", str(limit)] if limit else []), "--out", out_dir,
                                      *(["--folds", str(folds)] if folds != 5 else []),
                                      *(["--no-mirror"] if no_mirror else [])])}
-    click.echo(f"fitting on {len(examples)} examples ({n_jobs} processes)", err=True)
-    report = fit_model(examples, out_dir, folds=folds, mirror=not no_mirror, jobs=n_jobs, overwrite=overwrite,
-                       progress=True, log=lambda m: click.echo(m, err=True), source=source, skipped=skipped)
+    n_images = len({os.path.realpath(ex.image_path) for ex in examples})
+    click.echo(f"fitting on {len(examples)} examples of {n_images} images ({n_jobs} processes)", err=True)
+    with sigterm_as_interrupt():
+        report = fit_model(examples, out_dir, folds=folds, mirror=not no_mirror, jobs=n_jobs, overwrite=overwrite,
+                           progress=True, log=lambda m: click.echo(m, err=True), source=source, skipped=skipped)
     click.echo(report.table())
     click.echo(f"wrote {report.out} ({report.images} images, {report.seconds:.0f} s); use it with: "
                f"cropper-engine crop ... --default-model {report.out}")
     if as_json:
         click.echo(json.dumps(report.to_json()))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: `kill PID` (SIGTERM) ends the command as Ctrl-C does, through its clean-up (a fit's
+    temporary folder is removed), instead of at once. The handler before is put back after."""
+    import signal
+    import threading
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # --- index ------------------------------------------------------------------------------
@@ -595,9 +671,16 @@ def skipped_count(ds: Any, report: Any) -> str:
     n = ds.n_skipped + len(report.skipped)
     if not n:
         return "0 skipped"
-    parts = [f"{what}" for what in (f"{ds.n_skipped} in the annotations" if ds.n_skipped else "",
-                                    f"{len(report.skipped)} unreadable images" if report.skipped else "") if what]
+    present = sum(1 for m in report.skipped if m.endswith(ALREADY_IN_INDEX))
+    unreadable = len(report.skipped) - present
+    parts = [what for what in (f"{ds.n_skipped} in the annotations" if ds.n_skipped else "",
+                               f"{present} already in the index" if present else "",
+                               f"{unreadable} unreadable images" if unreadable else "") if what]
     return f"{n} skipped ({', '.join(parts)})"
+
+
+# how index/store.py's _embed_examples names an example whose id the index (or this set) holds already
+ALREADY_IN_INDEX = "duplicate example id (already in the index), skipped"
 
 
 @index.command("build")
@@ -619,12 +702,14 @@ def index_build(ctx: click.Context, kind: str, annotations: str, images: str | N
     dataset gives, else (--subjects auto) the automatic subject of `crop --subject auto`."""
     from pathlib import Path
 
+    from cropper_engine.batch import check_new_dir
     from cropper_engine.errors import ExampleIndexError
     from cropper_engine.index.store import ExampleIndex
 
     cfg = load_cfg(ctx)
     if Path(out_dir).exists() and not overwrite:
         raise ExampleIndexError(f"{out_dir} already exists; pass --overwrite to replace it")
+    check_new_dir(out_dir, "--out")  # an unwritable destination is refused before the work
     ds = read_examples(kind, annotations, images, split, limit)
     if not ds.examples:
         raise click.ClickException("no usable examples in the dataset (see the messages above)")
@@ -805,8 +890,9 @@ def fitted_models(ctx: click.Context) -> dict[str, Any]:
               help="Build a tiny model that behaves like the registry model NAME (see `models list`) in "
                    "OUT/NAME: its tokenizer rules, special tokens, chat template, processor settings, tokens "
                    "per image, rope, context and sliding window; only the sizes shrink.")
+@click.option("--overwrite", is_flag=True, help="Replace models already in OUT (OUT/idefics2, OUT/clip, OUT/NAME).")
 @friendly_errors
-def models_make_tiny(out_dir: str, like: str | None) -> None:
+def models_make_tiny(out_dir: str, like: str | None, overwrite: bool) -> None:
     """Build tiny random models offline (seconds): OUT/idefics2 (a VLM) and OUT/clip (CLIP).
 
     With --like NAME, OUT/NAME instead: a tiny random model that keeps everything of the real
@@ -814,16 +900,35 @@ def models_make_tiny(out_dir: str, like: str | None) -> None:
     `make-tiny tiny/ --like mantis-8b-idefics2`, then `crop ... --vlm tiny/mantis-8b-idefics2`.
 
     They crop nothing well: they exercise the real code paths in tests and CPU benchmarks.
+    A model already in OUT is refused unless --overwrite.
     """
+    import shutil
     from pathlib import Path
 
-    out = Path(out_dir)
-    if like is not None:
-        from cropper_engine.models.tiny_vlm import LIKE_NAMES, make_tiny_like
+    from cropper_engine.batch import check_out_dir
+    from cropper_engine.errors import InputError
 
-        name = like.lower()
+    out = Path(out_dir)
+    name = like.lower() if like is not None else None
+    if like is not None:
+        from cropper_engine.models.tiny_vlm import LIKE_NAMES
+
         if name not in LIKE_NAMES:
             raise click.BadParameter(f"unknown model {like!r}; one of: {', '.join(LIKE_NAMES)}", param_hint="--like")
+    targets = [out / name] if name is not None else [out / "idefics2", out / "clip"]
+    there = [t for t in targets if t.exists() or t.is_symlink()]
+    if there and not overwrite:
+        raise InputError(f"{', '.join(str(t) for t in there)} already exist{'s' if len(there) == 1 else ''}; "
+                         f"pass --overwrite to replace {'it' if len(there) == 1 else 'them'}, or choose another folder")
+    check_out_dir(out, "OUT")  # an unwritable folder is refused before the work
+    for t in there:  # --overwrite: the old model goes, none of its files stay among the new ones
+        if t.is_dir() and not t.is_symlink():
+            shutil.rmtree(t)
+        else:
+            t.unlink()
+    if name is not None:
+        from cropper_engine.models.tiny_vlm import make_tiny_like
+
         vlm = make_tiny_like(out / name, name)
         click.echo(f"tiny VLM like {name}: {vlm}   (use: --vlm {vlm} --backend transformers)")
         return

@@ -24,6 +24,7 @@ fitted model needs numpy only. No GPU, no weights.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ import numpy as np
 from cropper_engine.data.example import Example
 from cropper_engine.errors import AnnotationError, BackendUnavailableError, InputError
 
-MIN_IMAGES = 20  # fewer cannot be cross-validated in 5 folds nor fitted (refused with a message)
+MIN_IMAGES = 20  # distinct images: fewer cannot be cross-validated in 5 folds nor fitted (refused with a message)
 FOLDS = 5
 DATASET_KINDS = ("jsonl", "fcdb", "gaicd", "sacd", "results")
 
@@ -82,7 +83,7 @@ def read_results(path: str | os.PathLike[str]) -> tuple[list[Example], list[str]
                               "--out OUT` run)")
     examples: list[Example] = []
     skipped: list[str] = []
-    with p.open(encoding="utf-8") as fh:
+    with p.open(encoding="utf-8", errors="surrogateescape") as fh:  # a name not in UTF-8: its bytes
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -235,7 +236,7 @@ def _build_rows(results: list[dict[str, Any]], task: str) -> Any:
 def _write_table(examples: Sequence[Example], vectors: np.ndarray, out: Path, source: dict[str, Any]) -> None:
     """The model's retrieval table, in the built-in table's format (index/builtin.py): no images."""
     from cropper_engine.index.builtin import VECTORS_F16
-    from cropper_engine.index.store import FORMAT_VERSION, SPACE, _embedder_info, _example_line, _now
+    from cropper_engine.index.store import FORMAT_VERSION, SPACE, _embedder_info, _now
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -243,7 +244,9 @@ def _write_table(examples: Sequence[Example], vectors: np.ndarray, out: Path, so
         d = ex.to_json()
         d["image"] = Path(ex.image_path).name  # never a path of this machine
         d.pop("mask", None)
-        rows.append(_example_line(d))
+        # as index/store.py's _example_line, in ASCII: a name that is not UTF-8 is kept as its \udcXX
+        # escapes (read back as the same name, so leave-one-out still finds it)
+        rows.append(json.dumps({"id": str(d["id"]), **{k: v for k, v in d.items() if k != "id"}}).encode("ascii"))
     manifest = {
         "format_version": FORMAT_VERSION, "embedder": _embedder_info(_CTX["embedder"]), "space": SPACE,
         "dim": int(vectors.shape[1]), "M": 0, "ef_construction": 0, "ef": 1, "count": len(examples),
@@ -255,6 +258,51 @@ def _write_table(examples: Sequence[Example], vectors: np.ndarray, out: Path, so
 
 
 # --- the fit -----------------------------------------------------------------------------------
+
+TMP_INFIX = ".fitting-"  # the folder a fit writes before renaming it: .NAME.fitting-PID beside NAME
+
+
+def check_fit_out(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse, before any work, a model folder that exists (without `overwrite`) or whose parent
+    cannot be written (the fit writes .NAME.fitting-PID beside it, then renames it)."""
+    from cropper_engine.batch import check_new_dir
+
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out")
+    check_new_dir(out_dir, "--out")
+    return out_dir
+
+
+def remove_stale_fits(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders (.NAME.fitting-PID) of fits of `out_dir` that were killed: those
+    whose process is gone. Returns them."""
+    from cropper_engine.batch import pid_alive
+
+    gone = []
+    try:
+        siblings = list(out_dir.absolute().parent.glob(f".{glob.escape(out_dir.name)}{TMP_INFIX}*"))
+    except OSError:
+        return gone
+    for d in siblings:
+        pid = d.name.rsplit(TMP_INFIX, 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def count_images(examples: Iterable[Example]) -> int:
+    """Distinct images (a crop run's results have a row per ratio: one image, however many rows)."""
+    return len({os.path.realpath(ex.image_path) for ex in examples})
+
+
+def too_few(n_images: int, n_examples: int, what: str = "usable") -> InputError:
+    rows = (f" ({n_examples} examples: the crops or ratios of one image count once)" if n_examples != n_images
+            else "")
+    return InputError(f"too few images to fit: {n_images} {what} image(s) with a crop{rows}, at least {MIN_IMAGES} "
+                      "distinct images are needed (about 100 or more to beat the shipped model reliably on your own "
+                      "style; see the README's 'Fitting the default to your crops')")
 
 
 def _mean(v: Iterable[float]) -> float:
@@ -283,15 +331,14 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
 
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
-    out_dir = Path(out).expanduser()
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out")
+    out_dir = check_fit_out(out, overwrite)
+    for d in remove_stale_fits(out_dir):
+        say(f"removed {d}, left by a fit that was killed")
     examples = [ex for ex in examples if ex.crops]
-    if len(examples) < MIN_IMAGES:
-        raise InputError(f"too few examples to fit: {len(examples)} usable image(s) with a crop, at least "
-                         f"{MIN_IMAGES} are needed (about 100 or more to beat the shipped model reliably on "
-                         "your own style; see the README's 'Fitting the default to your crops')")
-    folds = max(2, min(int(folds), len(examples) // 4))
+    n_images = count_images(examples)
+    if n_images < MIN_IMAGES:
+        raise too_few(n_images, len(examples))
+    folds = max(2, min(int(folds), n_images // 4))
     try:
         import lightgbm  # noqa: F401
     except ImportError:
@@ -313,10 +360,10 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
             kept.append(ex)
         except CropperError as exc:
             bad.append(f"{ex.image_path}: {exc}")
-    if len(kept) < MIN_IMAGES:
-        raise InputError(f"too few readable examples to fit: {len(kept)} (at least {MIN_IMAGES} are needed); "
-                         f"first problem: {bad[0] if bad else '-'}")
-    tmp = out_dir.with_name(f".{out_dir.name}.fitting-{os.getpid()}")
+    if count_images(kept) < MIN_IMAGES:
+        first = bad[0] if bad else "-"
+        raise InputError(f"{too_few(count_images(kept), len(kept), 'readable')}; first problem: {first}")
+    tmp = out_dir.with_name(f".{out_dir.name}{TMP_INFIX}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         vec = np.stack(vectors).astype(np.float32)
@@ -348,9 +395,8 @@ def fit_model(examples: Sequence[Example], out: str | os.PathLike[str], *, folds
             load_table_dir.cache_clear()
         ok = [r for r in res if "error" not in r]
         bad += [r["error"] for r in res if "error" in r]
-        if len(ok) < MIN_IMAGES:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InputError(f"too few readable examples to fit: {len(ok)} (at least {MIN_IMAGES} are needed)")
+        if len({r["key"] for r in ok}) < MIN_IMAGES:
+            raise too_few(len({r["key"] for r in ok}), len(ok), "readable")
         say(f"features of {len(ok)} images{' and their mirror images' if mirror else ''}: "
             f"{time.perf_counter() - t0:.0f} s")
 

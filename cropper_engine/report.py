@@ -1,15 +1,20 @@
 """An HTML contact sheet: each original with its candidates per round and the chosen crop.
 
 Thumbnails are written next to the page; boxes are drawn as SVG over them, so the page is
-light and needs no script. Pages hold `per_page` images each.
+light and needs no script. Pages hold `per_page` images each. Every file is written whole or not
+at all (a full disk leaves no half thumbnail, card or page); a file name that is not UTF-8 is
+shown as \\udcXX, as results.jsonl writes it.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from cropper_engine.batch import JsonLines, atomic_write, shown
 
 ROUND_COLOURS = ["#3b82f6", "#f59e0b", "#a855f7", "#14b8a6", "#ec4899"]
 CHOSEN = "#ef4444"
@@ -42,12 +47,16 @@ class HtmlReport:
         self.n = 0
         cards = self.dir / "cards.jsonl"
         if resume and cards.exists():
-            with cards.open(encoding="utf-8") as fh:
+            with cards.open(encoding="utf-8", errors="surrogateescape") as fh:
                 for line in fh:
-                    if line.strip():
+                    try:
+                        card = json.loads(line)
+                    except ValueError:  # blank, or cut short by a run killed mid-write
+                        continue
+                    if isinstance(card, str):
                         self.n += 1
-                        self._push(json.loads(line))
-        self._cards_fh = cards.open("a" if resume else "w", encoding="utf-8")
+                        self._push(card)
+        self._cards = JsonLines(cards, truncate=not resume)
 
     def add(self, row: dict[str, Any], image: Any) -> None:
         """One result row (a results.jsonl line) and its original image (PIL)."""
@@ -58,11 +67,11 @@ class HtmlReport:
         name = f"{self.n:06d}"
         thumb = image.copy()
         thumb.thumbnail((tw, th))
-        thumb.save(self.dir / "thumbs" / f"{name}.jpg", quality=85)
+        _save_jpeg(thumb, self.dir / "thumbs" / f"{name}.jpg")
         x1, y1, x2, y2 = row["box"]
         crop = image.crop((x1, y1, x2, y2))
         crop.thumbnail((self.thumb // 2, self.thumb // 2))
-        crop.save(self.dir / "thumbs" / f"{name}-crop.jpg", quality=85)
+        _save_jpeg(crop, self.dir / "thumbs" / f"{name}-crop.jpg")
 
         shapes = []
         for c in row.get("candidates", []):
@@ -93,7 +102,7 @@ class HtmlReport:
                           f'<title>focal point {px:g},{py:g}</title></circle>')
         shapes.append(f'<rect x="{x1 * s:.1f}" y="{y1 * s:.1f}" width="{(x2 - x1) * s:.1f}" '
                       f'height="{(y2 - y1) * s:.1f}" fill="none" stroke="{CHOSEN}" stroke-width="3"/>')
-        meta = (f'{html.escape(Path(row["image"]).name)} · {row["task"]}'
+        meta = (f'{html.escape(shown(Path(row["image"]).name))} · {row["task"]}'
                 f'{" " + html.escape(str(row["ratio"])) if row.get("ratio") else ""} · '
                 f'pipeline <b>{html.escape(row["pipeline"])}</b> · score {row["score"]:.3f} · '
                 f'box {row["box"]} · {len(row.get("candidates", []))} candidates')
@@ -115,8 +124,11 @@ class HtmlReport:
                 f'width="{tw}" height="{th}"><svg width="{tw}" height="{th}">{"".join(shapes)}</svg></div>'
                 f'<div class="crop"><img src="thumbs/{name}-crop.jpg"></div></div>'
                 f'<div class="meta">{meta}</div></div>')
-        self._cards_fh.write(json.dumps(card) + "\n")
-        self._cards_fh.flush()
+        try:
+            self._cards.append(card)  # type: ignore[arg-type]
+        except OSError:
+            self.n -= 1  # the next card takes this one's number (and thumbnails' names) again
+            raise
         self._push(card)
 
     def _push(self, card: str) -> None:
@@ -135,18 +147,25 @@ class HtmlReport:
         css = _CSS % {"w": self.thumb * 3 // 2 + 40, "cw": self.thumb // 2, "ch": self.thumb // 2,
                       "chosen": CHOSEN}
         nxt = f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>'
-        page.write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-            f"<style>{css}</style></head><body><h1>{html.escape(self.title)}</h1>"
-            f"<div class='legend'>{legend}</div><div class='grid'>{''.join(self.cards)}</div>"
-            f"{{NEXT}}</body></html>".replace("{NEXT}", nxt))
-        self.cards = []
+        self.cards, cards = [], self.cards
+        atomic_write(page, (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(shown(self.title))}</title>"
+            f"<style>{css}</style></head><body><h1>{html.escape(shown(self.title))}</h1>"
+            f"<div class='legend'>{legend}</div><div class='grid'>{''.join(cards)}</div>"
+            f"{{NEXT}}</body></html>").replace("{NEXT}", nxt).encode("utf-8", "backslashreplace"))
 
     def close(self) -> Path:
-        self._cards_fh.close()
+        self._cards.close()
         if self.cards or not self.pages:
             self._write_page()
         last = self.pages[-1]
-        text = last.read_text()
-        last.write_text(text.replace(f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>', ""))
+        text = last.read_text(encoding="utf-8")
+        atomic_write(last, text.replace(f'<p><a href="page{len(self.pages) + 1}.html">next page</a></p>', "")
+                     .encode("utf-8"))
         return self.pages[0]
+
+
+def _save_jpeg(image: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    atomic_write(path, buf.getvalue())

@@ -1161,3 +1161,350 @@ def test_server_ratios_that_name_no_ratio_are_refused(client, photos, ratio):
         msg = error_of(client.post("/v1/crop", files={"image": ("a.jpg", Path(photos[0]).read_bytes())},
                                    data={"ratio": ratio}), 422)
         assert "ratio" in msg, msg
+
+# --- issue 23: batch runs and commands ------------------------------------------------------------
+#
+#   crops over the file-size limit (ulimit -f): none kept truncated  test_crops_over_the_file_size_limit_*
+#   a full disk at any point: a clean stop, --resume finishes         test_a_full_disk_stops_the_run_*
+#   manifest lines with ../ or absolute paths: nothing outside --out  test_manifest_paths_never_leave_out
+#   NUL, lone surrogates, 300-byte and non-UTF-8 names, a long name   test_bad_names_are_each_a_named_error
+#   every command's destination checked before the work               test_every_destination_is_checked_*
+#   folder walks: linked folders, every decodable type, the rest named test_folder_walk_*, test_walk_takes_*
+#   names that are not UTF-8: report, JSON, resume (raw bytes too)    test_names_that_are_not_utf8
+#   an interrupted run's crop names taken back, stale temporaries     test_resume_takes_back_*
+#   resume with several ratios after a torn row                       test_resume_with_several_ratios_*
+#   (CLI wording: --size / --out '' without a folder: tests/test_cli.py; fit: tests/test_fitting.py)
+
+import errno  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from cropper_engine import batch as batch_module  # noqa: E402
+from cropper_engine.batch import out_rel  # noqa: E402
+
+
+def rows_of(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def errors_of(out: Path) -> list[str]:
+    path = out / "errors.jsonl"
+    return [json.loads(line)["error"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_whole(out: Path, keep: frozenset[str] = frozenset()) -> list[dict]:
+    """Every row's crop decodes to its end; OUT/crops holds exactly the rows' crops: no truncated
+    file, no temporary, no orphan, no `-1` copy (names in `keep` aside); every line of
+    results.jsonl is whole. Returns the rows."""
+    rows = rows_of(out)
+    for r in rows:
+        with Image.open(r["output"]) as im:
+            im.load()
+    crops = {str(p) for p in (out / "crops").rglob("*") if p.is_file() and p.name not in keep} \
+        if (out / "crops").exists() else set()
+    assert crops == {str(Path(r["output"])) for r in rows}, (crops, [r["output"] for r in rows])
+    cards = out / "report" / "cards.jsonl"
+    if cards.exists():
+        assert len(cards.read_text().splitlines()) == len(rows)
+    return rows
+
+
+def shoot(photos: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_crops_over_the_file_size_limit_are_never_kept(photos, tmp_path):
+    """Under `ulimit -f` (RLIMIT_FSIZE in the child): each crop over the limit is a named error
+    ("file too large", the limit, the fix), none is kept truncated nor listed in results.jsonl,
+    no traceback; --resume (without the limit) crops exactly those again."""
+    src = shoot(photos, tmp_path / "in")
+    out = tmp_path / "out"
+    limit = 64 * 1024
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-c", "from cropper_engine.cli import main; main()", "crop", str(src), "--ratio",
+           "1:1,16:9", "--out", str(out), "--report"]
+    res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 1, res.stderr
+    first = {(Path(r["image"]).name, r["ratio"]) for r in assert_whole(out)}
+    errors = errors_of(out)
+    assert errors and all("file too large: over this process's file-size limit of 65,536 bytes (ulimit -f 64)"
+                          in e and "--resume" in e for e in errors), errors
+    assert f"{len(errors)} errors" in res.stderr and "Traceback" not in res.stderr
+    res = cli("crop", src, "--ratio", "1:1,16:9", "--out", out, "--report", "--resume")
+    assert res.exit_code == 0
+    rows = assert_whole(out)
+    assert len(rows) == 2 * len(photos)
+    big = {(Path(r["image"]).name, r["ratio"]) for r in rows if Path(r["output"]).stat().st_size > limit}
+    assert big and first == {(Path(r["image"]).name, r["ratio"]) for r in rows} - big  # exactly those redone
+    assert len(errors) == len(big)
+    assert not any("-1." in r["output"] for r in rows)
+
+
+def full_disk_at(monkeypatch, target: str, nth: int) -> None:
+    """The disk fills up during the `nth` write of the batch runner to a file whose path holds
+    `target` (crops/, results.jsonl, report/thumbs/, cards.jsonl): that write is cut short (half
+    of it lands), then it and every later write fail with ENOSPC, as on a full disk."""
+    real = os.write
+    state = {"n": 0, "full": False}
+
+    def write(fd, data):
+        if not state["full"] and target in os.readlink(f"/proc/self/fd/{fd}"):
+            state["n"] += 1
+            if state["n"] == nth:
+                state["full"] = True
+                if len(data) > 1:
+                    return real(fd, bytes(data[: len(data) // 2]))
+        if state["full"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(batch_module, "_write", write)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to tell the files apart")
+@pytest.mark.parametrize("target,nth", [("crops/", 1), ("crops/", 3), ("results.jsonl", 2),
+                                        ("report/thumbs/", 4), ("cards.jsonl", 3)])
+def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes(photos, tmp_path, monkeypatch, target, nth):
+    """The disk fills up in the middle of a crop, a results row, a thumbnail or a report card: the
+    run stops with a message (disk full, what to do), no traceback, no half row, every row's crop
+    whole, every crop with its row and its card; --resume then finishes it, nothing lost or doubled."""
+    src = shoot(photos, tmp_path / "in")
+    out = tmp_path / "out"
+    full_disk_at(monkeypatch, target, nth)
+    res = cli("crop", src, "--ratio", "1:1,16:9", "--out", out, "--report")
+    assert res.exit_code == 1
+    assert "stopped early: " in res.output and "disk full (no space left on the device)" in res.output
+    assert "free some space, then run the same command with --resume" in res.output
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n") or not (out / "results.jsonl").read_bytes()
+    assert len(assert_whole(out)) < 2 * len(photos)
+    monkeypatch.undo()
+    res = cli("crop", src, "--ratio", "1:1,16:9", "--out", out, "--report", "--resume")
+    assert res.exit_code == 0, res.output
+    assert "cut short" not in res.output  # nothing half-written was left to repair
+    rows = assert_whole(out)
+    assert sorted((Path(r["image"]).name, r["ratio"]) for r in rows) == \
+        sorted((p.name, r) for p in photos for r in ("1:1", "16:9"))
+    assert (out / "report" / "index.html").read_text().count('class="card"') == len(rows)
+
+
+def test_manifest_paths_never_leave_out(photos, tmp_path):
+    """`../`, absolute and `sub/../../` lines write their crops under OUT/crops by their base name;
+    a plain `sub/x.jpg` keeps its folder, but never through a link that leads out of crops/."""
+    work = tmp_path / "w"
+    (work / "lists" / "sub").mkdir(parents=True)
+    shutil.copy(photos[0], work / "a.jpg")
+    shutil.copy(photos[1], work / "lists" / "sub" / "b.jpg")
+    lines = [{"image": "../../w/a.jpg"}, {"image": str(photos[2])}, {"image": "sub/../../a.jpg", "ratio": "1:1"},
+             {"image": "sub/b.jpg"}]
+    (work / "lists" / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (work / "lists" / "m.txt").write_text("../../w/a.jpg\n")
+    out = tmp_path / "o" / "deep"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (out / "crops").mkdir(parents=True)
+    os.symlink(outside, out / "crops" / "sub")  # a link in crops/ to a folder elsewhere
+    before = {p for p in tmp_path.rglob("*") if out not in p.parents}
+    res = cli("crop", work / "lists" / "m.jsonl", work / "lists" / "m.txt", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert {p for p in tmp_path.rglob("*") if out not in p.parents} == before  # nothing written outside --out
+    names = sorted(Path(r["output"]).relative_to(out / "crops").as_posix() for r in rows_of(out))
+    assert out_rel("../../w/a.jpg") == out_rel("/x/a.jpg") == "a.jpg" and out_rel("sub/b.jpg") == "sub/b.jpg"
+    assert names == sorted(["a.jpg", photos[2].name, "a_1x1.jpg", "b.jpg", "a-1.jpg"]), names
+
+
+def test_bad_names_are_each_a_named_error(photos, tmp_path):
+    """A NUL in a .jsonl name, a .jsonl line that is not UTF-8, a .txt line in Latin-1 naming no
+    file, a 300-byte name: each a named error for its line, the run goes on; a 250-byte name is
+    cropped, its crop's name cut to the 255-byte limit."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(photos[0], src / "good.jpg")
+    long_name = "l" * 250 + ".jpg"
+    shutil.copy(photos[1], src / long_name)
+    (src / "m.jsonl").write_bytes(b'{"image": "a\\u0000b.jpg"}\n{"image": "caf\xe9.jpg"}\n'
+                                  b'{"image": "\\ud800.jpg"}\n{"image": "good.jpg", "ratio": "16:9"}\n'
+                                  + json.dumps({"image": long_name, "ratio": "16:9"}).encode() + b"\n")
+    (src / "list.txt").write_bytes(b"good.jpg\nnoth\xe9re.jpg\n")
+    too_long = str(src / ("x" * 300 + ".jpg"))
+    out = tmp_path / "out"
+    res = cli("crop", src / "m.jsonl", src / "list.txt", too_long, "--out", out)
+    assert res.exit_code == 1
+    errors = errors_of(out)
+    expected = [
+        f"{src / 'm.jsonl'}:1: bad manifest line (\"image\" \"a\\u0000b.jpg\": its name contains a NUL character",
+        f"{src / 'm.jsonl'}:2: bad manifest line (not UTF-8 text: byte 0xe9 at column 15); a .jsonl manifest is "
+        "UTF-8: save it as UTF-8",
+        f"{src / 'm.jsonl'}:3: bad manifest line (\"image\" \"\\ud800.jpg\": its name contains a lone UTF-16 surrogate",
+        f"{src / 'list.txt'}:2: noth\udce9re.jpg: no such file; this line is not UTF-8 text (a list saved in another "
+        "encoding, such as Latin-1?): save the list as UTF-8",
+        f"{too_long}: a name of 304 bytes; file names here have at most 255, so no such file can exist",
+    ]
+    assert len(errors) == len(expected), errors
+    for want in expected:
+        assert sum(e.startswith(want) for e in errors) == 1, (want, errors)
+        assert want[:60] in res.output
+    rows = assert_whole(out)
+    assert sorted((Path(r["image"]).name, str(r["ratio"])) for r in rows) == \
+        sorted([("good.jpg", "16:9"), (long_name, "16:9"), ("good.jpg", "None")])
+    cut = next(Path(r["output"]).name for r in rows if Path(r["image"]).name == long_name)
+    assert len(cut.encode()) == 255 and cut.endswith("~_16x9.jpg")
+
+
+@pytest.mark.parametrize("command", ["index build", "fit", "eval --rows", "models make-tiny"])
+def test_every_destination_is_checked_before_work(photos, tmp_path, command):
+    """An unwritable destination is refused before any work, as `crop --out` is, with the same
+    words (it was a traceback after all the work)."""
+    ann = tmp_path / "a.jsonl"
+    ann.write_text("".join(json.dumps({"image": str(p), "crop": [0, 0, 50, 50]}) + "\n" for p in photos))
+    bad = "/proc/cropper-x"
+    data = ["--dataset", "jsonl", "--annotations", ann]
+    args, work = {
+        "index build": (["index", "build", *data, "--out", bad, "--embedder", "classical"], "embedder:"),
+        "fit": (["fit", *data, "--out", bad], "fitting on"),
+        "eval --rows": (["eval", *data, "--rows", f"{bad}/rows.jsonl"], "IoU"),
+        "models make-tiny": (["models", "make-tiny", bad], "tiny VLM"),
+    }[command]
+    res = cli(*args)
+    assert res.exit_code == 1, res.output
+    assert f"cannot write to {'--rows' if 'rows' in command else 'OUT' if 'tiny' in command else '--out'} " \
+           f"{bad}" in res.output and "choose a" in res.output
+    assert work not in res.output  # refused before the work
+
+
+def test_folder_walk_follows_linked_folders_and_names_what_it_does_not_read(photos, tmp_path):
+    """A walk enters a symbolic link to a folder (a loop back up is named, not followed), takes
+    every type Pillow decodes here (.jfif .jpe .pgm .ppm .j2k .avif, as given one by one), and
+    names every file it passes over with why, in OUT/skipped.jsonl and the summary (rc 0)."""
+    from cropper_engine.batch import walk_suffixes
+
+    src = tmp_path / "in"
+    (src / "real").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(photos[0], src / "real" / "a.jpg")
+    os.symlink(elsewhere, src / "linked")
+    os.symlink(src, src / "real" / "up")  # a loop
+    im = Image.open(photos[1]).convert("RGB").resize((160, 120))
+    taken = {"a.jpg"}
+    for name, mode in (("b.jfif", "RGB"), ("c.jpe", "RGB"), ("d.pgm", "L"), ("e.ppm", "RGB"), ("f.j2k", "RGB"),
+                       ("g.avif", "RGB")):
+        if Path(name).suffix in walk_suffixes():
+            im.convert(mode).save(elsewhere / name)
+            taken.add(name)
+    assert {"b.jfif", "c.jpe", "d.pgm", "e.ppm"} <= taken
+    (elsewhere / "h.heic").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 16)
+    (src / "notes.txt").write_text("not an image")
+    (src / ".hidden.jpg").write_bytes(photos[0].read_bytes())
+    out = tmp_path / "out"
+    res = cli("crop", src, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert sorted(Path(r["image"]).name for r in assert_whole(out)) == sorted(taken)
+    lines = (out / "skipped.jsonl").read_text().splitlines()
+    skipped = {Path(d["file"]).name: d["reason"] for d in map(json.loads, lines)}
+    want = {"notes.txt": "not an image type Pillow decodes here (.txt; name it alone to try it anyway)",
+            ".hidden.jpg": "a hidden file (its name starts with '.')",
+            "up": f"a folder this run reads already (a link to {src}): a loop of links"}
+    if ".heic" not in walk_suffixes():
+        want["h.heic"] = "no HEIC decoder installed (pip install pillow-heif)"
+    assert set(skipped) == set(want), skipped
+    for name, why in want.items():
+        assert skipped[name].startswith(why), (name, skipped[name])
+        assert why[:40] in res.output
+    assert f"{len(want)} not read" in res.output and "0 errors" in res.output
+
+
+def test_walk_takes_heic_when_a_decoder_is_registered(tmp_path, monkeypatch):
+    """A plugin registered with Pillow for .heic (as pillow-heif's opener is) makes the walk take
+    .heic files; without one they are named as skipped."""
+    from PIL import Image as PILImage
+
+    from cropper_engine.batch import iter_inputs
+
+    (tmp_path / "x.heic").write_bytes(b"\0" * 32)
+    seen: list[tuple[str, str]] = []
+    assert [i.rel for i in iter_inputs([str(tmp_path)], print, on_skip=lambda p, w: seen.append((p, w)))] == []
+    assert seen == [(str(tmp_path / "x.heic"), "no HEIC decoder installed (pip install pillow-heif)")]
+    PILImage.init()
+    monkeypatch.setitem(PILImage.EXTENSION, ".heic", "JPEG")  # stands in for register_heif_opener()
+    assert [i.rel for i in iter_inputs([str(tmp_path)], print)] == ["x.heic"]
+
+
+def test_names_that_are_not_utf8(photos, tmp_path):
+    """A file name that is not UTF-8 is cropped, written as \\udcXX in results.jsonl, errors.jsonl,
+    on the terminal and in the report alike (the summary is printed); --resume knows it, also
+    when another tool wrote results.jsonl with the raw byte."""
+    src = tmp_path / "in"
+    src.mkdir()
+    name = os.fsdecode(os.fsencode(str(src)) + b"/caf\xe9.jpg")
+    shutil.copy(photos[0], name)
+    out = tmp_path / "out"
+    res = cli("crop", src, "--out", out, "--report")
+    assert res.exit_code == 0 and "1 images, 1 crops" in res.output
+    (row,) = assert_whole(out)
+    assert row["image"] == name and Path(row["output"]).name == "caf\udce9.jpg"
+    assert "caf\\udce9.jpg" in (out / "results.jsonl").read_text()
+    assert "caf\\udce9.jpg" in (out / "report" / "index.html").read_text()
+    assert "1 skipped" in cli("crop", src, "--out", out, "--resume").output
+    results = out / "results.jsonl"
+    results.write_bytes(results.read_bytes().replace(b"\\udce9", b"\xe9"))  # the raw byte, invalid UTF-8
+    res = cli("crop", src, "--out", out, "--resume", "--report")
+    assert res.exit_code == 0 and "1 skipped" in res.output and "0 errors" in res.output
+    gone = os.fsdecode(os.fsencode(str(src)) + b"/gon\xe9.jpg")
+    res = cli("crop", gone, "--out", tmp_path / "o2")
+    assert res.exit_code == 1 and f"error: {src}/gon\\udce9.jpg: no such file" in res.output
+    assert f"{src}/gon\\udce9.jpg: no such file" in (tmp_path / "o2" / "errors.jsonl").read_text()
+
+
+def test_resume_takes_back_the_names_an_interrupted_run_left(photos, tmp_path):
+    """Killed between a crop's rename and its row: --resume crops it again under the same name (no
+    orphan beside a `-1` copy); the temporaries of killed runs go, a live process's stay."""
+    out = tmp_path / "out"
+    two = photos[:2]
+    assert cli("crop", *two, "--ratio", "1:1,16:9", "--out", out).exit_code == 0
+    results = out / "results.jsonl"
+    lines = results.read_bytes().splitlines(keepends=True)
+    results.write_bytes(b"".join(lines[:-1]))  # the last crop is on disk, its row is not
+    stale = out / "crops" / ".cropper-99999999-3.part"
+    live = out / "crops" / ".cropper-1-3.part"  # pid 1: alive
+    stale.write_bytes(b"half a crop")
+    live.write_bytes(b"being written")
+    res = cli("crop", *two, "--ratio", "1:1,16:9", "--out", out, "--resume")
+    assert res.exit_code == 0 and "1 images, 1 crops" in res.output
+    rows = assert_whole(out, keep=frozenset({live.name}))
+    assert len(rows) == 4 and not any("-1." in r["output"] for r in rows)
+    assert json.loads(lines[-1])["output"] == rows[-1]["output"]
+    assert not stale.exists() and live.exists()
+
+
+def test_resume_with_several_ratios_after_a_torn_row(photos, tmp_path):
+    """Killed while writing the 16:9 row of an image with three ratios (its 16:9 crop on disk, its
+    4:5 not yet): --resume crops exactly its 16:9 and 4:5 again, each once, under their own names."""
+    out = tmp_path / "out"
+    two = photos[:2]
+    args = ("crop", *two, "--ratio", "1:1,16:9,4:5", "--out", out)
+    assert cli(*args).exit_code == 0
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(rows) == 6
+    last = Path(two[1]).name
+    kept = [r for r in rows if not (Path(r["image"]).name == last and r["ratio"] in ("16:9", "4:5"))]
+    torn = next(r for r in rows if Path(r["image"]).name == last and r["ratio"] == "16:9")
+    Path(next(r for r in rows if Path(r["image"]).name == last and r["ratio"] == "4:5")["output"]).unlink()
+    results.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in kept) + json.dumps(torn).encode()[:60])
+    res = cli(*args, "--resume")
+    assert res.exit_code == 0 and "cut short" in res.output
+    assert "1 images, 2 crops" in res.output and "1 skipped" in res.output
+    again = assert_whole(out)
+    assert sorted((Path(r["image"]).name, r["ratio"]) for r in again) == \
+        sorted((Path(r["image"]).name, r["ratio"]) for r in rows)
+    assert sorted(r["output"] for r in again) == sorted(r["output"] for r in rows)  # the same names

@@ -84,6 +84,8 @@ def test_crop_bad_files_do_not_stop_the_others(photos, tmp_path):
     (["--task", "subject"], "--mask"),
     (["--size", "big"], "WxH"),
     (["--report"], "--out"),
+    (["--size", "100x100"], "--size needs --out DIR"),  # it was ignored without an output folder
+    (["--out", ""], "--out '' names no folder"),  # it was taken as no --out at all
 ])
 def test_crop_refuses_bad_options_before_work(photos, args, msg):
     res = run("crop", photos[0], *args, ok=False)
@@ -214,6 +216,16 @@ def test_models_list_and_make_tiny(tmp_path):
     res = run("models", "make-tiny", tmp_path / "tiny")
     assert (tmp_path / "tiny" / "idefics2" / "config.json").exists()
     assert (tmp_path / "tiny" / "clip" / "open_clip" / "open_clip_config.json").exists()
+    # an existing model is never replaced silently; --overwrite replaces it whole
+    stale = tmp_path / "tiny" / "idefics2" / "stale.bin"
+    stale.write_bytes(b"x")
+    res = run("models", "make-tiny", tmp_path / "tiny", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    tiny = tmp_path / "tiny"
+    assert f"{tiny / 'idefics2'}, {tiny / 'clip'} already exist; pass --overwrite" in res.output
+    assert stale.exists()
+    run("models", "make-tiny", tmp_path / "tiny", "--overwrite")
+    assert (tmp_path / "tiny" / "idefics2" / "config.json").exists() and not stale.exists()
 
 
 def test_index_commands_round_trip(photos, tmp_path, tiny_dir):
@@ -305,3 +317,18 @@ def test_a_broken_file_does_not_stop_the_subject_precheck(photos, tmp_path):
     res = run("crop", bad, photos[1], "--subject", "100,100", ok=False)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "bad.jpg: not an image" in res.output and f"{Path(photos[1]).name}\tsubject" in res.output
+
+
+def test_index_add_of_the_same_images_says_they_are_there(photos, tmp_path):
+    """Adding the examples an index holds already: "already in the index", not "unreadable images"."""
+    ann = tmp_path / "ann.jsonl"
+    with ann.open("w") as fh:
+        for p in photos:
+            w, h = Image.open(p).size
+            fh.write(json.dumps({"image": str(p), "crops": [[0, 0, w // 2, h // 2]]}) + "\n")
+    idx = tmp_path / "idx"
+    run("index", "build", "--dataset", "jsonl", "--annotations", ann, "--out", idx, "--embedder", "classical")
+    res = run("index", "add", idx, "--dataset", "jsonl", "--annotations", ann)
+    n = len(photos)
+    assert f"added 0 examples to {idx} ({n} skipped ({n} already in the index))" in res.output
+    assert "unreadable" not in res.output

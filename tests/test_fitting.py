@@ -143,7 +143,7 @@ def test_too_few_examples_and_bad_model_dirs_are_refused(tmp_path):
     res = run("fit", "--dataset", "jsonl", "--annotations", ann, "--images", tmp_path / "few", "--out",
               tmp_path / "m", ok=False)
     assert res.exit_code != 0 and "Traceback" not in res.output
-    assert "too few examples to fit: 6 usable image(s) with a crop, at least 20 are needed" in res.output
+    assert "too few images to fit: 6 usable image(s) with a crop, at least 20 distinct images are needed" in res.output
     assert not (tmp_path / "m").exists()
     res = run("crop", tmp_path / "few" / "s00.jpg", "--default-model", tmp_path / "nowhere", ok=False)
     assert "--default-model" in res.output and "no such folder" in res.output and "cropper-engine fit" in res.output
@@ -173,7 +173,9 @@ def test_results_of_a_crop_run_are_training_data(tmp_path):
     assert len(examples) == 4 and len(skipped) == 2 and "not found" in skipped[0]
     res = run("fit", "--dataset", "results", "--annotations", tmp_path / "out" / "results.jsonl", "--out",
               tmp_path / "m", ok=False)
-    assert "crops by pipeline: no-vlm 4" in res.output and "too few examples to fit: 4" in res.output
+    assert "crops by pipeline: no-vlm 4" in res.output
+    assert "too few images to fit: 2 usable image(s) with a crop (4 examples: the crops or ratios of one image " \
+           "count once)" in res.output
 
 
 def test_serve_uses_the_default_model(fitted):
@@ -209,3 +211,83 @@ def test_fit_in_worker_processes_gives_the_same_model(fitted, tmp_path, monkeypa
     for name in ("ratio.npz", "free.npz"):
         x, y = np.load(fitted["dir"] / name), np.load(tmp_path / "model2" / name)
         assert x.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+# --- issue 23: distinct images, the minimum, interrupted fits, names that are not UTF-8 ---------------
+
+
+def test_the_minimum_is_20_distinct_images(tmp_path):
+    """19 images are refused before any work (a minimum lowered to 19 would start fitting them)."""
+    ann = make_style_set(tmp_path / "s19", n=19)
+    res = run("fit", "--dataset", "jsonl", "--annotations", ann, "--images", tmp_path / "s19", "--out",
+              tmp_path / "m", "--no-mirror", "--folds", "3", "--jobs", "1", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "too few images to fit: 19 usable image(s) with a crop, at least 20 distinct images" in res.output
+    assert "fit: table" not in res.output and not (tmp_path / "m").exists()
+
+
+def test_results_rows_of_one_photo_are_one_image(tmp_path):
+    """21 ratios of one photo in a results.jsonl are one image, not 21: refused with a named error
+    (it passed the minimum, then LightGBM crashed with a traceback)."""
+    make_style_set(tmp_path / "imgs", n=1)
+    img = tmp_path / "imgs" / "s00.jpg"
+    rows = [{"image": str(img), "box": [0, 0, 100 + i, 100], "width": 240, "height": 180, "task": "ratio",
+             "ratio": f"{100 + i}:100", "pipeline": "vlm"} for i in range(21)]
+    res_file = tmp_path / "results.jsonl"
+    res_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run("fit", "--dataset", "results", "--annotations", res_file, "--out", tmp_path / "m", ok=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "fitting on 21 examples of 1 images" in res.output
+    assert "too few images to fit: 1 usable image(s) with a crop (21 examples: the crops or ratios of one image " \
+           "count once), at least 20 distinct images are needed" in res.output
+
+
+def test_a_killed_fit_leaves_nothing_behind(tmp_path):
+    """SIGTERM: the fit cleans up its .NAME.fitting-PID folder itself; SIGKILL: the next fit of that
+    folder removes it (a live process's is left alone)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ann = make_style_set(tmp_path / "style", n=24)
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-c", "from cropper_engine.cli import main; main()", "fit", "--dataset", "jsonl",
+           "--annotations", str(ann), "--images", str(tmp_path / "style"), "--out", str(out), "--folds", "3",
+           "--jobs", "1"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        tmp = tmp_path / f".m.fitting-{proc.pid}"
+        deadline = time.monotonic() + 120
+        while not (tmp / "table").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=60)[0].decode()
+        assert not out.exists()
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
+            assert not tmp.exists()
+        else:
+            assert tmp.exists()
+    live = tmp_path / ".m.fitting-1"  # pid 1 is alive: a fit still running, say
+    live.mkdir()
+    few = make_style_set(tmp_path / "few", n=6)
+    res = run("fit", "--dataset", "jsonl", "--annotations", few, "--images", tmp_path / "few", "--out", out, ok=False)
+    assert "too few images" in res.output and f"removed {tmp}" in res.output
+    assert not tmp.exists() and live.exists()
+
+
+def test_model_folder_named_in_another_encoding(fitted, tmp_path, monkeypatch):
+    """A model folder whose name is not UTF-8: the CV table is printed, `models list` shows it (the
+    byte as \\udcXX, as the JSON writes it) and crop uses it."""
+    import os
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/mod\xe9l")
+    res = run("fit", "--dataset", "jsonl", "--annotations", fitted["ann"], "--images", fitted["images"], "--out",
+              out, "--no-mirror", "--folds", "3", "--jobs", "1")
+    assert "fitted IoU" in res.output and "mod\\udce9l (24 images" in res.output
+    assert "mod\\udce9l  (jsonl, 24 images" in run("models", "list", "--fitted").output
+    assert json.loads(run("models", "list", "--fitted", "--json").output)["fitted"][0]["path"] == out
+    assert "no-vlm" in run("crop", fitted["images"] / "s01.jpg", "--default-model", out).output

@@ -78,10 +78,11 @@ def remember(path: str | os.PathLike[str]) -> None:
     p = str(Path(path).resolve())
     f = list_path()
     try:
-        known = f.read_text(encoding="utf-8").splitlines() if f.is_file() else []
+        # a folder name that is not UTF-8 is written and read back as its bytes (surrogateescape)
+        known = f.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if f.is_file() else []
         if p not in known:
             f.parent.mkdir(parents=True, exist_ok=True)
-            with f.open("a", encoding="utf-8") as fh:
+            with f.open("a", encoding="utf-8", errors="surrogateescape") as fh:
                 fh.write(p + "\n")
     except OSError:
         pass
@@ -111,7 +112,8 @@ def known_models(extra: list[str] | None = None) -> list[dict[str, Any]]:
     paths: list[str] = []
     f = list_path()
     if f.is_file():
-        paths += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        paths += [line.strip() for line in f.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+                  if line.strip()]
     for e in extra or []:
         if e:
             paths.append(str(Path(e).expanduser().resolve()))
