@@ -38,7 +38,7 @@ from typing import Any
 
 from cropper_engine.errors import CropperError, ImageError, InputError
 from cropper_engine.imageio import is_image_path, with_image_notes
-from cropper_engine.types import CropRequest, CropResult, Ratio, Task
+from cropper_engine.types import CropRequest, CropResult, Ratio, Task, parse_ratios
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -325,10 +325,8 @@ def _manifest(p: Path, on_error: Callable[[str], None]) -> Iterator[InputItem]:
             try:
                 d = json.loads(line)
                 img = str(d["image"])
-                ratios = None
-                if d.get("ratio"):
-                    r = d["ratio"]
-                    ratios = [Ratio.parse(x) for x in (r if isinstance(r, list) else str(r).split(","))]
+                # a line's own ratio, read as everywhere (types.parse_ratios): "", [] or 0 is refused
+                ratios = parse_ratios(d["ratio"], '"ratio"') if d.get("ratio") is not None else None
                 task = Task.parse(d["task"]) if d.get("task") else None
                 mask = d.get("mask")
                 for what, value in (("image", img), ("mask", mask)):

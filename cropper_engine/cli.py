@@ -262,16 +262,10 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def parse_ratios(text: str | None) -> list[Any]:
-    from cropper_engine.types import Ratio
+    """--ratio, read as the library, manifests and the server read a ratio (types.parse_ratios)."""
+    from cropper_engine.types import parse_ratios as parse
 
-    if text is None:
-        return []
-    if not text.strip(" ,"):
-        from cropper_engine.errors import InputError
-
-        raise InputError(f"--ratio {text!r} names no ratio: give W:H, e.g. --ratio 16:9 or --ratio 1:1,4:5 "
-                         "(leave --ratio out for a free-form crop)")
-    return [Ratio.parse(part) for part in text.split(",") if part.strip()] or [Ratio.parse(text)]
+    return parse(text, "--ratio")
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -323,11 +317,13 @@ def precheck_sizes(sources: tuple[str, ...], out_dir: str | None = None) -> list
     return []
 
 
-def precheck_mask(mask: str, sources: tuple[str, ...], out_dir: str | None = None) -> None:
-    """Refuse a mask that does not fit the images (see precheck_sizes), before any work starts."""
-    from cropper_engine.imageio import load_mask
+def precheck_mask(mask: str, sources: tuple[str, ...], out_dir: str | None = None,
+                  max_pixels: int | None = None) -> None:
+    """Refuse a mask that does not fit the images (see precheck_sizes) or the pixel limit, before
+    any work starts."""
+    from cropper_engine.imageio import DEFAULT_MAX_PIXELS, load_mask
 
-    m = load_mask(mask)
+    m = load_mask(mask, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     for src, w, h in precheck_sizes(sources, out_dir):
         if (m.shape[1], m.shape[0]) != (w, h):
             from cropper_engine.errors import InputError
@@ -349,13 +345,14 @@ def parse_subject_option(text: str | None, mask: str | None, keep_faces: bool | 
     return spec
 
 
-def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = None) -> None:
+def precheck_subject(spec: Any, sources: tuple[str, ...], out_dir: str | None = None,
+                     max_pixels: int | None = None) -> None:
     """Refuse a subject mask, focal point or box that does not fit the images (see
     precheck_sizes), before any work starts."""
     if spec is None:
         return
     if spec.kind == "mask":
-        precheck_mask(spec.path, sources, out_dir)
+        precheck_mask(spec.path, sources, out_dir, max_pixels)
     elif spec.kind in ("point", "box"):
         for _src, w, h in precheck_sizes(sources, out_dir):
             spec.check(w, h)
@@ -450,9 +447,10 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if size and not out_dir:
         raise InputError("--size needs --out DIR: it resizes the crops written to DIR/crops/ (without --out "
                          "only the boxes are printed)")
+    limit = max_pixels or load_cfg(ctx).max_pixels  # the flag, else the config's (file, environment)
     if mask:
-        precheck_mask(mask, inputs, out_dir)
-    precheck_subject(spec, inputs, out_dir)
+        precheck_mask(mask, inputs, out_dir, limit)
+    precheck_subject(spec, inputs, out_dir, limit)
     if report and not out_dir:
         raise InputError("--report needs --out DIR (the report is written to DIR/report/)")
     if resume and not out_dir:
@@ -1014,7 +1012,7 @@ def serve_cmd(ctx: click.Context, host: str | None, port: int | None, config_fil
                f"batches of up to {s.max_batch}, queue {s.queue_size})", err=True)
     try:
         uvicorn.run(app, host=s.host, port=s.port, log_level=log_level, timeout_graceful_shutdown=10,
-                    server_header=False, http=header_timeout_protocol(s.header_timeout_s))
+                    server_header=False, http=header_timeout_protocol(s.header_timeout_s, s.send_timeout_s))
     except SystemExit:
         if not getattr(app.state, "startup_error", None):
             raise

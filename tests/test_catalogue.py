@@ -1508,3 +1508,23 @@ def test_resume_with_several_ratios_after_a_torn_row(photos, tmp_path):
     assert sorted((Path(r["image"]).name, r["ratio"]) for r in again) == \
         sorted((Path(r["image"]).name, r["ratio"]) for r in rows)
     assert sorted(r["output"] for r in again) == sorted(r["output"] for r in rows)  # the same names
+
+
+def test_manifest_ratios_that_name_no_ratio_are_errors(photos, tmp_path):
+    """A manifest line's "ratio" is read as everywhere (types.parse_ratios): "", [], 0 or a list
+    that names nothing is a named error for that line, never a free-form crop; a nested comma
+    list gives every ratio it names."""
+    src = tmp_path / "in"
+    src.mkdir()
+    name = Path(photos[0]).name
+    (src / name).write_bytes(Path(photos[0]).read_bytes())
+    lines = [{"image": name, "ratio": bad} for bad in ("", [], 0, " , ")] + \
+        [{"image": name, "ratio": ["1:1,16:9", "4:5"]}]
+    (src / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out"
+    res = cli("crop", src / "m.jsonl", "--out", out)
+    assert res.exit_code == 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["ratio"] for r in rows) == ["16:9", "1:1", "4:5"]
+    errors = [json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 4 and all("bad manifest line" in e and "ratio" in e for e in errors), errors
