@@ -328,3 +328,57 @@ def test_mask_center() -> None:
     m[2:4, 5:15] = True
     assert mask_center(m) == (pytest.approx(0.5), pytest.approx(0.3))
     assert math.isclose(mask_center(np.ones((4, 4), bool))[0], 0.5)
+
+
+def _flip(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes in place: the file keeps its size (a size check cannot see it)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    assert path.stat().st_size == size
+
+
+def test_a_vectors_file_damaged_without_changing_size_is_named_at_load(built) -> None:
+    out, _exs, emb = built
+    _flip(out / "vectors.npy", (out / "vectors.npy").stat().st_size - 40, b"\x7f\x7f\x7f\x7f" * 4)
+    with pytest.raises(ExampleIndexError, match=r"vectors.npy is damaged: row 39 is not a unit vector.*index build"):
+        ExampleIndex.load(out, emb)
+
+
+def test_metadata_damaged_without_changing_size_is_named_at_load(built) -> None:
+    out, _exs, emb = built
+    text = (out / "metadata.jsonl").read_bytes()
+    at = text.index(b"ex7")
+    _flip(out / "metadata.jsonl", at, b"ex9")  # still valid JSON, another id: only the checksum sees it
+    with pytest.raises(ExampleIndexError, match="metadata.jsonl is damaged: its checksum"):
+        ExampleIndex.load(out, emb)
+
+
+def test_a_graph_damaged_without_changing_size_fails_verify_and_add(built, tmp_path) -> None:
+    """`index info` (verify) names a graph damaged in place; `index add` refuses to extend it (it
+    would write new checksums over the damage)."""
+    out, _exs, emb = built
+    graph = out / "graph.bin"
+    _flip(graph, graph.stat().st_size // 2, b"\x00\x01\x02\x03")
+    idx = ExampleIndex.load(out, emb)
+    with pytest.raises(ExampleIndexError, match="graph.bin is damaged: its checksum"):
+        idx.verify()
+    with pytest.raises(ExampleIndexError, match="graph.bin is damaged: its checksum"):
+        idx.add(_examples(tmp_path, 3, start=100), emb)
+    with pytest.raises(ExampleIndexError, match="graph.bin is damaged"):
+        ExampleIndex.load(out, emb).verify()  # still named: nothing was rewritten
+
+
+def test_names_that_are_not_utf8_are_stored(tmp_path) -> None:
+    """A file name with bytes that are not UTF-8 (surrogate escapes in Python) is written as
+    ASCII JSON and read back the same."""
+    emb = FakeEmbedder()
+    exs = _examples(tmp_path, 3)
+    odd = tmp_path / "caf\udce9.png"
+    Path(exs[0].image_path).rename(odd)
+    exs[0] = Example(id="caf\udce9", image_path=str(odd), width=12, height=8, crops=exs[0].crops,
+                     scores=exs[0].scores)
+    ExampleIndex.build(exs, emb, tmp_path / "idx", subjects="none")
+    idx = ExampleIndex.load(tmp_path / "idx", emb)
+    assert idx.example(idx.find("caf\udce9")).image_path == str(odd)

@@ -262,6 +262,21 @@ def _write_index_dir(tmp: Path, vectors: np.ndarray, lines: Iterable[bytes], gra
     _fsync_path(tmp)
 
 
+def _check_unit_rows(path: Path, vectors: np.ndarray, manifest: dict[str, Any], chunk: int = 65536) -> None:
+    """Every row finite and of unit length, as written: a file damaged without changing its size
+    (similarities of 1e28) is named at load, in a few ms a 100k rows (the full checksums of the
+    large files are `verify`'s, `index info`'s)."""
+    for start in range(0, len(vectors), chunk):
+        block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
+        with np.errstate(all="ignore"):
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)
+        if bad.any():
+            row = start + int(np.flatnonzero(bad)[0])
+            raise ExampleIndexError(f"{path} is damaged: row {row} is not a unit vector (its length is "
+                                    f"{norms[row - start]:.3g}); {_rebuild_hint(path.parent, manifest)}")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -294,7 +309,8 @@ def _example_line(row: Example | dict[str, Any]) -> bytes:
     if "id" not in d:
         raise InputError(f"a metadata row needs an 'id': {str(d)[:200]}")
     d = {"id": str(d["id"]), **{k: v for k, v in d.items() if k != "id"}}
-    return json.dumps(d, ensure_ascii=False).encode("utf-8")
+    # ASCII JSON: a name that is not UTF-8 (surrogate escapes) is written as \udcXX, never a crash
+    return json.dumps(d, ensure_ascii=True).encode("ascii")
 
 
 # --- embedding examples -----------------------------------------------------------------
@@ -564,6 +580,7 @@ class ExampleIndex:
         `subjects` as for `build`; None: the index's own mode (its manifest's), else "auto"."""
         t0 = time.perf_counter()
         self._check_embedder(embedder)
+        self.verify()  # never extend (and re-checksum) a damaged index
         old_rec = self.manifest.get("subjects") if isinstance(self.manifest.get("subjects"), dict) else {}
         if subjects is None:
             subjects = old_rec.get("mode") if old_rec.get("mode") in SUBJECT_MODES else "auto"
@@ -636,6 +653,7 @@ class ExampleIndex:
                 f"{p / VECTORS} holds {vectors.dtype} {vectors.shape} but the manifest says float32 "
                 f"({count}, {dim}); {_rebuild_hint(p)}"
             )
+        _check_unit_rows(p / VECTORS, vectors, manifest)
         try:
             metadata = (p / METADATA).read_bytes()
         except FileNotFoundError:
@@ -644,6 +662,10 @@ class ExampleIndex:
         if rows != count:
             raise ExampleIndexError(f"{p / METADATA} has {rows} rows but the manifest says {count}; "
                                     f"{_rebuild_hint(p)}")
+        want = ((manifest.get("files") or {}).get(METADATA) or {}).get("sha256")
+        if want and hashlib.sha256(metadata).hexdigest() != want:  # small: checked at every load
+            raise ExampleIndexError(f"{p / METADATA} is damaged: its checksum is not the manifest's; "
+                                    f"{_rebuild_hint(p, manifest)}")
         if not (p / GRAPH).is_file():
             raise ExampleIndexError(f"the index at {p} has no {GRAPH}; {_rebuild_hint(p)}")
         index = cls(p, manifest, vectors, metadata, ef=ef, exact_below=exact_below)
