@@ -31,3 +31,11 @@ def need_module(name: str, reason: str, module_level: bool = False) -> ModuleTyp
         return importlib.import_module(name)
     except Exception as e:
         missing(f"{reason}: `import {name}` failed ({type(e).__name__}: {e})", module_level)
+
+
+def need_path(path: os.PathLike[str] | str, what: str) -> None:
+    """`missing(...)` unless `path` exists: real data the tests read (../shared/data), which CI has."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        missing(f"{what} not found at {path}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs import need_module, need_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,21 +147,20 @@ FCDB = ROOT.parent / "shared" / "data" / "fcdb"
 @pytest.mark.slow
 def test_default_bench_runs_smartcrop_beside_the_default(tmp_path):
     """Both crop the same images (interleaved); the ratio of the medians and both IoUs are reported."""
-    pytest.importorskip("smartcrop")
+    need_module("smartcrop", "smartcrop.py (the bench extra)")
     fig = run_bench("bench/default_bench.py", "--n", "2", "--tasks", "ratio", "--out", str(tmp_path / "d.json"))
     t = fig["tasks"]["ratio"]
     assert t["images"] == 2 and t["peer"]["name"] == "smartcrop.py" and t["peer"]["wall_ms_median"] > 0
     assert t["median_ratio_to_peer"] == pytest.approx(t["wall_ms_median"] / t["peer"]["wall_ms_median"], rel=0.02)
-    if (FCDB / "val.jsonl").exists():
-        assert 0 < t["iou"] <= 1 and 0 < t["peer"]["iou"] <= 1
+    need_path(FCDB / "val.jsonl", "FCDB (../shared/data/fcdb)")
+    assert 0 < t["iou"] <= 1 and 0 < t["peer"]["iou"] <= 1
     assert "smartcrop.py" in (tmp_path / "d.md").read_text()
 
 
 @pytest.mark.slow
 def test_face_bench_reports_the_share_keeping_every_main_face(tmp_path):
-    pytest.importorskip("mediapipe")
-    if not (FCDB / "val.jsonl").exists():
-        pytest.skip("FCDB data not present")
+    need_module("mediapipe", "the subject extra (MediaPipe)")
+    need_path(FCDB / "val.jsonl", "FCDB (../shared/data/fcdb)")
     fig = run_bench("bench/face_bench.py", "--limit", "1", "--splits", "val", "--out", str(tmp_path / "f.json"))
     assert fig["images"] == 1 and set(fig["modes"]) == {"whole", "main"}
     main = fig["modes"]["main"]

@@ -11,11 +11,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from needs import need_module
 from PIL import Image
 
 from cropper_engine.cli import main
 
-pytest.importorskip("lightgbm")
+need_module("lightgbm", "LightGBM (the fit extra)", module_level=True)
 
 
 def run(*args, ok=True):
@@ -179,7 +180,7 @@ def test_results_of_a_crop_run_are_training_data(tmp_path):
 
 
 def test_serve_uses_the_default_model(fitted):
-    pytest.importorskip("fastapi", reason="the server extra is not installed")
+    need_module("fastapi", "the server extra (FastAPI)")
     from fastapi.testclient import TestClient
 
     from cropper_engine import Cropper

@@ -182,8 +182,10 @@ def test_accumulator_means() -> None:
 
 @pytest.fixture(scope="module")
 def gaicd_real():
-    if not (GAICD / "image_crop.json").is_file() or not (GAICD / "images").is_dir():
-        pytest.skip(f"{GAICD} not present")
+    from needs import need_path
+
+    need_path(GAICD / "image_crop.json", "GAICD's annotations (../shared/data/gaicd)")
+    need_path(GAICD / "images", "GAICD's images (../shared/data/gaicd)")
     from cropper_engine.data.readers import read_dataset
 
     return read_dataset("gaicd", GAICD / "image_crop.json")

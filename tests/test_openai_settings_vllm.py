@@ -19,7 +19,7 @@ from PIL import Image
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(400)]  # each server starts in ~30 s here
 
-httpx = pytest.importorskip("httpx")
+httpx = need_module("httpx", "the server extra (httpx)", module_level=True)
 
 import vllm_server  # noqa: E402
 

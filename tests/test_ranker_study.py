@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from needs import need_module
 from PIL import Image
 
 from bench.extra_features import features, mass_box
@@ -55,7 +56,7 @@ def test_zscores_are_within_each_image():
 
 
 def test_every_set_up_runs_its_cv_in_the_worker_pool():
-    pytest.importorskip("lightgbm")
+    need_module("lightgbm", "LightGBM (the fit extra)")
     from bench.ranker_study import SHIPPED, setups
 
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import need_path
 from PIL import Image
 
 from cropper_engine.data.readers import KINDS, Dataset, read_dataset
@@ -169,8 +170,7 @@ def test_exif_rotated_sizes(tmp_path: Path) -> None:
 
 
 def test_limit_and_real_fcdb() -> None:
-    if not (FCDB / "val.jsonl").is_file():
-        pytest.skip(f"{FCDB} not present")
+    need_path(FCDB / "val.jsonl", "FCDB (../shared/data/fcdb)")
     ds = read_dataset("fcdb", FCDB / "val.jsonl")
     assert len(ds) == 200 and not ds.skipped
     assert len({e.id for e in ds}) == 200
@@ -182,8 +182,7 @@ def test_limit_and_real_fcdb() -> None:
 
 
 def test_real_fcdb_train_is_fast() -> None:
-    if not (FCDB / "train.jsonl").is_file():
-        pytest.skip(f"{FCDB} not present")
+    need_path(FCDB / "train.jsonl", "FCDB (../shared/data/fcdb)")
     t = time.perf_counter()
     ds = read_dataset("fcdb", FCDB / "train.jsonl")
     assert time.perf_counter() - t < 2.0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from needs import need_module
 
-ray = pytest.importorskip("ray", reason="Ray Data is in the `scale` extra")
+ray = need_module("ray", "Ray Data (the scale extra)", module_level=True)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 

@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from needs import need_module
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the server extra is not installed")
-from fastapi.testclient import TestClient
+need_module("fastapi", "the server extra (FastAPI)", module_level=True)
+from fastapi.testclient import TestClient  # noqa: E402
 
-from cropper_engine.config import load_config
-from cropper_engine.server import create_app
-from cropper_engine.types import CropRequest
+from cropper_engine.config import load_config  # noqa: E402
+from cropper_engine.server import create_app  # noqa: E402
+from cropper_engine.types import CropRequest  # noqa: E402
 
 ROW_KEYS = {"image", "width", "height", "box", "score", "task", "ratio", "pipeline", "candidates", "timings"}
 
@@ -293,7 +294,7 @@ def test_bad_images(client, photos):
 
 def test_fuzzed_inputs_never_500(client, photos):
     """Random bytes, strings and field combinations: a 200 or a 4xx with a JSON error, never a 5xx."""
-    hypothesis = pytest.importorskip("hypothesis")
+    hypothesis = need_module("hypothesis", "hypothesis (the dev extra)")
     st = hypothesis.strategies
     good = photos[0].read_bytes()
 

@@ -10,9 +10,10 @@ import threading
 import time
 
 import pytest
+from needs import need_module
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+need_module("fastapi", "the server extra (FastAPI)", module_level=True)
+uvicorn = need_module("uvicorn", "the server extra (uvicorn)", module_level=True)
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import need_module
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("uvicorn")
+httpx = need_module("httpx", "the server extra (httpx)", module_level=True)
+need_module("uvicorn", "the server extra (uvicorn)", module_level=True)
 
 pytestmark = pytest.mark.slow
 

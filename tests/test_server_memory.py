@@ -11,9 +11,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from needs import need_module
 
-pytest.importorskip("httpx")
-pytest.importorskip("uvicorn")
+need_module("httpx", "the server extra (httpx)", module_level=True)
+need_module("uvicorn", "the server extra (uvicorn)", module_level=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]

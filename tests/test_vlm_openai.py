@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from needs import need_module
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
+httpx = need_module("httpx", "the server extra (httpx)", module_level=True)
 
 from cropper_engine.engine.grammar import BoxGrammar  # noqa: E402
 from cropper_engine.models.base import GenerationParams, ImagePart, Message  # noqa: E402
