@@ -1433,13 +1433,15 @@ def test_walk_takes_heic_when_a_decoder_is_registered(tmp_path, monkeypatch):
     .heic files; without one they are named as skipped."""
     from PIL import Image as PILImage
 
-    from cropper_engine.batch import iter_inputs
+    from cropper_engine.batch import HEIF_SUFFIXES, iter_inputs
 
+    PILImage.init()
+    for ext in HEIF_SUFFIXES:  # as without pillow-heif (an earlier import may have registered it)
+        monkeypatch.delitem(PILImage.EXTENSION, ext, raising=False)
     (tmp_path / "x.heic").write_bytes(b"\0" * 32)
     seen: list[tuple[str, str]] = []
     assert [i.rel for i in iter_inputs([str(tmp_path)], print, on_skip=lambda p, w: seen.append((p, w)))] == []
     assert seen == [(str(tmp_path / "x.heic"), "no HEIC decoder installed (pip install pillow-heif)")]
-    PILImage.init()
     monkeypatch.setitem(PILImage.EXTENSION, ".heic", "JPEG")  # stands in for register_heif_opener()
     assert [i.rel for i in iter_inputs([str(tmp_path)], print)] == ["x.heic"]
 
