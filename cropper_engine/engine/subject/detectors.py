@@ -376,16 +376,23 @@ def detect_faces(image: Any, detector: FaceDetector | None = None,
         faces.append(Face(b, float(score), _grow_face(b, w, h), pts))
     faces.sort(key=lambda fc: -fc.area)
     if rank and faces:
-        from cropper_engine.engine.subject.faces import needs_segmentation, rank_faces
-
-        face_features(faces, arr, f)
-        if needs_segmentation(faces):
-            pdet = person_detector() if persons is _UNSET else persons
-            seg = getattr(pdet, "segment", None)
-            if seg is not None:
-                person_features(faces, seg(arr), f)
-        rank_faces(faces)
+        rank_detected(faces, arr, f, persons)
     return faces
+
+
+def rank_detected(faces: list[Face], arr: np.ndarray, f: float, persons: Any = _UNSET) -> None:
+    """The ranking's features of detected faces (`face_features`; `person_features` where
+    faces.needs_segmentation says a check reads them, from `persons`' segmentation, default the
+    person detector's), then their rank (faces.rank_faces), stored on each face."""
+    from cropper_engine.engine.subject.faces import needs_segmentation, rank_faces
+
+    face_features(faces, arr, f)
+    if needs_segmentation(faces):
+        pdet = person_detector() if persons is _UNSET else persons
+        seg = getattr(pdet, "segment", None)
+        if seg is not None:
+            person_features(faces, seg(arr), f)
+    rank_faces(faces)
 
 
 # --- what a person sees in a face (the ranking's features; faces.rank_faces) ------------

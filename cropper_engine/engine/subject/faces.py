@@ -4,7 +4,7 @@ shrunk so they cut through no face; the notes saying which faces a crop cuts or 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,11 +190,13 @@ def needs_segmentation(faces: Sequence[Face]) -> bool:
                for i, f in enumerate(faces) for j, g in enumerate(faces))
 
 
-def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float) -> list[KeptFace]:
+def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float,
+                  main_rule: Callable[[Sequence[Face]], list[int]] | None = None) -> list[KeptFace]:
     """The boxes a crop of this ratio keeps whole: each face with its margin where a crop of
     the ratio can hold that, else as detected (padded by CUT_PAD px). The main faces
-    (`main_face_indices`) are marked `main` as long as one crop of the ratio can hold them all,
-    largest first: a main face that does not fit beside the larger ones is only kept whole."""
+    (`main_face_indices`, or `main_rule`) are marked `main` as long as one crop of the ratio can
+    hold them, best-ranked first: a main face that does not fit beside the better-ranked ones is
+    only kept whole."""
     faces = list(faces[:MAX_FACES])  # largest first
     boxes = []
     for f in faces:
@@ -202,7 +204,7 @@ def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, heig
         boxes.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
     main: list[int] = []
     core: Box | None = None
-    for i in main_face_indices(faces):
+    for i in (main_rule or main_face_indices)(faces):
         raw = _pad(faces[i].box, width, height)
         for b in (boxes[i], raw):  # with its margin, else as detected
             u = b if core is None else _union([core, b])
