@@ -146,7 +146,9 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
     from cropper_engine.engine.subject import cuts
 
     out: dict[str, Any] = {}
+    splits = sorted({r["split"] for r in results})
     for name in (*RATIOS, "gt", "free"):
+        per = {sp: [0, 0] for sp in splits}  # allowed, kept by the ranking, per split
         c = dict.fromkeys(("n", "allowed", "kept", "allowed_size", "kept_size", "best", "largest", "cut"), 0)
         for r in results:
             if not r["faces"]:
@@ -159,6 +161,8 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
             c["n"] += 1
             c["allowed"] += a
             c["kept"] += a and k
+            per[r["split"]][0] += a
+            per[r["split"]][1] += a and k
             c["allowed_size"] += a2
             c["kept_size"] += a2 and k2
             ranks = [x if x is not None else -1.0 for x in r["rank"]]
@@ -175,6 +179,9 @@ def score(results: list[dict[str, Any]]) -> dict[str, Any]:
                      "keeps_every_main_face_by_size": round(c["kept_size"] / max(c["allowed_size"], 1), 4),
                      "keeps_the_best_face": round(c["best"] / n, 4),
                      "keeps_the_largest_face": round(c["largest"] / n, 4), "cuts_a_face": round(c["cut"] / n, 4)}
+        for sp, (al, kp) in per.items():
+            out[name][f"keeps_every_main_face_{sp}"] = round(kp / max(al, 1), 4)
+            out[name][f"ratio_allows_{sp}"] = al
         if name in ("gt", "free"):
             for split in ("val", "train"):
                 rs = [r for r in results if r["split"] == split]
@@ -255,6 +262,11 @@ def markdown(f: dict[str, Any]) -> str:
     for m, s in f["modes"].items():
         lines.append(f"| {m} | " + " | ".join(f"{s[n]['keeps_every_main_face']:.1%} ({s[n]['ratio_allows']})"
                                              for n in names) + " |")
+    for sp in [x for x in ("val", "train") if x in f["images_by_split"]]:
+        lines += ["", f"The same, {sp} only:", "", "| rule | " + " | ".join(names) + " |", head]
+        for m, s in f["modes"].items():
+            lines.append(f"| {m} | " + " | ".join(
+                f"{s[n]['keeps_every_main_face_' + sp]:.1%} ({s[n]['ratio_allows_' + sp]})" for n in names) + " |")
     lines += ["", "Keeps every main face by the size rule (the largest and those at least half its side):", "",
               "| rule | " + " | ".join(names) + " |", head]
     for m, s in f["modes"].items():
