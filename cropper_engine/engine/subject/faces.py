@@ -109,11 +109,11 @@ def not_a_face(faces: Sequence[Face]) -> list[str | None]:
 def rank_scores(faces: Sequence[Face]) -> list[float]:
     """Each face's rank: its side over the largest face's (faces only: `not_a_face`), times
     three factors in (0, 1] for what makes a person look at a face first: confidence (0.75 at
-    0.5 to 1 from 0.8), focus against the sharpest face (1 from FOCUS_SHARP of it down to 0.3
-    at FOCUS_BLUR: out of focus) and frontal-ness (0.7 in profile to 1 from PROFILE). Alone, a weak detection
-    or a profile stays a main face beside a face its size; out of focus and in profile, it
-    does not. A feature the face does
-    not carry (no keypoints, a hand-made Face) counts 1. 0 for a detection that is not a face."""
+    0.5 to 1 from STRONG_FACE), focus against the sharpest face (1 from FOCUS_SHARP of it, down
+    to 0.3 at FOCUS_BLUR: out of focus) and frontal-ness (0.7 in profile, 1 from PROFILE). So a
+    weak detection or a profile, even both, stays a main face beside a sharp frontal face of its
+    size; a face out of focus does not. A feature a face does not carry (no keypoints, a
+    hand-made Face) counts 1. 0 for a detection that is not a face."""
     why = not_a_face(faces)
     ok = [i for i, w in enumerate(why) if w is None]
     if not ok:
