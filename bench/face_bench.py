@@ -4,21 +4,27 @@
 
 For every FCDB image (train and val) in which the face detector (MediaPipe, as the engine runs
 it) finds a face, the default crops it at 1:1, 4:5, 16:9, 9:16, at the ground truth's ratio and
-free-form, two ways, interleaved image by image in one process:
+free-form, three ways, interleaved image by image in one process:
 
-  whole    the previous rule: no crop cuts through a face, but a crop may leave any face out
-  main     the rule now shipped: the main faces (the largest, every face at least half its side,
-           and smaller faces between them) are inside every crop whose ratio can hold them,
-           other faces are kept whole or left out (engine/subject/faces.py)
+  whole    no main faces: no crop cuts through a face, but a crop may leave any face out
+  size     the rule before the ranking: the main faces are the largest, every face at least
+           half its side, and smaller faces between them (faces.main_face_indices_by_size)
+  main     the rule now shipped: the main faces are the best-ranked face (size x confidence x
+           focus x frontal-ness; detections that are not faces rank 0, faces.not_a_face), every
+           face ranked at least half of it, and faces between them (faces.main_face_indices)
 
-`whole` is the shipped engine with the main-face marking switched off (faces_to_keep wrapped to
-mark none), so the two differ in the face rule only. Reported per mode and ratio: the share of
-crops that keep every main face, over the crops whose ratio allows it (a crop of the ratio can
-hold the main faces' union), the share keeping the largest face, the share cutting a face; and
-the IoU / Disp against the ground truth for the ground truth's ratio and free-form, on val and
-train apart (train: the images the model was fitted on, so optimistic). Each image is excluded
-from its own neighbours, as in `cropper-engine eval`. With `--out` the figures go to
-bench/results/face_bench.json (or PATH) and a markdown table beside it.
+In every mode the main faces are inside every crop whose ratio can hold them, best first, and
+other faces are kept whole or left out; the modes differ in the main-face rule only (the
+engine's faces_to_keep given the rule). Reported per mode and ratio: the share of crops that
+keep every main face, by the ranking (`keeps_every_main_face`, over the crops whose ratio can
+hold the main faces' union: `ratio_allows`) and by the size rule (`..._by_size`), the share
+keeping the best-ranked face, the largest face, the share cutting a face; and the IoU / Disp
+against the ground truth for the ground truth's ratio and free-form, on val and train apart
+(train: the images the model was fitted on, so optimistic). Each image is excluded from its
+own neighbours, as in `cropper-engine eval`. `ranking_ms`: what the ranking's features and
+rank cost per image with faces (detectors.rank_detected, on the detection-size copy, timed
+alone after the detection). With `--out` the figures go to bench/results/face_bench.json (or
+PATH) and a markdown table beside it.
 """
 
 from __future__ import annotations
@@ -42,40 +48,63 @@ from cropper_engine.types import Box, CropRequest, Ratio, Task  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fcdb"
 DEFAULT_OUT = ROOT / "bench" / "results" / "face_bench.json"
 RATIOS = ("1:1", "4:5", "16:9", "9:16")
-MODES = ("whole", "main")
+MODES = ("whole", "size", "main")
 
 
-def face_images(data: Path, splits: list[str], limit: int | None) -> list[dict[str, Any]]:
-    """The records of the images in which faces are found (with the split), in file order."""
-    from cropper_engine.engine.subject import detect_faces, face_detector
+def face_images(data: Path, splits: list[str], limit: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records of the images in which faces are found (with the split), in file order, and
+    the ranking's cost on them: per image, detectors.rank_detected timed alone (ms), and how
+    often it ran the person segmentation."""
+    from cropper_engine.engine.subject import face_detector, person_detector
+    from cropper_engine.engine.subject.detectors import DETECT_SIDE, _pil, _small, detect_faces, rank_detected
     from cropper_engine.imageio import open_image
 
     det = face_detector()
     if det is None:
         raise SystemExit("no face detector here: pip install 'cropper-engine[subject]'")
-    out = []
+    person_detector()  # built now, not inside the first timing
+    out, ms, seg = [], [], 0
     for split in splits:
         rows = [json.loads(x) for x in (data / f"{split}.jsonl").read_text().splitlines() if x.strip()]
         found = 0
         for r in rows:
             if limit and found >= limit:
                 break
-            if detect_faces(open_image(str(data / "images" / r["image"])).image, det):
+            img = _pil(open_image(str(data / "images" / r["image"])).image)
+            small = _small(img, DETECT_SIDE)
+            faces = detect_faces(img, det, small, rank=False)
+            if faces:
+                t = time.perf_counter()
+                rank_detected(faces, *small)
+                ms.append((time.perf_counter() - t) * 1000)
+                seg += any("person" in f.features for f in faces)  # it ran the person segmentation
                 out.append({**r, "split": split})
                 found += 1
-    return out
+    ms.sort()
+    cost = {"images": len(ms), "mean": round(statistics.fmean(ms), 2) if ms else None,
+            "median": round(ms[len(ms) // 2], 2) if ms else None,
+            "p90": round(ms[int(0.9 * (len(ms) - 1))], 2) if ms else None,
+            "with_segmentation": seg}
+    return out, cost
 
 
-def main_faces_ok(crop: Box, faces: list[Box], ratio: float | None, w: int, h: int) -> tuple[bool, bool, bool, bool]:
-    """(the ratio allows the main faces, every main face inside, the largest inside, a face cut)."""
-    from cropper_engine.engine.subject import Face, cuts, fits, main_face_indices
+def main_faces_ok(crop: Box, faces: list[Box], main_idx: list[int], ratio: float | None, w: int,
+                  h: int) -> tuple[bool, bool]:
+    """(the ratio allows the main faces `main_idx`, every one of them inside the crop)."""
+    from cropper_engine.engine.subject import fits
 
-    fs = [Face(b, 1.0, b) for b in faces]
-    main = [faces[i] for i in main_face_indices(fs)]
+    if not main_idx:
+        return False, True
+    main = [faces[i] for i in main_idx]
     u = Box(min(b.x1 for b in main), min(b.y1 for b in main), max(b.x2 for b in main), max(b.y2 for b in main))
-    allowed = fits(u, ratio, w, h)
-    inside = all(crop.contains(b, tol=1.0) for b in main)
-    return allowed, inside, crop.contains(faces[0], tol=1.0), any(cuts(crop, b, tol=1.0) for b in faces)
+    return fits(u, ratio, w, h), all(crop.contains(b, tol=1.0) for b in main)
+
+
+def size_rule(faces: list[Box]) -> list[int]:
+    from cropper_engine.engine.subject import Face
+    from cropper_engine.engine.subject.faces import main_face_indices_by_size
+
+    return main_face_indices_by_size([Face(b, 1.0, b) for b in faces])
 
 
 def run(cropper: Any, rec: dict[str, Any], data: Path, mode: str) -> dict[str, Any]:
@@ -102,28 +131,57 @@ def run(cropper: Any, rec: dict[str, Any], data: Path, mode: str) -> dict[str, A
             res[name]["iou"] = iou(r.box, gt)
             res[name]["disp"] = disp(r.box, gt, w, h)
     res["faces"] = [b.as_list() for b in faces or []]
+    rows0 = next((r.extra["faces"] for r in rows if r.extra.get("faces") is not None), [])
+    res["rank"] = [f.get("rank") for f in rows0]
+    res["main"] = [bool(f.get("main")) for f in rows0]  # the ranking's main faces (whatever the mode)
+    res["not_a_face"] = [f.get("not_a_face") for f in rows0]
     res["size"] = (w, h)
     return res
 
 
 def score(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per task: crops, allowed, share keeping every main face (of the allowed), largest, cut."""
+    """Per task: crops; by the ranking's main faces: the crops whose ratio can hold them and the
+    share of those keeping every one; the same by the size rule; the shares keeping the
+    best-ranked face, the largest face, and cutting a face."""
+    from cropper_engine.engine.subject import cuts
+
     out: dict[str, Any] = {}
+    splits = sorted({r["split"] for r in results})
     for name in (*RATIOS, "gt", "free"):
-        allowed = kept = largest = cut = n = 0
+        per = {sp: [0, 0] for sp in splits}  # allowed, kept by the ranking, per split
+        c = dict.fromkeys(("n", "allowed", "kept", "allowed_size", "kept_size", "best", "largest", "cut"), 0)
         for r in results:
             if not r["faces"]:
                 continue
             faces = [Box(*b) for b in r["faces"]]
-            a, k, lg, c = main_faces_ok(Box(*r[name]["box"]), faces, r[name]["ratio"], *r["size"])
-            n += 1
-            allowed += a
-            kept += a and k
-            largest += lg
-            cut += c
-        out[name] = {"crops": n, "ratio_allows": allowed,
-                     "keeps_every_main_face": round(kept / max(allowed, 1), 4),
-                     "keeps_the_largest_face": round(largest / max(n, 1), 4), "cuts_a_face": round(cut / max(n, 1), 4)}
+            crop, ratio = Box(*r[name]["box"]), r[name]["ratio"]
+            ranked = [i for i, m in enumerate(r["main"]) if m]
+            a, k = main_faces_ok(crop, faces, ranked, ratio, *r["size"])
+            a2, k2 = main_faces_ok(crop, faces, size_rule(faces), ratio, *r["size"])
+            c["n"] += 1
+            c["allowed"] += a
+            c["kept"] += a and k
+            per[r["split"]][0] += a
+            per[r["split"]][1] += a and k
+            c["allowed_size"] += a2
+            c["kept_size"] += a2 and k2
+            ranks = [x if x is not None else -1.0 for x in r["rank"]]
+            if ranks and max(ranks) > 0:
+                c["best"] += crop.contains(faces[ranks.index(max(ranks))], tol=1.0)
+            else:  # no face taken for one: nothing to keep
+                c["best"] += 1
+            c["largest"] += crop.contains(faces[0], tol=1.0)
+            c["cut"] += any(cuts(crop, b, tol=1.0) for b in faces)
+        n = max(c["n"], 1)
+        out[name] = {"crops": c["n"], "ratio_allows": c["allowed"],
+                     "keeps_every_main_face": round(c["kept"] / max(c["allowed"], 1), 4),
+                     "ratio_allows_by_size": c["allowed_size"],
+                     "keeps_every_main_face_by_size": round(c["kept_size"] / max(c["allowed_size"], 1), 4),
+                     "keeps_the_best_face": round(c["best"] / n, 4),
+                     "keeps_the_largest_face": round(c["largest"] / n, 4), "cuts_a_face": round(c["cut"] / n, 4)}
+        for sp, (al, kp) in per.items():
+            out[name][f"keeps_every_main_face_{sp}"] = round(kp / max(al, 1), 4)
+            out[name][f"ratio_allows_{sp}"] = al
         if name in ("gt", "free"):
             for split in ("val", "train"):
                 rs = [r for r in results if r["split"] == split]
@@ -149,16 +207,22 @@ def main() -> None:
 
     from cropper_engine.engine.loop import Cropper
     from cropper_engine.engine.subject import KeptFace, jobs  # jobs.attach_subject calls faces_to_keep
+    from cropper_engine.engine.subject.faces import main_face_indices_by_size
 
     t0 = time.perf_counter()
-    recs = face_images(data, splits, limit)
+    recs, cost = face_images(data, splits, limit)
     print(f"{len(recs)} images with faces ({', '.join(splits)}), found in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     cropper = Cropper.from_config(load_config(env={}, overrides={"vlm.model": "none"}))
     shipped = jobs.faces_to_keep
 
-    def whole_only(*args: Any, **kw: Any) -> Any:  # the previous rule: faces kept whole, none required
+    def whole_only(*args: Any, **kw: Any) -> Any:  # faces kept whole, none required
         return [KeptFace(k.x1, k.y1, k.x2, k.y2, False) for k in shipped(*args, **kw)]
+
+    def by_size(*args: Any, **kw: Any) -> Any:  # the rule before the ranking
+        return shipped(*args, main_rule=main_face_indices_by_size, **kw)
+
+    patched = {"whole": whole_only, "size": by_size, "main": shipped}
 
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     from tqdm import tqdm
@@ -166,7 +230,7 @@ def main() -> None:
     try:
         for rec in tqdm(recs, desc="face images", unit="img", file=sys.stderr):
             for mode in MODES:  # interleaved: the machine's load hits both alike
-                jobs.faces_to_keep = whole_only if mode == "whole" else shipped
+                jobs.faces_to_keep = patched[mode]
                 results[mode].append(run(cropper, rec, data, mode))
     finally:
         jobs.faces_to_keep = shipped
@@ -174,7 +238,8 @@ def main() -> None:
         "bench": "faces", "images": len(recs), "splits": splits,
         "images_by_split": {s: sum(r["split"] == s for r in recs) for s in splits},
         "ratios": [*RATIOS, "gt", "free"], "pipeline": cropper.describe()["pipeline"],
-        "modes": {m: score(results[m]) for m in MODES}, "seconds": round(time.perf_counter() - t0, 1),
+        "modes": {m: score(results[m]) for m in MODES}, "ranking_ms": cost,
+        "seconds": round(time.perf_counter() - t0, 1),
         "quick": bool(a.quick), "limit": limit, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     md = markdown(figures)
@@ -187,17 +252,31 @@ def main() -> None:
 
 
 def markdown(f: dict[str, Any]) -> str:
+    names = f["ratios"]
+    head = "|---" * (len(names) + 1) + "|"
     lines = [f"# People stay in the picture: FCDB images with faces ({f['images']}: "
              + ", ".join(f"{s} {n}" for s, n in f["images_by_split"].items()) + ")", "",
-             "| rule | " + " | ".join(f"{n} keeps every main face" for n in f["ratios"]) + " |",
-             "|---" * (len(f["ratios"]) + 1) + "|"]
+             "Keeps every main face (the ranking's: the best-ranked face and those ranked at least half "
+             "of it), of the crops whose ratio can hold them (n):", "",
+             "| rule | " + " | ".join(names) + " |", head]
     for m, s in f["modes"].items():
         lines.append(f"| {m} | " + " | ".join(f"{s[n]['keeps_every_main_face']:.1%} ({s[n]['ratio_allows']})"
-                                             for n in f["ratios"]) + " |")
-    lines += ["", "| rule | " + " | ".join(f"{n} cuts a face" for n in f["ratios"]) + " |",
-              "|---" * (len(f["ratios"]) + 1) + "|"]
+                                             for n in names) + " |")
+    for sp in [x for x in ("val", "train") if x in f["images_by_split"]]:
+        lines += ["", f"The same, {sp} only:", "", "| rule | " + " | ".join(names) + " |", head]
+        for m, s in f["modes"].items():
+            lines.append(f"| {m} | " + " | ".join(
+                f"{s[n]['keeps_every_main_face_' + sp]:.1%} ({s[n]['ratio_allows_' + sp]})" for n in names) + " |")
+    lines += ["", "Keeps every main face by the size rule (the largest and those at least half its side):", "",
+              "| rule | " + " | ".join(names) + " |", head]
     for m, s in f["modes"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{s[n]['cuts_a_face']:.1%}" for n in f["ratios"]) + " |")
+        lines.append(f"| {m} | " + " | ".join(
+            f"{s[n]['keeps_every_main_face_by_size']:.1%} ({s[n]['ratio_allows_by_size']})" for n in names) + " |")
+    for key, what in (("keeps_the_best_face", "Keeps the best-ranked face"),
+                      ("keeps_the_largest_face", "Keeps the largest detection"), ("cuts_a_face", "Cuts a face")):
+        lines += ["", f"{what}:", "", "| rule | " + " | ".join(names) + " |", head]
+        for m, s in f["modes"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{s[n][key]:.1%}" for n in names) + " |")
     splits = [s for s in ("val", "train") if s in f["images_by_split"]]
     lines += ["", "| rule | " + " | ".join(f"{t} IoU / Disp, {s}" for t in ("ratio given", "free-form")
                                             for s in splits) + " |",
@@ -205,8 +284,11 @@ def markdown(f: dict[str, Any]) -> str:
     for m, s in f["modes"].items():
         cells = [f"{s[t]['iou_' + sp]:.3f} / {s[t]['disp_' + sp]:.3f}" for t in ("gt", "free") for sp in splits]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "(n): the crops whose ratio can hold every main face (the share is of those); gt: the ground "
-              "truth's ratio; train: the images the model was fitted on. "
+    c = f.get("ranking_ms") or {}
+    lines += ["", "whole: no main faces; size: the rule before the ranking; main: the ranking (shipped). gt: the "
+              "ground truth's ratio; train: the images the model was fitted on. The ranking's features and rank: "
+              f"{c.get('mean')} ms a face image on average (median {c.get('median')}, p90 {c.get('p90')}; the person "
+              f"segmentation ran on {c.get('with_segmentation')} of {c.get('images')}). "
               f"{f['cores']} cores, load {f['load_avg_1m']}; {f['seconds']} s."]
     return "\n".join(lines) + "\n"
 

@@ -162,7 +162,8 @@ def test_face_bench_reports_the_share_keeping_every_main_face(tmp_path):
     need_module("mediapipe", "the subject extra (MediaPipe)")
     need_path(FCDB / "val.jsonl", "FCDB (../shared/data/fcdb)")
     fig = run_bench("bench/face_bench.py", "--limit", "1", "--splits", "val", "--out", str(tmp_path / "f.json"))
-    assert fig["images"] == 1 and set(fig["modes"]) == {"whole", "main"}
+    assert fig["images"] == 1 and set(fig["modes"]) == {"whole", "size", "main"}
+    assert fig["ranking_ms"]["images"] == 1 and fig["ranking_ms"]["mean"] >= 0
     main = fig["modes"]["main"]
     for name in ("1:1", "4:5", "16:9", "9:16", "gt", "free"):
         assert main[name]["crops"] == 1

@@ -188,7 +188,7 @@ def test_keep_faces_impossible_keeps_the_largest():
     box, ok = keep_faces_whole(Box(0, 100, 400, 200), [big, small], 400, 300, 4.0, required=big)
     assert not ok
     note = subj.face_cut_note(box, [subj.Face(big, 0.9, big), subj.Face(small, 0.9, small)], "4:1")
-    assert note and "cannot keep the largest face whole" in note
+    assert note and "cannot keep the best-ranked face ([100, 50, 200, 250]) whole" in note
 
 
 def _face(x1, y1, x2, y2):
@@ -216,7 +216,8 @@ def test_main_faces_are_inside_every_crop_that_can_hold_them():
     assert box.aspect == pytest.approx(16 / 9, rel=1e-3)
     assert not cuts(box, faces[2].box)
     note = subj.faces_left_out_note(box, faces, kept, "16:9")
-    assert note and "1 small face" in note and "near the image's edge" in note and "main" not in note
+    assert note and "1 minor face" in note and "smaller" in note and "near the image's edge" in note
+    assert "main" not in note
     # a crop already holding them is left alone
     inside = Box(50, 50, 550, 331.25)
     assert keep_faces_whole(inside, kept, w, h, 16 / 9)[0] == inside
@@ -232,7 +233,8 @@ def test_main_faces_that_do_not_fit_one_crop_of_the_ratio():
     box, ok = keep_faces_whole(Box(600, 0, 937.5, 600), kept, w, h, 9 / 16)
     assert ok and box.contains(faces[0].box) and not cuts(box, faces[1].box)
     note = subj.faces_left_out_note(box, faces, kept, "9:16")
-    assert note and "1 main face" in note and "cannot hold it beside the larger face" in note
+    assert note and "1 main face" in note
+    assert "cannot hold it beside the face it keeps ([100, 100, 200, 200], ranked first: larger)" in note
 
 
 def test_main_persons_make_the_subject_when_all_do_not_fit():
@@ -594,8 +596,9 @@ def test_a_users_mask_survives_keep_faces(photos, tmp_path):
        st.tuples(st.floats(0, 399), st.floats(0, 299), st.floats(20, 400), st.floats(20, 300)),
        st.sampled_from([None, 1.0, 4 / 5, 16 / 9, 9 / 16]))
 def test_main_faces_property(faces, crop, ratio):
-    """Whatever the crop: every face `faces_to_keep` marks main is inside the repaired crop, and
-    the largest face is always main when a crop of the ratio can hold it."""
+    """Whatever the crop: every face `faces_to_keep` marks main is inside the repaired crop, the
+    best-ranked face is always main when a crop of the ratio can hold it, and a detection not
+    taken for a face (a larger one on the body below another: faces.not_a_face) never is."""
     from cropper_engine.engine.geometry import fit_ratio
 
     w, h = 400.0, 300.0
@@ -606,7 +609,11 @@ def test_main_faces_property(faces, crop, ratio):
     if ratio:
         box = fit_ratio(box, ratio, w, h)
     out, _ = keep_faces_whole(box, kept, w, h, ratio, None, 2.0, 2.0)
-    assert kept[0].main == subj.fits(kept[0], ratio, w, h)
+    from cropper_engine.engine.subject.faces import not_a_face
+
+    best = subj.main_face_indices(found)[0]
+    assert kept[best].main == subj.fits(kept[best], ratio, w, h)
+    assert not any(k.main for k, why in zip(kept, not_a_face(found), strict=True) if why)
     for k in kept:
         if k.main:
             assert out.contains(k, tol=0.5), (k, out)

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,11 +35,16 @@ class Face:
     box: Box  # as detected, pixels of the full image
     score: float
     keep: Box  # with FACE_MARGIN, clipped to the image: what a crop should keep whole
+    # MediaPipe's six keypoints (right eye, left eye, nose tip, mouth, right ear, left ear), image pixels
+    keypoints: tuple[tuple[float, float], ...] | None = None
+    features: dict[str, Any] = field(default_factory=dict)  # `face_features`: what the ranking reads
+    rank_score: float | None = None  # faces.rank_faces: 0 for a detection that is not taken for a face
+    main: bool | None = None  # faces.rank_faces: a main face (None: not ranked)
+    why: str | None = None  # faces.rank_faces: why the detection is not taken for a face
 
     @property
     def area(self) -> float:
         return self.box.area
-
 
 
 
@@ -83,6 +88,13 @@ def _quiet_stderr() -> Iterator[None]:
 
 def _clip(box: Box, w: float, h: float) -> Box:
     return box.clamp(w, h)
+
+
+def same_face(outer: Box, face: Box) -> bool:
+    """Whether `outer` (a short-range detection) is `face` found again: they overlap (IoU >= 0.3),
+    or `outer` holds at least 70 % of it and is at most 25 times its area (a looser box around
+    the face, often with the hair and the neck: FCDB has a dozen)."""
+    return outer.iou(face) >= 0.3 or (outer.intersection(face) >= 0.7 * face.area and outer.area <= 25 * face.area)
 
 
 class MediaPipeFaces:
@@ -129,6 +141,27 @@ class MediaPipeFaces:
                                                     self._boxes(self._short.process(arr), w, h)), w, h, "face")
         # a close-up face the full-range model missed; where both found it, the full-range box
         return full + [(b, s) for b, s in short if all(b.iou(f) < 0.3 for f, _ in full)]
+
+    @staticmethod
+    def _details(result: Any, w: int, h: int) -> list[tuple[Box, float, tuple[tuple[float, float], ...]]]:
+        out = []
+        for d in result.detections or []:
+            rb = d.location_data.relative_bounding_box
+            box = _clip(Box(rb.xmin * w, rb.ymin * h, (rb.xmin + rb.width) * w, (rb.ymin + rb.height) * h), w, h)
+            kp = tuple((k.x * w, k.y * h) for k in d.location_data.relative_keypoints)
+            if box.is_valid():
+                out.append((box, float(d.score[0]), kp if len(kp) == 6 else ()))
+        return out
+
+    def detect_details(self, rgb: np.ndarray) -> list[tuple[Box, float, tuple[tuple[float, float], ...]]]:
+        """As `detect`, with each face's six keypoints; a short-range box that holds most of a
+        full-range face is that face seen again (larger), not a second face."""
+        h, w = rgb.shape[:2]
+        arr = np.ascontiguousarray(rgb)
+        with self._lock:
+            full = self._details(self._full.process(arr), w, h)
+            short = self._details(self._short.process(arr), w, h)
+        return full + [d for d in short if not any(same_face(d[0], f) for f, _, _ in full)]
 
 
 class MediaPipePersons:
@@ -186,6 +219,12 @@ class MediaPipePersons:
             prob = np.asarray(_run_graph(self, lambda: self._seg.process(arr).segmentation_mask, w, h, "person"),
                               dtype=np.float32)
         return people, prob
+
+    def segment(self, rgb: np.ndarray) -> np.ndarray:
+        """The selfie segmentation alone (H x W, 0..1: a person there), without the pose gate."""
+        arr = np.ascontiguousarray(rgb)
+        with self._lock:
+            return np.asarray(self._seg.process(arr).segmentation_mask, dtype=np.float32)
 
 
 def _close(solution: Any) -> None:
@@ -356,22 +395,151 @@ def _grow_face(box: Box, w: float, h: float) -> Box:
 
 
 def detect_faces(image: Any, detector: FaceDetector | None = None,
-                 small: tuple[np.ndarray, float] | None = None) -> list[Face]:
-    """Faces in a decoded image (largest first), in its pixels; [] without a detector."""
+                 small: tuple[np.ndarray, float] | None = None, rank: bool = True,
+                 persons: Any = _UNSET) -> list[Face]:
+    """Faces in a decoded image (largest first), in its pixels; [] without a detector. With
+    `rank`, each face carries its `face_features` and its rank (faces.rank_faces: rank_score,
+    main, why); `persons` (default: the person detector) gives the segmentation they may need."""
     det = detector if detector is not None else face_detector()
     if det is None:
         return []
     img = _pil(image)
     w, h = img.size
     arr, f = small if small is not None else _small(img, DETECT_SIDE)
+    details = getattr(det, "detect_details", None)
+    found = details(arr) if details is not None else [(b, s, ()) for b, s in det.detect(arr)]
     faces = []
-    for box, score in det.detect(arr):
+    for box, score, kp in found:
         b = _clip(box.scale(f), w, h)
         if score < FACE_MIN_SCORE or min(b.width, b.height) < FACE_MIN_FRACTION * min(w, h):
             continue
-        faces.append(Face(b, float(score), _grow_face(b, w, h)))
+        pts = tuple((x * f, y * f) for x, y in kp) if kp else None
+        faces.append(Face(b, float(score), _grow_face(b, w, h), pts))
     faces.sort(key=lambda fc: -fc.area)
+    if rank and faces:
+        rank_detected(faces, arr, f, persons)
     return faces
+
+
+def rank_detected(faces: list[Face], arr: np.ndarray, f: float, persons: Any = _UNSET) -> None:
+    """The ranking's features of detected faces (`face_features`; `person_features` where
+    faces.needs_segmentation says a check reads them, from `persons`' segmentation, default the
+    person detector's), then their rank (faces.rank_faces), stored on each face."""
+    from cropper_engine.engine.subject.faces import needs_segmentation, rank_faces
+
+    face_features(faces, arr, f)
+    if needs_segmentation(faces):
+        pdet = person_detector() if persons is _UNSET else persons
+        seg = getattr(pdet, "segment", None)
+        if seg is not None:
+            person_features(faces, seg(arr), f)
+    rank_faces(faces)
+
+
+# --- what a person sees in a face (the ranking's features; faces.rank_faces) ------------
+
+
+FOCUS_SIDE = 32  # a face's sharpness is measured at most this many px across (detection size)
+R_EYE, L_EYE, NOSE, MOUTH, R_EAR, L_EAR = range(6)
+
+
+def _focus(grey: np.ndarray, box: Box) -> float | None:
+    """Sharpness: the Laplacian's variance over the variance of the detail finer than 4 px
+    (the grey level less its Gaussian blur), inside the face (its middle, resampled to at most
+    FOCUS_SIDE px): how much of the face's detail is at the finest scale, whatever its contrast
+    or lighting (a white cap or a shadow leaves it). None for a face under 6 px."""
+    import cv2
+
+    gh, gw = grey.shape
+    ix, iy = 0.15 * box.width, 0.15 * box.height
+    x1, y1 = max(0, int(box.x1 + ix)), max(0, int(box.y1 + iy))
+    x2, y2 = min(gw, int(math.ceil(box.x2 - ix))), min(gh, int(math.ceil(box.y2 - iy)))
+    if x2 - x1 < 6 or y2 - y1 < 6:
+        return None
+    patch = grey[y1:y2, x1:x2].astype(np.float32)
+    n = min(FOCUS_SIDE, x2 - x1, y2 - y1)
+    if n < x2 - x1 or n < y2 - y1:
+        patch = cv2.resize(patch, (n, n), interpolation=cv2.INTER_AREA)
+    lap = cv2.Laplacian(patch, cv2.CV_32F, ksize=3)
+    detail = patch - cv2.GaussianBlur(patch, (0, 0), 4.0)
+    return round(float(lap.var() / (detail.var() + 4.0)), 4)
+
+
+def _frontal(kp: tuple[tuple[float, float], ...]) -> float:
+    """1 for a face seen from the front, 0 in profile: how nearly the nose tip lies halfway
+    between the eyes, and halfway between the ears, along the line of the eyes."""
+    p = np.asarray(kp, dtype=np.float64)
+    ex = p[L_EYE] - p[R_EYE]
+    n = float(np.hypot(*ex))
+    if n < 1e-6:
+        return 0.0
+    x = p @ (ex / n)  # positions along the eyes' line
+    t = (x[NOSE] - x[R_EYE]) / (x[L_EYE] - x[R_EYE])
+    eyes = max(0.0, 1.0 - abs(2.0 * t - 1.0))
+    dr, dl = x[NOSE] - x[R_EAR], x[L_EAR] - x[NOSE]
+    ears = min(dr, dl) / max(dr, dl) if dr > 0 and dl > 0 else 0.0
+    return round(float(0.5 * (eyes + ears)), 4)
+
+
+def _keypoints_ok(kp: tuple[tuple[float, float], ...], box: Box) -> bool:
+    """Whether the eyes, nose and mouth sit where a face has them in its box (in any rotation):
+    the mouth 0.28-0.62 of the box's side from the eyes' middle, the nose between them, the
+    eyes at most 0.6 of the side apart. FCDB's faces of confidence >= 0.8 all pass; some large
+    detections in fire, clouds or grass do not."""
+    p = np.asarray(kp, dtype=np.float64)
+    side = math.sqrt(max(box.area, 1e-9))
+    e = 0.5 * (p[R_EYE] + p[L_EYE])
+    em = p[MOUTH] - e
+    d = float(np.hypot(*em))
+    if not 0.28 * side <= d <= 0.62 * side:
+        return False
+    tn = float((p[NOSE] - e) @ em) / (d * d)
+    return 0.05 <= tn <= 1.0 and float(np.hypot(*(p[L_EYE] - p[R_EYE]))) <= 0.6 * side
+
+
+def face_features(faces: list[Face], arr: np.ndarray, f: float) -> None:
+    """The features read from the detection-size copy `arr` (image px = its px * f), stored in
+    each face's `features`: share (its side over the image's shorter side), focus (`_focus`),
+    frontal (`_frontal`) and keypoints_ok (`_keypoints_ok`) where the detector gave keypoints."""
+    import cv2
+
+    grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
+    for fc in faces:
+        b = fc.box.scale(1.0 / f)
+        fc.features["share"] = round(math.sqrt(max(b.area, 0.0)) / max(1, min(grey.shape)), 4)
+        fc.features["focus"] = _focus(grey, b)
+        if fc.keypoints:
+            fc.features["frontal"] = _frontal(fc.keypoints)
+            fc.features["keypoints_ok"] = _keypoints_ok(fc.keypoints, fc.box)
+
+
+def person_features(faces: list[Face], prob: np.ndarray, f: float) -> None:
+    """From a person segmentation (`prob`, at the detection size): `person`, its mean over the
+    face's middle (someone is there), and `shoulders`, the width of the person at 0.75 of the
+    face's height below its chin, in face widths (None: that row is off the image)."""
+    ph, pw = prob.shape[:2]
+    on = prob > 0.5
+    for fc in faces:
+        b = fc.box.scale(1.0 / f)
+        ix, iy = 0.2 * b.width, 0.2 * b.height
+        x1, y1 = max(0, int(b.x1 + ix)), max(0, int(b.y1 + iy))
+        x2, y2 = min(pw, int(math.ceil(b.x2 - ix))), min(ph, int(math.ceil(b.y2 - iy)))
+        fc.features["person"] = round(float(prob[y1:y2, x1:x2].mean()), 4) if x2 > x1 and y2 > y1 else None
+        y = int(round(b.y2 + 0.75 * b.height))
+        if y >= ph or b.width <= 0:
+            fc.features["shoulders"] = None
+            continue
+        row = on[y]
+        c = int(min(max(b.center[0], 0), pw - 1))
+        if not row[c]:
+            idx = np.flatnonzero(row)
+            if len(idx) == 0 or np.abs(idx - c).min() > 0.5 * b.width:
+                fc.features["shoulders"] = 0.0
+                continue
+            c = int(idx[np.abs(idx - c).argmin()])
+        left = c - int(np.argmin(row[c::-1])) + 1 if not row[:c + 1].all() else 0
+        right = c + int(np.argmin(row[c:])) if not row[c:].all() else pw
+        fc.features["shoulders"] = round((right - left) / b.width, 3)
 
 
 def detect_persons(image: Any, detector: PersonDetector | None = None,

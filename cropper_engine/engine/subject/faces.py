@@ -4,7 +4,7 @@ shrunk so they cut through no face; the notes saying which faces a crop cuts or 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +13,7 @@ from cropper_engine.engine.subject.detectors import Face
 from cropper_engine.types import Box
 
 MAX_FACES = 16  # a crowd: only the largest faces are kept whole
-MAIN_FACE_SHARE = 0.5  # a face at least this share of the largest face's side is a main face: always inside
+MAIN_FACE_SHARE = 0.5  # a face ranked at least this share of the best face is a main face: always inside
 MAIN_PERSON_SHARE = 0.5  # the same for persons (side: square root of the box's area)
 CUT_PAD = 2.0  # px: a kept face is padded by this, so rounding a crop to whole pixels never cuts it
 
@@ -57,13 +57,121 @@ class KeptFace(Box):
     detected: Box | None = None  # the face as detected (padded by CUT_PAD): kept instead when the margin is in the way
 
 
+# --- ranking: the faces a person would keep ----------------------------------------------
+
+STRONG_FACE = 0.8  # detector confidence from which a detection is a face whatever its look says
+LARGE_FACE = 0.15  # a face's side over the image's shorter side from which its look is checked
+NO_PERSON = 0.2  # a weaker detection with less person (segmentation) than this in its middle: not a face
+ON_BODY_SIZE = 1.3  # a face this much larger than a face above it, on that face's body: a print, not a face
+ON_BODY_SHOULDERS = 2.2  # ... unless shoulders of its own, this many of its widths wide, lie below it
+FOCUS_BLUR, FOCUS_SHARP = 0.2, 0.4  # a face's focus over the sharpest face's: out of focus .. in focus
+PROFILE = 0.5  # frontal-ness (0 profile .. 1 frontal) from which a face counts as turned to the camera
+
+
+def _on_body(upper: Box, lower: Box) -> bool:
+    """Whether `lower` lies on the body below `upper`: its top between the upper face's chin
+    (less a tenth of its height) and three of its heights lower, its centre within one of its
+    widths of the upper face's centre line."""
+    gap = (lower.y1 - upper.y2) / max(upper.height, 1e-9)
+    return -0.1 <= gap <= 3.0 and abs(lower.center[0] - upper.center[0]) <= upper.width
+
+
+def not_a_face(faces: Sequence[Face]) -> list[str | None]:
+    """Per detection, why it is not taken for a face (None: it is one). A large detection (side
+    LARGE_FACE of the image's shorter side or more) under STRONG_FACE confidence is not a face
+    where the person segmentation sees nobody in its middle (`person` under NO_PERSON: clouds,
+    fireworks, a wall; it misses the smaller faces of real people, so they are not checked) or
+    where its keypoints are not where a face has them; any detection is not a face where it
+    lies on the body of a face above it and is ON_BODY_SIZE times larger (a print on a
+    shirt), unless shoulders of its own (ON_BODY_SHOULDERS of its widths) lie below it."""
+    why: list[str | None] = [None] * len(faces)
+    for i, f in enumerate(faces):
+        ft = f.features
+        if f.score < STRONG_FACE and ft.get("share", 0.0) >= LARGE_FACE:
+            person = ft.get("person")
+            if person is not None and person < NO_PERSON:
+                why[i] = "no person around it"
+            elif ft.get("keypoints_ok") is False:
+                why[i] = "its eyes, nose and mouth are not where a face has them"
+    for i, f in enumerate(faces):
+        if why[i] is not None:
+            continue
+        sh = f.features.get("shoulders")
+        if sh is not None and sh >= ON_BODY_SHOULDERS:
+            continue
+        for j, g in enumerate(faces):
+            if j != i and why[j] is None and _side(f.box) >= ON_BODY_SIZE * _side(g.box) and _on_body(g.box, f.box):
+                why[i] = f"on the body below the face at {g.box.as_int()}"
+                break
+    return why
+
+
+def rank_scores(faces: Sequence[Face]) -> list[float]:
+    """Each face's rank: its side over the largest face's (faces only: `not_a_face`), times
+    three factors in (0, 1] for what makes a person look at a face first: confidence (0.75 at
+    0.5 to 1 from STRONG_FACE), focus against the sharpest face (1 from FOCUS_SHARP of it, down
+    to 0.3 at FOCUS_BLUR: out of focus) and frontal-ness (0.7 in profile, 1 from PROFILE). So a
+    weak detection or a profile, even both, stays a main face beside a sharp frontal face of its
+    size; a face out of focus does not. A feature a face does not carry (no keypoints, a
+    hand-made Face) counts 1. 0 for a detection that is not a face."""
+    why = not_a_face(faces)
+    ok = [i for i, w in enumerate(why) if w is None]
+    if not ok:
+        return [0.0] * len(faces)
+    big = max(_side(faces[i].box) for i in ok)
+    foci = [faces[i].features.get("focus") for i in ok]
+    sharpest = max((x for x in foci if x is not None), default=None)
+    out = [0.0] * len(faces)
+    for i in ok:
+        f = faces[i]
+        conf = 0.75 + 0.25 * min(max((f.score - 0.5) / (STRONG_FACE - 0.5), 0.0), 1.0)
+        focus = f.features.get("focus")
+        rel = 1.0 if focus is None or not sharpest else focus / sharpest
+        sharp = min(max((rel - FOCUS_BLUR) / (FOCUS_SHARP - FOCUS_BLUR), 0.3), 1.0)
+        frontal = f.features.get("frontal")
+        turn = 1.0 if frontal is None else 0.7 + 0.3 * min(frontal / PROFILE, 1.0)
+        out[i] = _side(f.box) / big * conf * sharp * turn
+    return out
+
+
+def rank_faces(faces: Sequence[Face]) -> list[int]:
+    """Rank the faces (`rank_scores`) and store it on each: rank_score, main
+    (`main_face_indices`) and why (`not_a_face`). Returns the main faces, best-ranked first."""
+    why = not_a_face(faces)
+    scores = rank_scores(faces)
+    main = main_face_indices(faces)
+    for i, f in enumerate(faces):
+        f.rank_score, f.main, f.why = round(scores[i], 4), i in main, why[i]
+    return main
+
+
 def main_face_indices(faces: Sequence[Face]) -> list[int]:
-    """The main faces (largest first): the largest, every face whose side is at least
-    MAIN_FACE_SHARE of its side, and every smaller face lying between them (its centre inside
-    their bounding box). The others are small faces a crop may leave out (passers-by)."""
+    """The main faces, best-ranked first (`rank_scores`): the best-ranked face, every face ranked
+    at least MAIN_FACE_SHARE of it, and every other face (not a non-face) whose centre lies
+    between them (inside their bounding box). The others are faces a crop may leave out:
+    passers-by, faces out of focus or turned away beside the one the photo is about."""
     if not faces:
         return []
-    big = _side(faces[0].box)
+    scores = rank_scores(faces)
+    best = max(scores)
+    if best <= 0:
+        return []
+    why = not_a_face(faces)
+    main = [i for i, r in enumerate(scores) if r >= MAIN_FACE_SHARE * best - 1e-9]
+    u = _union([faces[i].box for i in main])
+    for i, f in enumerate(faces):
+        cx, cy = f.box.center
+        if i not in main and why[i] is None and u.x1 <= cx <= u.x2 and u.y1 <= cy <= u.y2:
+            main.append(i)
+    return sorted(main, key=lambda i: (-scores[i], i))
+
+
+def main_face_indices_by_size(faces: Sequence[Face]) -> list[int]:
+    """The rule before the ranking (kept for the face benchmark's comparison): the largest face,
+    every face at least MAIN_FACE_SHARE of its side, and smaller faces between them."""
+    if not faces:
+        return []
+    big = max(_side(f.box) for f in faces)
     main = [i for i, f in enumerate(faces) if _side(f.box) >= MAIN_FACE_SHARE * big - 1e-9]
     u = _union([faces[i].box for i in main])
     for i, f in enumerate(faces):
@@ -73,11 +181,22 @@ def main_face_indices(faces: Sequence[Face]) -> list[int]:
     return sorted(main)
 
 
-def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float) -> list[KeptFace]:
+def needs_segmentation(faces: Sequence[Face]) -> bool:
+    """Whether `not_a_face` would read the person segmentation: a large detection under
+    STRONG_FACE, or one ON_BODY_SIZE times larger than a face above it, on its body."""
+    if any(f.score < STRONG_FACE and f.features.get("share", 0.0) >= LARGE_FACE for f in faces):
+        return True
+    return any(j != i and _side(f.box) >= ON_BODY_SIZE * _side(g.box) and _on_body(g.box, f.box)
+               for i, f in enumerate(faces) for j, g in enumerate(faces))
+
+
+def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, height: float,
+                  main_rule: Callable[[Sequence[Face]], list[int]] | None = None) -> list[KeptFace]:
     """The boxes a crop of this ratio keeps whole: each face with its margin where a crop of
     the ratio can hold that, else as detected (padded by CUT_PAD px). The main faces
-    (`main_face_indices`) are marked `main` as long as one crop of the ratio can hold them all,
-    largest first: a main face that does not fit beside the larger ones is only kept whole."""
+    (`main_face_indices`, or `main_rule`) are marked `main` as long as one crop of the ratio can
+    hold them, best-ranked first: a main face that does not fit beside the better-ranked ones is
+    only kept whole."""
     faces = list(faces[:MAX_FACES])  # largest first
     boxes = []
     for f in faces:
@@ -85,7 +204,7 @@ def faces_to_keep(faces: Sequence[Face], ratio: float | None, width: float, heig
         boxes.append(k if fits(k, ratio, width, height) else _pad(f.box, width, height))
     main: list[int] = []
     core: Box | None = None
-    for i in main_face_indices(faces):
+    for i in (main_rule or main_face_indices)(faces):
         raw = _pad(faces[i].box, width, height)
         for b in (boxes[i], raw):  # with its margin, else as detected
             u = b if core is None else _union([core, b])
@@ -262,13 +381,44 @@ def _where(b: Box, width: float, height: float) -> str:
     return "near the image's edge" if edge else "inside the frame"
 
 
+def _worse(face: Face, than: Face) -> list[str]:
+    """What makes `face` rank below `than`, in words (the features `rank_scores` reads)."""
+    words = []
+    if _side(face.box) < 0.9 * _side(than.box):
+        words.append("smaller")
+    a, b = face.features.get("focus"), than.features.get("focus")
+    if a is not None and b and a / b < FOCUS_SHARP:
+        words.append("out of focus")
+    a, b = face.features.get("frontal"), than.features.get("frontal")
+    if a is not None and b is not None and a < PROFILE <= b:
+        words.append("turned away")
+    if face.score < STRONG_FACE <= than.score:
+        words.append("less clearly a face")
+    return words
+
+
+def _ranked_first(best: Face, others: Sequence[Face]) -> str:
+    """Why `best` ranks above `others`: the words true of every one of them."""
+    common = None
+    for o in others:
+        w = _worse(o, best)
+        common = w if common is None else [x for x in common if x in w]
+    flip = {"smaller": "larger", "out of focus": "sharper", "turned away": "more frontal",
+            "less clearly a face": "more clearly a face"}
+    return ", ".join(flip[w] for w in common or [])
+
+
 def faces_left_out_note(crop: Box, faces: Sequence[Face], kept: Sequence[Box], ratio_text: str | None) -> str | None:
-    """A note naming the detected faces a crop leaves out entirely, and why: small faces (under
-    MAIN_FACE_SHARE of the largest face's side; passers-by), or main faces that no crop of the
-    ratio holds beside the larger ones."""
+    """A note naming the detected faces a crop leaves out entirely, and why: main faces that no
+    crop of the ratio holds beside the best-ranked one (naming the face kept and why it ranks
+    first), minor faces (ranked under MAIN_FACE_SHARE of the best face: passers-by, faces out of
+    focus or turned away beside the one the photo is about), and detections not taken for a
+    face (`not_a_face`)."""
     if not faces:
         return None
-    main = set(main_face_indices(faces))
+    order = main_face_indices(faces)
+    main = set(order)
+    why = not_a_face(faces)
     marked = {i for i, k in enumerate(kept) if getattr(k, "main", False)}
     out = [i for i, f in enumerate(faces[:MAX_FACES]) if _overlap(crop, f.box)[0] <= 0.5 or
            _overlap(crop, f.box)[1] <= 0.5]
@@ -277,20 +427,35 @@ def faces_left_out_note(crop: Box, faces: Sequence[Face], kept: Sequence[Box], r
     what = f"a {ratio_text} crop" if ratio_text else "the crop"
     parts = []
     lost_main = [i for i in out if i in main]
-    small = [i for i in out if i not in main]
+    fake = [i for i in out if why[i] is not None]
+    minor = [i for i in out if i not in main and why[i] is None]
     w = max(crop.x2, *(f.box.x2 for f in faces))
     h = max(crop.y2, *(f.box.y2 for f in faces))
     if lost_main:
         them = "them" if len(lost_main) > 1 else "it"
-        why = f"cannot hold {them} beside the larger face" if any(i not in marked for i in lost_main) else \
-            f"was chosen without {them}"
+        held = [i for i in order if i not in lost_main]
+        if any(i not in marked for i in lost_main) and held:
+            best = faces[held[0]]
+            words = _ranked_first(best, [faces[i] for i in lost_main])
+            why_text = (f"cannot hold {them} beside the face it keeps ({best.box.as_int()}, ranked first"
+                        f"{': ' + words if words else ''})")
+        elif any(i not in marked for i in lost_main):
+            why_text = f"cannot hold {them}"
+        else:
+            why_text = f"was chosen without {them}"
         parts.append(f"{len(lost_main)} main face{'s' if len(lost_main) > 1 else ''} "
-                     f"({', '.join(str(faces[i].box.as_int()) for i in lost_main)}): {what} {why}")
-    if small:
-        where = sorted({_where(faces[i].box, w, h) for i in small})
-        parts.append(f"{len(small)} small face{'s' if len(small) > 1 else ''} "
-                     f"({', '.join(str(faces[i].box.as_int()) for i in small)}; under "
-                     f"{MAIN_FACE_SHARE:.0%} of the largest face's size, {' or '.join(where)})")
+                     f"({', '.join(str(faces[i].box.as_int()) for i in lost_main)}): {what} {why_text}")
+    if minor:
+        where = sorted({_where(faces[i].box, w, h) for i in minor})
+        best = faces[order[0]] if order else None
+        words = sorted({x for i in minor for x in (_worse(faces[i], best) if best is not None else [])})
+        parts.append(f"{len(minor)} minor face{'s' if len(minor) > 1 else ''} "
+                     f"({', '.join(str(faces[i].box.as_int()) for i in minor)}; ranked under "
+                     f"{MAIN_FACE_SHARE:.0%} of the best face{': ' + ', '.join(words) if words else ''}; "
+                     f"{' or '.join(where)})")
+    if fake:
+        parts.append(f"{len(fake)} detection{'s' if len(fake) > 1 else ''} not taken for a face ("
+                     + "; ".join(f"{faces[i].box.as_int()}: {why[i]}" for i in fake) + ")")
     return "faces left out of the crop: " + "; ".join(parts)
 
 
@@ -299,11 +464,10 @@ def face_cut_note(crop: Box, faces: Sequence[Face], ratio_text: str | None) -> s
     cut = [f for f in faces if cuts(crop, f.box)]
     if not cut:
         return None
-    kept = [f for f in faces if crop.contains(f.box, tol=0.5)]
+    order = main_face_indices(faces)
+    best = faces[order[0]] if order else max(faces, key=lambda f: f.area)
     what = f"a {ratio_text} crop" if ratio_text else "a crop"
-    if kept and max(kept, key=lambda f: f.area) is faces[0]:
-        return (f"{what} cannot keep all {len(faces)} faces whole: it keeps the largest face and cuts "
-                f"{len(cut)} other{'s' if len(cut) > 1 else ''}")
-    return f"{what} cannot keep the largest face whole: the face is cut"
-
-
+    if crop.contains(best.box, tol=0.5):
+        return (f"{what} cannot keep all {len(faces)} faces whole: it keeps the best-ranked face "
+                f"({best.box.as_int()}) and cuts {len(cut)} other{'s' if len(cut) > 1 else ''}")
+    return f"{what} cannot keep the best-ranked face ({best.box.as_int()}) whole: the face is cut"

@@ -15,6 +15,7 @@ from cropper_engine.engine.subject.faces import (
     faces_left_out_note,
     faces_to_keep,
     fits,
+    not_a_face,
 )
 from cropper_engine.engine.subject.resolve import Subject
 from cropper_engine.types import Box
@@ -32,8 +33,9 @@ def _greedy_fit(boxes: Sequence[Box], ratio: float | None, width: float, height:
 
 def job_subject_box(sub: Subject, ratio: float | None, width: float, height: float) -> tuple[Box | None, str | None]:
     """The subject box a crop of this ratio must contain. Faces or persons that do not fit one
-    crop of the ratio together: the main ones (the largest and those at least half its size),
-    as many as fit, largest first (with a note); the largest alone when even it does not fit."""
+    crop of the ratio together: the main ones (faces: the best-ranked and those ranked at least
+    half of it, faces.rank_scores; persons: the largest and those at least half its size), as
+    many as fit, best first (with a note); the best alone when even it does not fit."""
     if sub.box is None:
         return None, None
     if fits(sub.box, ratio, width, height):
@@ -44,10 +46,10 @@ def job_subject_box(sub: Subject, ratio: float | None, width: float, height: flo
         if not main:
             return kept[0], None
         core = Box(*_union(main).as_list())
-        n = len(sub.faces)
-        if len(main) == n:  # all of them fit without their margins
+        n = sum(1 for w in not_a_face(sub.faces[:len(kept)]) if w is None)
+        if len(main) >= n:  # all of them fit without their margins
             return core, None
-        what = "the largest face" if len(main) == 1 else f"the {len(main)} largest faces"
+        what = "the best-ranked face" if len(main) == 1 else f"the {len(main)} best-ranked faces"
         return core, f"the {n} faces do not fit one crop of this ratio: the subject is {what}"
     if sub.kind == "person" and sub.persons:
         big = _side(sub.persons[0])

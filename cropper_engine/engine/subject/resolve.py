@@ -60,13 +60,24 @@ class Subject:
         if self.outline:
             out["subject_outline"] = self.outline
         if self.detectors:
-            out["faces"] = [{"box": f.box.as_int(), "score": round(f.score, 3)} for f in self.faces]
+            out["faces"] = [_face_extra(f) for f in self.faces]
             if self.persons:
                 out["persons"] = [b.as_int() for b in self.persons]
             out["detectors"] = dict(self.detectors)
         out["keep_faces"] = self.keep_faces
         return out
 
+
+def _face_extra(f: Face) -> dict[str, Any]:
+    """A face in a result row: its box and confidence; where ranked, its rank, whether it is a
+    main face, and why a detection is not taken for a face."""
+    out: dict[str, Any] = {"box": f.box.as_int(), "score": round(f.score, 3)}
+    if f.rank_score is not None:
+        out["rank"] = round(f.rank_score, 3)
+        out["main"] = bool(f.main)
+    if f.why:
+        out["not_a_face"] = f.why
+    return out
 
 
 
@@ -120,13 +131,15 @@ def resolve_subject(spec: SubjectSpec | str | None, image: Any, keep_faces: bool
             sub.faces = detect_faces(img, det, small)
             sub.ms["faces"] = (time.perf_counter() - t) * 1000
             sub.detectors["faces"] = det.name
-    if spec is not None and spec.kind in ("auto", "face") and sub.faces:
-        boxes = [f.box for f in sub.faces]
-        sub.kind, sub.mask = "face", _mask_of_boxes([f.keep for f in sub.faces], w, h)
-        sub.outline = _box_polys([f.keep for f in sub.faces])  # the mask: the faces with their margins
-        n = len(boxes)
+    faces = [f for f in sub.faces if not f.why]  # the detections taken for faces (faces.not_a_face)
+    if spec is not None and spec.kind in ("auto", "face") and faces:
+        sub.kind, sub.mask = "face", _mask_of_boxes([f.keep for f in faces], w, h)
+        sub.outline = _box_polys([f.keep for f in faces])  # the mask: the faces with their margins
+        n = len(faces)
         sub.notes.append(f"subject: {n} face{'s' if n > 1 else ''} ({sub.detectors['faces']})")
     elif spec is not None and spec.kind in ("auto", "person", "face"):
+        if len(faces) < len(sub.faces):
+            sub.notes.append("not taken for a face: " + "; ".join(f"{f.box.as_int()} ({f.why})" for f in sub.faces))
         if spec.kind == "face":
             sub.notes.append("no face found: the subject is the salient region")
         else:
