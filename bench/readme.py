@@ -114,20 +114,35 @@ def b_faces() -> str:
     names = f["ratios"]
     label = " / ".join({"gt": "the ground truth's ratio", "free": "free-form"}.get(k, k) for k in names)
     m, w = f["modes"]["main"], f["modes"]["whole"]
+    size = f["modes"].get("size")
 
     def row(mode: dict[str, Any], key: str) -> str:
         return " / ".join(f"{100 * mode[k][key]:.1f}".rstrip("0").rstrip(".") for k in names)
 
     imgs = f["images_by_split"]
-    return (f"On FCDB's {sum(imgs.values())} train and val images with faces (`python -m bench faces --out`), of the "
-            f"crops whose ratio can hold the main faces, those that keep every one of them, at {label}: "
-            f"{row(m, 'keeps_every_main_face')} % (faces only kept whole, as before: "
-            f"{row(w, 'keeps_every_main_face')} %); crops cutting a face (mostly one too large for any crop of the "
-            f"ratio) {row(m, 'cuts_a_face')} % (before {row(w, 'cuts_a_face')}); IoU on the {m['gt']['images_val']} "
-            f"val images against the ground truth {m['gt']['iou_val']:.3f} with the ratio given (before "
-            f"{w['gt']['iou_val']:.3f}), {m['free']['iou_val']:.3f} free-form ({w['free']['iou_val']:.3f}): FCDB's "
-            f"annotators now and then crop a face away "
-            f"({source('face_bench.json', f, f.get('quick'), measured=False)}).")
+    rows = (f.get("per_image") or {}).get("main") or []
+    found = sum(len(r.get("faces") or []) for r in rows)
+    rejected = sum(1 for r in rows for why in (r.get("not_a_face") or []) if why)
+    cost = f.get("ranking_ms") or {}
+    text = (f"On FCDB's {sum(imgs.values())} train and val images with faces (`python -m bench faces --out`)")
+    if found:
+        text += f", {rejected} of {found} detections are not taken for faces"
+    text += (f". Of the crops whose ratio can hold the main faces (ranked: size x confidence x focus x "
+             f"frontal-ness), those that keep every one, at {label}: {row(m, 'keeps_every_main_face')} % (")
+    if size is not None:
+        text += f"the largest-face rule before: {row(size, 'keeps_every_main_face')} %; "
+    text += f"faces only kept whole: {row(w, 'keeps_every_main_face')} %)"
+    if "keeps_the_best_face" in m[names[0]]:
+        text += (f"; the best-ranked face is kept in {row(m, 'keeps_the_best_face')} % of crops (the rest: a face "
+                 f"wider than any crop of the ratio)")
+    text += (f"; crops cutting a face {row(m, 'cuts_a_face')} %; IoU on the {m['gt']['images_val']} val images "
+             f"against the ground truth {m['gt']['iou_val']:.3f} with the ratio given ("
+             f"{'largest-face rule ' + format(size['gt']['iou_val'], '.3f') if size else ''}), "
+             f"{m['free']['iou_val']:.3f} free-form"
+             f"{' (' + format(size['free']['iou_val'], '.3f') + ')' if size else ''}")
+    if cost.get("mean") is not None:
+        text += f"; the ranking costs {cost['mean']:.1f} ms per face image (mean)"
+    return text + f" ({source('face_bench.json', f, f.get('quick'), measured=False)})."
 
 
 def b_persons() -> str:

@@ -120,7 +120,7 @@ def subject_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--subject and --keep-faces (engine/subject/), for `crop` and `eval`."""
     fn = click.option("--keep-faces/--no-keep-faces", "keep_faces", default=None,
                       help="No crop cuts through a detected face; at a ratio that leaves no way round it, the "
-                           "crop keeps the largest face and says so [default: on wherever a face detector is "
+                           "crop keeps the best-ranked face and says so [default: on wherever a face detector is "
                            "installed (the subject extra); loop.keep_faces = auto | on | off].")(fn)
     return click.option("--subject", "subject_text", default=None, metavar="SPEC",
                         help="The subject, without a hand-made mask: auto (faces, else persons, else the salient "
