@@ -24,7 +24,8 @@ salient region and says so; an explicit `face` / `person` is refused with the in
 Keeping faces whole (`keep_faces_whole`): a crop that cuts through a face (overlaps it without
 containing it) is either grown, at its ratio, to contain the face, or shrunk to leave it out,
 whichever is closer (IoU) to the crop as proposed; a repair never gives up the subject box. When
-no repair exists the crop is grown around the best-ranked face (faces.py: size, confidence, focus, frontal-ness), and `face_cut_note` says so. A face
+no repair exists the crop is grown around the best-ranked face (faces.py: size, confidence, focus,
+frontal-ness), and `face_cut_note` says so. A face
 is kept with a margin (FACE_MARGIN: 10 % of its size left, right and below, 25 % above for the
 forehead and hair the detector leaves out) where the crop's ratio leaves room for it, else as
 detected.
