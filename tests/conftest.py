@@ -92,3 +92,11 @@ def example_index(tmp_path_factory, photos, tiny_clip):
     out = tmp_path_factory.mktemp("idx") / "index"
     ExampleIndex.build(examples, tiny_clip, out)
     return out
+
+
+@pytest.fixture
+def mediapipe_installed():
+    """MediaPipe (the subject extra): a test that needs it skips here without it and fails in CI."""
+    from needs import need_module
+
+    return need_module("mediapipe", "the subject extra (MediaPipe)")

@@ -29,16 +29,7 @@ from cropper_engine.engine.subject.faces import (
 )
 from cropper_engine.types import Box, CropRequest, Ratio, Task
 
-
-def has_mediapipe() -> bool:
-    try:
-        import mediapipe  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_mp = pytest.mark.skipif(not has_mediapipe(), reason="the subject extra (mediapipe) is not installed")
+needs_mp = pytest.mark.usefixtures("mediapipe_installed")  # skips here without it, fails in CI
 
 # her head with the hair, and her face, in the astronaut photo (rows, columns)
 HEAD = (slice(20, 210), slice(140, 320))

@@ -43,15 +43,8 @@ def photo(photos, name):
     return next(p for p in photos if p.stem == name)
 
 
-def has_mediapipe() -> bool:
-    try:
-        import mediapipe  # noqa: F401
-    except Exception:
-        return False
-    return True
 
-
-needs_mp = pytest.mark.skipif(not has_mediapipe(), reason="the subject extra (mediapipe) is not installed")
+needs_mp = pytest.mark.usefixtures("mediapipe_installed")  # skips here without it, fails in CI
 
 
 @pytest.fixture(autouse=True)
