@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "latency_note": "engine p50 is the wall time of the batch each image is in (batching trades latency "
                         "for throughput); naive p50 is one image's own time",
     })
+    # a round the engine lost to a VLM error (the batch's call failed) is work it did not do
+    figures["engine_vlm_errors"] = sum(any(n.startswith("VLM error") for n in r.notes) for r in rows)
     figures["mode"] = "parallel" if args.parallel else "list"
     figures["distinct_per_round"] = distinct_per_round(rows)
     if not args.no_mode_probe:

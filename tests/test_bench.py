@@ -100,7 +100,7 @@ def test_loop_bench_on_vllm_runs_the_naive_loop_on_vllm_interleaved(tmp_path):
     assert {"prefix", "multimodal inputs", "encoder outputs"} <= set(fig["caches_reset"])
     assert "prefix caching is on for both" in fig["cache_note"]
     assert len(fig["engine_run_s"]) == len(fig["naive_run_s"]) == fig["repeats"] == 2
-    assert fig["pipelines"] == {"vlm": fig["images"] * fig["repeats"]}
+    assert fig["pipelines"] == {"vlm": fig["images"] * fig["repeats"]} and fig["engine_vlm_errors"] == 0
     approx = lambda x: pytest.approx(x, rel=2e-3, abs=2e-4)  # noqa: E731 - the figures are rounded
     assert fig["speedup"] == approx(fig["engine_images_per_s"] / fig["naive_images_per_s"])
     es, ns = fig["engine_stage_s_per_image"], fig["naive_stage_s_per_image"]
