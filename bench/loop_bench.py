@@ -226,6 +226,10 @@ class NaiveVLLMLoop(NaiveLoop):
         return texts, t
 
 
+def _and(xs: list[str]) -> str:
+    return " and ".join([", ".join(xs[:-1]), xs[-1]]) if len(xs) > 1 else "".join(xs)
+
+
 def reset_vllm_caches(vlm: Any) -> list[str]:
     """Empty vLLM's prefix (KV), multimodal-input and encoder caches, so that a timed phase is
     served nothing another phase computed; the names of the caches emptied."""
@@ -233,14 +237,14 @@ def reset_vllm_caches(vlm: Any) -> list[str]:
     done = []
     if not llm.reset_prefix_cache():
         raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
-    done.append("prefix")
+    done.append("prefix (KV)")
     if hasattr(llm, "reset_mm_cache"):
         llm.reset_mm_cache()
-        done.append("multimodal inputs")
+        done.append("multimodal-input")
     engine = getattr(llm, "llm_engine", None)
     if hasattr(engine, "reset_encoder_cache"):
         engine.reset_encoder_cache()
-        done.append("encoder outputs")
+        done.append("encoder-output")
     return done
 
 
@@ -481,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "interleaving": "each timed repeat runs the engine and the naive loop on the same images, the "
                                 "order alternating per repeat; both get the same warm-up on the same images",
                 "cache_note": "vLLM's automatic prefix caching is on for both (vLLM's default: a careful user gets "
-                              "it free); vLLM's " + ", ".join(resets) + " caches are emptied before every "
+                              "it free); vLLM's " + _and(resets) + " caches are emptied before every "
                               "warm-up and timed phase, so neither loop is served what the other computed",
                 "caches_reset": list(resets),
             })

@@ -190,6 +190,10 @@ def b_loop() -> str:
     return "\n".join(lines)
 
 
+def _and(xs: list[str]) -> str:
+    return " and ".join([", ".join(xs[:-1]), xs[-1]]) if len(xs) > 1 else "".join(xs)
+
+
 def _vllm_naive_note(v: dict[str, Any]) -> str:
     """How the vLLM row's naive loop ran: on vLLM and interleaved (NaiveVLLMLoop), or, in a file
     written before that, on transformers' generate and entirely before the engine."""
@@ -200,7 +204,7 @@ def _vllm_naive_note(v: dict[str, Any]) -> str:
     return (f"In the vLLM row the naive loop runs on vLLM too (`NaiveVLLMLoop`): on the engine's own `LLM`, one "
             f"`LLM.chat` request per image per round ({v['mode']} mode, as the engine), interleaved with the engine "
             f"on the same images, the order alternating per repeat; both get the same warm-up. vLLM's automatic "
-            f"prefix caching is on for both (its default); its {', '.join(v['caches_reset'])} caches are emptied "
+            f"prefix caching is on for both (its default); its {_and(v['caches_reset'])} caches are emptied "
             f"before every phase, so neither loop is served what the other computed. Seconds per timed repeat of "
             f"{v['images']} images, engine / naive: {runs} (images/s from the median repeat).")
 

@@ -97,7 +97,7 @@ def test_loop_bench_on_vllm_runs_the_naive_loop_on_vllm_interleaved(tmp_path):
                     "--no-mode-probe", "--json-out", str(tmp_path / "loop-vllm.json"))
     assert fig["backend"] == fig["naive_backend"] == "vllm" and "NaiveVLLMLoop" in fig["naive_loop"]
     assert fig["timed_order"] == ["engine then naive", "naive then engine"]
-    assert {"prefix", "multimodal inputs", "encoder outputs"} <= set(fig["caches_reset"])
+    assert {"prefix (KV)", "multimodal-input", "encoder-output"} <= set(fig["caches_reset"])
     assert "prefix caching is on for both" in fig["cache_note"]
     assert len(fig["engine_run_s"]) == len(fig["naive_run_s"]) == fig["repeats"] == 2
     assert fig["pipelines"] == {"vlm": fig["images"] * fig["repeats"]} and fig["engine_vlm_errors"] == 0
