@@ -92,9 +92,7 @@ class NaiveLoop:
         return t1
 
     def crop(self, path: str) -> Box:
-        import torch
-
-        from cropper_engine.engine.grammar import BoxGrammar, TokenConstraint
+        from cropper_engine.engine.grammar import BoxGrammar
         from cropper_engine.engine.loop import _uuid
         from cropper_engine.models.saliency import spectral_residual_saliency
 
@@ -121,44 +119,133 @@ class NaiveLoop:
         # the engine's answer mode: R boxes in one answer (the default), or R one-box samples
         n_boxes = 1 if cfg.vlm.parallel else cfg.vlm.candidates
         spec = PromptSpec(Task.FREE, image, w, h, examples, n_boxes, query_uuid="q-" + loaded.uid)
-        vlm, tok = self.vlm, self.vlm.tokenizer
-        grammar = BoxGrammar(boxes=n_boxes)
-        eos = set(vlm.eos_token_ids)
+        self.grammar = BoxGrammar(boxes=n_boxes)
         refine = None
         best: tuple[float, Box] | None = None
         for r in range(cfg.vlm.rounds + 1):
-            text, imgs = vlm.render(build_messages(spec, self.tpl, refine))  # images fitted once (by uuid)
-            inputs = vlm.processor(text=[text], images=[imgs], return_tensors="pt").to(vlm.device)
-            t = self._t("prompt", t)
-            torch.manual_seed(cfg.vlm.seed + r)
-            with torch.inference_mode():
-                seq = vlm.model.generate(
-                    **inputs, max_new_tokens=cfg.vlm.max_new_tokens or vlm.answer_token_limit(grammar),
-                    num_return_sequences=cfg.vlm.candidates if cfg.vlm.parallel else 1,
-                    do_sample=True, temperature=cfg.vlm.temperature, top_p=cfg.vlm.top_p, top_k=0,
-                    eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
-                    logits_processor=[TokenConstraint(tok, grammar, eos_token_ids=vlm.eos_token_ids)])
-            texts = []
-            for row in seq[:, inputs["input_ids"].shape[1]:].tolist():
-                end = next((k + 1 for k, tk in enumerate(row) if tk in eos), len(row))
-                self.generated += end
-                texts.append(tok.decode(row[:end], skip_special_tokens=True))
-            t = self._t("generate", t)
-            boxes = []
+            texts, t = self.answers(spec, refine, r, t)  # times "prompt" and "generate"
+            found: list[tuple[Box, float | None]] = []
             for tx in texts:
                 for pb in parse_boxes(tx, n_boxes).boxes:
                     b = Box.from_norm(pb.as_tuple(), w, h).clamp(w, h)
                     if b.width >= 2 and b.height >= 2:
-                        boxes.append(b)
-            boxes = [boxes[i] for i in dedupe(boxes, cfg.loop.nms_iou)]
+                        found.append((b, pb.s))
+            found = [found[i] for i in dedupe([b for b, _ in found], cfg.loop.nms_iou)]
+            boxes = [b for b, _ in found]
             scores = [float(self.scorer.score([image], [[b]], [sal]).total[0][0]) for b in boxes]  # one crop a call
             t = self._t("score", t)
             for sc, b in zip(scores, boxes, strict=True):
                 if best is None or sc > best[0]:
                     best = (sc, b)
-            refine = [(b, sc, None) for sc, b in
-                      sorted(zip(scores, boxes, strict=True), key=lambda p: -p[0])[: cfg.vlm.candidates]]
+            ranked = sorted(zip(scores, found, strict=True), key=lambda p: -p[0])[: cfg.vlm.candidates]
+            refine = [(b, sc, s if self.show_vlm_score else None) for sc, (b, s) in ranked]
         return best[1] if best else Box.full(w, h)
+
+    # refinement prompts show each candidate's own s, as the engine's do (False: as unscored; the
+    # transformers row, bench/results/loop.json, was measured so)
+    show_vlm_score = False
+
+    def answers(self, spec: PromptSpec, refine: Any, r: int, t: float) -> tuple[list[str], float]:
+        """Round r's answer texts: one `generate` call (num_return_sequences=R in parallel mode)."""
+        import torch
+
+        from cropper_engine.engine.grammar import TokenConstraint
+
+        cfg, vlm, grammar = self.cfg, self.vlm, self.grammar
+        tok = vlm.tokenizer
+        eos = set(vlm.eos_token_ids)
+        text, imgs = vlm.render(build_messages(spec, self.tpl, refine))  # images fitted once (by uuid)
+        inputs = vlm.processor(text=[text], images=[imgs], return_tensors="pt").to(vlm.device)
+        t = self._t("prompt", t)
+        torch.manual_seed(cfg.vlm.seed + r)
+        with torch.inference_mode():
+            seq = vlm.model.generate(
+                **inputs, max_new_tokens=cfg.vlm.max_new_tokens or vlm.answer_token_limit(grammar),
+                num_return_sequences=cfg.vlm.candidates if cfg.vlm.parallel else 1,
+                do_sample=True, temperature=cfg.vlm.temperature, top_p=cfg.vlm.top_p, top_k=0,
+                eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
+                logits_processor=[TokenConstraint(tok, grammar, eos_token_ids=vlm.eos_token_ids)])
+        texts = []
+        for row in seq[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((k + 1 for k, tk in enumerate(row) if tk in eos), len(row))
+            self.generated += end
+            texts.append(tok.decode(row[:end], skip_special_tokens=True))
+        t = self._t("generate", t)
+        return texts, t
+
+
+class NaiveVLLMLoop(NaiveLoop):
+    """What a careful user writes around `vllm.LLM.chat`, one image at a time, on the engine's own
+    `LLM` (bench/loop_bench.py --backend vllm).
+
+    Shared with the engine, as such a user would have it: the one `LLM` (its prefix caching on,
+    vLLM's default), the sampling settings and per-round seeds, the token limit, the box grammar
+    as structured output (a regex), the chat template and BOS setting, images fitted to the size
+    the model reads (an `ImageFitter` of the backend's settings, its own: nothing the engine
+    fitted is handed over) with the examples' and the query's uuids, and the scorer. What it does
+    not have is what the engine claims: one `LLM.chat` request per image per round (n=R in
+    parallel mode, one list answer in list mode, the engine's mode), no batching across images,
+    each round's prompt built from scratch, each crop scored by its own scorer call.
+    """
+
+    show_vlm_score = True
+
+    def __init__(self, vlm: Any, embedder: Any, index: Any, cfg: Any, templates: Any, scorer: Any) -> None:
+        from cropper_engine.models.images import ImageFitter
+
+        super().__init__(vlm, embedder, index, cfg, templates, scorer)
+        mm = vlm.engine_config.mm_processor_kwargs or {}
+        self.fit = ImageFitter(vlm.image_edge, max_pixels=mm.get("max_pixels"))
+        self.chat_kw: dict[str, Any] = {"chat_template": vlm.chat_template} if vlm.chat_template else {}
+        self.chat_kw["tokenization_kwargs"] = {"add_special_tokens": vlm.add_special_tokens}
+        self.limit = 0
+
+    def image_item(self, part: Any) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "image_pil", "image_pil": self.fit(part)}
+        if part.uuid:
+            item["uuid"] = part.uuid
+        return item
+
+    def answers(self, spec: PromptSpec, refine: Any, r: int, t: float) -> tuple[list[str], float]:
+        """Round r's answer texts: one `LLM.chat` request (n=R in parallel mode)."""
+        from cropper_engine.models.base import GenerationParams, chat_messages
+
+        v, vlm, grammar = self.cfg.vlm, self.vlm, self.grammar
+        if r == 0:  # the engine's token limit, from the tokenizer and the grammar (Cropper.answer_limit)
+            self.limit = v.max_new_tokens * spec.n_boxes if v.max_new_tokens else vlm.answer_token_limit(grammar)
+        conv = build_messages(spec, self.tpl, refine)
+        t = self._t("prompt", t)
+        # the engine's seeds: round 0 at the seed, round r at seed + r + 10 (Cropper._run_vlm)
+        sp = vlm.sampling_params(GenerationParams(
+            n=v.candidates if v.parallel else 1, max_new_tokens=self.limit, temperature=v.temperature,
+            top_p=v.top_p, seed=v.seed + (r + 10 if r else 0), grammar=grammar if v.constrained else None))
+        out = vlm.llm.chat([chat_messages(conv, self.image_item)], sp, use_tqdm=False, **self.chat_kw)[0]
+        self.generated += sum(len(o.token_ids) for o in out.outputs)
+        texts = [o.text for o in out.outputs if o.finish_reason != "length"]  # a cut box is not read (as the engine)
+        t = self._t("generate", t)
+        return texts, t
+
+
+def _and(xs: list[str]) -> str:
+    return " and ".join([", ".join(xs[:-1]), xs[-1]]) if len(xs) > 1 else "".join(xs)
+
+
+def reset_vllm_caches(vlm: Any) -> list[str]:
+    """Empty vLLM's prefix (KV), multimodal-input and encoder caches, so that a timed phase is
+    served nothing another phase computed; the names of the caches emptied."""
+    llm = vlm.llm
+    done = []
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
+    done.append("prefix (KV)")
+    if hasattr(llm, "reset_mm_cache"):
+        llm.reset_mm_cache()
+        done.append("multimodal-input")
+    engine = getattr(llm, "llm_engine", None)
+    if hasattr(engine, "reset_encoder_cache"):
+        engine.reset_encoder_cache()
+        done.append("encoder-output")
+    return done
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -263,11 +350,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vlm.block_size": args.block_size, "vlm.dtype": args.dtype, "vlm.load_format": args.load_format,
         # the loops are compared; keeping faces whole (bench/subject_bench.py) is not in the naive loop
         "loop.keep_faces": "off"})
-    naive = None
-    if not args.no_naive:
-        # the same model, attention kernel and scorer as the engine; no prefix store (generate does not use it)
-        from cropper_engine.engine.build import _scorer
+    from cropper_engine.engine.build import _scorer
 
+    vllm = args.backend == "vllm"
+    naive: NaiveLoop | None = None
+    if not args.no_naive and not vllm:
+        # the same model, attention kernel and scorer as the engine; no prefix store (generate does not use it)
         naive_vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, prefix_cache=False)
         naive = NaiveLoop(naive_vlm, emb, index, cfg, load_templates(None), _scorer(cfg, emb, {}))
 
@@ -282,34 +370,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lat.append(time.perf_counter() - t0)
         return lat
 
-    naive_lat, naive_wall = [], []
-
-    def naive_warmup() -> None:
-        # the engine's warm-up images: both loops enter the timed runs with the same caches filled
-        for k in range(args.warmup):
-            run_naive(k)
-        naive.stages.clear()  # type: ignore[union-attr]
-        naive.generated = 0  # type: ignore[union-attr]
-
-    def naive_phase() -> None:
-        naive_warmup()
-        for run_k in range(args.warmup, runs):
-            t0 = time.perf_counter()
-            naive_lat.extend(run_naive(run_k))
-            naive_wall.append(time.perf_counter() - t0)
-
     print(f"{n_images} images, batch {args.batch}, S={args.S} T={args.T} R={args.R} L={args.L} ...", file=sys.stderr)
-    if naive is not None and args.backend == "vllm":
-        # an in-process vLLM engine rewrites transformers' model classes: the naive loop runs first
-        naive_phase()
-    if args.backend == "vllm":
+    if vllm:
         from cropper_engine.models.registry import resolve_model
         from cropper_engine.models.vlm_vllm import VLLMBackend
 
         vlm: Any = VLLMBackend.from_config(cfg, resolve_model(model_dir))
+        if not args.no_naive:  # on the engine's own LLM: one request per image per round
+            naive = NaiveVLLMLoop(vlm, emb, index, cfg, load_templates(None), _scorer(cfg, emb, {}))
     else:
         vlm = TransformersVLM(model_dir, device=args.device, dtype=args.dtype, batch_size=args.batch)
     engine = Cropper.from_config(cfg, embedder=emb, index=index, vlm=vlm)
+
+    resets: list[str] = []
+
+    def fresh_caches() -> None:
+        # vLLM: the engine and the naive loop share one LLM; neither is served what the other
+        # computed (prefix KV, processed images, vision features): every phase starts with them empty
+        if vllm:
+            resets[:] = reset_vllm_caches(vlm)
 
     def run_engine(k: int) -> tuple[list[float], list[Any]]:
         reqs = [CropRequest(q, Task.FREE, id=Path(q).name) for q in run_queries(k)]
@@ -320,18 +399,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lat.extend([time.perf_counter() - t0] * len(b))  # every image of a batch waits for the batch
         return lat, outs
 
+    # the same warm-up for both, on the same images, before any timed run
     for k in range(args.warmup):
+        fresh_caches()
         run_engine(k)
     engine.vlm_stage_times.clear()
+    if naive is not None:
+        for k in range(args.warmup):
+            fresh_caches()
+            run_naive(k)
+        naive.stages.clear()
+        naive.generated = 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    eng_lat, eng_wall = [], []
+    eng_lat, eng_wall, naive_lat, naive_wall = [], [], [], []
     tally = Tally()
     rows: list[Any] = []
-    interleave = naive is not None and args.backend != "vllm"
-    if interleave:
-        naive_warmup()
-    for run_k in range(args.warmup, runs):
+
+    def engine_phase(run_k: int) -> None:
+        nonlocal eng_lat
+        fresh_caches()
         t0 = time.perf_counter()
         lat, outs = run_engine(run_k)
         eng_wall.append(time.perf_counter() - t0)
@@ -340,10 +427,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.extend(out)
             for r in out:
                 tally.add(r)
-        if interleave:  # engine and naive take turns, so machine noise hits both alike
-            t0 = time.perf_counter()
-            naive_lat += run_naive(run_k)
-            naive_wall.append(time.perf_counter() - t0)
+
+    def naive_phase(run_k: int) -> None:
+        nonlocal naive_lat
+        fresh_caches()
+        t0 = time.perf_counter()
+        naive_lat += run_naive(run_k)
+        naive_wall.append(time.perf_counter() - t0)
+
+    # engine and naive take turns on the same images, so machine noise hits both alike; on vLLM
+    # the order alternates per repeat as well (engine first, then naive first, ...)
+    order: list[str] = []
+    for i, run_k in enumerate(range(args.warmup, runs)):
+        phases = [engine_phase] + ([naive_phase] if naive is not None else [])
+        if vllm and i % 2:
+            phases.reverse()
+        for ph in phases:
+            ph(run_k)
+        order.append(" then ".join("engine" if ph is engine_phase else "naive" for ph in phases))
     n = n_images
     per = repeats * n
     stages, refine, pipelines = tally.stages, tally.refine, tally.pipelines
@@ -370,7 +471,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "naive_stage_s_per_image": {k: round(v / per, 5) for k, v in naive.stages.items()},
             "naive_loop": "NaiveLoop: one image at a time, generate with num_return_sequences=R per round, "
                           "each crop scored alone; same model, attention kernel, image fitting and scorer",
+            "naive_backend": "transformers", "timed_order": order,
+            "engine_run_s": [round(x, 3) for x in eng_wall], "naive_run_s": [round(x, 3) for x in naive_wall],
         })
+        if vllm:
+            figures.update({
+                "naive_backend": "vllm",
+                "naive_loop": "NaiveVLLMLoop: vLLM, one request per image per round, interleaved: one LLM.chat "
+                              "request per image per round on the engine's own LLM (n=R in parallel mode, one "
+                              "list answer in list mode, as the engine), each round's prompt built from scratch, "
+                              "each crop scored alone; the same sampling settings and seeds, token limit, box "
+                              "grammar as structured output, chat template, image fitting, uuids and scorer",
+                "interleaving": "each timed repeat runs the engine and the naive loop on the same images, the "
+                                "order alternating per repeat; both get the same warm-up on the same images",
+                "cache_note": "vLLM's automatic prefix caching is on for both (vLLM's default: a careful user gets "
+                              "it free); vLLM's " + _and(resets) + " caches are emptied before every "
+                              "warm-up and timed phase, so neither loop is served what the other computed",
+                "caches_reset": list(resets),
+            })
         figures["stage_speedup"] = stage_speedups(figures["engine_stage_s_per_image"],
                                                   figures["naive_stage_s_per_image"])
     block = getattr(vlm, "block_size", None) or (1 if args.backend == "transformers" else None)
@@ -402,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "latency_note": "engine p50 is the wall time of the batch each image is in (batching trades latency "
                         "for throughput); naive p50 is one image's own time",
     })
+    # a round the engine lost to a VLM error (the batch's call failed) is work it did not do
+    figures["engine_vlm_errors"] = sum(any(n.startswith("VLM error") for n in r.notes) for r in rows)
     figures["mode"] = "parallel" if args.parallel else "list"
     figures["distinct_per_round"] = distinct_per_round(rows)
     if not args.no_mode_probe:
@@ -604,6 +724,10 @@ def markdown(f: dict[str, Any]) -> str:
               f"{f['prefix_cache_hit_rate']} ({f.get('prefix_cache_hit_rate_source', 'all refinement rounds')}; "
               f"block size {f['block_size']}); peak RSS {f['peak_rss_mb']} MB; "
               f"{f['warmup_runs']} warm-up run(s) of each loop, then {f['repeats']} timed"]
+    if f.get("naive_backend") == "vllm":
+        lines += ["", f"Naive loop: {f['naive_loop']}.", "",
+                  f"Interleaved: {f['interleaving']} ({'; '.join(f.get('timed_order', []))}).", "",
+                  f"Caches: {f['cache_note']}."]
     dist = " / ".join(f"{x['distinct']:g} of {x['boxes']:g}" for x in f.get("distinct_per_round", []))
     lines += ["", f"Engine mode: {f.get('mode', 'list')}; distinct candidates per round (mean per image, of the "
               f"usable boxes the VLM gave): {dist or '-'}"]
@@ -636,7 +760,8 @@ def plot(f: dict[str, Any]) -> Any:
     x = np.arange(len(keys))
     ax.bar(x - 0.2, [es.get(k, 0) for k in keys], 0.4, label="engine")
     if ns:
-        ax.bar(x + 0.2, [ns.get(k, 0) for k in keys], 0.4, label="naive")
+        ax.bar(x + 0.2, [ns.get(k, 0) for k in keys], 0.4, label="naive" + (
+            " (vLLM, one request per image per round, interleaved)" if f.get("naive_backend") == "vllm" else ""))
     ax.set_xticks(x, keys)
     ax.set_ylabel("seconds per image")
     ax.set_title(f"loop: {f['engine_images_per_s']:.2f} vs {f.get('naive_images_per_s', 0):.2f} images/s")

