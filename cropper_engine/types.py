@@ -426,6 +426,78 @@ class Candidate:
         return out
 
 
+# --- whole pixels at a ratio ----------------------------------------------------------------
+
+
+RATIO_TOLERANCE = 0.01  # a whole-pixel box within 1% of the ratio asked for honours it (|log| error)
+
+
+def ratio_error(w: float, h: float, ratio: float) -> float:
+    """How far a w x h box is from `ratio` (W/H): |log((w / h) / ratio)|; 0 when exact."""
+    return abs(math.log((w / h) / ratio))
+
+
+def whole_pixel_size(w0: float, ratio: float, width: int, height: int) -> tuple[int, int]:
+    """The whole-pixel size (w, h) a box about `w0` wide at `ratio` becomes in a width x height image.
+
+    Among the widths within a pixel or two of w0, each with its nearest height, the one nearest
+    the ratio (1:1 stays square). Where none of those is within RATIO_TOLERANCE of the ratio (a
+    tiny image or box: 50x2.5 at 20:1 would be 49x2 or 50x2), the size within tolerance nearest
+    w0 that fits the image (40x2, exact); where no size that fits is within it (a 1x1 image at
+    16:9), the one nearest the ratio (`ratio_note` then says so)."""
+    best: tuple[tuple[float, float], int, int] | None = None
+    for w in sorted({max(1, min(width, math.floor(w0) + d)) for d in (-1, 0, 1, 2)}):
+        h = max(1, min(height, round(w / ratio)))
+        key = (ratio_error(w, h, ratio), abs(w - w0))
+        if best is None or key < best[0]:
+            best = (key, w, h)
+    assert best is not None
+    (err, _), w, h = best
+    if err <= RATIO_TOLERANCE:
+        return w, h
+    import numpy as np
+
+    # every size that fits: each height with its nearest width, each width with its nearest height
+    hs = np.arange(1, height + 1, dtype=np.float64)
+    ws = np.arange(1, width + 1, dtype=np.float64)
+    cw = np.concatenate([np.clip(np.rint(hs * ratio), 1, width), ws])
+    ch = np.concatenate([hs, np.clip(np.rint(ws / ratio), 1, height)])
+    errs = np.abs(np.log((cw / ch) / ratio))
+    ok = errs <= RATIO_TOLERANCE + 1e-12
+    if ok.any():  # within tolerance: the nearest w0 in width, then the nearest the ratio, then the larger
+        order = np.lexsort((-cw, errs, np.abs(cw - w0), ~ok))
+    else:  # none: the nearest the ratio, then the nearest w0, then the larger
+        order = np.lexsort((-cw, np.abs(cw - w0), errs))
+    k = int(order[0])
+    return int(cw[k]), int(ch[k])
+
+
+def whole_pixel_box(box: Box, ratio: float | None, width: int, height: int) -> Box:
+    """The box on whole pixels: rounding it later changes nothing, and with a ratio its size is
+    `whole_pixel_size` (the integer size nearest that ratio; 1:1 stays square), placed about the
+    same centre inside the image; a box on an image edge stays on it (a face there has no padding
+    left to lose to rounding)."""
+    if not ratio:
+        return box.rounded()
+    w, h = whole_pixel_size(box.width, ratio, width, height)
+    cx, cy = box.center
+    x1 = min(max(round(cx - w / 2), 0), width - w)
+    y1 = min(max(round(cy - h / 2), 0), height - h)
+    x1 = 0 if box.x1 <= 0.5 else width - w if box.x2 >= width - 0.5 else x1
+    y1 = 0 if box.y1 <= 0.5 else height - h if box.y2 >= height - 0.5 else y1
+    return Box(float(x1), float(y1), float(x1 + w), float(y1 + h))
+
+
+def ratio_note(box: Box, ratio: float, label: str, width: int, height: int) -> str | None:
+    """What a result says when its whole-pixel box is not within RATIO_TOLERANCE of the ratio
+    asked for (`label`, e.g. "16:9"): no box that close fits the image; None when it is."""
+    w, h = round(box.width), round(box.height)
+    if w < 1 or h < 1 or ratio_error(w, h, ratio) <= RATIO_TOLERANCE:
+        return None
+    return (f"no whole-pixel box of {label} fits this {width}x{height} image: the crop is {w}x{h} "
+            f"({w / h:.3g}:1; {label} is {ratio:.3g}:1), the nearest to it that fits")
+
+
 @dataclass
 class CropResult:
     """The chosen crop for one image (and one ratio, for the ratio task)."""
@@ -449,14 +521,12 @@ class CropResult:
 
     def __post_init__(self) -> None:
         """A ratio's crop is on whole pixels at the integer size nearest its ratio
-        (`geometry.whole_pixel_box`): a box whose height is not the nearest the ratio for its
+        (`whole_pixel_box`): a box whose height is not the nearest the ratio for its
         width (a rounded 319x320 at 1:1) is snapped, and where the box is further than
         RATIO_TOLERANCE from the ratio, the nearest size within it that fits (40x2 for 50x2.5 at
         20:1); where no box that close fits the image (1x1 at 16:9) a note says so."""
         if self.ratio is None or self.width < 1 or self.height < 1 or not self.box.is_valid():
             return
-        from cropper_engine.engine.geometry import RATIO_TOLERANCE, ratio_error, ratio_note, whole_pixel_box
-
         r, b = self.ratio.value, self.box
         w, h = b.width, b.height
         h_best = max(1, min(self.height, round(w / r)))  # the height nearest the ratio for this width

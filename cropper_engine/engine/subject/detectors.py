@@ -10,11 +10,11 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from cropper_engine.engine.subject.faces import Face
 from cropper_engine.errors import BackendUnavailableError, ImageError
 from cropper_engine.types import Box, SubjectSpec
 
@@ -28,24 +28,6 @@ INSTALL_HINT = "pip install 'cropper-engine[subject]' (MediaPipe, whose wheel sh
 
 
 # --- faces found ------------------------------------------------------------------------
-
-
-@dataclass
-class Face:
-    box: Box  # as detected, pixels of the full image
-    score: float
-    keep: Box  # with FACE_MARGIN, clipped to the image: what a crop should keep whole
-    # MediaPipe's six keypoints (right eye, left eye, nose tip, mouth, right ear, left ear), image pixels
-    keypoints: tuple[tuple[float, float], ...] | None = None
-    features: dict[str, Any] = field(default_factory=dict)  # `face_features`: what the ranking reads
-    rank_score: float | None = None  # faces.rank_faces: 0 for a detection that is not taken for a face
-    main: bool | None = None  # faces.rank_faces: a main face (None: not ranked)
-    why: str | None = None  # faces.rank_faces: why the detection is not taken for a face
-
-    @property
-    def area(self) -> float:
-        return self.box.area
-
 
 
 # --- detectors --------------------------------------------------------------------------

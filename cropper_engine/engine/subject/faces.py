@@ -5,17 +5,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from cropper_engine.engine.subject.detectors import Face
 from cropper_engine.types import Box
 
 MAX_FACES = 16  # a crowd: only the largest faces are kept whole
 MAIN_FACE_SHARE = 0.5  # a face ranked at least this share of the best face is a main face: always inside
 MAIN_PERSON_SHARE = 0.5  # the same for persons (side: square root of the box's area)
 CUT_PAD = 2.0  # px: a kept face is padded by this, so rounding a crop to whole pixels never cuts it
+
+
+@dataclass
+class Face:
+    """A detected face (detectors.detect_faces), with what the ranking found of it (rank_faces)."""
+
+    box: Box  # as detected, pixels of the full image
+    score: float
+    keep: Box  # with FACE_MARGIN, clipped to the image: what a crop should keep whole
+    # MediaPipe's six keypoints (right eye, left eye, nose tip, mouth, right ear, left ear), image pixels
+    keypoints: tuple[tuple[float, float], ...] | None = None
+    features: dict[str, Any] = field(default_factory=dict)  # `face_features`: what the ranking reads
+    rank_score: float | None = None  # faces.rank_faces: 0 for a detection that is not taken for a face
+    main: bool | None = None  # faces.rank_faces: a main face (None: not ranked)
+    why: str | None = None  # faces.rank_faces: why the detection is not taken for a face
+
+    @property
+    def area(self) -> float:
+        return self.box.area
 
 
 # --- keeping faces whole ----------------------------------------------------------------
