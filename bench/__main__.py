@@ -28,8 +28,9 @@ COMMANDS = {"loop": "bench.loop_bench", "index": "bench.index_bench", "cost": "b
             "default": "bench.default_bench", "subject": "bench.subject_bench", "serve": "bench.serve_bench",
             "fullsize": "bench.fullsize", "eval": "bench.eval_bench", "cv": "bench.cv_bench",
             "server-tests": "bench.server_tests", "all": "bench.all", "readme": "bench.readme",
-            "memory": "bench.memory_bench", "style": "bench.style_experiment", "faces": "bench.face_bench",
-            "ranker-study": "bench.ranker_study", "persons": "bench.person_study"}
+            "memory": "bench.memory_bench", "style": "bench.studies.style_experiment", "faces": "bench.face_bench",
+            "ranker-study": "bench.studies.ranker_study",
+            "persons": "bench.studies.person_study"}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The ranker study's tried features and within-image z-scores (bench/extra_features.py,
-bench/ranker_study.py): what they compute, on small known inputs."""
+"""The ranker study's tried features and within-image z-scores (bench/studies/extra_features.py,
+bench/studies/ranker_study.py): what they compute, on small known inputs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from needs import need_module
 from PIL import Image
 
-from bench.extra_features import features, mass_box
-from bench.ranker_study import _zscores
+from bench.studies.extra_features import features, mass_box
+from bench.studies.ranker_study import _zscores
 from cropper_engine.engine.fit_default import Rows
 
 
@@ -57,7 +57,7 @@ def test_zscores_are_within_each_image():
 
 def test_every_set_up_runs_its_cv_in_the_worker_pool():
     need_module("lightgbm", "LightGBM (the fit extra)")
-    from bench.ranker_study import SHIPPED, setups
+    from bench.studies.ranker_study import SHIPPED, setups
 
     rng = np.random.default_rng(0)
     groups, per = 40, 200  # the CV fits on 15 % of the rows, at least 100 a leaf

@@ -10,7 +10,7 @@ task, about 3-6 minutes per CV, two CVs at a time on 2 cores (~30 minutes in all
   set-ups (each one CV, two at a time in threads): the shipped LambdaRank (labels: IoU x 100, gain linear);
     every feature that varies within an image also as its z-score among the image's candidates;
     smaller, more regularised trees; the shipped features plus the tried ones of
-    bench/extra_features.py (colour contrast of the cut strips, thirds, saliency mass boxes, map
+    bench/studies/extra_features.py (colour contrast of the cut strips, thirds, saliency mass boxes, map
     concentration); and, ratio given only, the shipped features without each family (the
     neighbours' crops, the saliency maps, the gradient map; and the box's geometry alone), gain IoU^4 (the top
     candidates weigh more), labels relative to the image's best candidate, LambdaRank truncated
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, save_json  # noqa: E402  (first: it notes the load at the start)
@@ -146,7 +146,7 @@ def setups(r: Any, task: str, log: Any, extra: tuple[np.ndarray, list[str]] | No
         ("trees: 15 leaves, 400 rows a leaf, half the features a tree", lambda: r, None, REGULARISED, task)]
     if extra is not None:
         todo.append(("features: + colour of the cut strips, thirds, saliency mass boxes "
-                     "(bench/extra_features.py)", lambda: _with(r, extra), None, {}, task))
+                     "(bench/studies/extra_features.py)", lambda: _with(r, extra), None, {}, task))
     if task == "ratio":
         for family, prefixes in FAMILIES.items():
             todo.append((f"features: without {family}", lambda p=prefixes: _without(r, p), None, {}, task))
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", default="ratio,free")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the features and the CVs")
     ap.add_argument("--no-tried-features", action="store_true",
-                    help="skip the set-up with the tried features (bench/extra_features.py: ~3 min more)")
+                    help="skip the set-up with the tried features (bench/studies/extra_features.py: ~3 min more)")
     ap.add_argument("--limit", type=int, default=None, help="the first N training images only (a smoke test)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     a = ap.parse_args(argv)
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     extra = None
     if not a.no_tried_features:
-        from bench.extra_features import columns
+        from bench.studies.extra_features import columns
 
         extra = columns({t: rows[t] for t in tasks}, a.fcdb, log=lambda s: print(s, flush=True))
         print(f"tried features: {time.perf_counter() - t0:.0f} s", flush=True)

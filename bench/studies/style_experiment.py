@@ -1,6 +1,6 @@
 """Does `cropper-engine fit` adapt the no-VLM default to a house style? An experiment on FCDB.
 
-    python bench/style_experiment.py [--fcdb ../shared/data/fcdb] [--quick]
+    python bench/studies/style_experiment.py [--fcdb ../shared/data/fcdb] [--quick]
 
 1. A dataset in one consistent style unlike FCDB's (whose crops have any ratio and size): for
    every FCDB image, `--style square`: the largest square centred on its annotated crop's
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, device_info, git_sha, versions  # noqa: E402
@@ -86,7 +86,7 @@ def cli(args: list[str], log: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python bench/style_experiment.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python bench/studies/style_experiment.py", description=__doc__.split("\n")[0])
     ap.add_argument("--fcdb", default=str(ROOT.parent / "shared" / "data" / "fcdb"))
     ap.add_argument("--work", default="/tmp/cropper-style-experiment", help="for the style JSONL files and models")
     ap.add_argument("--sizes", default="25,50,100,200", help="fitting set sizes (the learning curve)")
@@ -165,7 +165,7 @@ def main() -> None:
             [round(v, 2) for v in os.getloadavg()],
         "git": git_sha(), "device": device_info(), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["python", "bench/style_experiment.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/studies/style_experiment.py", *sys.argv[1:]]),
     }
     out = Path(a.out or RESULTS / f"style_experiment_{a.style}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
