@@ -132,7 +132,7 @@ class ImageCache:
         if path in self._d:
             self._d.move_to_end(path)
             return self._d[path]
-        img = open_image(path, draft_side=self.max_side).image
+        img = open_image(path, draft_side=self.max_side).working  # no larger than needed: never the full decode
         if max(img.size) > self.max_side:
             img = img.copy()
             img.thumbnail((self.max_side, self.max_side))
