@@ -52,7 +52,7 @@ class LoadedImage:
     def __init__(self, image: Any, path: str, icc_profile: bytes | None = None, source_mode: str = "RGB",
                  rotated: bool = False, uid: str | None = None, notes: list[str] | None = None, *,
                  full_size: tuple[int, int] | None = None, source: Any = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, format: str | None = None) -> None:
         self.working = image  # PIL.Image.Image in mode RGB: the full image, or a reduced decode of it
         self.path = path
         self.icc_profile = icc_profile
@@ -60,6 +60,7 @@ class LoadedImage:
         self.rotated = rotated
         self.uid = uid or uuid.uuid4().hex  # names this decoded image in caches
         self.notes = list(notes or [])  # what decoding changed: frames dropped, alpha flattened
+        self.format = format  # the file's format as Pillow names it (JPEG, PNG, HEIF, AVIF, ...); None: not a file
         self._size = tuple(full_size) if full_size is not None else tuple(image.size)
         self.reduced = self._size != tuple(image.size)
         self._full = None if self.reduced else image
@@ -614,7 +615,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         im = Image.open(fp)
         w, h = im.size
         check_pixels(name, w, h, max_pixels, _decoded_mode(im))
-        source_mode = im.mode
+        source_mode, fmt = im.mode, im.format
         icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
         frames = int(getattr(im, "n_frames", 1) or 1)
         drafted = False
@@ -638,7 +639,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
             notes.append("transparent pixels were composited on white (the crop has no alpha)")
         rgb = _to_rgb(im)
     return LoadedImage(rgb, name, icc, source_mode, rotated, notes=notes, full_size=full_size,
-                       source=keep if full_size is not None else None, max_pixels=max_pixels)
+                       source=keep if full_size is not None else None, max_pixels=max_pixels, format=fmt)
 
 
 def _read_all(fp: Any, name: str) -> bytes:
