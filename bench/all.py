@@ -48,6 +48,8 @@ STEPS = [
     Step("eval", ["eval"], ["eval", "--limit", "20"], ["fcdb_val_eval.json"], 0.6),
     Step("default", ["default", "--out"], ["default", "--quick", "--out"], ["default_bench.json", "default_bench.md"],
          0.5),
+    Step("default-camera", ["default", "--camera", "--out"], ["default", "--camera", "--quick", "--out"],
+         ["default_bench_camera.json", "default_bench_camera.md"], 1.5),
     Step("subject", ["subject"], ["subject", "--quick"], ["subject_bench.json"], 0.3),
     Step("index", ["index", "--quick", "--embedders", "none", "--out"],
          ["index", "--sizes", "2000", "--embedders", "none", "--out"], ["index_bench.json"], 3.0),

@@ -236,7 +236,8 @@ def b_default() -> str:
             faces = t.get("with_faces")
             on_faces = (f", {faces['wall_ms_median']:.0f} on the {faces['images']} images with faces"
                         if faces else "")
-            cpu = f"; CPU {t['cpu_ms_mean']:.0f} ms, two threads" if t.get("cpu_ms_mean") else ""
+            cpu = f"; CPU {t['cpu_ms_mean']:.0f} ms{'' if f.get('threads') else ', two threads'}" \
+                if t.get("cpu_ms_mean") else ""
             parts.append(f"{what} {t['wall_ms_mean']:.0f} ms per image (median {t['wall_ms_median']:.0f}"
                          f"{on_faces}{cpu})")
     st = tk.get("ratio", next(iter(tk.values())))["stages_ms"]
@@ -246,13 +247,52 @@ def b_default() -> str:
         t = tk["ratio"]
         iou = (f"; IoU {t['iou']:.3f} against {peer['iou']:.3f}" if t.get("iou") is not None
                and peer.get("iou") is not None else "")
+        peer_cpu = f" (CPU {peer['cpu_ms_mean']:.0f} ms)" if peer.get("cpu_ms_mean") else ""
         parts.append(f"beside {peer['name']} (ratio task, the same images, interleaved): median "
-                     f"{t['wall_ms_median']:.0f} against {peer['wall_ms_median']:.0f} ms, "
+                     f"{t['wall_ms_median']:.0f} against {peer['wall_ms_median']:.0f} ms{peer_cpu}, "
                      f"{t['median_ratio_to_peer']:.2f}x its time{iou}")
-    return (f"{'; '.join(parts)} on {tk.get('ratio', {}).get('images', '?')} FCDB val images at {f['side']} px; "
+    side = f"{f['side']} px" if f["side"] else "their own size (800 to 1,024 px)"
+    return (f"{'; '.join(parts)} on {tk.get('ratio', {}).get('images', '?')} FCDB val images at {side}; "
             f"stages of the ratio task in ms: {stages}; limit {f['limit_ms']:.0f} ms: "
-            f"{'met' if f['ok'] else 'NOT met'}; model and table load {f['load_ms']:.0f} ms once per process "
-            f"({source('default_bench.json', f)}).")
+            f"{'met' if f['ok'] else 'NOT met'}; model and table load {f['load_ms']:.0f} ms once per process"
+            f"{_threads(f)} ({source('default_bench.json', f)}).")
+
+
+def _threads(f: dict[str, Any]) -> str:
+    th = f.get("threads")
+    return "; threads: " + "; ".join(f"{k}, {v}" for k, v in th.items()) if th else ""
+
+
+def b_default_camera() -> str:
+    f = load("default_bench_camera.json")
+    if f is None:
+        return source("default_bench_camera.json", f)
+    tk, cam = f["tasks"], f["camera"]
+    t = tk.get("ratio", next(iter(tk.values())))
+    n = t["images"]
+    parts = [f"{n} FCDB val images enlarged to {cam['side']:,} px ({cam['megapixels_median']:.0f} MP, JPEG quality "
+             f"{cam['quality']}, {cam['turned_by_exif']} of them turned by EXIF orientation)"]
+    peer = t.get("peer")
+    line = (f"the ratio task's box in {t['wall_ms_median']:.0f} ms per image (median; p90 {t['wall_ms_p90']:.0f}; "
+            f"CPU {t['cpu_ms_mean']:.0f} ms)")
+    if peer:
+        iou = (f"; IoU {t['iou']:.3f} against {peer['iou']:.3f}" if t.get("iou") is not None
+               and peer.get("iou") is not None else "")
+        line += (f" against {peer['name']}'s {peer['wall_ms_median']:.0f} ms (CPU {peer['cpu_ms_mean']:.0f} ms), "
+                 f"{t['median_ratio_to_peer']:.2f}x its time{iou}")
+    parts.append(line)
+    if "free" in tk:
+        parts.append(f"free-form {tk['free']['wall_ms_median']:.0f} ms (median)")
+    fd = t.get("full_decode")
+    if fd:
+        dec = t["stages_ms"].get("decode", 0)
+        parts.append(f"the JPEG decoded at reduced scale for the box (decode {dec:.0f} ms of it) and whole only to "
+                     f"cut a crop; decoded whole as before, {fd['wall_ms_median']:.0f} ms "
+                     f"(IoU {fd['iou']:.3f}), {t['speedup_vs_full_decode']:.1f}x slower; the boxes moved by "
+                     f"{fd['box_shift_median']:.2f} px median (p90 {fd['box_shift_p90']:.2f}, max "
+                     f"{fd['box_shift_max']:.2f}) at the analysis's 160 px, {fd['within_1px']:.0%} within 1 px")
+    return (f"{'; '.join(parts)}; limit {f['limit_ms']:.0f} ms (the ratio task's median, the box alone): "
+            f"{'met' if t['ok'] else 'NOT met'}{_threads(f)} ({source('default_bench_camera.json', f)}).")
 
 
 def b_subject() -> str:
@@ -356,7 +396,8 @@ def b_bench_all() -> str:
 
 
 BLOCKS: dict[str, Callable[[], str]] = {
-    "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "subject": b_subject, "index": b_index,
+    "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "default-camera": b_default_camera,
+    "subject": b_subject, "index": b_index,
     "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all,
     "ranker-study": b_ranker_study, "persons": b_persons,
     "faces": b_faces}

@@ -114,7 +114,10 @@ class Crop:
     def image(self, size: tuple[int, int] | str | None = None) -> Image.Image:
         """The cropped pixels as an RGB PIL image: upright (EXIF rotation applied), the source's
         ICC profile in `.info["icc_profile"]`, shrunk to fit `size` (W, H or "WxH"; default: the
-        `size` given to `crop`) keeping its ratio, never enlarged (as `--size`)."""
+        `size` given to `crop`) keeping its ratio, never enlarged (as `--size`).
+
+        The box of a large JPEG is found on a reduced decode; the full image is decoded here, on
+        the first call, and kept for the image's other crops (its other ratios)."""
         from PIL import Image
 
         loaded = self.result.loaded

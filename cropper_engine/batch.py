@@ -37,7 +37,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from cropper_engine.errors import CropperError, ImageError, InputError
-from cropper_engine.imageio import is_image_path, with_image_notes
+from cropper_engine.imageio import AVIF_SUFFIXES, HEIF_SUFFIXES, NO_AVIF, NO_HEIC, is_image_path, with_image_notes
 from cropper_engine.types import CropRequest, CropResult, Ratio, Task, parse_ratios
 
 RESULTS = "results.jsonl"
@@ -120,8 +120,6 @@ class InputItem:
 
 # --- what a folder walk reads -------------------------------------------------------------------
 
-HEIF_SUFFIXES = (".heic", ".heif", ".hif")
-AVIF_SUFFIXES = (".avif", ".avifs")
 CODECS = {"JPEG2000": "jpg_2000", "AVIF": "avif", "WEBP": "webp"}  # formats whose decoder is a build option
 
 
@@ -158,9 +156,9 @@ def unread_reason(name: str, suffixes: set[str]) -> str | None:
     if suffix in suffixes:
         return None
     if suffix in HEIF_SUFFIXES:
-        return "no HEIC decoder installed (pip install pillow-heif)"
+        return NO_HEIC
     if suffix in AVIF_SUFFIXES:
-        return "no AVIF decoder installed (pip install -U pillow: its wheels read AVIF from 11.3 on)"
+        return NO_AVIF
     if suffix in (".j2k", ".jp2", ".jpx", ".j2c", ".jpc", ".jpf"):
         return "no JPEG 2000 decoder in this Pillow (it is built without OpenJPEG)"
     if not suffix:
@@ -501,7 +499,28 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 CROP_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
-CROP_SUFFIX = {".jfif": ".jpg", ".jpe": ".jpg", ".mpo": ".jpg"}  # JPEG by other names: crops are .jpg; others .png
+# JPEG by other names, and photos in HEIC / AVIF: crops are .jpg (HEIC / AVIF with --format); others .png
+CROP_SUFFIX = {".jfif": ".jpg", ".jpe": ".jpg", ".mpo": ".jpg", **dict.fromkeys(HEIF_SUFFIXES + AVIF_SUFFIXES, ".jpg")}
+# --format: the crops' format whatever the input's (auto: the input's where it is one of CROP_FORMATS)
+OUT_FORMATS = {"jpg": ".jpg", "png": ".png", "webp": ".webp", "tif": ".tif", "heic": ".heic", "avif": ".avif"}
+WRITERS = {**CROP_FORMATS, ".heic": "HEIF", ".avif": "AVIF"}
+
+
+def check_out_format(fmt: str | None) -> None:
+    """Refuse --format heic / avif before any work where no encoder for it is installed here."""
+    from PIL import Image, features
+
+    from cropper_engine.imageio import heif_plugin
+
+    if fmt == "heic" and (heif_plugin() is None or Image.SAVE.get("HEIF") is None):
+        raise InputError("--format heic needs a HEIC encoder: pip install pillow-heif (or write JPEG: --format jpg)")
+    if fmt == "avif":
+        try:
+            ok = bool(features.check("avif"))
+        except (ValueError, ImportError):
+            ok = False
+        if not ok:
+            raise InputError("--format avif needs a Pillow with AVIF (pip install -U pillow; 11.3 or later)")
 
 
 @dataclass
@@ -512,6 +531,7 @@ class OutputWriter:
     used: set[str] = field(default_factory=set)
     quality: int = 95
     orphans: set[str] = field(default_factory=set)  # crops an interrupted run left without their row
+    fmt: str | None = None  # --format: jpg | png | webp | tif | heic | avif; None: as the input (HEIC, AVIF: jpg)
 
     def path_for(self, item: InputItem, ratio: Ratio | None) -> Path:
         """OUT/crops/<the input's relative name>[_WxH][-k].<ext>: always inside OUT/crops/, never an
@@ -519,7 +539,7 @@ class OutputWriter:
         crops = self.out_dir / "crops"
         rel = PurePath(out_rel(item.rel))
         ext = rel.suffix.lower()
-        suffix = ext if ext in CROP_FORMATS else CROP_SUFFIX.get(ext, ".png")
+        suffix = OUT_FORMATS[self.fmt] if self.fmt else ext if ext in CROP_FORMATS else CROP_SUFFIX.get(ext, ".png")
         folder = crops / rel.parent
         if not _inside(folder, crops):  # a link inside crops/ leading out of it
             folder = crops
@@ -536,8 +556,9 @@ class OutputWriter:
         return cand
 
     def write(self, item: InputItem, result: CropResult, image: Any, icc: bytes | None) -> Path:
-        """The crop, encoded in memory, then written whole (atomic_write). Raises OSError naming
-        the crop's path (its name is given back for a later try)."""
+        """The crop, encoded in memory, then written whole (atomic_write). `image`: the whole image
+        at full resolution (`LoadedImage.image`, decoded once for all of an image's crops). Raises
+        OSError naming the crop's path (its name is given back for a later try)."""
         from PIL import Image
 
         crop = image.crop(tuple(result.box.as_int()))
@@ -552,9 +573,11 @@ class OutputWriter:
         ext = out.suffix.lower()
         if ext in (".jpg", ".jpeg"):
             kw.update(quality=self.quality, subsampling=0)
+        elif ext in (".heic", ".avif"):
+            kw.update(quality=self.quality)
         try:
             buf = io.BytesIO()
-            crop.save(buf, format=CROP_FORMATS[ext], **kw)
+            crop.save(buf, format=WRITERS[ext], **kw)
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out, buf.getvalue())
         except BaseException as exc:
@@ -798,12 +821,15 @@ def run_batch(
     keep_faces: bool | None = None,
     save_prompts: bool = False,
     on_note: Callable[[str], None] | None = None,
+    crop_format: str | None = None,
 ) -> BatchSummary:
     """Crop everything in `sources`; write crops and results.jsonl under `out_dir` (if given).
 
     `subject` (a `--subject` spec) and `keep_faces` apply to every input; a manifest line's own
     "subject" or "mask" wins over them. `save_prompts`: every VLM prompt and raw answer goes to
-    OUT/prompts/<the crop's name>/round<r>.txt, listed in the row's "prompts".
+    OUT/prompts/<the crop's name>/round<r>.txt, listed in the row's "prompts". `crop_format`
+    (--format: jpg, png, webp, tif, heic, avif) writes every crop in that format; by default a
+    crop has its input's format, JPEG for HEIC and AVIF photos, PNG for the rest.
 
     A crop and its row are written whole or not at all; a full disk (or a results.jsonl that
     cannot grow) stops the run: `summary.stopped` says why, and `resume` finishes it."""
@@ -854,7 +880,8 @@ def run_batch(
             if note and on_note:
                 on_note(note)
         done = load_done(results_path) if resume else set()
-        writer = OutputWriter(out, size)
+        check_out_format(crop_format)
+        writer = OutputWriter(out, size, fmt=crop_format)
         if resume:  # an earlier run's crops stay theirs; those it left without a row are taken again
             writer.used |= load_outputs(results_path)
         writer.orphans = scan_crops(out / "crops", writer.used if resume else None)
@@ -879,8 +906,13 @@ def run_batch(
             if isinstance(res, CropperError):
                 err(f"{item.path}: {res}" if item.path not in str(res) else str(res))
             else:
-                for r in res:
-                    keep(item, r)
+                try:
+                    for r in res:
+                        keep(item, r)
+                finally:  # its crops are written: the full-size decode goes (the reduced one is small)
+                    for r in res:
+                        if r.loaded is not None:
+                            r.loaded.release()
             if on_progress:
                 on_progress(1)
 

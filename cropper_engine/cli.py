@@ -384,6 +384,10 @@ def max_pixels_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write crops/ and results.jsonl here [default: only print the results].")
 @click.option("--size", "size_text", default=None, help="Resize each crop to fit WxH (never upscales).")
+@click.option("--format", "crop_format", type=click.Choice(["auto", "jpg", "png", "webp", "tif", "heic", "avif"]),
+              default="auto", show_default=True,
+              help="The crops' format: auto keeps the input's (JPEG, PNG, WebP, TIFF), writes HEIC and AVIF "
+                   "photos as JPEG and the rest as PNG; heic needs pillow-heif's encoder.")
 @click.option("--json", "as_json", is_flag=True, help="Print each results.jsonl line to stdout.")
 @max_pixels_option
 @click.option("--report", is_flag=True, help="Write an HTML contact sheet to OUT/report/index.html.")
@@ -400,8 +404,8 @@ def max_pixels_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, ratio_text: str | None,
              mask: str | None, subject_text: str | None, keep_faces: bool | None, index_dir: str | None,
              vlm: str | None, backend: str | None,
-             out_dir: str | None, size_text: str | None, as_json: bool, max_pixels: int | None,
-             report: bool, resume: bool, save_prompts: bool,
+             out_dir: str | None, size_text: str | None, crop_format: str, as_json: bool,
+             max_pixels: int | None, report: bool, resume: bool, save_prompts: bool,
              batch_size: int | None, candidates: int | None, rounds: int | None,
              examples: int | None) -> None:
     """Crop images (files, directories, or .txt / .jsonl manifests).
@@ -414,6 +418,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
       cropper-engine crop portrait.jpg --mask subject.png --out crops/
       cropper-engine crop shoot/ --subject auto --ratio 1:1,16:9 --out crops/   faces (or persons) kept whole
       cropper-engine crop photo.jpg --subject 640,360 --ratio 4:5               around a focal point
+      cropper-engine crop phone/ --ratio 4:5 --out crops/   HEIC / AVIF photos too, their crops as JPEG
     Writes OUT/crops/..., OUT/results.jsonl (one line per image and ratio) and, for images that
     could not be read, OUT/errors.jsonl; the exit status is 1 if any image failed.
     """
@@ -447,6 +452,10 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
     if size and not out_dir:
         raise InputError("--size needs --out DIR: it resizes the crops written to DIR/crops/ (without --out "
                          "only the boxes are printed)")
+    fmt = None if crop_format == "auto" else crop_format
+    if fmt and not out_dir:
+        raise InputError(f"--format {fmt} needs --out DIR: it is the format of the crops written to DIR/crops/ "
+                         "(without --out only the boxes are printed)")
     limit = max_pixels or load_cfg(ctx).max_pixels  # the flag, else the config's (file, environment)
     if mask:
         precheck_mask(mask, inputs, out_dir, limit)
@@ -461,6 +470,9 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
         from cropper_engine.batch import check_out_dir
 
         check_out_dir(out_dir)
+        from cropper_engine.batch import check_out_format
+
+        check_out_format(fmt)
     cfg = load_cfg(ctx, **{"index": index_dir, "vlm.model": vlm, "vlm.backend": backend,
                            "vlm.batch_size": batch_size, "vlm.candidates": candidates,
                            "vlm.rounds": rounds, "retrieval.examples": examples, "max_pixels": max_pixels})
@@ -494,7 +506,7 @@ def crop_cmd(ctx: click.Context, inputs: tuple[str, ...], task: str | None, rati
             resume=resume, batch_size=cfg.vlm.batch_size, emit=emit, subject=spec, keep_faces=keep_faces,
             on_error=lambda msg: tqdm.write(f"error: {msg}", file=sys.stderr),
             on_note=lambda msg: tqdm.write(f"note: {msg}", file=sys.stderr),
-            on_progress=bar.update, report=rep, save_prompts=save_prompts,
+            on_progress=bar.update, report=rep, save_prompts=save_prompts, crop_format=fmt,
         )
     cropper.close()
     failed = bool(summary.errors)

@@ -17,7 +17,6 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,89 @@ from cropper_engine.errors import ImageError
 
 # Pillow's own bomb check warns at 89M pixels; we refuse above this many, before decoding.
 DEFAULT_MAX_PIXELS = 120_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".hif",
+                  ".avif"}
+HEIF_SUFFIXES = (".heic", ".heif", ".hif", ".heics", ".heifs")
+AVIF_SUFFIXES = (".avif", ".avifs")
+NO_HEIC = "no HEIC decoder installed (pip install pillow-heif)"
+NO_AVIF = "no AVIF decoder installed (pip install -U pillow: its wheels read AVIF from 11.3 on)"
+# ISO-BMFF brands (the `ftyp` box) of HEVC-coded HEIF images (HEIC) and of AVIF images
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
+AVIF_BRANDS = (b"avif", b"avis")
 
 
-@dataclass
 class LoadedImage:
-    """An RGB image as the user sees it (EXIF orientation applied)."""
+    """An RGB image as the user sees it (EXIF orientation applied).
 
-    image: Any  # PIL.Image.Image in mode RGB
-    path: str
-    icc_profile: bytes | None = None
-    source_mode: str = "RGB"
-    rotated: bool = False
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this decoded image in caches
-    notes: list[str] = field(default_factory=list)  # what decoding changed: frames dropped, alpha flattened
+    `image` is the whole picture at full resolution and `size` its (upright) size. A large JPEG
+    opened for its crop box alone (`open_image(..., draft_side=N)`) is decoded at a reduced scale
+    (`working`: JPEG draft mode, longest side at least N, several times faster than a full
+    decode); `image` then decodes the source again at full size on its first use (to cut and
+    write a crop) and keeps it until `release()`. Whoever only downscales the picture (analysis,
+    descriptors, saliency, face detection) reads `working`; whoever cuts it by a box in pixels
+    reads `image` (`reduced` says whether the two differ).
+    """
+
+    def __init__(self, image: Any, path: str, icc_profile: bytes | None = None, source_mode: str = "RGB",
+                 rotated: bool = False, uid: str | None = None, notes: list[str] | None = None, *,
+                 full_size: tuple[int, int] | None = None, source: Any = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, format: str | None = None) -> None:
+        self.working = image  # PIL.Image.Image in mode RGB: the full image, or a reduced decode of it
+        self.path = path
+        self.icc_profile = icc_profile
+        self.source_mode = source_mode
+        self.rotated = rotated
+        self.uid = uid or uuid.uuid4().hex  # names this decoded image in caches
+        self.notes = list(notes or [])  # what decoding changed: frames dropped, alpha flattened
+        self.format = format  # the file's format as Pillow names it (JPEG, PNG, HEIF, AVIF, ...); None: not a file
+        self._size = tuple(full_size) if full_size is not None else tuple(image.size)
+        self.reduced = self._size != tuple(image.size)
+        self._full = None if self.reduced else image
+        self._source = source if self.reduced else None  # what `image` decodes again: a path or the file's bytes
+        self._max_pixels = max_pixels
+        self._lock = threading.Lock()
+        self.full_decodes = 0  # how many times `image` decoded the source (tests: once per image)
+
+    def __repr__(self) -> str:
+        held = f", working {self.working.size[0]}x{self.working.size[1]}" if self.reduced else ""
+        return f"LoadedImage({self.path!r}, {self._size[0]}x{self._size[1]}{held})"
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        """The upright image's full width and height (whatever `working` holds)."""
+        return self._size  # type: ignore[return-value]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Full-resolution pixels per `working` pixel, across and down (1.0 unless reduced)."""
+        return self._size[0] / self.working.size[0], self._size[1] / self.working.size[1]
+
+    @property
+    def image(self) -> Any:
+        """The whole image at full resolution (RGB PIL image): decoded from the source on first
+        use where only a reduced copy is held; an ImageError where the source cannot be decoded
+        again as it was (gone, changed)."""
+        full = self._full
+        if full is not None:
+            return full
+        with self._lock:
+            if self._full is None:
+                self._full = self._decode_full()
+            return self._full
+
+    def release(self) -> None:
+        """Forget the full-resolution decode of a reduced image (the next `image` decodes again)."""
+        if self.reduced:
+            self._full = None
+
+    def _decode_full(self) -> Any:
+        self.full_decodes += 1
+        again = open_image(self._source, self._max_pixels, name=self.path)
+        if again.size != self.size:
+            raise ImageError(f"{self.path}: the file changed while it was being cropped (it was "
+                             f"{self.size[0]}x{self.size[1]}, it is {again.size[0]}x{again.size[1]} now); "
+                             "crop it again")
+        return again.working
 
     def array(self) -> np.ndarray:
         return np.asarray(self.image, dtype=np.uint8)
@@ -56,8 +120,12 @@ _PIL_MODULES = r"PIL(\.|$)"  # the warnings of Pillow's decoders are silenced (`
 
 
 def format_pixels(n: int) -> str:
-    """92160000 -> '92.16 MP', 120000000 -> '120 MP', 4096 -> '4,096 pixels'."""
-    return f"{n / 1e6:.4g} MP" if n >= 1_000_000 else f"{n:,} pixels"
+    """92160000 -> '92.16 MP', 120000000 -> '120 MP', 10**10 -> '10,000 MP', 4096 -> '4,096 pixels'."""
+    if n < 1_000_000:
+        return f"{n:,} pixels"
+    mp = n / 1e6
+    text = f"{mp:.4g}"
+    return f"{mp:,.0f} MP" if float(text) >= 1000 else f"{text} MP"
 
 
 def too_many_pixels(name: str, w: int, h: int, max_pixels: int) -> str:
@@ -85,6 +153,118 @@ def pillow_guard(max_pixels: int) -> None:
         if not any(f[0] == "ignore" and f[2] is UserWarning and f[3] is not None and f[3].pattern == _PIL_MODULES
                    for f in warnings.filters):
             warnings.filterwarnings("ignore", category=UserWarning, module=_PIL_MODULES)
+
+
+def ftyp_brands(head: bytes) -> list[bytes]:
+    """The brands of an ISO-BMFF file's `ftyp` box (major first, then the compatible ones) from
+    its first bytes; [] for any other file."""
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return []
+    end = min(len(head), max(16, int.from_bytes(head[:4], "big")))
+    return [head[8:12]] + [head[i:i + 4] for i in range(16, end - 3, 4)]
+
+
+def image_kind(head: bytes) -> str | None:
+    """'heic' or 'avif' for the first bytes of a HEIF file coded in HEVC or AV1, else None."""
+    brands = ftyp_brands(head)
+    if not brands:
+        return None
+    if brands[0] in AVIF_BRANDS or (any(b in AVIF_BRANDS for b in brands)
+                                    and not any(b in HEIF_BRANDS for b in brands)):
+        return "avif"
+    return "heic" if any(b in HEIF_BRANDS for b in brands) else None
+
+
+_HEIF_LOCK = threading.Lock()
+_heif_class: Any = None  # pillow_heif's HeifImageFile, once imported
+
+
+def _heif_accept(prefix: bytes) -> bool:
+    """Pillow's first look (16 bytes): a HEIF major brand, or a generic one (mif1 / msf1) that
+    `_heif_open` tells apart from AVIF by the compatible brands."""
+    return prefix[4:8] == b"ftyp" and (prefix[8:12] in HEIF_BRANDS or prefix[8:12] in (b"mif1", b"msf1"))
+
+
+def heif_plugin() -> Any:
+    """pillow_heif's image class, imported and registered with Pillow (opener, saver) on first
+    use; None where pillow-heif is not installed."""
+    global _heif_class
+    if _heif_class is None:
+        with _HEIF_LOCK:
+            if _heif_class is None:
+                try:
+                    import pillow_heif
+                except ImportError:
+                    return None
+                from PIL import Image
+
+                pillow_heif.register_heif_opener()  # its saver, extensions and MIME type
+                cls = pillow_heif.HeifImageFile
+                Image.register_open(cls.format, _heif_open, _heif_accept)  # ours: AVIF is left to Pillow
+                _heif_class = cls
+    return _heif_class
+
+
+def _heif_open(fp: Any, filename: Any = None) -> Any:
+    """Pillow's opener for HEIC: pillow-heif's, imported on the first HEIC file (importing it
+    costs ~20 ms, so it is not imported with this module). An AVIF file under a generic brand is
+    refused with a SyntaxError, which sends Pillow on to its own AVIF plugin."""
+    head = fp.read(64)
+    fp.seek(0)
+    if image_kind(head) != "heic":
+        raise SyntaxError("not a HEVC-coded HEIF image")
+    cls = heif_plugin()
+    if cls is None:  # pragma: no cover - registered only where pillow-heif is installed
+        raise SyntaxError(NO_HEIC)
+    return cls(fp, filename)
+
+
+def _register_heif() -> None:
+    """Register the HEIC opener with Pillow where pillow-heif is installed, without importing it
+    (`_heif_open` does, on the first HEIC file): a folder walk then takes .heic / .heif files."""
+    from importlib.util import find_spec
+
+    from PIL import Image
+
+    if find_spec("pillow_heif") is None or "HEIF" in Image.OPEN:
+        return
+    Image.register_open("HEIF", _heif_open, _heif_accept)
+    Image.register_save("HEIF", _heif_save)
+    Image.register_extensions("HEIF", list(HEIF_SUFFIXES))
+    Image.register_mime("HEIF", "image/heif")
+
+
+def _heif_save(im: Any, fp: Any, filename: Any) -> None:
+    """Pillow's saver for HEIC until pillow-heif is imported: it imports it and hands over."""
+    from PIL import Image
+
+    heif_plugin()
+    handler = Image.SAVE.get("HEIF")
+    if handler is None or handler is _heif_save:
+        raise OSError("no HEIC encoder here (pillow-heif without one); write the crops as JPEG: --format jpg")
+    handler(im, fp, filename)
+
+
+_register_heif()
+
+
+def missing_decoder(name: str, head: bytes = b"") -> str | None:
+    """Why Pillow cannot read an image that is a HEIC or AVIF file (by its first bytes, else its
+    name's suffix) here: no decoder installed; None for anything else."""
+    from PIL import Image, features
+
+    kind = image_kind(head) or {**dict.fromkeys(HEIF_SUFFIXES, "heic"), **dict.fromkeys(AVIF_SUFFIXES, "avif")}.get(
+        Path(name).suffix.lower() if name else "")
+    if kind == "heic" and "HEIF" not in Image.OPEN:
+        return NO_HEIC
+    if kind == "avif":
+        try:
+            ok = bool(features.check("avif"))
+        except (ValueError, ImportError):
+            ok = False
+        if not ok:
+            return NO_AVIF
+    return None
 
 
 def with_image_notes(row: dict[str, Any], loaded: LoadedImage | None) -> dict[str, Any]:
@@ -117,6 +297,7 @@ RGB_PIXEL_BYTES = 4
 # limit counts pixels at this weight, and an image that needs more (16-bit kept as is, alpha,
 # CMYK, 32-bit) counts as that many more pixels (`charged_pixels`).
 BASE_PIXEL_BYTES = 5
+DRAFT_FORMATS = ("JPEG", "MPO")  # what Pillow can decode at a reduced scale (JPEG's DCT scaling)
 STRIP_BYTES = 16 << 20  # modes converted by numpy are converted this many source bytes at a time
 _DIRECT_8BIT = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B", "I;16N": "L;16"}
 
@@ -164,19 +345,55 @@ def _depth_words(mode: str) -> str:
             "PA": "palette with alpha", "RGBA": "RGB with alpha", "RGBa": "RGB with alpha"}.get(mode, mode)
 
 
-def check_pixels(name: str, w: int, h: int, max_pixels: int, mode: str = "RGB") -> None:
-    """Raise ImageError when an image of this size and decoded mode is over the pixel limit."""
+def pixel_problem(name: str, w: int, h: int, max_pixels: int, mode: str = "RGB") -> str | None:
+    """Why an image of this size and decoded mode cannot be decoded under the pixel limit (None: it can)."""
     if w <= 0 or h <= 0:
-        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+        return f"{name}: image has no pixels ({w}x{h})"
     charged = charged_pixels(w, h, mode)
     if charged <= max_pixels:
-        return
+        return None
     if charged == w * h:
-        raise ImageError(too_many_pixels(name, w, h, max_pixels))
-    raise ImageError(
-        f"{name}: {w}x{h} = {format_pixels(w * h)} of {_depth_words(mode)}, which decodes at "
-        f"{held_bytes_per_pixel(mode)} bytes a pixel (an 8-bit image {BASE_PIXEL_BYTES}) and so counts as "
-        f"{format_pixels(charged)}, more than the limit of {format_pixels(max_pixels)}; {RAISE_HINT}")
+        return too_many_pixels(name, w, h, max_pixels)
+    return (f"{name}: {w}x{h} = {format_pixels(w * h)} of {_depth_words(mode)}, which decodes at "
+            f"{held_bytes_per_pixel(mode)} bytes a pixel (an 8-bit image {BASE_PIXEL_BYTES}) and so counts as "
+            f"{format_pixels(charged)}, more than the limit of {format_pixels(max_pixels)}; {RAISE_HINT}")
+
+
+def check_pixels(name: str, w: int, h: int, max_pixels: int, mode: str = "RGB") -> None:
+    """Raise ImageError when an image of this size and decoded mode is over the pixel limit."""
+    problem = pixel_problem(name, w, h, max_pixels, mode)
+    if problem:
+        raise ImageError(problem)
+
+
+def open_header(reopen: Any) -> Any:
+    """The image a file opens as, its header read as `Image.open` reads it but without Pillow's
+    decompression-bomb check (which refuses an image of more than twice PIL.Image.MAX_IMAGE_PIXELS
+    before anyone sees its size); None where no plugin reads it. `reopen()` gives the file from
+    its start. For the size an over-limit image's message names; nothing is decoded."""
+    from PIL import Image
+
+    try:
+        fp = reopen()
+        prefix = fp.read(16)
+    except (OSError, ValueError):
+        return None
+    Image.init()
+    for fmt in list(Image.ID):
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None:
+            continue
+        try:
+            ok = not accept or accept(prefix)
+            if ok and not isinstance(ok, str):
+                fp.seek(0)
+                im = factory(fp, "")
+                im._exclusive_fp = True  # closing the image closes the file
+                return im
+        except Exception:  # a plugin that does not read it: the next one
+            continue
+    fp.close()
+    return None
 
 
 def _direct_tiles(im: Any) -> list[Any] | None:
@@ -208,10 +425,11 @@ def _decode_16_as_8(im: Any) -> None:
 
 
 @contextlib.contextmanager
-def pillow_errors(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[None]:
-    """Pillow's calls inside become ImageErrors naming `name` and the problem: unreadable,
-    truncated, a decompression bomb, or damaged in a way Pillow does not name (PILLOW_DECODE_ERRORS).
-    ImageErrors raised inside pass through."""
+def pillow_errors(name: str, max_pixels: int = DEFAULT_MAX_PIXELS, reopen: Any = None) -> Iterator[None]:
+    """Pillow's calls inside become ImageErrors naming `name` and the problem: unreadable (a HEIC
+    or AVIF file without its decoder named so), truncated, a decompression bomb (its width and
+    height read from the header where `reopen()` gives the file again), or damaged in a way
+    Pillow does not name (PILLOW_DECODE_ERRORS). ImageErrors raised inside pass through."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -219,8 +437,21 @@ def pillow_errors(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[N
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read") from None
+        head = b""
+        if reopen is not None:
+            with contextlib.suppress(OSError, ValueError), reopen() as f:
+                head = f.read(64)
+        why = missing_decoder(name, head)
+        raise ImageError(f"{name}: {why}" if why else f"{name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        im = open_header(reopen) if reopen is not None else None
+        if im is not None:
+            with im:
+                w, h = im.size
+                problem = pixel_problem(name, w, h, max_pixels, _decoded_mode(im))
+            raise ImageError(problem or (
+                f"{name}: {w}x{h} = {format_pixels(w * h)}, refused by Pillow as a decompression bomb (over twice "
+                f"PIL.Image.MAX_IMAGE_PIXELS, set lower than the limit of {format_pixels(max_pixels)})")) from None
         n = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{format_pixels(int(n.group(1)))}, " if n else ""
         raise ImageError(f"{name}: {size}more than the limit of {format_pixels(max_pixels)} (a decompression "
@@ -373,22 +604,32 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
 
     name = _name_of(source, name)
     fp = _as_file(source, name)
+    if not isinstance(fp, str):  # a file object: its bytes, so that the image can be read again
+        data = source if isinstance(source, bytes) else fp.getvalue() if fp is not source else _read_all(fp, name)
+        fp = io.BytesIO(data)
+        keep: Any = data
+    else:
+        keep = fp
     pillow_guard(max_pixels)
-    with pillow_errors(name, max_pixels):
+    with pillow_errors(name, max_pixels, _reopener(keep)):
         im = Image.open(fp)
         w, h = im.size
         check_pixels(name, w, h, max_pixels, _decoded_mode(im))
-        source_mode = im.mode
+        source_mode, fmt = im.mode, im.format
         icc = _rgb_profile(im.info.get("icc_profile"), source_mode)
         frames = int(getattr(im, "n_frames", 1) or 1)
-        if draft_side and im.format == "JPEG" and max(w, h) > 2 * draft_side:
+        drafted = False
+        if draft_side and im.format in DRAFT_FORMATS and max(w, h) > 2 * draft_side:
             s = draft_side / max(w, h)
             im.draft(None, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+            drafted = im.size != (w, h)  # decoded at 1/2, 1/4 or 1/8: the full size is the header's
         _decode_16_as_8(im)
         im.load()
         if im.size[0] <= 0 or im.size[1] <= 0:
             raise ImageError(f"{name}: image has no pixels ({im.size[0]}x{im.size[1]})")
-        rotated = _orientation(im) not in (None, 1)
+        orientation = _orientation(im)  # after load: a PNG's EXIF read first would decode it at 16 bits
+        full_size = ((h, w) if orientation in (5, 6, 7, 8) else (w, h)) if drafted else None
+        rotated = orientation not in (None, 1)
         if rotated:
             im = ImageOps.exif_transpose(im)
         notes = []
@@ -397,7 +638,30 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
         if _has_transparency(im):
             notes.append("transparent pixels were composited on white (the crop has no alpha)")
         rgb = _to_rgb(im)
-    return LoadedImage(rgb, name, icc, source_mode, rotated, notes=notes)
+    return LoadedImage(rgb, name, icc, source_mode, rotated, notes=notes, full_size=full_size,
+                       source=keep if full_size is not None else None, max_pixels=max_pixels, format=fmt)
+
+
+def _read_all(fp: Any, name: str) -> bytes:
+    """A file object's bytes from its start, as Pillow reads it (from where it stands if it cannot seek)."""
+    try:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fp.seek(0)
+        data = fp.read()
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot read the file object ({exc})") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"{name}: the file object gives {type(data).__name__}, not bytes: open it in binary mode")
+    if len(data) == 0:
+        raise ImageError(f"{name}: empty file (no bytes left to read)")
+    return bytes(data)
+
+
+def _reopener(keep: str | bytes) -> Any:
+    """A function giving the image file again from its start (a path opened, or its bytes)."""
+    if isinstance(keep, str):
+        return lambda: open(keep, "rb")  # the caller closes it
+    return lambda: io.BytesIO(keep)
 
 
 def missing_reason(p: Path) -> str:
@@ -444,17 +708,27 @@ def _orientation(im: Any) -> int | None:
 
 
 def image_size(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """The upright (EXIF-rotated) size of an image, read from its header only."""
+    """The upright (EXIF-rotated) size of an image, read from its header only. An image over the
+    pixel limit is an ImageError naming its width and height, also one so large that Pillow's own
+    decompression-bomb check refuses to open it (its header is then read without that check)."""
     from PIL import Image
 
     name = str(path)
     fp = _as_file(path, name)
+    reopen = _reopener(fp) if isinstance(fp, str) else None
     pillow_guard(max_pixels)
-    with pillow_errors(name, max_pixels), Image.open(fp) as im:
-        w, h = im.size
-        check_pixels(name, w, h, max_pixels, _decoded_mode(im))
-        if _orientation(im) in (5, 6, 7, 8):
-            w, h = h, w
+    with pillow_errors(name, max_pixels, reopen):
+        try:
+            im = Image.open(fp)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            im = open_header(reopen) if reopen is not None else None
+            if im is None:
+                raise
+        with im:
+            w, h = im.size
+            check_pixels(name, w, h, max_pixels, _decoded_mode(im))
+            if _orientation(im) in (5, 6, 7, 8):
+                w, h = h, w
     return w, h
 
 

@@ -591,8 +591,11 @@ async def parse_form(request: Any, max_bytes: int, limit_mb: float) -> Upload:
         await form.close()
 
 
-def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | None = None) -> tuple[Any, int]:
-    """Decode and check an upload (on a worker thread): a CropRequest and its job count."""
+def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | None = None,
+            draft_side: Any = None) -> tuple[Any, int]:
+    """Decode and check an upload (on a worker thread): a CropRequest and its job count.
+    `draft_side(subject)`: the engine's `Cropper.draft_side`, how large a decode it needs (a large
+    JPEG is decoded small for the box, at full size only for return=image)."""
     import numpy as np
 
     from cropper_engine.engine.subject import SubjectSpec, require_detectors
@@ -622,7 +625,8 @@ def prepare(upload: Upload, max_pixels: int, max_bytes: int, limit_mb: float | N
     if task is Task.FREE and upload.mask is not None:
         raise InputError("a mask applies to the subject task, or with a ratio to every ratio's crop (the subject "
                          "kept inside); not to the free-form task")
-    loaded = open_image(upload.image, max_pixels, name=upload.filename)
+    side = draft_side(spec) if draft_side is not None else None
+    loaded = open_image(upload.image, max_pixels, name=upload.filename, draft_side=side)
     if spec is not None:
         spec.check(*loaded.size)  # a point outside the image, a box that misses it: 422 now
     require_detectors(spec, upload.keep_faces)
@@ -695,11 +699,15 @@ def _filename(name: str) -> str:
 
 
 def encode_crop(result: Any) -> tuple[bytes, str]:
-    """The chosen crop of the decoded upload, in the upload's format where it is a common one."""
+    """The chosen crop of the decoded upload (at full size: a JPEG decoded small for its box is
+    decoded again whole), in the upload's format where it is a common one; a HEIC or AVIF photo's
+    as JPEG."""
+    from cropper_engine.imageio import AVIF_SUFFIXES, HEIF_SUFFIXES
+
     loaded = result.loaded
     fmt = "PNG"
     suffix = Path(loaded.path).suffix.lower()
-    if suffix in (".jpg", ".jpeg"):
+    if suffix in (".jpg", ".jpeg", *HEIF_SUFFIXES, *AVIF_SUFFIXES) or loaded.format in ("HEIF", "AVIF"):
         fmt = "JPEG"
     elif suffix == ".webp":
         fmt = "WEBP"
@@ -1011,7 +1019,8 @@ def create_app(config: Config | None = None, *, cropper: Any = None, load_in_bac
 
     async def _crop_decoded(request: Request, return_: str, upload: Upload, t: float) -> Any:
         try:
-            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes, s.max_upload_mb)
+            req, weight = await asyncio.to_thread(prepare, upload, cfg.max_pixels, max_image_bytes, s.max_upload_mb,
+                                                  getattr(state.cropper, "draft_side", None))
         except ImageError as exc:
             raise HTTPError(422, "invalid_image", str(exc)) from None
         except CropperError as exc:

@@ -189,6 +189,27 @@ def test_default_bench_runs_smartcrop_beside_the_default(tmp_path):
 
 
 @pytest.mark.slow
+def test_default_bench_camera_times_24_mp_jpegs_beside_smartcrop_and_a_full_decode(tmp_path):
+    """--camera: FCDB val images enlarged to 6000 px (written under --work, not the repository),
+    the default beside smartcrop.py and beside itself with a full decode; the boxes' shift."""
+    pytest.importorskip("smartcrop")
+    if not (FCDB / "val.jsonl").exists():
+        pytest.skip("FCDB data not present")
+    work = tmp_path / "work"
+    fig = run_bench("bench/default_bench.py", "--camera", "--n", "3", "--tasks", "ratio", "--work", str(work),
+                    "--out", str(tmp_path / "c.json"))
+    assert fig["camera"]["megapixels_median"] > 20 and fig["camera"]["turned_by_exif"] == 1
+    assert sorted(p.name for p in work.iterdir()) == ["camera0000.jpg", "camera0001.jpg", "camera0002.jpg"]
+    t = fig["tasks"]["ratio"]
+    assert t["images"] == 3 and t["peer"]["cpu_ms_mean"] > 0 and 0 < t["iou"] <= 1
+    fd = t["full_decode"]
+    assert fd["wall_ms_median"] > 0 and 0 <= fd["within_1px"] <= 1 and fd["box_shift_max"] >= fd["box_shift_median"]
+    assert fig["threads"]["smartcrop.py"] == "one thread"
+    md = (tmp_path / "c.md").read_text()
+    assert "full decode (as before)" in md and "camera size" in md
+
+
+@pytest.mark.slow
 def test_face_bench_reports_the_share_keeping_every_main_face(tmp_path):
     need_module("mediapipe", "the subject extra (MediaPipe)")
     need_path(FCDB / "val.jsonl", "FCDB (../shared/data/fcdb)")

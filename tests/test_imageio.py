@@ -53,8 +53,10 @@ def test_exif_rotation_applied(tmp_path):
 
 
 def test_draft_decodes_a_large_jpeg_small_and_upright(tmp_path):
-    """draft_side: a JPEG comes back at a 1/2..1/8 scale that still holds the side asked for,
-    rotated as displayed and with the same picture; other formats and small images are as is."""
+    """draft_side: a JPEG is decoded at a 1/2..1/8 scale that still holds the side asked for
+    (`working`), rotated as displayed and with the same picture; `size` is the full upright size
+    and `image` the full image, decoded on first use, once; other formats and small images are
+    decoded whole."""
     y, x = np.mgrid[0:1200, 0:1600]
     arr = np.stack([x * 255 // 1600, y * 255 // 1200, np.full_like(x, 90)], -1).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -63,14 +65,65 @@ def test_draft_decodes_a_large_jpeg_small_and_upright(tmp_path):
     path = _save(img, tmp_path / "big.jpg", quality=95, exif=exif)
     full = open_image(path)
     small = open_image(path, draft_side=300)
-    assert full.size == (1200, 1600) and small.rotated
-    assert small.size == (300, 400)  # 1/4: the largest reduction with a longest side >= 300
-    ref = np.asarray(full.image.resize(small.size, Image.Resampling.BOX), dtype=np.float32)
-    assert np.abs(np.asarray(small.image, dtype=np.float32) - ref).mean() < 3.0
-    assert open_image(path, draft_side=700).size == (600, 800)  # 1/2
-    assert open_image(path, draft_side=1000).size == (1200, 1600)  # not worth it: as is
+    assert full.size == (1200, 1600) and small.rotated and not full.reduced
+    assert small.working.size == (300, 400) and small.reduced  # 1/4: the largest reduction holding 300
+    assert small.size == (1200, 1600) and small.scale == (4.0, 4.0)
+    ref = np.asarray(full.image.resize(small.working.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small.working, dtype=np.float32) - ref).mean() < 3.0
+    assert small.full_decodes == 0
+    assert np.array_equal(np.asarray(small.image), np.asarray(full.image))  # the full image, upright
+    assert small.image is small.image and small.full_decodes == 1  # decoded once, kept
+    small.release()
+    assert small.image.size == (1200, 1600) and small.full_decodes == 2
+    assert open_image(path, draft_side=700).working.size == (600, 800)  # 1/2
+    assert not open_image(path, draft_side=1000).reduced  # not worth it: as is
     png = _save(img, tmp_path / "big.png")
-    assert open_image(png, draft_side=300).size == (1600, 1200)
+    assert not open_image(png, draft_side=300).reduced
+    # from bytes and from a file object: the full image is decoded from the bytes kept
+    data = path.read_bytes()
+    for src in (data, io.BytesIO(data)):
+        li = open_image(src, draft_side=300)
+        assert li.reduced and li.size == (1200, 1600)
+        assert np.array_equal(np.asarray(li.image), np.asarray(full.image))
+
+
+def test_draft_full_size_is_the_headers_not_the_drafts(tmp_path):
+    """A size that 1/8 does not divide (6001 x 4003: the draft is 751 x 501) keeps its exact full
+    size, rotated or not, and the full decode has it."""
+    img = Image.new("RGB", (6001, 4003), (90, 120, 150))
+    for orientation, want in ((1, (6001, 4003)), (8, (4003, 6001))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        p = _save(img, tmp_path / f"odd{orientation}.jpg", quality=80, exif=exif)
+        li = open_image(p, draft_side=512)
+        assert li.size == want and li.reduced
+        assert li.working.size == ((751, 501) if orientation == 1 else (501, 751))
+        assert li.image.size == want
+
+
+def test_a_changed_file_is_named_when_the_full_image_is_decoded(tmp_path):
+    img = Image.new("RGB", (3000, 2000), (10, 20, 30))
+    p = _save(img, tmp_path / "c.jpg")
+    li = open_image(p, draft_side=256)
+    _save(Image.new("RGB", (2000, 3000)), p)
+    with pytest.raises(ImageError, match="changed while it was being cropped"):
+        li.image  # noqa: B018
+    p.unlink()
+    li2 = open_image(_save(img, tmp_path / "d.jpg"), draft_side=256)
+    (tmp_path / "d.jpg").unlink()
+    with pytest.raises(ImageError, match="no such file"):
+        li2.image  # noqa: B018
+
+
+def test_mpo_is_drafted_like_jpeg(tmp_path):
+    """A multi-picture JPEG (what some cameras write) is decoded small like a JPEG, its first picture."""
+    a = Image.new("RGB", (2400, 1600), (200, 10, 10))
+    b = Image.new("RGB", (2400, 1600), (10, 200, 10))
+    p = tmp_path / "m.mpo"
+    a.save(p, "MPO", save_all=True, append_images=[b])
+    li = open_image(p, draft_side=256)
+    assert li.reduced and li.size == (2400, 1600) and li.working.size == (300, 200)
+    assert li.working.getpixel((5, 5))[0] > 150 and li.image.getpixel((5, 5))[0] > 150
 
 
 def test_icc_profile_kept(tmp_path):
@@ -357,3 +410,122 @@ def test_masks_go_through_the_pixel_limit_and_may_be_bytes(tmp_path, recwarn):
     with pytest.raises(ImageError, match="empty"):
         load_mask(big_png(3_000, 1_000, bit_depth=8), (3_000, 1_000), max_pixels=1_000_000)  # its own size: decoded
     assert not [w for w in recwarn if "PIL" in str(w.filename) or "Decompression" in str(w.message)]
+
+
+def test_format_pixels_reads_as_numbers():
+    from cropper_engine.imageio import format_pixels
+
+    assert format_pixels(4096) == "4,096 pixels"
+    assert format_pixels(92_160_000) == "92.16 MP" and format_pixels(120_000_000) == "120 MP"
+    assert format_pixels(10**10) == "10,000 MP" and format_pixels(999_950_000) == "1,000 MP"
+    assert format_pixels(12_345_678_901) == "12,346 MP"
+
+
+def test_a_bomb_beyond_pillows_own_check_names_its_width_and_height(tmp_path, monkeypatch):
+    """An image over twice Pillow's own limit is refused inside Image.open before its size is
+    seen: its width and height are read from the header all the same, for the path, the bytes
+    and a file object, and by image_size; image_size applies our limit, not Pillow's."""
+    import cropper_engine.imageio as imageio
+    from bench.memory_bench import big_png
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 120_000_000)  # as the guard leaves it for the default limit
+    data = big_png(20_000, 15_000)  # 300 MP, a few KB: over 2 x 120 MP, so Pillow raises in Image.open
+    p = tmp_path / "huge.png"
+    p.write_bytes(data)
+    want = r"huge.png: 20000x15000 = 300 MP, more than the limit of 120 MP \(a decompression bomb\?\); if the image"
+    with pytest.raises(ImageError, match=want):
+        open_image(p)
+    for src in (data, io.BytesIO(data)):
+        with pytest.raises(ImageError, match="20000x15000 = 300 MP, more than the limit of 120 MP"):
+            open_image(src, name="huge.png")
+    with pytest.raises(ImageError, match=want):
+        image_size(p)
+    # Pillow's check refusing an image under our limit (its limit set lower by someone else): the header's size
+    monkeypatch.setattr(imageio, "pillow_guard", lambda max_pixels: None)
+    assert image_size(p, max_pixels=400_000_000) == (20_000, 15_000)
+    with pytest.raises(ImageError, match="20000x15000 = 300 MP, refused by Pillow as a decompression bomb"):
+        open_image(p, max_pixels=400_000_000)
+
+
+def _heif_ok():
+    pytest.importorskip("pillow_heif")
+
+
+def _photo(w=96, h=64):
+    """A picture whose top-left corner is blue, the rest red: where it lands shows the rotation."""
+    img = Image.new("RGB", (w, h), (200, 30, 30))
+    img.paste((0, 0, 255), (0, 0, w // 4, h // 4))
+    return img
+
+
+def _srgb():
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("fmt,suffix", [("HEIF", ".heic"), ("AVIF", ".avif")])
+def test_heic_and_avif_are_read_upright_with_their_profile(tmp_path, fmt, suffix):
+    """HEIC (pillow-heif, registered when imageio is imported) and AVIF (Pillow's own) are read
+    from a path and from bytes: upright (EXIF orientation 6: shown rotated 90 degrees
+    clockwise, the blue corner top right), their ICC profile kept, image_size as decoded."""
+    if fmt == "HEIF":
+        _heif_ok()
+    from PIL import features
+
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / f"photo{suffix}"
+    _photo().save(p, fmt, exif=exif.tobytes(), icc_profile=_srgb(), quality=90)
+    for src in (p, p.read_bytes()):
+        li = open_image(src)
+        assert li.size == (64, 96) and li.icc_profile == _srgb() and li.image.mode == "RGB"
+        r, _, b = li.image.getpixel((60, 3))  # top right: the blue corner
+        assert b > 150 and r < 100, (fmt, li.image.getpixel((60, 3)))
+        assert li.image.getpixel((3, 90))[0] > 150  # bottom left: red
+    assert image_size(p) == (64, 96)
+
+
+def test_heic_without_pillow_heif_is_named(tmp_path, monkeypatch):
+    """Where pillow-heif is not installed, a HEIC file (by its bytes, or by its name) is an
+    ImageError that says so and how to install it, not "not an image"."""
+    _heif_ok()
+    p = tmp_path / "photo.heic"
+    _photo().save(p, "HEIF", quality=80)
+    Image.init()
+    monkeypatch.setattr(Image, "ID", [f for f in Image.ID if f != "HEIF"])
+    monkeypatch.delitem(Image.OPEN, "HEIF")
+    for ext in [e for e, f in Image.EXTENSION.items() if f == "HEIF"]:
+        monkeypatch.delitem(Image.EXTENSION, ext)
+    for src, name in ((p, str(p)), (p.read_bytes(), "upload.bin")):
+        with pytest.raises(ImageError, match=r"no HEIC decoder installed \(pip install pillow-heif\)") as e:
+            open_image(src, name=name)
+        assert str(e.value).startswith(f"{name}: ")
+    (tmp_path / "fake.heic").write_bytes(b"not a heic at all, but named so")
+    with pytest.raises(ImageError, match="fake.heic: no HEIC decoder installed"):
+        open_image(tmp_path / "fake.heic")
+
+
+def test_an_avif_under_a_generic_brand_is_left_to_pillow(tmp_path):
+    """pillow-heif's opener is registered for HEIC only: an AVIF whose major brand is the generic
+    mif1 (which HEIC files use too) still reaches Pillow's AVIF plugin."""
+    _heif_ok()
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    from cropper_engine.imageio import image_kind
+
+    buf = io.BytesIO()
+    _photo().save(buf, "AVIF", quality=90)
+    data = bytearray(buf.getvalue())
+    assert data[8:12] == b"avif"
+    data[8:12] = b"mif1"  # the major brand; "avif" stays among the compatible ones
+    assert image_kind(bytes(data[:64])) == "avif"
+    li = open_image(bytes(data))
+    assert li.size == (96, 64)
+    heic = io.BytesIO()
+    _photo().save(heic, "HEIF", quality=80)
+    assert image_kind(heic.getvalue()[:64]) == "heic"

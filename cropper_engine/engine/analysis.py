@@ -119,13 +119,15 @@ def _small_rgb(image: object) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def analyse(image: object) -> ImageAnalysis:
-    """Analyse a decoded RGB PIL image (any size; it is downscaled first)."""
+def analyse(image: object, size: tuple[int, int] | None = None) -> ImageAnalysis:
+    """Analyse a decoded RGB PIL image (any size; it is downscaled first). `size`: the full
+    image's width and height where `image` is a reduced decode of it (the analysis's aspect is
+    the full image's)."""
     import cv2
 
     from cropper_engine.models.saliency import spectral_residual_saliency
 
-    w, h = image.size  # type: ignore[attr-defined]
+    w, h = size if size is not None else image.size  # type: ignore[attr-defined]
     rgb = _small_rgb(image)
     grey8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     grey = grey8.astype(np.float32) / 255.0

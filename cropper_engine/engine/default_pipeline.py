@@ -150,7 +150,7 @@ def retrieve_for_model(index: Any, embedder: Any, hits: dict[int, list[Any]], re
     excl = exclude_ids or [None] * len(requests)
     for i in live:
         ids = set(excl[i] or set()) | ({requests[i].id} if requests[i].id else set())
-        vec = emb.embed([images[i].image])[0]
+        vec = emb.embed([images[i].working])[0]  # downscaled to 128 px: a reduced decode does
         out[i] = ModelNeighbours(model_neighbours(table, vec, ids), False)
     return out
 

@@ -96,7 +96,7 @@ class SaliencyMaps(dict):
         from cropper_engine.models.saliency import spectral_residual_saliency
 
         t_own = time.perf_counter()
-        im = self._images[i].image  # type: ignore[union-attr]
+        im = self._images[i].working  # type: ignore[union-attr]  # a reduced decode does: 160 px are read
         w, h = im.size
         s = 160 / max(w, h)
         small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
@@ -132,7 +132,7 @@ class ImageCache:
         if path in self._d:
             self._d.move_to_end(path)
             return self._d[path]
-        img = open_image(path, draft_side=self.max_side).image
+        img = open_image(path, draft_side=self.max_side).working  # no larger than needed: never the full decode
         if max(img.size) > self.max_side:
             img = img.copy()
             img.thumbnail((self.max_side, self.max_side))
@@ -140,6 +140,44 @@ class ImageCache:
         if len(self._d) > self.capacity:
             self._d.popitem(last=False)
         return img
+
+
+# The longest side a reduced decode must hold for the no-VLM default (`Cropper.draft_side`): the
+# face detector's copy (engine/subject DETECT_SIDE); the analysis (160), the classical descriptor
+# (128) and saliency (160) read less. tests/test_default_pipeline.py checks it against them.
+DRAFT_SIDE = 512
+
+
+def faces_only(img: LoadedImage, keep: bool | None) -> Any:
+    """The faces to keep whole in a decoded image (`resolve_subject` with no spec), found on its
+    reduced decode where it has one (the detector reads a 512-px copy) and given back in the full
+    image's pixels."""
+    from cropper_engine.engine.subject import resolve_subject
+
+    if not img.reduced:
+        return resolve_subject(None, img, keep)
+    return at_full_size(resolve_subject(None, img.working, keep), img)
+
+
+def at_full_size(sub: Any, img: LoadedImage) -> Any:
+    """A faces-only Subject found on `img.working`, its boxes (every Box of each face, the
+    persons, the subject box) in the pixels of the full image, clipped to it."""
+    import dataclasses
+
+    fx, fy = img.scale
+    w, h = img.size
+
+    def up(b: Box) -> Box:
+        return Box(b.x1 * fx, b.y1 * fy, b.x2 * fx, b.y2 * fy).clamp(w, h)
+
+    sub.faces = [dataclasses.replace(f, **{fl.name: up(getattr(f, fl.name)) for fl in dataclasses.fields(f)
+                                           if isinstance(getattr(f, fl.name), Box)}) for f in sub.faces]
+    sub.persons = [up(b) for b in sub.persons]
+    if sub.box is not None:
+        sub.box = up(sub.box)
+    if sub.mask is not None:  # pragma: no cover - a faces-only look-up has none
+        raise ValueError("at_full_size: a subject mask cannot be scaled")
+    return sub
 
 
 def _row_timings(job: Job, timings: dict[str, float], own: dict[int, dict[str, float]], jobs: list[Job],
@@ -244,7 +282,7 @@ class Cropper:
         for i, req in enumerate(requests):
             t_own = time.perf_counter()
             try:
-                img = open_image(req.image, self.cfg.max_pixels)
+                img = open_image(req.image, self.cfg.max_pixels, draft_side=self.draft_side(req.subject))
                 mask = subject = sub = None
                 keep = req.keep_faces if req.keep_faces is not None else self._keep_faces_default(req)
                 if req.subject is not None or keep:
@@ -254,7 +292,7 @@ class Cropper:
                         # only the faces to keep whole: detected in a thread while this thread embeds,
                         # retrieves and analyses the image (MediaPipe releases the GIL); joined before
                         # the candidates are constrained (`_settle_faces`)
-                        pending[i] = self._thread_pool().submit(resolve_subject, None, img, keep)
+                        pending[i] = self._thread_pool().submit(faces_only, img, keep)
                     else:
                         sub = resolve_subject(req.subject, img, keep)
                 if req.task is Task.SUBJECT:  # the subject's mask, else the user's
@@ -283,7 +321,7 @@ class Cropper:
         # embed and retrieve once per image, whatever the number of ratios
         neighbours: dict[int, list[Any]] = {}
         if self.index is not None and len(self.index) > 0:
-            vecs = self.embedder.embed([images[i].image for i in live])  # type: ignore[union-attr]
+            vecs = self.embedder.embed([images[i].working for i in live])  # type: ignore[union-attr]
             t = tick("embed", t)
             k = max(self.cfg.retrieval.examples, 1) if not self.zero_shot else 0
             k_fetch = max(k, 30)
@@ -324,6 +362,22 @@ class Cropper:
             res.timings = _row_timings(job, timings, own, jobs, per_req)
             results[job.req].append(res)  # type: ignore[union-attr]
         return results
+
+    def draft_side(self, subject: Any = None) -> int | None:
+        """How large a decode of an image the engine needs (for a request with this `--subject`
+        spec, None without), for `open_image`'s
+        draft_side: the no-VLM default with its fitted model reads only downscaled copies (the
+        analysis 160 px, the descriptor 128, saliency 160, the face detector 512), so a large JPEG
+        is decoded at 1/2..1/8 scale holding DRAFT_SIDE and at full size only where a crop is cut
+        (`LoadedImage.image`). None (a full decode) where something reads the full image: a VLM,
+        CLIP scoring of crops, a subject spec (resolved on the full image), no fitted model."""
+        if self.vlm is not None or getattr(self.scorer, "embedder", None) is not None or subject is not None:
+            return None
+        from cropper_engine.models.default_model import default_model
+
+        if self.default_model is None and default_model() is None:
+            return None
+        return DRAFT_SIDE
 
     def _not_itself(self, image: Any, ids: set[str]) -> Any:
         """What retrieval leaves out for a query: examples of the given ids and, for an image
@@ -379,7 +433,8 @@ class Cropper:
         analyses = {}
         for i in reqs:
             t_own = time.perf_counter()
-            analyses[i] = analyse(batch.images[i].image)  # type: ignore[union-attr]
+            img = batch.images[i]
+            analyses[i] = analyse(img.working, img.size)  # type: ignore[union-attr]
             batch.own_seconds.setdefault(i, {})["analyse"] = time.perf_counter() - t_own
         t = tick("analyse", t)
         model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,

@@ -95,8 +95,8 @@ def _load_small(source: Any) -> tuple[np.ndarray, float]:
         img = Image.fromarray(np.ascontiguousarray(arr[..., :3]).astype(np.uint8))
     elif isinstance(source, Image.Image):
         img = source if source.mode == "RGB" else source.convert("RGB")
-    elif hasattr(source, "image"):  # cropper_engine.imageio.LoadedImage
-        img = source.image
+    elif hasattr(source, "working"):  # cropper_engine.imageio.LoadedImage: its decode (reduced for a large JPEG)
+        img = source.working
     else:
         raise InputError(f"cannot embed a {type(source).__name__}; pass a PIL image, an array or a path")
 

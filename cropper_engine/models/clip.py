@@ -191,8 +191,8 @@ def _as_pil(image: Any) -> Any:
 
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
-    if hasattr(image, "image"):  # cropper_engine.imageio.LoadedImage
-        return image.image
+    if hasattr(image, "working"):  # cropper_engine.imageio.LoadedImage: its decode (reduced for a large JPEG)
+        return image.working
     if isinstance(image, np.ndarray):
         from cropper_engine.imageio import open_image
 
