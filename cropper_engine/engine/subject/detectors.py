@@ -139,10 +139,12 @@ class MediaPipeFaces:
         """As `detect`, with each face's six keypoints; a short-range box that holds most of a
         full-range face is that face seen again (larger), not a second face."""
         h, w = rgb.shape[:2]
+        if h < 1 or w < 1:  # MediaPipe's graph errors on it, and then on every later image
+            return []
         arr = np.ascontiguousarray(rgb)
         with self._lock:
-            full = self._details(self._full.process(arr), w, h)
-            short = self._details(self._short.process(arr), w, h)
+            full, short = _run_graph(self, lambda: (self._details(self._full.process(arr), w, h),
+                                                    self._details(self._short.process(arr), w, h)), w, h, "face")
         return full + [d for d in short if not any(same_face(d[0], f) for f, _, _ in full)]
 
 
@@ -361,12 +363,14 @@ def _small(img: Any, side: int) -> tuple[np.ndarray, float]:
     w, h = img.size
     s = min(1.0, side / max(w, h))
     if s >= 1.0:
-        return np.asarray(img, dtype=np.uint8), 1.0
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8), 1.0
     tw, th = max(1, round(w * s)), max(1, round(h * s))
     # reduce by an integer factor first (a fast box filter), then resize the rest
     k = int(1 / s)
     small = img.reduce(k) if k >= 2 else img
     small = small.resize((tw, th), Image.Resampling.BILINEAR)
+    if small.mode != "RGB":  # a grey or palette image (a detector reads three channels)
+        small = small.convert("RGB")
     return np.asarray(small, dtype=np.uint8), w / tw
 
 
