@@ -5,7 +5,8 @@ limit=...)`, returns a `Dataset`: the examples plus one human message per skippe
 Boxes come out in pixels of the upright (EXIF-rotated) image as `Box(x1, y1, x2, y2)`; image
 paths are absolute. `images` defaults to the folder `images` next to the annotations.
 
-Formats (kind), each described in its reader's docstring:
+Formats (kind), each described in its reader's docstring (`READERS` maps a kind to its reader's
+`read`; `KINDS` lists them):
 
 - ``fcdb``: the official Flickr Cropping Dataset JSON, or JSONL (fcdb.py);
 - ``gaicd``: ``image_crop.json`` or a folder of the original ``NAME.txt`` files (gaicd.py);
@@ -21,14 +22,18 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from cropper_engine.data.readers import fcdb, gaicd, jsonl, sacd
 from cropper_engine.data.readers.base import Dataset, _load_json, _Reader
-from cropper_engine.data.readers.fcdb import _read_fcdb
-from cropper_engine.data.readers.gaicd import _read_gaicd_json, _read_gaicd_txt
-from cropper_engine.data.readers.jsonl import _read_jsonl
-from cropper_engine.data.readers.sacd import _read_sacd, _sacd_layout
 from cropper_engine.errors import AnnotationError, InputError
 
-KINDS = ("fcdb", "gaicd", "sacd", "jsonl")
+# kind -> its reader: read(r, annotations) fills the _Reader `r`
+READERS: dict[str, Callable[[_Reader, Path], None]] = {
+    "fcdb": fcdb.read,
+    "gaicd": gaicd.read,
+    "sacd": sacd.read,
+    "jsonl": jsonl.read,
+}
+KINDS = tuple(READERS)
 SPLIT_FILES = ("original_data_split.json", "split.json", "splits.json")
 
 
@@ -72,12 +77,9 @@ def read_dataset(kind: str, annotations: str | os.PathLike[str], images: str | o
     ann = Path(os.path.abspath(ann))
     keep = _split_filter(ann, split) if split is not None else None
 
-    masks: Path | None = None
-    sacd_files: list[Path] = []
     if k == "sacd":
-        root, sacd_files = _sacd_layout(ann)
+        root, _ = sacd._sacd_layout(ann)
         default_images = root / "images"
-        masks = root / "masks"
     else:
         base = ann.parent
         default_images = base / "images"
@@ -93,26 +95,8 @@ def read_dataset(kind: str, annotations: str | os.PathLike[str], images: str | o
         img_dir = default_images
 
     r = _Reader(k, ann, img_dir, require_images, limit, keep)
-    if k == "fcdb":
-        if ann.is_dir():
-            raise AnnotationError(f"{ann} is a folder; FCDB needs its .json or .jsonl file")
-        _read_fcdb(r, ann)
-    elif k == "jsonl":
-        if ann.is_dir():
-            raise AnnotationError(f"{ann} is a folder; give the .jsonl file")
-        _read_jsonl(r, ann)
-    elif k == "gaicd":
-        if ann.is_dir():
-            if (ann / "image_crop.json").is_file():
-                _read_gaicd_json(r, ann / "image_crop.json")
-            else:
-                _read_gaicd_txt(r, ann)
-        else:
-            _read_gaicd_json(r, ann)
-    else:
-        assert masks is not None
-        _read_sacd(r, sacd_files, masks)
+    READERS[k](r, ann)
     return r.dataset()
 
 
-__all__ = ["KINDS", "Dataset", "read_dataset"]
+__all__ = ["KINDS", "READERS", "Dataset", "read_dataset"]

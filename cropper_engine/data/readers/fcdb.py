@@ -68,3 +68,10 @@ def _read_fcdb_official(r: _Reader, records: list[Any]) -> None:
             continue
         extra = {"flickr_photo_id": rec["flickr_photo_id"]} if "flickr_photo_id" in rec else {}
         r.add(Example(name, str(path), size[0], size[1], boxes, extra=extra))
+
+
+def read(r: _Reader, ann: Path) -> None:
+    """The ``fcdb`` kind: `ann` is the .json or .jsonl file."""
+    if ann.is_dir():
+        raise AnnotationError(f"{ann} is a folder; FCDB needs its .json or .jsonl file")
+    _read_fcdb(r, ann)

@@ -106,3 +106,14 @@ def _read_gaicd_txt(r: _Reader, folder: Path) -> None:
             r.skip(f"{f.name}: no crop lines; skipped")
             continue
         _gaicd_example(r, name, raws, scores, fmt="yxyx")
+
+
+def read(r: _Reader, ann: Path) -> None:
+    """The ``gaicd`` kind: `ann` is image_crop.json, or a folder holding it or the .txt files."""
+    if ann.is_dir():
+        if (ann / "image_crop.json").is_file():
+            _read_gaicd_json(r, ann / "image_crop.json")
+        else:
+            _read_gaicd_txt(r, ann)
+    else:
+        _read_gaicd_json(r, ann)

@@ -109,3 +109,10 @@ def _read_jsonl(r: _Reader, path: Path) -> None:
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{path}: cannot read ({exc})") from None
     _read_jsonl_lines(r, path, lines)
+
+
+def read(r: _Reader, ann: Path) -> None:
+    """The ``jsonl`` kind: `ann` is the .jsonl file."""
+    if ann.is_dir():
+        raise AnnotationError(f"{ann} is a folder; give the .jsonl file")
+    _read_jsonl(r, ann)

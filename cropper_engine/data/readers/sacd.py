@@ -131,3 +131,10 @@ def _sacd_layout(p: Path) -> tuple[Path, list[Path]]:
         return root, files
     root = p.parent.parent if p.parent.name == "annotations" else p.parent
     return root, [p]
+
+
+def read(r: _Reader, ann: Path) -> None:
+    """The ``sacd`` kind: `ann` is the root, the annotations folder or one json file; the masks
+    are in the root's ``masks/``."""
+    root, files = _sacd_layout(ann)
+    _read_sacd(r, files, root / "masks")
