@@ -1,4 +1,5 @@
-"""Vectors and the search graph: unit rows (checked, normalised) and the hnswlib graph over them."""
+"""Vectors and search: unit rows (checked, normalised), the hnswlib graph over them, and the
+search kernels (exact, and through the graph)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,34 @@ def build_graph(vectors: np.ndarray, *, M: int = DEFAULT_M, ef_construction: int
     if n:
         graph.add_items(vectors, np.arange(n, dtype=np.int64), num_threads=num_threads)
     return graph
+
+
+def search_exact(vectors: np.ndarray, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `fetch` rows of `vectors` [N, D] most similar to each query of `q` [Q, D] (unit rows),
+    most similar first (ties: the lower row first): rows [Q, fetch] and similarities [Q, fetch]."""
+    n = len(vectors)
+    rows = np.empty((len(q), fetch), dtype=np.int64)
+    sims = np.empty((len(q), fetch), dtype=np.float32)
+    step = max(1, (1 << 26) // max(n, 1))  # keep each [step, N] block of similarities near 256 MB
+    for start in range(0, len(q), step):
+        block = q[start : start + step] @ np.asarray(vectors).T
+        if fetch < n:
+            top = np.argpartition(-block, fetch - 1, axis=1)[:, :fetch]
+        else:
+            top = np.broadcast_to(np.arange(n), block.shape)
+        top_sims = np.take_along_axis(block, top, axis=1)
+        for j in range(len(block)):
+            order = np.lexsort((top[j], -top_sims[j]))
+            rows[start + j] = top[j][order]
+            sims[start + j] = top_sims[j][order]
+    return rows, sims
+
+
+def search_hnsw(graph: Any, q: np.ndarray, fetch: int, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As `search_exact`, through the hnswlib `graph` over `vectors` (approximate); exact where
+    the graph finds fewer than `fetch` items."""
+    try:
+        labels, dists = graph.knn_query(q, k=fetch)
+    except RuntimeError:  # the graph found fewer than `fetch` items: fall back to exact search
+        return search_exact(vectors, q, fetch)
+    return labels.astype(np.int64), (1.0 - dists).astype(np.float32)

@@ -57,7 +57,13 @@ from cropper_engine.index.format import (
     _rebuild_hint,
     _sha256,
 )
-from cropper_engine.index.search import _normalise_queries, _normalise_rows, build_graph
+from cropper_engine.index.search import (
+    _normalise_queries,
+    _normalise_rows,
+    build_graph,
+    search_exact,
+    search_hnsw,
+)
 from cropper_engine.index.subjects import subject_counts
 
 Exclude = Callable[[int], bool] | Collection[str] | str | None
@@ -520,30 +526,10 @@ class ExampleIndex:
         return got
 
     def _search_exact(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self)
-        rows = np.empty((len(q), fetch), dtype=np.int64)
-        sims = np.empty((len(q), fetch), dtype=np.float32)
-        step = max(1, (1 << 26) // max(n, 1))  # keep each [step, N] block of similarities near 256 MB
-        for start in range(0, len(q), step):
-            block = q[start : start + step] @ np.asarray(self.vectors).T
-            if fetch < n:
-                top = np.argpartition(-block, fetch - 1, axis=1)[:, :fetch]
-            else:
-                top = np.broadcast_to(np.arange(n), block.shape)
-            top_sims = np.take_along_axis(block, top, axis=1)
-            for j in range(len(block)):
-                order = np.lexsort((top[j], -top_sims[j]))
-                rows[start + j] = top[j][order]
-                sims[start + j] = top_sims[j][order]
-        return rows, sims
+        return search_exact(self.vectors, q, fetch)
 
     def _search_hnsw(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        graph = self._load_graph()
-        try:
-            labels, dists = graph.knn_query(q, k=fetch)
-        except RuntimeError:  # the graph found fewer than `fetch` items: fall back to exact search
-            return self._search_exact(q, fetch)
-        return labels.astype(np.int64), (1.0 - dists).astype(np.float32)
+        return search_hnsw(self._load_graph(), q, fetch, self.vectors)
 
 
 __all__ = [
