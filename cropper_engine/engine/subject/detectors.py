@@ -34,9 +34,6 @@ PERSON_MIN_SCORE = 0.5
 INSTALL_HINT = "pip install 'cropper-engine[subject]' (MediaPipe, whose wheel ships the detectors' weights)"
 
 
-# --- faces found ------------------------------------------------------------------------
-
-
 # --- detectors --------------------------------------------------------------------------
 
 
