@@ -689,7 +689,7 @@ def skipped_count(ds: Any, report: Any) -> str:
     return f"{n} skipped ({', '.join(parts)})"
 
 
-# how index/store.py's _embed_examples names an example whose id the index (or this set) holds already
+# how index/embed.py's _embed_examples names an example whose id the index (or this set) holds already
 ALREADY_IN_INDEX = "duplicate example id (already in the index), skipped"
 
 

@@ -244,7 +244,7 @@ def _write_table(examples: Sequence[Example], vectors: np.ndarray, out: Path, so
         d = ex.to_json()
         d["image"] = Path(ex.image_path).name  # never a path of this machine
         d.pop("mask", None)
-        # as index/store.py's _example_line, in ASCII: a name that is not UTF-8 is kept as its \udcXX
+        # as index/format.py's _example_line, in ASCII: a name that is not UTF-8 is kept as its \udcXX
         # escapes (read back as the same name, so leave-one-out still finds it)
         rows.append(json.dumps({"id": str(d["id"]), **{k: v for k, v in d.items() if k != "id"}}).encode("ascii"))
     manifest = {

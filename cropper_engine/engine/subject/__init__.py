@@ -31,9 +31,11 @@ forehead and hair the detector leaves out) where the crop's ratio leaves room fo
 detected.
 
 The package: `detectors.py` (the detectors, face and person detection, the salient region),
-`resolve.py` (`Subject`, `resolve_subject`), `outlines.py` (masks of boxes, mask polygons),
-`faces.py` (main faces, keeping faces whole, the face notes), `jobs.py` (a loop Job's subject
-box, faces and result keys). Every name is re-exported here.
+`face_features.py` (what the ranking reads in a detected face: size, focus, frontal-ness,
+keypoints, a person around it), `resolve.py` (`Subject`, `resolve_subject`), `outlines.py`
+(masks of boxes, mask polygons), `faces.py` (`Face`, main faces, keeping faces whole, the face
+notes), `jobs.py` (a loop Job's subject box, faces and result keys). Every name is re-exported
+here.
 """
 
 from cropper_engine.engine.subject.detectors import (
