@@ -19,14 +19,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-# The chat template of HuggingFaceM4/idefics2-8b (Mantis-8B-Idefics2 uses the same format):
-# "User:<image>text<end_of_utterance>\nAssistant:"; a message that starts with text gets "Role: ".
-IDEFICS2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{message['role'].capitalize()}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+from cropper_engine.models.chat_templates import (
+    IDEFICS2_CHAT_TEMPLATE,
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    SMOLVLM_CHAT_TEMPLATE,
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
@@ -213,15 +209,6 @@ def random_model(folder: str | Path, device: str = "cpu", dtype: Any = None) -> 
 
 # --- Idefics3 / SmolVLM ------------------------------------------------------------------------
 
-# The chat template of HuggingFaceTB/SmolVLM-Instruct (an Idefics3): "<|im_start|>" once (its
-# tokenizer adds no BOS), then "User:<image>text<end_of_utterance>\nAssistant:" as in Idefics2.
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 # SmolVLM's specials, in its order: <|endoftext|> 0, <|im_start|> 1 (BOS), <|im_end|> 2 (pad); then
 # after the BPE vocabulary the three tokens SmolVLM-Instruct adds. Its '<global-img>' and 6 x 6 tile
 # tags are no tokens: text its processor writes, which the BPE splits (models/sheets/smolvlm-instruct.json).
@@ -234,23 +221,6 @@ IDEFICS3_IMAGE_SEQ_LEN = (IDEFICS3_IMAGE_SIZE // IDEFICS3_PATCH_SIZE) ** 2 // ID
 
 # --- Qwen2.5-VL ------------------------------------------------------------------------------
 
-# The chat template of Qwen/Qwen2.5-VL-7B-Instruct: ChatML, a default system turn, each image as
-# "<|vision_start|><|image_pad|><|vision_end|>" (the processor repeats <|image_pad|> per token),
-# turns end with "<|im_end|>\n", the generation prompt is "<|im_start|>assistant\n".
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Qwen2's specials (after its BPE vocabulary, in this order, as in the real tokenizer).
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -454,9 +424,6 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
     gen = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
                            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
     return _save(out, processor, config, gen, Qwen2_5_VLForConditionalGeneration, seed)
-
-
-
 
 
 # --- `--like NAME`: tiny models that keep a registry model's real behaviour -----------------------
