@@ -8,6 +8,12 @@ samples decode as branches of that one sequence (grouped sampling, `_decode_grou
 Models with multimodal rotary positions (Qwen2-VL / Qwen2.5-VL) decode at the positions their
 `get_rope_index` gives, and run their images through the vision tower on every call (no cached
 image features, no prefix reuse).
+
+`TransformersVLM` loads the model and runs `generate` with its fallbacks (the tree decode, a shared
+prefill, transformers' own generate); its other jobs live beside it: image_features.py (prompt
+inputs and cached image features, `ImageFeatureMixin`), tree_decode.py (the tree decode,
+`TreeDecodeMixin`), prefix_store.py (prefix KV reuse) and hf_attention.py (the sliding window,
+multimodal rotary positions, the CPU attention). The names that moved are re-exported here.
 """
 
 from __future__ import annotations

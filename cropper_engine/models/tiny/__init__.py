@@ -1,8 +1,13 @@
 """Tiny random models for tests and benchmarks, built offline in seconds; importing this package loads
-no torch (the builders import it when they run).
+no torch (the builders import it when they run). Each builder is seeded: a seed writes the same files.
 
 - clip.py: `make_tiny_clip` (an open_clip and a transformers CLIP folder), re-exported here.
-- The tiny VLMs: models/tiny_vlm.py.
+- families.py: tiny VLMs of the registry's families (`make_tiny_idefics2`, `make_tiny_idefics3`,
+  `make_tiny_qwen2_5_vl`) and the full-shape Idefics2 with random weights (`SHAPES`, `build_idefics2`).
+- like.py: `make_tiny_like`, tiny VLMs that keep a registry model's real behaviour (`LIKE_NAMES`).
+- bpe.py: the tiny VLMs' tokenizers.
+
+models/tiny_vlm.py re-exports the VLM builders, where tests and benchmarks import them.
 """
 
 from cropper_engine.models.tiny.clip import (  # noqa: F401  (re-exported: the names tiny.py had)
