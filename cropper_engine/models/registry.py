@@ -287,10 +287,10 @@ def image_tokens_of(path: str | Path, settings: dict[str, object] | None = None)
 def fallback_chat_template(family: str | None) -> str | None:
     """The chat template a family's published snapshots carry (older Mantis snapshots carry
     none: transformers then refuses to render a prompt)."""
-    from cropper_engine.models import tiny_vlm
+    from cropper_engine.models import chat_templates
 
-    return {"idefics2": tiny_vlm.IDEFICS2_CHAT_TEMPLATE, "idefics3": tiny_vlm.SMOLVLM_CHAT_TEMPLATE,
-            "qwen2_5_vl": tiny_vlm.QWEN2_5_VL_CHAT_TEMPLATE}.get(family or "")
+    return {"idefics2": chat_templates.IDEFICS2_CHAT_TEMPLATE, "idefics3": chat_templates.SMOLVLM_CHAT_TEMPLATE,
+            "qwen2_5_vl": chat_templates.QWEN2_5_VL_CHAT_TEMPLATE}.get(family or "")
 
 
 def ensure_chat_template(processor: object, path: Path | None = None) -> str | None:

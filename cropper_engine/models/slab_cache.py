@@ -6,7 +6,7 @@ allocated once, holding the prefill's KV; a step writes its tokens in place, and
 views of the filled region. Rows never move: the samples of a prompt are branches of its one
 sequence (a 4D attention mask says which slots each branch sees).
 With a sliding window (Mistral) the slab still holds every token: the prefill runs on a cache of
-full layers, and the window is applied by the mask (`vlm_transformers.window_mask`, and per step
+full layers, and the window is applied by the mask (`hf_attention.window_mask`, and per step
 in the tree decode), so no layer drops KV under a branch that still needs it.
 """
 

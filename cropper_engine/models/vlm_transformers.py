@@ -8,25 +8,46 @@ samples decode as branches of that one sequence (grouped sampling, `_decode_grou
 Models with multimodal rotary positions (Qwen2-VL / Qwen2.5-VL) decode at the positions their
 `get_rope_index` gives, and run their images through the vision tower on every call (no cached
 image features, no prefix reuse).
+
+`TransformersVLM` loads the model and runs `generate` with its fallbacks (the tree decode, a shared
+prefill, transformers' own generate); its other jobs live beside it: image_features.py (prompt
+inputs and cached image features, `ImageFeatureMixin`), tree_decode.py (the tree decode,
+`TreeDecodeMixin`), prefix_store.py (prefix KV reuse) and hf_attention.py (the sliding window,
+multimodal rotary positions, the CPU attention). The names that moved are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cropper_engine.errors import InputError, ModelNotFoundError
 from cropper_engine.models.base import Conversation, Generation, GenerationParams, ImagePart
-from cropper_engine.models.hf_compat import encoder_keyword, encoder_kwargs, image_features
+from cropper_engine.models.hf_attention import (  # noqa: F401  (re-exported: the names this module had)
+    GQA_ATTENTION,
+    _rope_index_fn,
+    _sdpa_gqa,
+    _use_gqa_attention,
+    sliding_window,
+    window_mask,
+)
+from cropper_engine.models.image_features import ImageFeatureMixin, _conversation_to_chat  # noqa: F401
 from cropper_engine.models.images import ImageFitter, longest_edge, max_pixels
+from cropper_engine.models.prefix_store import (  # noqa: F401  (re-exported: the names this module had)
+    MIN_PREFIX,
+    PrefixEntry,
+    PrefixPlan,
+    PrefixStore,
+    _lcp,
+    _prefix_budget,
+    image_keys,
+)
+from cropper_engine.models.tree_decode import TreeDecodeMixin, _cut_at_stop, _top_p  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -73,26 +94,7 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
     return found
 
 
-def _conversation_to_chat(conversation: Conversation,
-                          fit: Any = None) -> tuple[list[dict[str, Any]], list[Any]]:
-    messages, images = [], []
-    for msg in conversation:
-        content: list[dict[str, Any]] = []
-        for part in msg.content:
-            if isinstance(part, ImagePart):
-                content.append({"type": "image"})
-                images.append(fit(part) if fit else part.pil())
-            elif isinstance(part, str):
-                content.append({"type": "text", "text": part})
-            else:
-                raise InputError(f"a message part must be text or an ImagePart, got {type(part).__name__}")
-        if not content:
-            content.append({"type": "text", "text": ""})
-        messages.append({"role": msg.role, "content": content})
-    return messages, images
-
-
-class TransformersVLM:
+class TransformersVLM(ImageFeatureMixin, TreeDecodeMixin):
     """A VLM backend on transformers' AutoProcessor + AutoModelForImageTextToText."""
 
     def __init__(self, model: str | os.PathLike[str], device: str = "auto", dtype: str | Any = "auto",
@@ -258,146 +260,6 @@ class TransformersVLM:
         if name is None:
             raise InputError(f"unknown dtype {dtype!r}; choose one of: auto, float32, bfloat16, float16")
         return getattr(torch, name)
-
-    # --- prompts ----------------------------------------------------------------------
-    def render(self, conversation: Conversation) -> tuple[str, list[Any]]:
-        """The prompt text (chat template applied, generation prompt added) and its images in order."""
-        messages, images = _conversation_to_chat(conversation, self._fit)
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, images
-
-    def _render_text(self, conversation: Conversation) -> str:
-        """The prompt text alone: no image is fitted (cached features stand in for them)."""
-        messages, _ = _conversation_to_chat(conversation, lambda part: None)
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def _inputs(self, conversations: Sequence[Conversation]) -> Any:
-        texts, images = [], []
-        for conv in conversations:
-            text, imgs = self.render(conv)
-            texts.append(text)
-            images.append(imgs)
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "padding_side": "left",
-                                  "return_tensors": "pt"}
-        if any(images):
-            kwargs["images"] = images
-        return self.processor(**kwargs, add_special_tokens=self._counter.add_special_tokens)
-
-    def _features_supported(self) -> bool:
-        """Whether image features can be computed apart and fed back (Idefics2 / Idefics3 style)."""
-        if self._feature_mode is None:
-            key = encoder_keyword(self.model)
-            ip = getattr(self.processor, "image_processor", None)
-            ok = (key and hasattr(self.model, "get_image_features") and ip is not None
-                  and not getattr(ip, "do_image_splitting", False)
-                  and getattr(self.processor, "image_token", None) is not None
-                  and self._rope_index is None)  # mrope: a prompt's positions depend on its images
-            if ok:
-                ok = self._init_image_text()
-            self._feature_mode = key if ok else ""
-        return bool(self._feature_mode)
-
-    def _init_image_text(self) -> bool:
-        """How a prompt's image placeholder becomes the model's image tokens without pixels.
-
-        Idefics2's processor expands `<image>` in text alone; Idefics3's expands it only when given
-        the images (its tokens name the tiles). With splitting off an image is one tile, so its
-        tokens are the processor's own replacement for a 0 x 0 grid, the same for every image.
-        """
-        self._image_text = None
-        token = str(self.processor.image_token)
-        try:
-            self.processor(text=[token], return_tensors="pt")
-            return True
-        except ValueError:  # "found <image> tokens in the text but no images were passed"
-            pass
-        try:
-            text = self.processor.replace_image_token({"rows": [[0]], "cols": [[0]]}, 0)
-        except (AttributeError, TypeError, KeyError, IndexError) as e:
-            logger.info("image features are not cached: the processor expands images only with pixels (%s)", e)
-            return False
-        if not isinstance(text, str) or token not in text:
-            return False
-        self._image_text = text
-        return True
-
-    def _image_features(self, parts: list[ImagePart]) -> Any:
-        """Pooled image features [n_images, tokens, hidden] in order; recurring images (by uuid)
-        come from an LRU cache, the others go through the vision tower in one batch."""
-        import torch
-
-        todo: dict[int, Any] = {}
-        keys = []
-        for i, part in enumerate(parts):
-            key = part.uuid if part.uuid and part.uuid in self._features else None
-            if key is None:
-                dup = next((j for j, q in todo.items() if part.uuid and q.uuid == part.uuid), None)
-                if dup is None:
-                    todo[i] = part
-                key = ("new", dup if dup is not None else i)
-            keys.append(key)
-        new: dict[int, Any] = {}
-        for c in range(0, len(todo), self.vision_chunk):  # a chunk at a time: bounded activations
-            order = list(todo)[c: c + self.vision_chunk]
-            pix = self.processor.image_processor([[self._fit(todo[i])] for i in order], return_tensors="pt")
-            pv = pix["pixel_values"].to(self.device, self.dtype)
-            pam = pix.get("pixel_attention_mask")
-            t0 = time.perf_counter()
-            feats = image_features(self.model, pv, pam.to(self.device) if pam is not None else None)
-            self._tick("vision", t0)
-            for k, i in enumerate(order):
-                new[i] = feats[k]
-                if parts[i].uuid:
-                    self._features[parts[i].uuid] = feats[k]
-                    if len(self._features) > self.feature_cache_size:
-                        self._features.popitem(last=False)
-        rows = []
-        for key in keys:
-            if isinstance(key, tuple):
-                rows.append(new[key[1]])
-            else:
-                self._features.move_to_end(key)
-                rows.append(self._features[key])
-        self.image_cache_hits += sum(1 for k in keys if not isinstance(k, tuple))
-        self.image_cache_misses += len(todo)
-        return torch.stack(rows)
-
-    def _prepare(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
-        """Model inputs: token ids from the processor (text only) plus cached image features.
-
-        Private keys: "_feats" (all images' features, row-major) and "_counts" (images per row).
-        """
-        texts, parts, counts, uuids = [], [], [], []
-        for conv in conversations:
-            texts.append(self._render_text(conv))
-            row = [p for m in conv for p in m.content if isinstance(p, ImagePart)]
-            parts.extend(row)
-            counts.append(len(row))
-            uuids.append([p.uuid for p in row])
-        if self._image_text is not None:
-            token = str(self.processor.image_token)
-            texts = [t.replace(token, self._image_text) for t in texts]
-            inputs = dict(self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                                         add_special_tokens=self._counter.add_special_tokens))
-        else:
-            inputs = dict(self.processor(text=texts, padding=True, padding_side="left", return_tensors="pt",
-                                         add_special_tokens=self._counter.add_special_tokens))
-        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        inputs["_feats"] = self._image_features(parts) if parts else None
-        inputs["_counts"] = counts
-        inputs["_uuids"] = uuids
-        return inputs
-
-    def _feature_kwargs(self, ids: Any, feats: Any) -> dict[str, Any]:
-        """The model's keyword for the image features of the prompts `ids` [B, T]; the features
-        must fill the prompts' image tokens exactly (a mismatch on CUDA is a device-side assert
-        that leaves the GPU unusable, so it is caught here first)."""
-        token = self._image_token_id()
-        n_tokens = int((ids == token).sum()) if token is not None else 0
-        n_feats = 0 if feats is None else int(feats.shape[0] * feats.shape[1])
-        if n_tokens != n_feats:
-            raise RuntimeError(f"{n_feats} image feature vectors for {n_tokens} image tokens in the prompts")
-        return encoder_kwargs(self._feature_mode or "", feats)
 
     def answer_token_limit(self, grammar: Any) -> int:
         """The token limit an answer of `grammar` needs with this tokenizer (engine/grammar.py)."""
@@ -574,187 +436,6 @@ class TransformersVLM:
                                    attention_mask=torch.repeat_interleave(mask, n, dim=0),
                                    past_key_values=cache, num_return_sequences=1, **rest)
 
-    def _decode_grouped(self, inputs: Any, params: GenerationParams, n: int) -> list[list[int]]:
-        """n samples per prompt, decoding each distinct partial answer once, as a tree.
-
-        Samples that share a prefix share its next-token distribution, so one row per distinct
-        prefix, drawing as many tokens (with replacement) as samples it carries, gives exactly
-        n independent samples. At the low temperatures the loop uses, the n samples mostly agree:
-        a prompt decodes in one or two rows instead of n.
-        Each prompt stays ONE sequence in the KV cache, its rows branches of a tree after the
-        prompt: a step feeds every live row's last token as one query of its prompt's sequence,
-        and a 4D mask lets each query see the prompt and its own branch's tokens only. The rows
-        of a prompt read its KV once, and a row that splits off copies nothing. The KV lives in a
-        slab allocated once (`slab_cache`); a step writes its tokens in place.
-        Returns n token lists per prompt (prompt-major), each ending at EOS or the token limit.
-        """
-        import torch
-
-        from cropper_engine.models.slab_cache import slab_cache
-
-        impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
-        if "flash" in impl:  # caught by the caller, which samples through transformers' generate
-            raise NotImplementedError(f"tree decoding needs an attention that takes a 4D mask, not {impl}")
-        window = self.window
-        if window is not None and self._rope_index is not None:
-            raise NotImplementedError("a sliding window with multimodal rotary positions")
-        ids = inputs["input_ids"]
-        dev = ids.device
-        cache, logits, row_mask, row_pos = self._prefill(inputs)
-        t_decode = time.perf_counter()
-        b, t_prompt = row_mask.shape
-        gen_cap = params.max_new_tokens * n  # tree slots: a step adds at most n rows per prompt
-        cache = slab_cache(cache, b, t_prompt + gen_cap)
-        prompt_mask = row_mask.bool()
-        # the prompt's keys at their positions (real tokens are consecutive: prefix, then the rest)
-        key_pos = prompt_mask.long().cumsum(-1) - 1
-        slot_step = torch.zeros(gen_cap, dtype=torch.long, device=dev)  # the step that filled a tree slot
-        eos = set(self.eos_token_ids)
-        compiled = None
-        if params.grammar is not None:
-            from cropper_engine.engine.grammar import compile_constraint
-
-            compiled = compile_constraint(self.tokenizer, params.grammar, self.eos_token_ids)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(params.seed or 0))
-        # one entry per live row: (prompt, tokens so far, samples carried, grammar state)
-        rows: list[tuple[int, list[int], int, Any]] = [
-            (i, [], n, params.grammar.start() if params.grammar is not None else None) for i in range(b)]
-        seen = torch.zeros((b, gen_cap), dtype=torch.bool, device=dev)  # per row: its branch's slots
-        used = 0  # tree slots filled
-        done: list[list[list[int]]] = [[] for _ in range(b)]
-        self.decode_row_steps = 0
-        for step in range(params.max_new_tokens):
-            self.decode_row_steps += len(rows)
-            if self._trace is not None:
-                self._trace.extend((p, list(toks), logits[r]) for r, (p, toks, _, _) in enumerate(rows))
-            scores = logits / float(params.temperature) if params.temperature > 0 else logits
-            if compiled is not None:
-                keys = [-1 if st is None else st for _, _, _, st in rows]
-                masks = {k: compiled.mask(k, scores.shape[-1], scores) for k in set(keys)}
-                scores = scores + torch.stack([masks[k] for k in keys])
-            probs = torch.softmax(scores, dim=-1)
-            if params.top_p < 1.0:
-                probs = _top_p(probs, params.top_p)
-            last = step == params.max_new_tokens - 1
-            most = max(count for _, _, count, _ in rows)
-            # one draw for all rows; a row carrying c samples uses its first c draws
-            if params.temperature > 0:
-                drawn_all = torch.multinomial(probs.cpu(), most, replacement=True, generator=gen).tolist()
-            else:  # greedy: every sample takes the argmax
-                drawn_all = [[t] * most for t in probs.argmax(-1).tolist()]
-            parents: list[int] = []
-            children: list[tuple[int, list[int], int, Any]] = []
-            for r, (prompt, toks, count, state) in enumerate(rows):
-                drawn = drawn_all[r][:count]
-                for tok in sorted(set(drawn)):
-                    c = drawn.count(tok)
-                    seq = [*toks, tok]
-                    if tok in eos or last or (params.stop and self._hits_stop(seq, params.stop)):
-                        done[prompt].extend([seq] * c)
-                        continue
-                    st = compiled.allowed(state)[1].get(tok) if compiled is not None and state is not None else state
-                    parents.append(r)
-                    children.append((prompt, seq, c, st))
-            if not children:
-                break
-            # each prompt's live rows are queries 0..q-1 of its sequence at this step
-            per_prompt = [0] * b
-            slot = []
-            for prompt, _, _, _ in children:
-                slot.append(per_prompt[prompt])
-                per_prompt[prompt] += 1
-            q = max(per_prompt)
-            p_idx = torch.tensor([c[0] for c in children], device=dev)
-            q_idx = torch.tensor(slot, device=dev)
-            seen = seen.index_select(0, torch.tensor(parents, device=dev))
-            seen[torch.arange(len(children), device=dev), used + q_idx] = True
-            tree = torch.zeros((b, q, used + q), dtype=torch.bool, device=dev)
-            tree[p_idx, q_idx] = seen[:, : used + q]  # unused queries see the prompt alone
-            visible = prompt_mask
-            if window is not None:  # the query is at position row_pos + step + 1; it sees `window` back
-                slot_step[used: used + q] = step
-                tree &= (step - slot_step[: used + q] < window)[None, None, :]
-                qs = torch.arange(q, device=dev)
-                tree[:, qs, used + qs] = True  # each query sees itself: no row is fully masked
-                visible = prompt_mask & (key_pos > (row_pos + step + 1 - window)[:, None])
-            mask = torch.cat([visible[:, None, :].expand(b, q, t_prompt), tree], dim=2)[:, None]
-            tokens = torch.full((b, q), self.pad_token_id, dtype=ids.dtype, device=dev)
-            tokens[p_idx, q_idx] = torch.tensor([c[1][-1] for c in children], dtype=ids.dtype, device=dev)
-            positions = (row_pos + step + 1)[:, None].expand(b, q)
-            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=q)
-            logits = out.logits[p_idx, q_idx].float()
-            rows = children
-            used += q
-        self._tick("decode", t_decode)
-        return [seq for per in done for seq in per]
-
-    def _prefill(self, inputs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-        """Run the prompts; returns (KV cache, last logits, attention mask, last positions).
-
-        With cached image features, a prompt that extends one seen before (a refinement round
-        extends round 0: instruction, examples and query come first) reuses that prompt's KV
-        for the shared prefix and runs only the rest (`PrefixStore`).
-        """
-        import torch
-
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        feats, counts, uuids = inputs.get("_feats"), inputs.get("_counts"), inputs.get("_uuids")
-        extra = {k: v for k, v in inputs.items() if not k.startswith("_") and k not in ("input_ids", "attention_mask")}
-        rows = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
-        t0 = time.perf_counter()
-        plan = keys = None
-        self.last_cached = [0] * len(rows)
-        if counts is not None and self.prefix_store is not None and self._rope_index is None:
-            keys = [image_keys(r, u, self._image_token_id()) for r, u in zip(rows, uuids, strict=True)]
-            plan = self.prefix_store.plan(rows, keys, self._image_token_id())
-        if plan is None:
-            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            row_pos = positions[:, -1]
-            if self._rope_index is not None and extra.get("image_grid_thw") is not None:
-                # 3-D positions [3, B, T]; the answer continues after the largest of a row's positions
-                positions = self._rope_index(ids, mask, extra)
-                row_pos = positions.amax(dim=(0, 2))
-            if counts is not None:
-                extra.update(self._feature_kwargs(ids, feats))
-            if self.window is not None:  # a cache of full layers: keep every token's KV for the decode
-                from transformers import DynamicCache
-
-                extra["past_key_values"] = DynamicCache()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **extra)
-            cache, t = out.past_key_values, ids.shape[1]
-            spans = [[(t - len(r), t)] for r in rows]
-            row_mask = mask
-        else:
-            cache, feed, row_mask, pos, spans = plan.build(self.pad_token_id, self.device)
-            # the images of the part that runs: each row's images after those inside its prefix
-            if feats is not None:
-                keep, start = [], 0
-                for c, skip in zip(counts, plan.prefix_images, strict=True):
-                    keep.extend(range(start + skip, start + c))
-                    start += c
-                extra.update(self._feature_kwargs(feed, feats[keep] if keep else None))
-            # with a window the gap between the stored prefix and the rest must not count as distance
-            fwd_mask = row_mask if self.window is None else window_mask(row_mask, feed.shape[1], self.window)
-            out = self.model(input_ids=feed, attention_mask=fwd_mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1, **extra)
-            cache = out.past_key_values
-            row_pos = pos[:, -1]
-            self.prefix_tokens_reused += plan.reused
-            self.last_cached = list(plan.lengths)
-        self.prompt_tokens_seen += sum(len(r) for r in rows)
-        if self.prefix_store is not None and keys is not None:
-            # keep prompts that are mostly new (round 0); a refinement prompt adds nothing a later
-            # round could reuse beyond the round-0 prefix it already shares
-            fresh = [i for i, r in enumerate(rows) if plan is None or plan.lengths[i] < len(r) // 2]
-            self.prefix_store.add([keys[i] for i in fresh], cache, [spans[i] for i in fresh], rows=fresh)
-        logits = out.logits[:, -1, :].float()
-        del out
-        self._tick("prefill", t0)
-        return cache, logits, row_mask, row_pos.clone() if isinstance(row_pos, torch.Tensor) else row_pos
-
     def _tick(self, stage: str, t0: float) -> None:
         """Add the time since t0 to a stage (CUDA work is awaited first, so the figure is true)."""
         if self.device.startswith("cuda"):
@@ -770,10 +451,6 @@ class TransformersVLM:
             tid = self.tokenizer.convert_tokens_to_ids(str(tok))
         return tid
 
-    def _hits_stop(self, seq: list[int], stop: Sequence[str]) -> bool:
-        text = self.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return any(s and s in text for s in stop)
-
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "path": str(self.path), "device": self.device, "dtype": str(self.dtype),
                 "batch_size": self.batch_size, "sampling": self.sampling,
@@ -783,292 +460,7 @@ class TransformersVLM:
                 "context_length": self.context_length, "notes": list(self.notes)}
 
 
-def sliding_window(model: Any) -> int | None:
-    """The text model's sliding attention window when every layer uses it (Mistral: Idefics2,
-    Mantis), None when none does; NotImplementedError for a model that mixes both."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    window = getattr(text, "sliding_window", None)
-    if not window or getattr(text, "use_sliding_window", True) is False:
-        return None
-    types = getattr(text, "layer_types", None)
-    if types and any(t != "sliding_attention" for t in types):
-        raise NotImplementedError(f"layers of mixed attention types ({sorted(set(types))})")
-    return int(window)
-
-
-def window_mask(key_mask: Any, q_len: int, window: int) -> Any:
-    """A 4D boolean mask [B, 1, q_len, K] for a sliding window: the last `q_len` columns of
-    `key_mask` [B, K] (1 = a real token) are the queries; a query sees the real keys at positions
-    p - window < k <= p, positions counted over real tokens only (padding between a stored prefix
-    and the rest is no distance). A padding query sees itself (a row of no key gives NaN)."""
-    import torch
-
-    real = key_mask.bool()
-    k = key_mask.shape[1]
-    pos = real.long().cumsum(-1) - 1
-    qpos = pos[:, -q_len:, None]
-    vis = real[:, None, :] & (pos[:, None, :] <= qpos) & (pos[:, None, :] > qpos - window)
-    own = torch.zeros((q_len, k), dtype=torch.bool, device=key_mask.device)
-    dev = key_mask.device
-    own[torch.arange(q_len, device=dev), torch.arange(k - q_len, k, device=dev)] = True
-    return torch.where(real[:, -q_len:, None], vis, own[None])[:, None]
-
-
-def _rope_index_fn(model: Any) -> Any:
-    """For a model with multimodal rotary positions (it has `get_rope_index`, as Qwen2-VL and
-    Qwen2.5-VL do), a function (ids, mask, processor outputs) -> 3-D position ids [3, B, T];
-    None for a model with ordinary 1-D positions."""
-    import inspect
-
-    inner = getattr(model, "model", None)
-    fn = getattr(model, "get_rope_index", None) or getattr(inner, "get_rope_index", None)
-    if fn is None:
-        return None
-    params = inspect.signature(fn).parameters
-
-    def rope_index(ids: Any, mask: Any, extra: dict[str, Any]) -> Any:
-        kwargs = {k: extra[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
-                  if k in params and extra.get(k) is not None}
-        if "mm_token_type_ids" in params and "mm_token_type_ids" not in kwargs:
-            image_token = getattr(model.config, "image_token_id", None)
-            kwargs["mm_token_type_ids"] = (ids == image_token).int()
-        return fn(input_ids=ids, attention_mask=mask, **kwargs)[0]
-
-    return rope_index
-
-
 SAMPLING_MODES = ("grouped", "shared-prefill", "hf")
-MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache rebuild
-
-
-@dataclass
-class PrefixPlan:
-    """How a batch runs on top of stored prefixes: row i = [pad][prefix_i KV][pad][rest_i]."""
-
-    entries: list[Any]  # per row: the matched PrefixEntry, or None
-    lengths: list[int]  # per row: tokens reused from the entry
-    rows: list[list[int]]  # per row: the whole prompt's token ids
-    prefix_images: list[int]  # per row: images inside the reused prefix
-
-    @property
-    def reused(self) -> int:
-        return sum(self.lengths)
-
-    def build(self, pad_id: int, device: Any) -> tuple[Any, Any, Any, Any, list[list[tuple[int, int]]]]:
-        """(cache, ids to run [B, S], attention mask [B, C+S], positions [B, S], real spans per row)."""
-        import torch
-        from transformers import DynamicCache
-
-        b = len(self.rows)
-        c = max(self.lengths)
-        rest = [len(r) - n for r, n in zip(self.rows, self.lengths, strict=True)]
-        s = max(rest)
-        ref = next(e for e in self.entries if e is not None)
-        cache = DynamicCache()
-        for layer, (k0, v0) in enumerate(ref.kv):
-            k = k0.new_zeros((b, k0.shape[0], c, k0.shape[2]))
-            v = v0.new_zeros((b, v0.shape[0], c, v0.shape[2]))
-            for i, (e, n) in enumerate(zip(self.entries, self.lengths, strict=True)):
-                if e is not None and n:
-                    k[i, :, c - n:] = e.kv[layer][0][:, :n]
-                    v[i, :, c - n:] = e.kv[layer][1][:, :n]
-            cache.update(k, v, layer)
-        feed = torch.full((b, s), pad_id, dtype=torch.long)
-        mask = torch.zeros((b, c + s), dtype=torch.long)
-        pos = torch.zeros((b, s), dtype=torch.long)
-        spans = []
-        for i, (r, n, m) in enumerate(zip(self.rows, self.lengths, rest, strict=True)):
-            feed[i, s - m:] = torch.tensor(r[n:])
-            mask[i, c - n:c] = 1
-            mask[i, c + s - m:] = 1
-            pos[i, s - m:] = torch.arange(n, len(r))
-            spans.append([(c - n, c), (c + s - m, c + s)])
-        return cache, feed.to(device), mask.to(device), pos.to(device), spans
-
-
-def _prefix_budget(device: str) -> int:
-    """Bytes the prefix store may hold: a quarter of the GPU's memory, 2 GiB on the CPU."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(0.25 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    return 2 << 30
-
-
-def image_keys(ids: list[int], uuids: list[str | None], image_token: int | None) -> Any:
-    """Token ids with each image's placeholder tokens replaced by a key of that image.
-
-    Two prompts share a prefix only if their images are the same too: the `<image>` tokens of
-    different pictures are equal ids with different content. An image without a uuid gets a
-    key that matches nothing.
-    """
-    import numpy as np
-
-    keys = np.asarray(ids, dtype=np.int64).copy()
-    if image_token is None or not uuids:
-        return keys
-    is_img = keys == image_token
-    starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
-    ends = np.flatnonzero(is_img & ~np.concatenate([is_img[1:], [False]])) + 1
-    for j, (a, z) in enumerate(zip(starts, ends, strict=True)):
-        u = uuids[j] if j < len(uuids) else None
-        h = int.from_bytes(hashlib.blake2b((u or uuid.uuid4().hex).encode(), digest_size=7).digest(), "big")
-        keys[a:z] = -1 - h  # negative: never a real token id
-    return keys
-
-
-def _lcp(a: Any, b: Any) -> int:
-    """The length of the common prefix of two numpy arrays."""
-    import numpy as np
-
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
-
-
-@dataclass
-class PrefixEntry:
-    ids: Any  # numpy int64 [T]
-    kv: list[tuple[Any, Any]]  # per layer (keys [H, T, D], values [H, T, D])
-    nbytes: int
-
-
-class PrefixStore:
-    """The KV of recent prompts, to serve the prefix a new prompt shares with one of them.
-
-    Bounded by bytes (LRU). A refinement round's prompt extends its round-0 prompt, so most of
-    its tokens (instruction, examples, query) are read from here instead of being recomputed.
-    """
-
-    def __init__(self, max_bytes: int = 2 << 30, max_entries: int = 64) -> None:
-        self.max_bytes, self.max_entries = max_bytes, max_entries
-        self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()
-        self.bytes = 0
-        self._next = 0
-
-    def _match(self, ids: Any) -> tuple[PrefixEntry | None, int, int | None]:
-        import numpy as np
-
-        best: tuple[PrefixEntry | None, int, int | None] = (None, 0, None)
-        for key, e in self.entries.items():
-            n = min(len(e.ids), len(ids))
-            diff = np.flatnonzero(e.ids[:n] != ids[:n])
-            lcp = int(diff[0]) if len(diff) else n
-            if lcp > best[1]:
-                best = (e, lcp, key)
-        return best
-
-    def plan(self, rows: list[list[int]], keys: list[Any], image_token: int | None) -> PrefixPlan | None:
-        """Match each row's key sequence (`image_keys`) against the stored prompts."""
-        import numpy as np
-
-        entries, lengths, images = [], [], []
-        for r, k in zip(rows, keys, strict=True):
-            ids = np.asarray(r, dtype=np.int64)
-            e, n, key = self._match(k)
-            n = min(n, len(r) - 1)  # at least one token runs, for the next-token logits
-            if image_token is not None:  # never cut through an image's tokens
-                while 0 < n < len(r) and r[n] == image_token and r[n - 1] == image_token:
-                    n -= 1
-            if e is None or n < MIN_PREFIX:
-                e, n = None, 0
-            elif key is not None:
-                self.entries.move_to_end(key)
-            entries.append(e)
-            lengths.append(n)
-            if image_token is None:
-                images.append(0)
-            else:
-                prefix = ids[:n] == image_token
-                images.append(int(np.count_nonzero(prefix[1:] & ~prefix[:-1]) + int(prefix[:1].sum())))
-        if not any(lengths):
-            return None
-        return PrefixPlan(entries, lengths, rows, images)
-
-    def add(self, keys: list[Any], cache: Any, spans: list[list[tuple[int, int]]],
-            rows: list[int] | None = None) -> None:
-        """Keep prompts' KV (their real columns of `cache`, in order) under their key sequences;
-        `rows` are their batch rows in `cache` (default 0..n-1)."""
-        import numpy as np
-        import torch
-
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        ends = [z for sp in spans for _, z in sp]
-        if ends and any(k.shape[2] < max(ends) for k, _ in layers):
-            return  # a cache that dropped tokens (a sliding window's): its KV would not match the ids
-        for i, r, sp in zip(rows if rows is not None else range(len(keys)), keys, spans, strict=True):
-            kv = []
-            for k, v in layers:
-                kv.append((torch.cat([k[i, :, a:z] for a, z in sp], dim=1).clone(),
-                           torch.cat([v[i, :, a:z] for a, z in sp], dim=1).clone()))
-            nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
-            if nbytes > self.max_bytes:
-                continue
-            self.entries[self._next] = PrefixEntry(np.asarray(r, dtype=np.int64), kv, nbytes)
-            self._next += 1
-            self.bytes += nbytes
-            while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
-                _, old = self.entries.popitem(last=False)
-                self.bytes -= old.nbytes
-GQA_ATTENTION = "cropper_sdpa_gqa"
-
-
-def _sdpa_gqa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-              scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
-    """SDPA that lets torch read grouped K/V heads in place (enable_gqa) even with a mask.
-
-    transformers' own sdpa path copies K and V once per query group (`repeat_kv`) whenever a mask
-    is present, i.e. at every decode step of a padded batch: on the CPU that copy of the whole KV
-    cache costs more than the attention itself. On CUDA a masked GQA call falls back to the math
-    kernel, so this is used on the CPU only. Anything unusual goes to the stock function.
-    """
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups <= 1 or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None \
-            or kwargs.get("output_attentions"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _use_gqa_attention(model: Any) -> bool:
-    """Route the model's attention through `_sdpa_gqa` (CPU); False when this transformers can't."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa)
-        AttentionMaskInterface.register(GQA_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # sdpa's masks
-        model.set_attn_implementation(GQA_ATTENTION)
-        return True
-    except (ImportError, AttributeError, ValueError, TypeError, KeyError) as e:
-        logger.info("keeping the stock attention (%s)", e)
-        return False
-
-
-def _top_p(probs: Any, top_p: float) -> Any:
-    """Nucleus filtering of probability rows (renormalised)."""
-    import torch
-
-    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p
-    sorted_p = sorted_p * keep
-    out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return out / out.sum(-1, keepdim=True)
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """Drop a stop string and what follows, as vLLM does (transformers keeps it)."""
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
 
 
 __all__ = ["TransformersVLM", "hf_hub_cache", "resolve_model_dir"]

@@ -1,10 +1,8 @@
-"""Tiny random models for tests and benchmarks, built offline in seconds.
+"""Tiny random CLIP models for tests and benchmarks, built offline in seconds.
 
 - make_tiny_clip(out_dir): an open_clip model folder and a transformers CLIP folder.
-- make_tiny_idefics2(out_dir): a tiny Idefics2 VLM (written separately, in tiny_vlm.py, with
-  make_tiny_idefics3 and make_tiny_qwen2_5_vl for the other registry families).
 
-Each builder is seeded, so the same seed writes the same weights (and the same embedder id).
+Seeded, so the same seed writes the same weights (and the same embedder id).
 """
 
 from __future__ import annotations
