@@ -226,12 +226,24 @@ def _register_heif() -> None:
 
     from PIL import Image
 
-    if find_spec("pillow_heif") is None or "HEIF" in Image.OPEN:
+    if find_spec("pillow_heif") is None:
         return
-    Image.register_open("HEIF", _heif_open, _heif_accept)
-    Image.register_save("HEIF", _heif_save)
-    Image.register_extensions("HEIF", list(HEIF_SUFFIXES))
-    Image.register_mime("HEIF", "image/heif")
+    if "HEIF" not in Image.OPEN:
+        Image.register_save("HEIF", _heif_save)
+        Image.register_extensions("HEIF", list(HEIF_SUFFIXES))
+        Image.register_mime("HEIF", "image/heif")
+    ensure_heif_opener()
+
+
+def ensure_heif_opener() -> None:
+    """Keep our HEIF opener in place: a library that registers pillow-heif's own (imageio's Pillow
+    plugin does, on import) would send an AVIF under a generic brand to pillow-heif, which has no
+    AV1 decoder. A dict lookup when nothing changed; called before every open."""
+    from PIL import Image
+
+    entry = Image.OPEN.get("HEIF")
+    if entry is not None and entry[0] is not _heif_open:
+        Image.register_open("HEIF", _heif_open, _heif_accept)
 
 
 def _heif_save(im: Any, fp: Any, filename: Any) -> None:
@@ -571,6 +583,7 @@ def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS, *, draft_side:
 
     Raises ImageError for a missing, unreadable, truncated, damaged, empty or oversized image.
     """
+    ensure_heif_opener()
     from PIL import Image, ImageOps
 
     if isinstance(source, LoadedImage):
