@@ -51,8 +51,8 @@ $(GVENV)/.installed: bench/gpu_machine.txt
 	touch $@
 
 # public-domain / CC0 sample photos from scikit-image's package data (not committed here)
-samples: samples/.done
-samples/.done: $(VENV)/.installed
+samples: .samples.done
+.samples.done: $(VENV)/.installed
 	$(BIN)/python -m cropper_engine.samples samples
 	touch $@
 
@@ -103,4 +103,4 @@ bench: install
 	$(BIN)/python -m bench all --quick --vllm-python $(VVENV)/bin/python
 
 clean:
-	rm -rf $(VENV) $(VVENV) $(GVENV) samples out .pytest_cache
+	rm -rf $(VENV) $(VVENV) $(GVENV) samples .samples.done out .pytest_cache

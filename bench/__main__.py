@@ -1,7 +1,7 @@
 """`python -m bench NAME [args]`: the benchmarks, one entry point.
 
-    python -m bench all [--quick]                 every figure the README quotes (about 90 min on 2 cores)
-    python -m bench readme [--write]              the README's figure blocks from bench/results (check / rewrite)
+    python -m bench all [--quick]                 every figure README.md and docs/ quote (about 90 min)
+    python -m bench readme [--write]              the figure blocks of README.md and docs/ (check / rewrite)
     python -m bench loop [--quick] [--out] ...    the engine's loop against the naive reference
     python -m bench index [--quick] [--out]       the example index (build, query, recall, load), embedders
     python -m bench cost [--device h100] [--out]  the cost model's limits at full size

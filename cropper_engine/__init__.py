@@ -8,7 +8,7 @@
     crop.image().save("photo_16x9.jpg")               # the cropped pixels, upright, ICC profile kept
 
 Only light imports here (no torch, no models), so `import cropper_engine` and `cropper-engine
---help` stay instant. See `Cropper` (cropper_engine/api.py) and the README's "Python" section.
+--help` stay instant. See `Cropper` (cropper_engine/api.py) and docs/python.md.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -77,7 +77,7 @@ class Crop:
 
     @property
     def pipeline(self) -> str:
-        """vlm, vlm-fallback or no-vlm (the README's "What runs where")."""
+        """vlm, vlm-fallback or no-vlm (the README's "What it is")."""
         return self.result.pipeline
 
     @property

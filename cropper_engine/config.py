@@ -61,7 +61,7 @@ class VLMConfig:
 
 @dataclass(frozen=True)
 class TermWeights:
-    """The weights of the paper's three scorer terms for one task (README: The VLM loop)."""
+    """The weights of the paper's three scorer terms for one task (docs/vlm.md: the VLM loop)."""
 
     aesthetic: float = 1.0  # the aesthetic head on CLIP features (the paper: VILA)
     clip: float = 1.0  # content preservation: CLIP similarity of crop and image

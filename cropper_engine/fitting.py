@@ -302,7 +302,7 @@ def too_few(n_images: int, n_examples: int, what: str = "usable") -> InputError:
             else "")
     return InputError(f"too few images to fit: {n_images} {what} image(s) with a crop{rows}, at least {MIN_IMAGES} "
                       "distinct images are needed (about 100 or more to beat the shipped model reliably on your own "
-                      "style; see the README's 'Fitting the default to your crops')")
+                      "style; see docs/fitting.md)")
 
 
 def _mean(v: Iterable[float]) -> float:

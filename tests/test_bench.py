@@ -147,16 +147,18 @@ def test_result_files_carry_their_provenance(tmp_path):
 
 
 def test_readme_figures_come_from_the_result_files():
-    """Every figure block of the README is what `python -m bench readme` generates from the
-    committed files in bench/results/ (refresh: python -m bench readme --write)."""
+    """Every figure block of README.md and docs/*.md is what `python -m bench readme` generates
+    from the committed files in bench/results/ (refresh: python -m bench readme --write); every
+    block is on some page, once."""
     from bench import readme
 
-    text = readme.README.read_text()
-    blocks = readme.BLOCK.findall(text)
-    assert {name for _, name, _, _ in blocks} == set(readme.BLOCKS)  # every block present, once each
-    assert len(blocks) == len(readme.BLOCKS)
-    _, changed = readme.render(text)
-    assert not changed, f"README figure blocks out of date: {changed}; run python -m bench readme --write"
+    names = []
+    for page in readme.pages():
+        text = page.read_text()
+        names += [name for _, name, _, _ in readme.BLOCK.findall(text)]
+        _, changed = readme.render(text)
+        assert not changed, f"{page.name}: figure blocks out of date: {changed}; run python -m bench readme --write"
+    assert sorted(names) == sorted(readme.BLOCKS)  # every block present, once each
 
 
 def test_bench_all_lists_every_result_file_the_readme_reads():

@@ -1,5 +1,6 @@
-"""The README's Python examples run as written (so they cannot rot): every ```python block of
-its "## Python" section, in order, in one namespace, in a folder holding the sample photos."""
+"""The documented Python examples run as written (so they cannot rot): every ```python block of
+the Python page (docs/python.md, or a "## Python" section of the README, wherever it is), in
+order, in one namespace, in a folder holding the sample photos."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from pathlib import Path
 
 from PIL import Image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PYTHON_PAGE = ROOT / "docs" / "python.md"
 
 
 def python_blocks(section: str = "## Python") -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n{section}\n")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+    """The examples of the Python page (all of docs/python.md), else of the README's section."""
+    if PYTHON_PAGE.exists():
+        text = PYTHON_PAGE.read_text(encoding="utf-8")
+    else:
+        text = README.read_text(encoding="utf-8")
+        start = text.index(f"\n{section}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start:end if end > 0 else None]
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
 def test_readme_python_examples_run(photos, tmp_path, monkeypatch):
@@ -32,7 +40,7 @@ def test_readme_python_examples_run(photos, tmp_path, monkeypatch):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         for i, code in enumerate(blocks):
-            exec(compile(code, f"README.md python block {i + 1}", "exec"), ns)
+            exec(compile(code, f"docs/python.md python block {i + 1}", "exec"), ns)
     printed = out.getvalue()
     # what the examples say they do
     assert re.search(r"CropBox\(x1=\d+, y1=\d+, x2=\d+, y2=\d+\) [0-9.]+ no-vlm", printed), printed

