@@ -7,6 +7,12 @@ scores all their candidates in one fused pass. Model output never crashes the lo
 answer that cannot be used is retried once, then the job falls back to the non-VLM proposer.
 Without a VLM, the faces to keep whole are detected in a worker thread while the batch is
 embedded, retrieved and analysed, and joined before the candidates are constrained.
+
+`Cropper` keeps the batch (`crop_batch`: decode, embed, retrieve, then the pipelines), the
+scoring and the choice of the result; its other jobs are mixins beside it: the VLM rounds
+(vlm_rounds.py), the no-VLM path (no_vlm.py, with default_pipeline.py's ranking), the shown
+examples (examples.py) and the hard constraints (constrain.py). A job and a batch's state are
+job.py's. Every name this module had is still importable from it.
 """
 
 from __future__ import annotations
