@@ -86,7 +86,7 @@ def _init(images: str, faces: bool = True) -> None:
 
 def keep_faces_unit(boxes_unit: np.ndarray, faces: Sequence[Any], width: int, height: int, ratio: float | None,
                     min_side: float = 0.1) -> np.ndarray:
-    """Candidates as the engine constrains them when it keeps faces (engine/loop.py `_constrain`):
+    """Candidates as the engine constrains them when it keeps faces (engine/constrain.py `_constrain`):
     each grown to hold the main faces and repaired so it cuts no face (engine/subject/faces.py)."""
     if not faces:
         return boxes_unit

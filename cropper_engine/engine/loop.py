@@ -7,140 +7,44 @@ scores all their candidates in one fused pass. Model output never crashes the lo
 answer that cannot be used is retried once, then the job falls back to the non-VLM proposer.
 Without a VLM, the faces to keep whole are detected in a worker thread while the batch is
 embedded, retrieved and analysed, and joined before the candidates are constrained.
+
+`Cropper` keeps the batch (`crop_batch`: decode, embed, retrieve, then the pipelines), the
+scoring and the choice of the result; its other jobs are mixins beside it: the VLM rounds
+(vlm_rounds.py), the no-VLM path (no_vlm.py, with default_pipeline.py's ranking), the shown
+examples (examples.py) and the hard constraints (constrain.py). A job and a batch's state are
+job.py's. Every name this module had is still importable from it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cropper_engine.config import Config
-from cropper_engine.engine.geometry import (
-    dedupe,
-    expand_to_contain,
-    fit_ratio,
-    mask_bbox,
-    shift_inside,
+from cropper_engine.engine.constrain import ConstrainMixin
+from cropper_engine.engine.examples import ExamplesMixin, ImageCache, _uuid  # noqa: F401  (_uuid re-exported)
+from cropper_engine.engine.geometry import mask_bbox
+from cropper_engine.engine.job import (  # noqa: F401  (PIPELINE_FALLBACK re-exported)
+    PIPELINE_FALLBACK,
+    PIPELINE_NO_VLM,
+    PIPELINE_VLM,
+    BatchContext,
+    Job,
+    SaliencyMaps,
+    _row_timings,
 )
-from cropper_engine.engine.parse import parse_boxes
-from cropper_engine.engine.prompt import (
-    PromptExample,
-    PromptSpec,
-    PromptTemplates,
-    build_messages,
-    load_templates,
-    render_text,
-)
-from cropper_engine.engine.proposers import propose
-from cropper_engine.errors import CropperError, ImageError
+from cropper_engine.engine.no_vlm import NoVlmMixin, at_full_size, faces_only  # noqa: F401  (at_full_size re-exported)
+from cropper_engine.engine.prompt import PromptTemplates, load_templates
+from cropper_engine.engine.vlm_rounds import VlmRoundsMixin
+from cropper_engine.errors import CropperError
 from cropper_engine.imageio import LoadedImage, load_mask, open_image
-from cropper_engine.models.base import GenerationParams
-from cropper_engine.types import Box, Candidate, CropRequest, CropResult, Ratio, Task
-
-PIPELINE_VLM = "vlm"
-PIPELINE_FALLBACK = "vlm-fallback"
-PIPELINE_NO_VLM = "no-vlm"
-
-
-@dataclass
-class Job:
-    """One (image, ratio) to crop."""
-
-    req: int
-    image: LoadedImage
-    task: Task
-    ratio: Ratio | None
-    mask: np.ndarray | None
-    subject: Box | None
-    spec: PromptSpec | None = None
-    candidates: list[Candidate] = field(default_factory=list)
-    pipeline: str = PIPELINE_VLM
-    notes: list[str] = field(default_factory=list)
-    neighbours_unit: list[list[float]] = field(default_factory=list)
-    neighbour_weights: list[float] = field(default_factory=list)
-    examples: list[PromptExample] = field(default_factory=list)
-    tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0, "cached": 0})
-    round_tokens: list[dict[str, int]] = field(default_factory=list)
-    faces: list[Box] = field(default_factory=list)  # kept whole by `_constrain` (engine/subject/faces.py)
-    distinct: dict[int, dict[str, int]] = field(default_factory=dict)  # round -> VLM boxes, distinct ones
-    prompts: list[dict[str, Any]] | None = None  # with `Cropper.record_prompts`: every prompt and answer
-    own_seconds: dict[str, float] = field(default_factory=dict)  # stages timed for this job alone
-    subject_info: Any = None  # engine/subject/resolve.py's Subject: what the result row says of the subject
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
-
-    def round_candidates(self, r: int) -> list[Candidate]:
-        return [c for c in self.candidates if c.round == r]
-
-
-class SaliencyMaps(dict):
-    """Each image's spectral-residual saliency map (64 px), made on first use: the VLM loop's
-    scorer and the classical fallbacks read it, the fitted default (its own maps) does not."""
-
-    def __init__(self, images: list[LoadedImage | None], own: dict[int, dict[str, float]]) -> None:
-        super().__init__()
-        self._images, self._own = images, own
-
-    def __missing__(self, i: int) -> np.ndarray:
-        from cropper_engine.models.saliency import spectral_residual_saliency
-
-        t_own = time.perf_counter()
-        im = self._images[i].working  # type: ignore[union-attr]  # a reduced decode does: 160 px are read
-        w, h = im.size
-        s = 160 / max(w, h)
-        small = im.convert("L").resize((max(8, round(w * s)), max(8, round(h * s))))
-        self[i] = spectral_residual_saliency(np.asarray(small, dtype=np.float32), 64)
-        self._own.setdefault(i, {})["saliency"] = time.perf_counter() - t_own
-        return self[i]
-
-
-@dataclass
-class BatchContext:
-    """What one `crop_batch` call decoded and retrieved, shared by its pipelines."""
-
-    requests: Sequence[CropRequest]
-    images: list[LoadedImage | None]
-    live: list[int]
-    neighbours: dict[int, list[Any]]
-    exclude_ids: Sequence[set[str] | None] | None
-    saliency: SaliencyMaps
-    own_seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # per request: stages timed alone
-    pending_faces: dict[int, Any] = field(default_factory=dict)  # request -> its face detection (a Future)
-    failed: dict[int, CropperError] = field(default_factory=dict)  # requests that failed after decoding
-
-
-class ImageCache:
-    """A small LRU of decoded example images: retrieved examples recur across queries. They are
-    only shown to the VLM, so they are decoded (JPEG draft) and kept no larger than it reads."""
-
-    def __init__(self, capacity: int = 256, max_side: int = 1024) -> None:
-        self.capacity, self.max_side = capacity, max_side
-        self._d: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, path: str) -> Any:
-        if path in self._d:
-            self._d.move_to_end(path)
-            return self._d[path]
-        img = open_image(path, draft_side=self.max_side).working  # no larger than needed: never the full decode
-        if max(img.size) > self.max_side:
-            img = img.copy()
-            img.thumbnail((self.max_side, self.max_side))
-        self._d[path] = img
-        if len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-        return img
-
+from cropper_engine.types import Candidate, CropRequest, CropResult, Ratio, Task
 
 # The longest side a reduced decode must hold for the no-VLM default (`Cropper.draft_side`): the
 # face detector's copy (engine/subject DETECT_SIDE); the analysis (160), the classical descriptor
@@ -148,64 +52,12 @@ class ImageCache:
 DRAFT_SIDE = 512
 
 
-def faces_only(img: LoadedImage, keep: bool | None) -> Any:
-    """The faces to keep whole in a decoded image (`resolve_subject` with no spec), found on its
-    reduced decode where it has one (the detector reads a 512-px copy) and given back in the full
-    image's pixels."""
-    from cropper_engine.engine.subject import resolve_subject
-
-    if not img.reduced:
-        return resolve_subject(None, img, keep)
-    return at_full_size(resolve_subject(None, img.working, keep), img)
-
-
-def at_full_size(sub: Any, img: LoadedImage) -> Any:
-    """A faces-only Subject found on `img.working`, its boxes (every Box of each face, the
-    persons, the subject box) in the pixels of the full image, clipped to it."""
-    import dataclasses
-
-    fx, fy = img.scale
-    w, h = img.size
-
-    def up(b: Box) -> Box:
-        return Box(b.x1 * fx, b.y1 * fy, b.x2 * fx, b.y2 * fy).clamp(w, h)
-
-    sub.faces = [dataclasses.replace(f, **{fl.name: up(getattr(f, fl.name)) for fl in dataclasses.fields(f)
-                                           if isinstance(getattr(f, fl.name), Box)}) for f in sub.faces]
-    sub.persons = [up(b) for b in sub.persons]
-    if sub.box is not None:
-        sub.box = up(sub.box)
-    if sub.mask is not None:  # pragma: no cover - a faces-only look-up has none
-        raise ValueError("at_full_size: a subject mask cannot be scaled")
-    return sub
-
-
-def _row_timings(job: Job, timings: dict[str, float], own: dict[int, dict[str, float]], jobs: list[Job],
-                 per_req: dict[int, int]) -> dict[str, float]:
-    """One result's own seconds per stage: what was timed for its image alone (decode, saliency,
-    analysis: shared by that image's ratios) or for its job alone (proposals), plus an equal
-    share of what the batch did for all at once (embedding, retrieval, VLM generation)."""
-    out: dict[str, float] = {}
-    for stage, total in timings.items():
-        req_own = {i: d[stage] for i, d in own.items() if stage in d}
-        job_own = [j.own_seconds[stage] for j in jobs if stage in j.own_seconds]
-        shared = max(total - sum(req_own.values()) - sum(job_own), 0.0) / len(jobs)
-        mine = job.own_seconds.get(stage, 0.0) + req_own.get(job.req, 0.0) / max(per_req.get(job.req, 1), 1)
-        out[stage] = mine + shared
-    out["total"] = sum(out.values())
-    return out
-
-
 @functools.lru_cache(maxsize=65536)
 def _real(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _uuid(path: str) -> str:
-    return "ex-" + hashlib.sha1(path.encode()).hexdigest()[:16]
-
-
-class Cropper:
+class Cropper(VlmRoundsMixin, NoVlmMixin, ExamplesMixin, ConstrainMixin):
     """The engine. Build with `Cropper.from_config(cfg)` (resolves models) or pass parts."""
 
     def __init__(self, cfg: Config, *, embedder: Any, scorer: Any, index: Any | None = None,
@@ -406,255 +258,6 @@ class Cropper:
 
         return True if face_detector() is not None else None
 
-    # ----------------------------------------------------------------------------------
-    def _default_crop(self, jobs: list[Job], pipeline: str, batch: BatchContext, tick: Any, t: float) -> float:
-        """The no-VLM pipeline for `jobs` (all of them without a VLM; those whose VLM answers were
-        unusable with one): dense candidates ranked by the fitted model (engine/default_pipeline.py),
-        or, where no model is shipped, the classical proposers and scorer."""
-        from cropper_engine.models.default_model import default_model
-
-        sal = batch.saliency
-        for job in jobs:
-            job.pipeline = pipeline
-        model = self.default_model if self.default_model is not None else default_model()
-        if model is None:
-            self._settle_faces(jobs, batch)
-            for job in jobs:
-                t_own = time.perf_counter()
-                self._propose_classical(job, sal[job.req])
-                job.own_seconds["propose"] = job.own_seconds.get("propose", 0.0) + time.perf_counter() - t_own
-            t = tick("propose", t)
-            self._score(jobs, [sal[j.req] for j in jobs])
-            return tick("score", t)
-        from cropper_engine.engine.analysis import analyse
-        from cropper_engine.engine.default_pipeline import rerank_with_clip, retrieve_for_model
-
-        reqs = sorted({j.req for j in jobs})
-        analyses = {}
-        for i in reqs:
-            t_own = time.perf_counter()
-            img = batch.images[i]
-            analyses[i] = analyse(img.working, img.size)  # type: ignore[union-attr]
-            batch.own_seconds.setdefault(i, {})["analyse"] = time.perf_counter() - t_own
-        t = tick("analyse", t)
-        model_nb = retrieve_for_model(self.index, self.embedder, batch.neighbours, batch.requests, batch.images,
-                                      reqs, batch.exclude_ids, table=getattr(model, "table", None))
-        t = tick("retrieve", t)
-        if batch.pending_faces:
-            self._settle_faces(jobs, batch)
-            t = tick("faces", t)
-        for job in jobs:
-            t_own = time.perf_counter()
-            self._propose_classical(job, None, analyses[job.req], model, model_nb[job.req])
-            job.own_seconds["propose"] = job.own_seconds.get("propose", 0.0) + time.perf_counter() - t_own
-        t = tick("propose", t)
-        if getattr(self.scorer, "embedder", None) is not None:  # CLIP weights: re-rank the shortlist
-            rerank_with_clip(self.scorer, jobs, [sal[j.req] for j in jobs])
-            t = tick("score", t)
-        return t
-
-    def _thread_pool(self) -> Any:
-        """One worker thread for face detection beside the rest of a batch (a new one after a fork)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="cropper-faces"))
-        return self._pool[1]
-
-    def _settle_faces(self, jobs: list[Job], batch: BatchContext) -> None:
-        """Wait for the face detections started while decoding and give each job its faces; a
-        request whose detection failed gets the error in its slot and loses its jobs."""
-        from cropper_engine.engine.subject import attach_subject
-
-        for i, fut in list(batch.pending_faces.items()):
-            try:
-                sub = fut.result()
-            except CropperError as exc:
-                batch.failed[i] = exc
-                continue
-            except Exception as exc:  # a detector fault is this request's error, not the batch's
-                logging.getLogger(__name__).exception("face detection failed")
-                batch.failed[i] = CropperError(f"face detection failed ({type(exc).__name__}: {exc}); "
-                                               "crop this image with --no-keep-faces")
-                continue
-            finally:
-                del batch.pending_faces[i]
-            for job in jobs:
-                if job.req == i:
-                    attach_subject(job, sub)
-        if batch.failed:
-            jobs[:] = [j for j in jobs if j.req not in batch.failed]
-
-    def _with_subject(self, ex: Any, job: Job) -> Any:
-        """The example with subject boxes for the subject task: its own, else (an index built
-        without them) its automatic ones, computed once per example (index/subjects.py)."""
-        from cropper_engine.index.subjects import has_subject_box, with_auto_subject
-
-        if has_subject_box(ex):
-            return ex
-        hit = self._auto_subjects.get(ex.id)
-        if hit is None:
-            hit = with_auto_subject(ex, self.example_images.get(ex.image_path))
-            self._auto_subjects[ex.id] = hit
-            if len(self._auto_subjects) > 4096:
-                self._auto_subjects.popitem(last=False)
-        else:
-            self._auto_subjects.move_to_end(ex.id)
-        job.notes.append("subject boxes of examples found at query time: the index has none stored "
-                         "(rebuild it with `cropper-engine index build` to store them)")
-        return hit
-
-    def _attach_neighbours(self, job: Job, hits: list[Any]) -> None:
-        """The S examples shown to the VLM, each with its T best crops by the task's G (and, for
-        the subject task, each crop's subject box: the index's, else found at query time), and
-        the neighbours' best crops for the no-VLM proposers."""
-        from cropper_engine.index.select import crop_subject_boxes, select_indices
-
-        if not hits:
-            return
-        w, h = job.size
-        center_unit = None
-        if job.subject is not None:  # G: the query's subject box centre, as the examples' (index/select.py)
-            cx, cy = job.subject.center
-            center_unit = (cx / w, cy / h)
-        t_crops = self.cfg.retrieval.crops
-        examples: list[PromptExample] = []
-        showing = self.vlm is not None and not self.zero_shot
-        for hit in hits:
-            ex = self.index.example(hit.row)
-            if job.task is Task.SUBJECT and showing and len(examples) < self.cfg.retrieval.examples:
-                try:
-                    ex = self._with_subject(ex, job)
-                except ImageError as exc:
-                    job.notes.append(f"example {ex.id} skipped: {exc}")
-                    continue
-            task = job.task if job.task is not Task.SUBJECT or center_unit is not None else Task.FREE
-            order = select_indices(ex, task, t_crops, ratio=job.ratio, mask_center_unit=center_unit)
-            scores = ex.scores if ex.scores is not None and len(ex.scores) == len(ex.crops) else None
-            sel = [(ex.crops[i], float(scores[i]) if scores is not None else None) for i in order]
-            for b, _ in sel[:1]:
-                job.neighbours_unit.append(list(b.to_unit(ex.width, ex.height)))
-                job.neighbour_weights.append(max(hit.similarity, 0.0))
-            if not showing or len(examples) >= self.cfg.retrieval.examples:
-                continue
-            subjects = None
-            if job.task is Task.SUBJECT:
-                per_crop = crop_subject_boxes(ex)
-                subjects = [per_crop[i] for i in order]
-            try:
-                img = self.example_images.get(ex.image_path)
-            except ImageError as exc:
-                job.notes.append(f"example {ex.id} skipped: {exc}")
-                continue
-            examples.append(PromptExample(img, ex.width, ex.height, sel, _uuid(ex.image_path), subjects,
-                                          ex.image_path))
-        job.examples = examples
-
-    def _propose_classical(self, job: Job, saliency: np.ndarray | None, analysis: Any = None, model: Any = None,
-                           model_nb: Any = None) -> None:
-        """Candidates without a VLM. With the fitted default model (and the image's analysis):
-        ranked dense candidates, the best few blended (engine/default_pipeline.py); else the
-        classical proposers, scored afterwards by `_score`."""
-        w, h = job.size
-        ratio = job.ratio.value if job.ratio else None
-        if analysis is None or model is None:
-            for box, src in propose(w, h, ratio, saliency, job.neighbours_unit, job.neighbour_weights):
-                box = self._constrain(job, box)
-                if box is not None:
-                    job.candidates.append(Candidate(box, round=0, source=src))
-            return
-        from cropper_engine.engine.default_pipeline import (
-            KEEP_CANDIDATES,
-            candidates,
-            keep_ranked,
-            rank,
-            snap_to_pixels,
-        )
-
-        tm = model.for_task(ratio is not None)
-        extra = None
-        if model_nb is not None and not model_nb.from_index and job.neighbours_unit:
-            extra = np.asarray(job.neighbours_unit[:10])  # another index's neighbours: their crops as candidates
-        boxes_unit, sources = candidates(analysis, ratio, model_nb.crops, extra)
-        if job.subject is not None or getattr(job, "faces", None):  # constrain first: rank what can be returned
-            kept, kept_src = [], []
-            for box, src in zip(self._constrain_many(job, boxes_unit), sources, strict=True):
-                if box is not None:
-                    kept.append(box.to_unit(w, h))
-                    kept_src.append(src)
-            if not kept:
-                return
-            boxes_unit, sources = np.asarray(kept, dtype=np.float64), kept_src
-        ranked = rank(tm, analysis, boxes_unit, sources, ratio, model_nb.crops)
-        scores = ranked.score
-        blend = self._constrain(job, Box.from_unit(ranked.blend_unit, w, h))
-        if blend is not None:  # first and as good as the best single box: `_select` picks it
-            job.candidates.append(Candidate(snap_to_pixels(blend, ratio, w, h), float(scores[0]),
-                                            {"model": float(scores[0])}, 0, "default-blend"))
-        for k in keep_ranked(ranked, KEEP_CANDIDATES):  # the best few, and the best of each source
-            box = self._constrain(job, Box.from_unit(ranked.boxes_unit[k], w, h))
-            if box is not None:
-                box = snap_to_pixels(box, ratio, w, h)
-                job.candidates.append(Candidate(box, float(scores[k]), {"model": float(scores[k])}, 0,
-                                                ranked.sources[k]))
-
-    def _constrain_many(self, job: Job, boxes_unit: np.ndarray) -> list[Box | None]:
-        """`_constrain` of many boxes (unit coordinates): the boxes that need no repair (big
-        enough, the subject inside, and no face cut once grown around the main faces) in one
-        vectorised pass, exactly as `_constrain` gives them; the others one by one through
-        `_constrain`."""
-        from cropper_engine.engine.geometry import expand_to_contain_array, fit_ratio_array
-        from cropper_engine.engine.subject.faces import main_faces_need, untouched
-
-        w, h = job.size
-        u = np.asarray(boxes_unit, dtype=np.float64).reshape(-1, 4)
-        px = u * np.array([w, h, w, h], dtype=np.float64)  # Box.from_unit
-        x1, x2 = np.minimum(px[:, 0], px[:, 2]), np.maximum(px[:, 0], px[:, 2])  # Box.clamp
-        y1, y2 = np.minimum(px[:, 1], px[:, 3]), np.maximum(px[:, 1], px[:, 3])
-        b = np.stack([np.minimum(np.maximum(x1, 0.0), w), np.minimum(np.maximum(y1, 0.0), h),
-                      np.minimum(np.maximum(x2, 0.0), w), np.minimum(np.maximum(y2, 0.0), h)], axis=1)
-        min_w, min_h = max(2.0, self.cfg.loop.min_side * w), max(2.0, self.cfg.loop.min_side * h)
-        fast = np.isfinite(b).all(1) & (b[:, 2] - b[:, 0] >= min_w) & (b[:, 3] - b[:, 1] >= min_h)
-        ratio = job.ratio.value if job.ratio else None
-        if ratio:
-            b = fit_ratio_array(b, ratio, w, h)
-        subject = job.subject
-        if subject is not None:
-            fast &= untouched(b, [], subject)
-        if job.faces:
-            need = main_faces_need(job.faces, w, h, ratio, subject)
-            if need is not None and any(getattr(f, "main", False) for f in job.faces):
-                grow = fast & ~untouched(b, [], need)  # keep_faces_whole grows these around the main faces
-                if grow.any():
-                    b[grow] = expand_to_contain_array(b[grow], need, w, h, ratio)
-            fast &= untouched(b, job.faces, need)
-        fast &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        return [Box(*map(float, b[k])) if fast[k] else self._constrain(job, Box.from_unit(u[k], w, h))
-                for k in range(len(u))]
-
-    def _constrain(self, job: Job, box: Box) -> Box | None:
-        """Apply the task's hard constraints: exact ratio, subject inside."""
-        w, h = job.size
-        box = box.clamp(w, h)
-        if not box.is_valid():
-            return None
-        min_w, min_h = max(2.0, self.cfg.loop.min_side * w), max(2.0, self.cfg.loop.min_side * h)
-        if box.width < min_w or box.height < min_h:  # too small to be a crop: grow it about its centre
-            cx, cy = box.center
-            bw, bh = max(box.width, min_w), max(box.height, min_h)
-            box = shift_inside(Box(cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), w, h).clamp(w, h)
-        ratio = job.ratio.value if job.ratio else None
-        if ratio:
-            box = fit_ratio(box, ratio, w, h)
-        if job.subject is not None and not box.contains(job.subject, tol=0.5):
-            box = expand_to_contain(box, job.subject, w, h, ratio)
-        if job.faces:  # no crop cuts through a detected face (engine/subject/faces.py)
-            from cropper_engine.engine.subject import keep_faces_whole
-
-            need = job.subject if job.subject is not None and box.contains(job.subject, tol=0.5) else None
-            box, _ = keep_faces_whole(box, job.faces, w, h, ratio, need, min_w, min_h)
-        return box if box.is_valid() else None
-
     def _score(self, jobs: Sequence[Job], saliency: Sequence[np.ndarray], only_round: int | None = None) -> None:
         """Score the (unscored) candidates of all jobs in one fused batch."""
         todo = [[c for c in j.candidates if (only_round is None or c.round == only_round)] for j in jobs]
@@ -664,161 +267,6 @@ class Cropper:
             for k, c in enumerate(cs):
                 c.score = float(total[k])
                 c.scores = {name: float(v[k]) for name, v in comps.items()}
-
-    # ----------------------------------------------------------------------------------
-    def _run_vlm(self, jobs: list[Job], batch: BatchContext, timings: dict[str, float], t: float) -> float:
-        from cropper_engine.engine.budget import fit_to_context
-        from cropper_engine.engine.grammar import BoxGrammar
-
-        sal = batch.saliency
-        cfg = self.cfg.vlm
-        n_boxes = 1 if cfg.parallel else cfg.candidates
-        grammar = BoxGrammar(boxes=n_boxes)
-        params = GenerationParams(
-            n=cfg.candidates if cfg.parallel else 1,
-            max_new_tokens=cfg.max_new_tokens * n_boxes if cfg.max_new_tokens else self.answer_limit(grammar),
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-            grammar=grammar if cfg.constrained else None,
-        )
-
-        def tick(stage: str, t0: float) -> float:
-            t1 = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + (t1 - t0)
-            return t1
-
-        for job in jobs:
-            w, h = job.size
-            job.spec = PromptSpec(job.task, job.image.image, w, h, job.examples, n_boxes, job.ratio,
-                                  job.subject if job.task is Task.SUBJECT else None,
-                                  query_uuid="q-" + job.image.uid, query_name=str(job.image.path))
-            # fewer examples if S would not fit the context
-            job.spec, note = fit_to_context(job.spec, self.templates, self.vlm, cfg.candidates, cfg.rounds,
-                                            params.max_new_tokens, self._scorer_words(job))
-            if note:
-                job.notes.append(note)
-            if not job.spec.examples:
-                why = "S=0" if self.cfg.retrieval.examples == 0 else (
-                    "no example index" if self.zero_shot else "no example could be shown")
-                job.notes.append(f"zero-shot: the VLM was shown no examples ({why})")
-            if self.record_prompts:
-                job.prompts = []
-        t = tick("prompt", t)
-
-        # round 0 with one retry, then the classical fallback for jobs still without boxes
-        pending = list(jobs)
-        for attempt in range(1 + max(self.cfg.loop.retries, 0)):
-            if not pending:
-                break
-            convs = [build_messages(j.spec, self.templates) for j in pending]  # type: ignore[arg-type]
-            t = tick("prompt", t)
-            gens = self._generate(convs, params, attempt, pending, 0)
-            t = tick("generate", t)
-            self._record(pending, convs, gens, 0, attempt)
-            still = []
-            for job, gen in zip(pending, gens, strict=True):
-                added = self._add_vlm_boxes(job, gen, 0, n_boxes)
-                if not added:
-                    job.notes.append(f"round 0 attempt {attempt + 1}: no usable box")
-                    still.append(job)
-            pending = still
-        vlm_jobs = [j for j in jobs if j not in pending]
-        if vlm_jobs:
-            self._score(vlm_jobs, [sal[j.req] for j in vlm_jobs], only_round=0)
-            t = tick("score", t)
-        if pending:  # the VLM's answers were unusable twice: the no-VLM default crops these
-            t = self._default_crop(pending, PIPELINE_FALLBACK, batch, tick, t)
-
-        active = [j for j in jobs if j.pipeline == PIPELINE_VLM]
-        for r in range(1, cfg.rounds + 1):
-            if not active:
-                break
-            convs = []
-            for job in active:
-                prev = sorted(job.round_candidates(r - 1), key=lambda c: -c.score)[: cfg.candidates]
-                refine = [(c.box, c.score, c.vlm_score) for c in prev]  # each box as scored, its score
-                convs.append(build_messages(job.spec, self.templates, refine,  # type: ignore[arg-type]
-                                            self._scorer_words(job)))
-            t = tick("prompt", t)
-            gens = self._generate(convs, params, r + 10, active, r)
-            t = tick("generate", t)
-            self._record(active, convs, gens, r, 0)
-            for job, gen in zip(active, gens, strict=True):
-                if not self._add_vlm_boxes(job, gen, r, n_boxes):
-                    job.notes.append(f"round {r}: no usable box; kept round {r - 1}")
-                    for c in job.round_candidates(r - 1):  # carry the previous round forward
-                        job.candidates.append(Candidate(c.box, c.score, dict(c.scores), r, "carried",
-                                                        c.vlm_score))
-            self._score(active, [sal[j.req] for j in active], only_round=r)
-            t = tick("score", t)
-        return t
-
-    def _scorer_words(self, job: Job) -> str:
-        """What the refinement prompt says its scores measure (the scorer's terms for the task)."""
-        fn = getattr(self.scorer, "prompt_words", None)
-        return fn(job.task) if fn is not None else "the scorer"
-
-    def _generate(self, convs: list[Any], params: GenerationParams, salt: int, jobs: list[Job],
-                  round_idx: int) -> list[Any]:
-        from cropper_engine.models.base import Generation
-
-        p = GenerationParams(**{**params.__dict__, "seed": (params.seed or 0) + salt})
-        inner = getattr(self.vlm, "stage_times", None)
-        before = dict(inner) if inner is not None else {}
-        try:
-            gens = self.vlm.generate(convs, p)  # type: ignore[union-attr]
-        except Exception as exc:
-            for job in jobs:
-                job.notes.append(f"VLM error: {type(exc).__name__}: {exc}")
-            return [Generation([]) for _ in convs]
-        if inner is not None:  # the backend's own split of the generate time
-            for k, v in inner.items():
-                self.vlm_stage_times[k] = self.vlm_stage_times.get(k, 0.0) + v - before.get(k, 0.0)
-        for job, g in zip(jobs, gens, strict=True):
-            job.tokens["prompt"] += g.prompt_tokens
-            job.tokens["generated"] += g.generated_tokens
-            job.tokens["cached"] += g.cached_tokens or 0
-            job.round_tokens.append({"round": round_idx, "prompt": g.prompt_tokens, "generated": g.generated_tokens,
-                                     "cached": g.cached_tokens or 0, "shared": g.shared_tokens or 0})
-        return gens
-
-    def _record(self, jobs: list[Job], convs: list[Any], gens: list[Any], r: int, attempt: int) -> None:
-        """Keep each job's prompt text (images named where they stand) and raw answers."""
-        if not self.record_prompts:
-            return
-        for job, conv, gen in zip(jobs, convs, gens, strict=True):
-            if job.prompts is not None:
-                cut = list(getattr(gen, "truncated", None) or [])
-                job.prompts.append({"round": r, "attempt": attempt + 1, "prompt": render_text(conv),
-                                    "answers": list(gen.texts), "cut": cut + [False] * (len(gen.texts) - len(cut))})
-
-    def answer_limit(self, grammar: Any) -> int:
-        """max_new_tokens from the model: the longest answer of `grammar` in its tokens + the end
-        token (the backend's tokenizer), else its length in characters + 1 (no token is shorter)."""
-        fn = getattr(self.vlm, "answer_token_limit", None)
-        return int(fn(grammar)) if fn is not None else len(grammar.longest()) + 1
-
-    def _add_vlm_boxes(self, job: Job, gen: Any, r: int, n_boxes: int) -> int:
-        w, h = job.size
-        boxes: list[Candidate] = []
-        job.notes.extend(getattr(gen, "notes", None) or [])  # what the backend changed (a sampling fallback)
-        cut = list(getattr(gen, "truncated", None) or []) + [False] * len(gen.texts)
-        if any(cut[:len(gen.texts)]):  # never parsed: a box cut short reads as other numbers
-            job.notes.append(f"round {r}: {sum(cut[:len(gen.texts)])} of {len(gen.texts)} answers "
-                             "cut at the token limit, not used")
-        for text, was_cut in zip(gen.texts, cut, strict=False):
-            if was_cut:
-                continue
-            parsed = parse_boxes(text, n_boxes)
-            for pb in parsed.boxes:
-                box = self._constrain(job, Box.from_norm(pb.as_tuple(), w, h))
-                if box is not None:
-                    boxes.append(Candidate(box, round=r, source="vlm", vlm_score=pb.s))
-            if parsed.repairs and parsed.repairs != [f"0 of {n_boxes} boxes"]:
-                job.notes.append(f"round {r} parse: {'; '.join(parsed.repairs)}")
-        keep = dedupe([c.box for c in boxes], self.cfg.loop.nms_iou)
-        job.candidates.extend(boxes[i] for i in keep)
-        job.distinct[r] = {"round": r, "boxes": len(boxes), "distinct": len(keep)}
-        return len(keep)
 
     def _select(self, job: Job) -> CropResult:
         w, h = job.size

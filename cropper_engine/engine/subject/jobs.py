@@ -1,4 +1,4 @@
-"""A loop Job's subject (engine/loop.py): the subject box a crop of its ratio must contain, the
+"""A loop Job's subject (engine/job.py): the subject box a crop of its ratio must contain, the
 faces it keeps whole, and the result row's subject keys and notes."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def job_subject_box(sub: Subject, ratio: float | None, width: float, height: flo
 
 
 def attach_subject(job: Any, sub: Subject) -> None:
-    """Give a loop Job (engine/loop.py) its subject box, the faces to keep whole and the notes."""
+    """Give a loop Job (engine/job.py) its subject box, the faces to keep whole and the notes."""
     w, h = job.size
     ratio = job.ratio.value if job.ratio else None
     job.subject_info = sub
