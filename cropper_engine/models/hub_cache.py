@@ -93,7 +93,8 @@ def hub_id_of(folder: str | os.PathLike[str]) -> str | None:
 
 
 def hf_hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (models/hub_cache.py)."""
+    """The Hugging Face hub cache, read from the environment now: `hub_cache_dir`, by the name the
+    CLIP loaders (clip_openclip.py, clip_hf.py) use."""
     return hub_cache_dir()
 
 
@@ -103,7 +104,8 @@ def find_in_hf_cache(
     """The first of `filenames` present in the local hub cache for `repo_id`, or None.
 
     Reads the cache layout directly (models--org--name/{refs,snapshots}): no network, no
-    huggingface_hub import. The snapshot named by refs/main is preferred, then any other.
+    huggingface_hub import. The snapshot named by refs/main is preferred, then any other
+    (`find_file`, by the name the CLIP loaders use).
     """
     return find_file(repo_id, tuple(filenames), cache_dir)
 
