@@ -93,6 +93,7 @@ def _register_heif() -> None:
     if find_spec("pillow_heif") is None:
         return
     if "HEIF" not in Image.OPEN:
+        Image.register_open("HEIF", _heif_open, _heif_accept)
         Image.register_save("HEIF", _heif_save)
         Image.register_extensions("HEIF", list(HEIF_SUFFIXES))
         Image.register_mime("HEIF", "image/heif")
