@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -487,6 +489,16 @@ def test_heic_and_avif_are_read_upright_with_their_profile(tmp_path, fmt, suffix
         assert li.image.getpixel((3, 90))[0] > 150  # bottom left: red
     assert image_size(p) == (64, 96)
 
+
+def test_a_heic_is_read_by_a_process_whose_first_image_it_is(tmp_path):
+    """Importing imageio registers the HEIC opener: a fresh process reads a HEIC file with no
+    HEIC written or opened before it (in this process the save above registers it anyway)."""
+    _heif_ok()
+    p = tmp_path / "photo.heic"
+    _photo().save(p, "HEIF", quality=80)
+    code = "import sys; from cropper_engine.imageio import open_image; print(open_image(sys.argv[1]).size)"
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "(96, 64)", out.stderr
 
 def test_heic_without_pillow_heif_is_named(tmp_path, monkeypatch):
     """Where pillow-heif is not installed, a HEIC file (by its bytes, or by its name) is an

@@ -1,13 +1,18 @@
 """The local Hugging Face hub cache: where it is and what it holds. The one lookup the registry,
 the VLM loaders and the CLIP loaders share; it reads the cache's folders directly (no network,
-no huggingface_hub import).
+no huggingface_hub import). Also the fingerprints the CLIP loaders name their weights by
+(`file_sha256`, which takes a blob's name in the cache as its digest, `_canonical_json`,
+`_fingerprint`).
 
 Layout: `<cache>/models--<owner>--<name>/{refs/main, snapshots/<commit>/...}`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 CACHE_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")  # the second is the older name; both are honoured
@@ -84,4 +89,67 @@ def hub_id_of(folder: str | os.PathLike[str]) -> str | None:
     return f"{owner}/{rest}"
 
 
-__all__ = ["CACHE_VARS", "cached_snapshot", "find_file", "hub_cache_dir", "hub_id_of", "repo_folder", "snapshots"]
+# --- the CLIP loaders' names for these lookups, and the fingerprints of their weights ---------
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now: `hub_cache_dir`, by the name the
+    CLIP loaders (clip_openclip.py, clip_hf.py) use."""
+    return hub_cache_dir()
+
+
+def find_in_hf_cache(
+    repo_id: str, filenames: Sequence[str], cache_dir: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The first of `filenames` present in the local hub cache for `repo_id`, or None.
+
+    Reads the cache layout directly (models--org--name/{refs,snapshots}): no network, no
+    huggingface_hub import. The snapshot named by refs/main is preferred, then any other
+    (`find_file`, by the name the CLIP loaders use).
+    """
+    return find_file(repo_id, tuple(filenames), cache_dir)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (memoised per path, size and mtime).
+
+    A file in the hub cache is a link to blobs/<sha256 of its bytes> (for LFS files): that name
+    is the same digest, so it is taken without reading the file.
+    """
+    p = Path(path)
+    real = p.resolve()
+    name = real.name
+    if real.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(real, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _canonical_json(path: Path, drop: Sequence[str] = ()) -> bytes:
+    """A JSON file's content with keys sorted and volatile keys (versions, paths) left out."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in drop}
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _fingerprint(parts: Sequence[bytes | str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+__all__ = ["CACHE_VARS", "cached_snapshot", "file_sha256", "find_file", "find_in_hf_cache", "hf_hub_cache_dir",
+           "hub_cache_dir", "hub_id_of", "repo_folder", "snapshots"]
