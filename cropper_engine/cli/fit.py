@@ -15,7 +15,7 @@ from cropper_engine.cli.options import friendly_errors, summarise_skipped
 
 @click.command("fit")
 @click.option("--dataset", "kind", type=click.Choice(["jsonl", "fcdb", "gaicd", "sacd", "results"]), required=True,
-              help="Annotation format (jsonl: our own, see the README; results: the results.jsonl of an earlier "
+              help="Annotation format (jsonl: our own, see docs/indexes.md; results: the results.jsonl of an earlier "
                    "`crop --out` run, e.g. the VLM loop's crops of part of a collection).")
 @click.option("--annotations", type=click.Path(), required=True,
               help="Annotation file (or, for gaicd text files / sacd, a directory; for results, results.jsonl).")

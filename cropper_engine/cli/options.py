@@ -62,7 +62,7 @@ def default_model_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def dataset_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--dataset", "kind", type=click.Choice(DATASET_KINDS), required=True,
-                     help="Annotation format (jsonl: our own format, see the README)."),
+                     help="Annotation format (jsonl: our own format, see docs/indexes.md)."),
         click.option("--annotations", type=click.Path(), required=True,
                      help="Annotation file (or, for gaicd text files / sacd, a directory)."),
         click.option("--images", type=click.Path(), default=None,
