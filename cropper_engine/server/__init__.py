@@ -13,28 +13,20 @@ bad input is a 4xx with a JSON body `{"error": {"type", "message"}}`; a full que
 engine or an unreachable VLM server are 503 with Retry-After; a request over its time is 504.
 Images are only ever read from the request body: a URL is refused, never fetched.
 
-The modules: app.py (`create_app`, `app_factory`: the app, its lifespan, errors as JSON, the
-routes), errors.py (`HTTPError`, `error_response`, sizes in messages), middleware.py (the ASGI
-guards: loopback or key, body size and deadline, one traceback per 500), runtime.py (uvicorn's
-protocol with the header and send time-outs, `return_freed_memory`), metrics.py, uploads.py
-(`Upload`, parsing, `prepare`, `probe_pixels`, `encode_crop`), state.py (`ServerState`,
-`PixelBudget`). This package re-exports every name server.py had; a name set on it (a test's
-monkeypatch) is set where its code looks it up (`reexport.forward_sets`).
+The modules: app.py (`create_app`, `app_factory`: the app, its lifespan, errors as JSON),
+routes.py (the handlers and the page, `add_routes`), openapi.py (/v1/crop's body), errors.py
+(`HTTPError`, `error_response`, sizes in messages), middleware.py (the ASGI guards: loopback or
+key, body size and deadline, one traceback per 500), runtime.py (uvicorn's protocol with the
+header and send time-outs, `return_freed_memory`), metrics.py, uploads.py (`Upload`, parsing,
+`prepare`, `probe_pixels`, `encode_crop`), state.py (`ServerState`, `PixelBudget`). This package
+re-exports every name server.py had; a name set on it (a test's monkeypatch) is set where its
+code looks it up (`reexport.forward_sets`).
 """
 
 from __future__ import annotations
 
 from cropper_engine.reexport import forward_sets
-from cropper_engine.server.app import (  # noqa: F401  (re-exported: the names server.py had)
-    KEEP_FACES_DOC,
-    STATIC_DIR,
-    SUBJECT_DOC,
-    _disconnected,
-    _version,
-    app_factory,
-    create_app,
-    log,
-)
+from cropper_engine.server.app import _version, app_factory, create_app  # noqa: F401  (re-exported)
 from cropper_engine.server.errors import (  # noqa: F401  (re-exported: the names server.py had)
     INTERNAL_MESSAGE,
     MB,
@@ -58,6 +50,8 @@ from cropper_engine.server.middleware import (  # noqa: F401  (re-exported: the 
     check_bind,
     is_loopback,
 )
+from cropper_engine.server.openapi import KEEP_FACES_DOC, SUBJECT_DOC  # noqa: F401  (re-exported)
+from cropper_engine.server.routes import STATIC_DIR, _disconnected, add_routes, log  # noqa: F401  (re-exported)
 from cropper_engine.server.runtime import header_timeout_protocol, return_freed_memory
 from cropper_engine.server.state import PixelBudget, ServerState
 from cropper_engine.server.uploads import (  # noqa: F401  (re-exported: the names server.py had)
