@@ -938,7 +938,7 @@ def test_server_unexpected_error_is_one_traceback_and_a_plain_500(engine, photos
     """Any unexpected exception while handling an upload (here decoding raises what a damaged
     TIFF made Pillow raise) is one logged traceback and a 500 whose message names nothing inside
     the server; an ImageError from the same place is a named 422; the server serves on."""
-    import cropper_engine.server as server
+    import cropper_engine.server.routes as server  # where the handlers look prepare up
 
     def broken_prepare(upload, *args, **kw):
         if upload.filename == "named.tif":
@@ -1045,7 +1045,7 @@ def test_server_client_gone_while_waiting_for_the_pixel_budget_is_not_decoded(en
     """A holds the whole pixel budget (its crop held at the engine's door); B waits for its
     share and leaves: B is dropped at once (499, one log line), without being decoded and
     while A still holds the budget; A is answered; the budget ends empty."""
-    import cropper_engine.server as server
+    import cropper_engine.server.routes as server  # where the handlers look prepare up
 
     decoded = []
     real_prepare = server.prepare
@@ -1183,7 +1183,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from cropper_engine import batch as batch_module  # noqa: E402
 from cropper_engine.batch import out_rel  # noqa: E402
 
 
@@ -1270,7 +1269,9 @@ def full_disk_at(monkeypatch, target: str, nth: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
 
-    monkeypatch.setattr(batch_module, "_write", write)
+    from cropper_engine.batch import atomic
+
+    monkeypatch.setattr(atomic, "_write", write)  # the one place the batch runner writes bytes
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to tell the files apart")

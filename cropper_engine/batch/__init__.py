@@ -24,8 +24,8 @@ The modules: inputs.py (what a run reads: folders, manifests, what a walk passes
 (where it writes: the places checked before any work, `OutputWriter`, the prompt files), atomic.py
 (a file or a row written whole), resume.py (taking up an earlier run), runner.py (`run_batch`),
 names.py (the run's file names, names as the file system has them, an OSError in words). This
-package re-exports every name batch.py had; a name set on it (a test's monkeypatch of `_write`)
-is set where its code looks it up (`reexport.forward_sets`).
+package re-exports every name batch.py had (patch a name where its code looks it up: `_write` in
+atomic.py).
 """
 
 from __future__ import annotations
@@ -101,6 +101,4 @@ from cropper_engine.batch.runner import (  # noqa: F401  (re-exported: the names
     run_batch,
     warm_face_detector,
 )
-from cropper_engine.reexport import forward_sets
 
-forward_sets(__name__)

@@ -19,13 +19,12 @@ routes.py (the handlers and the page, `add_routes`), openapi.py (/v1/crop's body
 key, body size and deadline, one traceback per 500), runtime.py (uvicorn's protocol with the
 header and send time-outs, `return_freed_memory`), metrics.py, uploads.py (`Upload`, parsing,
 `prepare`, `probe_pixels`, `encode_crop`), state.py (`ServerState`, `PixelBudget`). This package
-re-exports every name server.py had; a name set on it (a test's monkeypatch) is set where its
-code looks it up (`reexport.forward_sets`).
+re-exports every name server.py had (patch a name where its code looks it up: `prepare` in
+routes.py).
 """
 
 from __future__ import annotations
 
-from cropper_engine.reexport import forward_sets
 from cropper_engine.server.app import _version, app_factory, create_app  # noqa: F401  (re-exported)
 from cropper_engine.server.errors import (  # noqa: F401  (re-exported: the names server.py had)
     INTERNAL_MESSAGE,
@@ -73,4 +72,3 @@ from cropper_engine.server.uploads import (  # noqa: F401  (re-exported: the nam
 __all__ = ["PixelBudget", "ServerState", "app_factory", "create_app", "header_timeout_protocol",
            "return_freed_memory"]
 
-forward_sets(__name__)
