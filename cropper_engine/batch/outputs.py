@@ -146,17 +146,23 @@ def _probe(folder: Path) -> None:
     probe.unlink()
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], option: str = "--out") -> None:
-    """Refuse an output folder that cannot be written (read-only, /proc, a file), before any work."""
-    text = os.fspath(out_dir)
+def _checked_folder(path: str | os.PathLike[str], option: str, created: str) -> tuple[str, Path]:
+    """The folder an option names, refused when empty, badly named or a file: (its text, path)."""
+    text = os.fspath(path)
     if not text.strip():
-        raise InputError(f"{option} '' names no folder: give one (it is created if missing)")
+        raise InputError(f"{option} '' names no folder: give one{created}")
     problem = name_problem(text)
     if problem:
         raise InputError(f"{option} {text}: {problem}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{option} {text} is a file, not a folder; choose a folder (it is created if missing)")
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{option} {text} is a file, not a folder; choose a folder{created}")
+    return text, p
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse an output folder that cannot be written (read-only, /proc, a file), before any work."""
+    text, out = _checked_folder(out_dir, option, " (it is created if missing)")
     try:
         _probe(out)
     except OSError as exc:
@@ -167,15 +173,7 @@ def check_out_dir(out_dir: str | os.PathLike[str], option: str = "--out") -> Non
 def check_new_dir(path: str | os.PathLike[str], option: str = "--out") -> None:
     """Refuse, before any work, a folder to be written whole beside itself and renamed into place
     (`index build --out`, `fit --out`) whose parent cannot be written."""
-    text = os.fspath(path)
-    if not text.strip():
-        raise InputError(f"{option} '' names no folder: give one")
-    problem = name_problem(text)
-    if problem:
-        raise InputError(f"{option} {text}: {problem}")
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise InputError(f"{option} {text} is a file, not a folder; choose a folder")
+    text, p = _checked_folder(path, option, "")
     parent = p.absolute().parent
     try:
         _probe(parent)
