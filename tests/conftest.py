@@ -100,3 +100,11 @@ def mediapipe_installed():
     from needs import need_module
 
     return need_module("mediapipe", "the subject extra (MediaPipe)")
+
+
+def pytest_configure(config):
+    """Tell tests/needs.py which markers this run selects (a `-m vllm` run in .venv-vllm lacks the
+    other extras: their modules' requirements at import are skipped there, not failed)."""
+    import needs
+
+    needs.MARKEXPR = config.getoption("markexpr") or ""
